@@ -1,0 +1,185 @@
+"""A pure-Python reference for what one esper_gate sync must return.
+
+It takes every rank's inputs and computes the expected decisions and report
+from their meaning (who holds which stage, who voted what), with no bit
+packing, so the property tests can hold the C++/CUDA kernels to it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from . import wire
+
+
+@dataclass
+class RankInput:
+    """One rank's arguments to ``sync``. Values may be out of range (poison)."""
+
+    votes: Sequence[int]
+    stages: Sequence[int]
+    targets: Sequence[int]
+    seq: int = 0
+    site: int = 0
+    policy: str = "unanimous"
+    poison: int = 0
+    world: int | None = None  # the world size this rank passes (default: the real one)
+
+
+@dataclass
+class _Record:
+    header: dict
+    slots: list = field(default_factory=list)  # (vote, stage, target) per capacity slot
+
+
+def _record(inp: RankInput, world: int, capacity: int) -> _Record:
+    n = len(inp.votes)
+    reason = inp.poison
+    if reason == 0 and not (0 <= inp.site <= 0xFFFFFFFF):
+        reason = wire.REASON_SITE
+    if reason == 0:
+        for v, s, t in zip(inp.votes, inp.stages, inp.targets):
+            if int(v) not in (0, 1):
+                reason = wire.REASON_VOTE
+            elif not 0 <= s <= wire.MAX_ID:
+                reason = wire.REASON_STAGE
+            elif not 0 <= t <= wire.MAX_ID:
+                reason = wire.REASON_TARGET
+            if reason:
+                break
+    header = {
+        "seq": inp.seq & 0xFFFFFFFF,
+        "site": inp.site & 0xFFFFFFFF,
+        "policy": wire.POLICY_CODES[inp.policy],
+        "slots": n & 2047,
+        "world": (inp.world if inp.world is not None else world) & 2047,
+        "poison": 1 if reason else 0,
+        "reason": reason & 31,
+    }
+    slots = [(int(inp.votes[s]) & 1, inp.stages[s] & 63, inp.targets[s] & 63) if s < n else (0, 0, 0)
+             for s in range(capacity)]
+    return _Record(header, slots)
+
+
+def _summary(values: list[int], width: int) -> dict:
+    """AND, OR, rank 0's value and the bitwise lower bound of ranks differing from it."""
+    root = values[0]
+    all_and, any_or = (1 << width) - 1, 0
+    for v in values:
+        all_and &= v
+        any_or |= v
+    differ_lb = 0
+    for b in range(width):
+        rb = (root >> b) & 1
+        differ_lb = max(differ_lb, sum(1 for v in values if (v >> b) & 1 != rb))
+    return {"root": root, "and": all_and, "or": any_or, "differ_lb": differ_lb,
+            "equal": all(v == root for v in values)}
+
+
+def _passes(policy: str, votes: list[int], world: int) -> bool:
+    yes = sum(votes)
+    if policy == "unanimous":
+        return yes == world
+    if policy == "rank0":
+        return votes[0] == 1
+    if policy == "majority":
+        return 2 * yes > world
+    return yes >= 1
+
+
+def expected(inputs: Sequence[RankInput], *, view: int = 0) -> tuple[list[bool], list[int]]:
+    """Expected ``(decision, report)`` as rank ``view`` decodes them.
+
+    The local view matters only for the slot count, the policy and the world
+    size that rank checks the others against.
+    """
+    world = len(inputs)
+    me = inputs[view]
+    num_slots = len(me.votes)
+    policy = me.policy
+    capacity = wire.capacity_for(num_slots)
+    records = [_record(inp, world, capacity) for inp in inputs]
+    exact = world <= wire.MAX_EXACT_WORLD
+
+    g = [0] * wire.GLOBAL_WORDS
+    flags = 0
+    all_equal = True
+    mismatch_flag = {"seq": wire.FLAG_SEQ_MISMATCH, "site": wire.FLAG_SITE_MISMATCH,
+                     "policy": wire.FLAG_POLICY_MISMATCH, "slots": wire.FLAG_SLOTS_MISMATCH,
+                     "world": wire.FLAG_WORLD_MISMATCH}
+    summaries = {}
+    for f, (name, _off, width) in enumerate(wire.HEADER_FIELDS):
+        s = _summary([r.header[name] for r in records], width)
+        summaries[name] = s
+        base = wire.G_FIELD_BASE + wire.G_FIELD_STRIDE * f
+        g[base:base + 5] = [s["root"], s["and"], s["or"], s["differ_lb"], int(s["equal"])]
+        if name in mismatch_flag and not s["equal"]:
+            flags |= mismatch_flag[name]
+            all_equal = False
+    if summaries["slots"]["equal"] and summaries["slots"]["root"] != num_slots:
+        flags |= wire.FLAG_SLOTS_MISMATCH
+        all_equal = False
+    if summaries["world"]["equal"] and summaries["world"]["root"] != world & 2047:
+        flags |= wire.FLAG_WORLD_MISMATCH
+        all_equal = False
+    poisoned_ranks = [r for r, rec in enumerate(records) if rec.header["poison"]]
+    if poisoned_ranks:
+        flags |= wire.FLAG_POISONED
+    if exact:
+        flags |= wire.FLAG_EXACT
+    header_ok = not poisoned_ranks and all_equal
+    if header_ok:
+        flags |= wire.FLAG_HEADER_OK
+
+    slot_words = []
+    slot_ranks = []
+    decisions = []
+    for s in range(num_slots):
+        votes = [rec.slots[s][0] for rec in records]
+        stages = [rec.slots[s][1] for rec in records]
+        targets = [rec.slots[s][2] for rec in records]
+        st, tg = _summary(stages, 6), _summary(targets, 6)
+        if exact:
+            stage_differ = sum(1 for v in stages if v != stages[0])
+            target_differ = sum(1 for v in targets if v != targets[0])
+            key_differ = sum(1 for a, b in zip(stages, targets) if (a, b) != (stages[0], targets[0]))
+        else:
+            stage_differ, target_differ = st["differ_lb"], tg["differ_lb"]
+            key_differ = max(stage_differ, target_differ)
+        passed = _passes(policy, votes, world)
+        same_key = st["equal"] and tg["equal"]
+        status = 0
+        if not st["equal"]:
+            status |= wire.STATUS_STAGE_DIFFERS
+        if not tg["equal"]:
+            status |= wire.STATUS_TARGET_DIFFERS
+        if passed:
+            status |= wire.STATUS_POLICY_PASSED
+        if not (header_ok and same_key):
+            status |= wire.STATUS_DIVERGED
+        decided = header_ok and same_key and passed
+        if decided:
+            status |= wire.STATUS_DECIDED
+        decisions.append(decided)
+        slot_words += [status, sum(votes), votes[0], stages[0], targets[0], st["and"], st["or"],
+                       tg["and"], tg["or"], stage_differ, target_differ, key_differ]
+        slot_ranks += [(v << 12) | (a << 6) | b for v, a, b in zip(votes, stages, targets)]
+
+    g[wire.G_FLAGS] = flags
+    g[wire.G_PRESENCE] = world
+    g[wire.G_POISON_COUNT] = len(poisoned_ranks)
+    g[wire.G_POISONED_RANK] = poisoned_ranks[0] if len(poisoned_ranks) == 1 else -1
+    g[wire.G_WORLD] = world
+    g[wire.G_SLOTS] = num_slots
+    g[wire.G_CAPACITY] = capacity
+    g[wire.G_DIVERGED] = sum(1 for k in range(num_slots) if slot_words[k * wire.SLOT_WORDS] & wire.STATUS_DIVERGED)
+    g[wire.G_DECIDED] = sum(decisions)
+    g[wire.G_POLICY] = wire.POLICY_CODES[policy]
+
+    report = g + slot_words
+    if exact:
+        for rec in records:
+            h = rec.header
+            report += [h["seq"], h["site"], h["policy"], h["slots"], h["world"], h["poison"], h["reason"], 0]
+        report += slot_ranks
+    return decisions, report

@@ -1,0 +1,147 @@
+"""Python mirror of the wire-format constants in ``csrc/wire_format.h``.
+
+The fake (meta) implementations need buffer and report sizes without running
+a kernel, and the report parser needs the word indices. ``tests/test_wire.py``
+checks every number here against the C++ ops, so the two cannot drift apart.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_SLOTS = 1024
+MAX_WORLD = 1024
+MAX_EXACT_WORLD = 64
+MAX_ID = 63
+BITS_PER_WORD = 63
+
+POLICIES = ("unanimous", "rank0", "majority", "any")
+POLICY_CODES = {name: code for code, name in enumerate(POLICIES)}
+
+# Bad-input reason codes (5 bits). 1..15 come from the kernel; 16..31 are
+# declared by the caller through the `poison` argument.
+REASON_NONE = 0
+REASON_VOTE = 1
+REASON_STAGE = 2
+REASON_TARGET = 3
+REASON_SITE = 4
+REASON_DTYPE = 16
+REASON_SHAPE = 17
+REASON_DEVICE = 18
+REASON_OTHER = 19
+REASON_TEXT = {
+    REASON_NONE: "no error",
+    REASON_VOTE: "a vote that is neither 0 nor 1",
+    REASON_STAGE: "a stage id outside 0..63",
+    REASON_TARGET: "a target id outside 0..63",
+    REASON_SITE: "a site fingerprint outside 0..2**32-1",
+    REASON_DTYPE: "a tensor of the wrong dtype",
+    REASON_SHAPE: "tensors of the wrong shape or length",
+    REASON_DEVICE: "a tensor on the wrong device",
+    REASON_OTHER: "input the wrapper could not use",
+}
+
+# Record header fields: (name, bit offset, bit width).
+HEADER_FIELDS = (
+    ("seq", 0, 32),
+    ("site", 32, 32),
+    ("policy", 64, 2),
+    ("slots", 66, 11),
+    ("world", 77, 11),
+    ("poison", 88, 1),
+    ("reason", 89, 5),
+)
+HEADER_BITS = 94
+SLOT_BITS = 13
+FIXED_WORDS = 3
+
+# Report layout.
+GLOBAL_WORDS = 48
+SLOT_WORDS = 12
+RANK_WORDS = 8
+G_FLAGS, G_PRESENCE, G_POISON_COUNT, G_POISONED_RANK = 0, 1, 2, 3
+G_WORLD, G_SLOTS, G_CAPACITY, G_DIVERGED, G_DECIDED, G_POLICY = 4, 5, 6, 7, 8, 9
+G_FIELD_BASE, G_FIELD_STRIDE = 10, 5
+
+FLAG_SEQ_MISMATCH = 1 << 0
+FLAG_SITE_MISMATCH = 1 << 1
+FLAG_POLICY_MISMATCH = 1 << 2
+FLAG_SLOTS_MISMATCH = 1 << 3
+FLAG_WORLD_MISMATCH = 1 << 4
+FLAG_POISONED = 1 << 5
+FLAG_CORRUPT = 1 << 6
+FLAG_EXACT = 1 << 7
+FLAG_HEADER_OK = 1 << 8
+
+S_STATUS, S_VOTES, S_ROOT_VOTE, S_ROOT_STAGE, S_ROOT_TARGET = 0, 1, 2, 3, 4
+S_STAGE_AND, S_STAGE_OR, S_TARGET_AND, S_TARGET_OR = 5, 6, 7, 8
+S_STAGE_DIFFER, S_TARGET_DIFFER, S_KEY_DIFFER = 9, 10, 11
+
+STATUS_DECIDED = 1 << 0
+STATUS_DIVERGED = 1 << 1
+STATUS_STAGE_DIFFERS = 1 << 2
+STATUS_TARGET_DIFFERS = 1 << 3
+STATUS_POLICY_PASSED = 1 << 4
+STATUS_CORRUPT = 1 << 5
+
+
+def capacity_for(num_slots: int) -> int:
+    """Slot capacity of the buffer: the next power of two >= num_slots."""
+    c = 1
+    while c < num_slots:
+        c <<= 1
+    return c
+
+
+@dataclass(frozen=True)
+class Layout:
+    capacity: int
+    world: int
+    record_bits: int
+    counter_width: int
+    counters_per_word: int
+    counts_offset: int
+    counts_words: int
+    root_offset: int
+    root_words: int
+    lanes_offset: int
+    lanes_words: int
+    total_words: int
+
+    @property
+    def exact(self) -> bool:
+        return self.world <= MAX_EXACT_WORLD
+
+
+def layout(num_slots: int, world: int) -> Layout:
+    """The packed-buffer layout for ``num_slots`` slots and ``world`` ranks."""
+    cap = capacity_for(num_slots)
+    record_bits = HEADER_BITS + SLOT_BITS * cap
+    cw = world.bit_length()
+    cpw = BITS_PER_WORD // cw
+    counts_words = -(-record_bits // cpw)
+    root_offset = FIXED_WORDS + counts_words
+    root_words = -(-record_bits // BITS_PER_WORD)
+    lanes_offset = root_offset + root_words
+    lanes_words = -(-world * record_bits // BITS_PER_WORD) if world <= MAX_EXACT_WORLD else 0
+    return Layout(cap, world, record_bits, cw, cpw, FIXED_WORDS, counts_words, root_offset,
+                  root_words, lanes_offset, lanes_words, lanes_offset + lanes_words)
+
+
+def buffer_words(num_slots: int, world: int) -> int:
+    """Number of int64 elements the one all_reduce carries."""
+    return layout(num_slots, world).total_words
+
+
+def report_words(num_slots: int, world: int) -> int:
+    n = GLOBAL_WORDS + SLOT_WORDS * num_slots
+    if world <= MAX_EXACT_WORLD:
+        n += RANK_WORDS * world + num_slots * world
+    return n
+
+
+def ranks_offset(num_slots: int) -> int:
+    return GLOBAL_WORDS + SLOT_WORDS * num_slots
+
+
+def slot_ranks_offset(num_slots: int, world: int) -> int:
+    return ranks_offset(num_slots) + RANK_WORDS * world

@@ -1,0 +1,207 @@
+// W simulated ranks on one host, built only from the wire-format functions:
+// each rank packs its buffer, the buffers are summed (what all_reduce SUM
+// does) and the sum is decoded. pack_rank and decode_all follow pack_cpu and
+// decode_cpu step for step, so the torch-free tests exercise the same calls
+// the kernels make, and test_cpu_kernels checks that the two stay equal.
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "wire_format.h"
+
+namespace eg_test {
+
+namespace wire = esper_gate::wire;
+
+struct RankInput {
+  std::vector<int64_t> votes;
+  std::vector<int64_t> stages;
+  std::vector<int64_t> targets;
+  wire::HeaderValues header;  // reason/poison as the caller declares them
+};
+
+// Like esper_gate::make_header for in-range arguments (that one needs torch).
+inline wire::HeaderValues header_values(
+    uint64_t seq, uint64_t site, int64_t policy, int64_t num_slots, int64_t world,
+    int64_t reason = wire::kReasonNone) {
+  wire::HeaderValues h;
+  h.seq = seq & 0xffffffffu;
+  h.site = site & 0xffffffffu;
+  h.policy = static_cast<uint64_t>(policy);
+  h.slots = static_cast<uint64_t>(num_slots);
+  h.world = static_cast<uint64_t>(world);
+  h.poison = reason != wire::kReasonNone ? 1 : 0;
+  h.reason = static_cast<uint64_t>(reason);
+  return h;
+}
+
+// num_slots ranks agreeing on everything: every slot votes `vote`, slot s has
+// stage s % 64 and target (7 * s + 3) % 64.
+inline RankInput agreeing_input(
+    int64_t num_slots, int64_t world, int64_t policy, int64_t vote = 1, uint64_t seq = 41,
+    uint64_t site = 0xC0FFEE) {
+  RankInput in;
+  for (int64_t s = 0; s < num_slots; ++s) {
+    in.votes.push_back(vote);
+    in.stages.push_back(s % 64);
+    in.targets.push_back((7 * s + 3) % 64);
+  }
+  in.header = header_values(seq, site, policy, num_slots, world);
+  return in;
+}
+
+// The header a rank actually sends: the first bad slot poisons it unless the
+// caller already declared a reason.
+inline wire::HeaderValues effective_header(const RankInput& in, std::vector<uint32_t>* records) {
+  const int64_t n = static_cast<int64_t>(in.votes.size());
+  records->assign(static_cast<size_t>(n), 0);
+  int64_t first_reason = wire::kReasonNone;
+  for (int64_t s = 0; s < n; ++s) {
+    int64_t reason = wire::kReasonNone;
+    (*records)[s] = wire::encode_slot(in.votes[s], in.stages[s], in.targets[s], &reason);
+    if (first_reason == wire::kReasonNone) first_reason = reason;
+  }
+  wire::HeaderValues h = in.header;
+  if (h.reason == wire::kReasonNone && first_reason != wire::kReasonNone) {
+    h.reason = static_cast<uint64_t>(first_reason);
+    h.poison = 1;
+  }
+  return h;
+}
+
+// One rank's contribution; the layout comes from its own slot count and the
+// world size (not from its header, so tests can lie in the header).
+inline std::vector<int64_t> pack_rank(const RankInput& in, int64_t rank, int64_t world) {
+  const int64_t n = static_cast<int64_t>(in.votes.size());
+  const wire::Layout L = wire::make_layout(wire::capacity_for(n), world);
+  std::vector<uint32_t> records;
+  const wire::HeaderValues h = effective_header(in, &records);
+  const wire::HeaderBits bits = wire::encode_header(h);
+  std::vector<int64_t> out(static_cast<size_t>(L.total_words));
+  for (int64_t w = 0; w < L.total_words; ++w) {
+    out[w] = wire::pack_word(L, bits, records.data(), n, rank, h.poison != 0, w);
+  }
+  return out;
+}
+
+// Wrapping add, as NCCL/Gloo would (never reached by valid buffers, whose
+// sign bits stay clear).
+inline void add_into(std::vector<int64_t>* sum, const std::vector<int64_t>& buf) {
+  if (sum->empty()) sum->assign(buf.size(), 0);
+  if (sum->size() != buf.size()) {
+    std::fprintf(stderr, "wire_sim: summing buffers of %zu and %zu words\n", sum->size(), buf.size());
+    std::abort();
+  }
+  for (size_t i = 0; i < buf.size(); ++i) {
+    (*sum)[i] = static_cast<int64_t>(static_cast<uint64_t>((*sum)[i]) + static_cast<uint64_t>(buf[i]));
+  }
+}
+
+// inputs[r] is rank r's input; rank_ids lets a test send a rank twice or
+// leave one out (default: 0..W-1).
+inline std::vector<int64_t> reduce_ranks(
+    const std::vector<RankInput>& inputs, int64_t world, const std::vector<int64_t>& rank_ids = {}) {
+  std::vector<int64_t> sum;
+  if (rank_ids.empty()) {
+    for (int64_t r = 0; r < static_cast<int64_t>(inputs.size()); ++r) {
+      add_into(&sum, pack_rank(inputs[r], r, world));
+    }
+  } else {
+    for (int64_t r : rank_ids) add_into(&sum, pack_rank(inputs[r], r, world));
+  }
+  return sum;
+}
+
+struct Decoded {
+  int64_t num_slots = 0;
+  int64_t world = 0;
+  bool header_ok = false;          // decode_global's verdict, before slots
+  std::vector<int64_t> report;
+  std::vector<uint8_t> decision;
+
+  int64_t global(int64_t k) const { return report[k]; }
+  int64_t flags() const { return report[wire::kGFlags]; }
+  bool flag(int64_t f) const { return (flags() & f) != 0; }
+  int64_t field(int f, int k) const {
+    return report[wire::kGFieldBase + wire::kGFieldStride * f + k];
+  }
+  const int64_t* slot(int64_t s) const {
+    return report.data() + wire::slots_offset() + wire::kSlotWords * s;
+  }
+  int64_t status(int64_t s) const { return slot(s)[wire::kSStatus]; }
+  const int64_t* rank(int64_t r) const {
+    return report.data() + wire::ranks_offset(num_slots) + wire::kRankWords * r;
+  }
+  int64_t slot_rank(int64_t s, int64_t r) const {
+    return report[wire::slot_ranks_offset(num_slots, world) + s * world + r];
+  }
+};
+
+// The reduced buffer must hold exactly the layout's words: the fuzz test runs
+// under AddressSanitizer and relies on any read past them being caught.
+inline Decoded decode_all(const std::vector<int64_t>& buf, int64_t num_slots, int64_t world, int64_t policy) {
+  const wire::Layout L = wire::make_layout(wire::capacity_for(num_slots), world);
+  if (static_cast<int64_t>(buf.size()) != L.total_words) {
+    std::fprintf(stderr, "wire_sim: decode of %zu words, layout has %lld\n", buf.size(),
+                 static_cast<long long>(L.total_words));
+    std::abort();
+  }
+  Decoded d;
+  d.num_slots = num_slots;
+  d.world = world;
+  d.report.assign(static_cast<size_t>(wire::report_words(num_slots, world)), 0);
+  d.decision.assign(static_cast<size_t>(num_slots), 0);
+  int64_t* rep = d.report.data();
+  d.header_ok = wire::decode_global(buf.data(), L, num_slots, policy, rep);
+  int64_t* slot_ranks = L.exact ? rep + wire::slot_ranks_offset(num_slots, world) : nullptr;
+  bool any_corrupt = false;
+  for (int64_t s = 0; s < num_slots; ++s) {
+    const int64_t status = wire::decode_slot(
+        buf.data(), L, s, policy, rep + wire::slots_offset() + wire::kSlotWords * s,
+        slot_ranks ? slot_ranks + s * world : nullptr);
+    any_corrupt |= (status & wire::kStatusCorrupt) != 0;
+  }
+  int64_t diverged = 0, decided = 0;
+  for (int64_t s = 0; s < num_slots; ++s) {
+    int64_t* status = rep + wire::slots_offset() + wire::kSlotWords * s + wire::kSStatus;
+    *status = wire::finish_slot(*status, d.header_ok, any_corrupt);
+    d.decision[s] = (*status & wire::kStatusDecided) != 0;
+    diverged += (*status & wire::kStatusDiverged) ? 1 : 0;
+    decided += d.decision[s];
+  }
+  if (any_corrupt) rep[wire::kGFlags] = (rep[wire::kGFlags] | wire::kFlagCorrupt) & ~wire::kFlagHeaderOk;
+  rep[wire::kGDivergedSlots] = diverged;
+  rep[wire::kGDecidedSlots] = decided;
+  if (L.exact) {
+    for (int64_t r = 0; r < world; ++r) {
+      wire::decode_rank(buf.data(), L, r, rep + wire::ranks_offset(num_slots) + wire::kRankWords * r);
+    }
+  }
+  return d;
+}
+
+// Packs every rank, sums and decodes from rank 0's point of view.
+inline Decoded simulate(const std::vector<RankInput>& inputs, int64_t policy) {
+  const int64_t world = static_cast<int64_t>(inputs.size());
+  return decode_all(reduce_ranks(inputs, world), static_cast<int64_t>(inputs[0].votes.size()),
+                    world, policy);
+}
+
+// Deterministic on every standard library (std::uniform_int_distribution is not).
+struct Rng {
+  uint64_t state;
+  explicit Rng(uint64_t seed) : state(seed) {}
+  uint64_t next() {  // splitmix64
+    uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  int64_t below(int64_t n) { return static_cast<int64_t>(next() % static_cast<uint64_t>(n)); }
+  int64_t word() { return static_cast<int64_t>(next()); }
+};
+
+}  // namespace eg_test

@@ -1,0 +1,176 @@
+"""CUDA kernels, NCCL, no host sync, CUDA graphs. Skipped without a GPU.
+
+benchmarks/gpu_check.sh runs these on a GPU machine.
+"""
+import random
+import time
+
+import pytest
+import torch
+
+import esper_gate
+from esper_gate import wire
+from esper_gate.reference import RankInput, expected
+from conftest import requires_cuda
+from mp import run_ranks, values
+from simulate import simulate
+
+pytestmark = [requires_cuda, pytest.mark.cuda]
+CUDA_BUILD = esper_gate.BUILD_INFO.get("build") == "cuda"
+needs_cuda_build = pytest.mark.skipif(not CUDA_BUILD, reason="esper_gate was built without CUDA kernels")
+
+
+def _random_inputs(rng, world, slots, bad=False):
+    policy = rng.choice(wire.POLICIES)
+    stages = [rng.randrange(64) for _ in range(slots)]
+    inputs = []
+    for _ in range(world):
+        st = list(stages)
+        if rng.random() < 0.3:
+            st[rng.randrange(slots)] = rng.randrange(64)
+        inputs.append(RankInput([rng.randrange(2) for _ in range(slots)], st,
+                                [rng.randrange(64) if rng.random() < 0.1 else 2 for _ in range(slots)],
+                                seq=rng.randrange(2**33), site=rng.randrange(2**32), policy=policy))
+    if bad:
+        inputs[rng.randrange(world)].stages[rng.randrange(slots)] = rng.choice([-3, 64, 500])
+    return inputs
+
+
+@needs_cuda_build
+def test_cuda_kernels_equal_cpu_kernels_on_random_inputs():
+    rng = random.Random(7)
+    for case in range(200):
+        world = rng.choice([1, 2, 3, 4, 8, 16, 64, 65, 100])
+        slots = rng.choice([1, 2, 7, 16, 33, 256, 1024]) if world <= 64 else rng.choice([1, 16, 100])
+        inputs = _random_inputs(rng, world, slots, bad=case % 7 == 0)
+        view = rng.randrange(world)
+        d_cpu, r_cpu, b_cpu = simulate(inputs, view=view, device="cpu")
+        d_gpu, r_gpu, b_gpu = simulate(inputs, view=view, device="cuda")
+        assert torch.equal(b_cpu, b_gpu.cpu()), (case, world, slots)
+        assert d_cpu == d_gpu and r_cpu == r_gpu, (case, world, slots)
+        if world <= 16:
+            assert (d_gpu, r_gpu) == expected(inputs, view=view)
+
+
+@needs_cuda_build
+def test_cuda_decode_of_random_buffers_matches_cpu():
+    gen = torch.Generator().manual_seed(3)
+    for world in (1, 2, 5, 64, 65, 1024):
+        for slots in (1, 9, 256):
+            n = wire.buffer_words(slots, world)
+            buf = torch.randint(-2**63, 2**63 - 1, (n,), dtype=torch.int64, generator=gen)
+            for policy in wire.POLICIES:
+                a = esper_gate.decode(buf, slots, world, policy)
+                b = esper_gate.decode(buf.cuda(), slots, world, policy)
+                assert torch.equal(a[0], b[0].cpu()) and torch.equal(a[1], b[1].cpu())
+    torch.cuda.synchronize()
+
+
+def test_wrong_device_is_a_clear_error():
+    votes = torch.ones(4, dtype=torch.bool, device="cuda")
+    stages = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises((ValueError, RuntimeError), match="on one device"):
+        esper_gate.pack(votes, stages, stages.cuda(), 0, 0, "any", 0, 1)
+
+
+@needs_cuda_build
+def test_compile_fullgraph_on_cuda():
+    def round_trip(votes, stages, targets):
+        buf = torch.ops.esper_gate.pack(votes, stages, targets, 1, 2, "any", 0, 1)
+        return torch.ops.esper_gate.decode(buf, votes.shape[0], 1, "any")
+
+    votes = torch.tensor([True, False, True], device="cuda")
+    stages = torch.tensor([3, 3, 4], device="cuda")
+    got = torch.compile(round_trip, fullgraph=True)(votes, stages, stages)
+    want = round_trip(votes, stages, stages)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+
+
+def _nccl_one_rank(rank, world):
+    import torch.distributed as dist
+
+    name = dist.group.WORLD.group_name
+    dev = torch.device("cuda", 0)
+    torch.cuda.set_device(dev)
+    votes = torch.tensor([True, False, True, True], device=dev)
+    stages = torch.tensor([3, 3, 4, 6], device=dev)
+    targets = torch.tensor([2, 2, 3, 5], device=dev)
+    results = {}
+
+    # plain sync
+    d, r = esper_gate.sync(votes, stages, targets, 1, 77, "unanimous", name)
+    results["plain"] = (d.tolist(), r.tolist())
+
+    # no host sync: queue a long spin, call sync, and see the spin still running
+    torch.cuda.synchronize()
+    khz = getattr(torch.cuda.get_device_properties(dev), "clock_rate", 0) or 2_000_000
+    torch.cuda._sleep(int(0.02 * khz * 1000))  # ~20 ms of spinning (the issue asks for >= 2 ms)
+    spin_done = torch.cuda.Event()
+    spin_done.record()
+    t0 = time.perf_counter()
+    d, r = esper_gate.sync(votes, stages, targets, 2, 77, "unanimous", name)
+    host_s = time.perf_counter() - t0
+    results["spin_still_running_after_return"] = not spin_done.query()
+    results["host_enqueue_s"] = host_s
+    torch.cuda.synchronize()
+    results["after_spin"] = d.tolist()
+
+    # capture in a CUDA graph and replay with new inputs
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            esper_gate.sync(votes, stages, targets, 3, 77, "unanimous", name)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        gd, gr = esper_gate.sync(votes, stages, targets, 3, 77, "unanimous", name)
+    votes.copy_(torch.tensor([False, True, True, False], device=dev))
+    g.replay()
+    torch.cuda.synchronize()
+    results["graph_replay"] = (gd.tolist(), gr.tolist())
+    return results
+
+
+@needs_cuda_build
+@pytest.mark.timeout(120)
+def test_nccl_one_rank_sync_no_host_sync_and_cuda_graph():
+    (res,) = values(run_ranks(_nccl_one_rank, 1, backend="nccl", timeout=100))
+    want = expected([RankInput([1, 0, 1, 1], [3, 3, 4, 6], [2, 2, 3, 5], seq=1, site=77)])
+    assert res["plain"] == (want[0], want[1])
+    assert res["spin_still_running_after_return"], "sync waited for the GPU (host sync inside the op)"
+    assert res["after_spin"] == [True, False, True, True]
+    want = expected([RankInput([0, 1, 1, 0], [3, 3, 4, 6], [2, 2, 3, 5], seq=3, site=77)])
+    assert res["graph_replay"] == (want[0], want[1])
+
+
+def _gloo_cuda_ranks(rank, world):
+    import torch.distributed as dist
+
+    dev = torch.device("cuda", 0)
+    stages = [3, 4, 1, 6]
+    if rank == world - 1:
+        stages[1] = 3  # diverged
+    d, r = esper_gate.sync(torch.tensor([True, True, False, True], device=dev),
+                           torch.tensor(stages, device=dev), torch.tensor([2, 3, 0, 5], device=dev),
+                           4, 5, "unanimous", dist.group.WORLD.group_name)
+    assert d.is_cuda and r.is_cuda
+    return d.tolist(), r.tolist()
+
+
+@needs_cuda_build
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_gloo_with_cuda_tensors_reports_divergence(world):
+    results = values(run_ranks(_gloo_cuda_ranks, world, timeout=120))
+    inputs = []
+    for r in range(world):
+        stages = [3, 4, 1, 6]
+        if r == world - 1:
+            stages[1] = 3
+        inputs.append(RankInput([1, 1, 0, 1], stages, [2, 3, 0, 5], seq=4, site=5))
+    for rank, got in enumerate(results):
+        assert got == expected(inputs, view=rank)
+        assert got[0] == [True, False, False, True]
