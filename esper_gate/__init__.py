@@ -16,7 +16,16 @@ import torch  # noqa: E402
 from . import _C  # noqa: E402,F401  (registers torch.ops.esper_gate)
 from . import ops, wire  # noqa: E402
 from .ops import decode, pack, sync  # noqa: E402
+from .errors import (GateConfigError, GateDivergenceError, GateError, GateInputError,  # noqa: E402
+                     GatePeerInputError, GateTimeoutError)
+from .report import DivergenceReport, parse_report  # noqa: E402
+from .gate_sync import GateConsensus, GateSync, site_fingerprint  # noqa: E402
 
 __version__ = BUILD_INFO.get("version", "0.0.0")
 
-__all__ = ["BUILD_INFO", "ops", "wire", "pack", "decode", "sync", "__version__"]
+__all__ = [
+    "BUILD_INFO", "ops", "wire", "pack", "decode", "sync", "__version__",
+    "GateSync", "GateConsensus", "DivergenceReport", "parse_report", "site_fingerprint",
+    "GateError", "GateDivergenceError", "GateTimeoutError", "GateInputError", "GatePeerInputError",
+    "GateConfigError",
+]

@@ -51,7 +51,7 @@ def scenarios(draw, max_world=MAX_W, max_slots=MAX_S):
     for kind in kinds:
         r = rng.randrange(world)
         inp = inputs[r]
-        s = rng.randrange(slots)
+        s = rng.randrange(len(inp.votes))
         if kind == "stage":
             inp.stages[s] = rng.randrange(0, 64)
         elif kind == "target":
@@ -141,3 +141,11 @@ def test_decoding_random_buffers_never_crashes():
                 small = torch.randint(0, 4, (n,), dtype=torch.int64, generator=gen)
                 decision, report = esper_gate.decode(small, slots, world, "any")
                 assert report.shape == (wire.report_words(slots, world),)
+
+
+def test_decoding_with_another_policy_than_packed_is_a_mismatch():
+    inputs = [RankInput([1, 0], [3, 3], [2, 2], policy="unanimous") for _ in range(3)]
+    bufs = sum(__import__("simulate").pack_rank(inp, r, 3) for r, inp in enumerate(inputs))
+    decision, report = esper_gate.decode(bufs, 2, 3, "any")
+    assert not decision.any()
+    assert report[wire.G_FLAGS] & wire.FLAG_POLICY_MISMATCH

@@ -2,12 +2,13 @@
 // CI, and these tests need only named cases, checks that print both values
 // with file:line, and a non-zero exit status when anything failed.
 //
-//   TEST_CASE(layout_sizes) { CHECK_EQ(make_layout(1, 1).total_words, 9); }
+//   TEST_CASE(layout_sizes) { EXPECT_EQ(make_layout(1, 1).total_words, 9); }
 //   int main(int argc, char** argv) { return eg_test::run_all(argc, argv); }
 //
 // `./test_x name...` runs only the named cases; `./test_x --list` lists them.
 // CONTEXT(...) adds a line (e.g. the world size a loop is on) to every failure
-// reported while it is in scope.
+// reported while it is in scope. The macros are EXPECT*, not CHECK*, because
+// c10's logging header already defines CHECK, CHECK_EQ, ...
 #pragma once
 
 #include <cstdint>
@@ -141,8 +142,8 @@ inline int run_all(int argc, char** argv) {
   static void test_case_##name()
 
 // Evaluates the condition once; returns whether it held, so a check can guard
-// what follows (`if (!CHECK(n > 0)) return;`).
-#define CHECK(cond)                                                             \
+// what follows (`if (!EXPECT(n > 0)) return;`).
+#define EXPECT(cond)                                                             \
   ([&]() -> bool {                                                              \
     ++::eg_test::state().checks;                                                \
     const bool eg_ok_ = static_cast<bool>(cond);                                \
@@ -150,7 +151,7 @@ inline int run_all(int argc, char** argv) {
     return eg_ok_;                                                              \
   }())
 
-#define EG_CHECK_CMP(a, b, op)                                                  \
+#define EG_EXPECT_CMP(a, b, op)                                                  \
   ([&]() -> bool {                                                              \
     const auto& eg_a_ = (a);                                                    \
     const auto& eg_b_ = (b);                                                    \
@@ -158,12 +159,12 @@ inline int run_all(int argc, char** argv) {
                                 eg_a_ op eg_b_);                                \
   }())
 
-#define CHECK_EQ(a, b) EG_CHECK_CMP(a, b, ==)
-#define CHECK_NE(a, b) EG_CHECK_CMP(a, b, !=)
-#define CHECK_LT(a, b) EG_CHECK_CMP(a, b, <)
-#define CHECK_LE(a, b) EG_CHECK_CMP(a, b, <=)
-#define CHECK_GT(a, b) EG_CHECK_CMP(a, b, >)
-#define CHECK_GE(a, b) EG_CHECK_CMP(a, b, >=)
+#define EXPECT_EQ(a, b) EG_EXPECT_CMP(a, b, ==)
+#define EXPECT_NE(a, b) EG_EXPECT_CMP(a, b, !=)
+#define EXPECT_LT(a, b) EG_EXPECT_CMP(a, b, <)
+#define EXPECT_LE(a, b) EG_EXPECT_CMP(a, b, <=)
+#define EXPECT_GT(a, b) EG_EXPECT_CMP(a, b, >)
+#define EXPECT_GE(a, b) EG_EXPECT_CMP(a, b, >=)
 
 #define CONTEXT(stream_expr)                                                    \
   const ::eg_test::ContextScope EG_CONCAT(eg_context_, __LINE__)(               \

@@ -1,0 +1,220 @@
+"""DivergenceReport: the decoded report of one sync, as data and as text."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+from . import wire
+
+# Esper's stage and gate ids (stable IntEnum values, see the product brief).
+STAGE_NAMES = {0: "UNKNOWN", 1: "DORMANT", 2: "GERMINATED", 3: "TRAINING", 4: "BLENDING",
+               6: "HOLDING", 7: "FOSSILIZED", 8: "PRUNED", 9: "EMBARGOED", 10: "RESETTING"}
+GATE_NAMES = {0: "G0", 1: "G1", 2: "G2", 3: "G3", 5: "G5"}
+
+
+def stage_name(stage: int) -> str:
+    return STAGE_NAMES.get(stage, f"stage {stage}")
+
+
+def gate_name(target: int) -> str:
+    return GATE_NAMES.get(target, f"target {target}")
+
+
+def _ranks_text(ranks: Sequence[int]) -> str:
+    ranks = sorted(ranks)
+    if not ranks:
+        return "no rank"
+    parts, start, prev = [], ranks[0], ranks[0]
+    for r in ranks[1:] + [None]:
+        if r is not None and r == prev + 1:
+            prev = r
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if r is not None:
+            start = prev = r
+    return ("rank " if len(ranks) == 1 else "ranks ") + ",".join(parts)
+
+
+@dataclass
+class Holding:
+    """Ranks that hold the same (stage, target) in one slot."""
+    stage: int
+    target: int
+    ranks: list[int]
+    votes_passed: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SlotDivergence:
+    slot: int
+    name: str
+    exact: bool
+    stage_differs: bool
+    target_differs: bool
+    holdings: list[Holding]          # exact (world <= 64); empty otherwise
+    rank0_stage: int
+    rank0_target: int
+    ranks_differing: int             # exact when `exact`, else a lower bound
+    stage_range: tuple[int, int]     # (AND, OR) of all stages: bounds of every value
+    target_range: tuple[int, int]
+
+    def describe(self) -> str:
+        head = f"slot {self.name} (#{self.slot})"
+        if self.exact:
+            parts = [f"{_ranks_text(h.ranks)} {'holds' if len(h.ranks) == 1 else 'hold'} "
+                     f"{stage_name(h.stage)} -> {gate_name(h.target)}" for h in self.holdings]
+            return f"{head}: " + "; ".join(parts)
+        return (f"{head}: rank 0 holds {stage_name(self.rank0_stage)} -> {gate_name(self.rank0_target)}; "
+                f"at least {self.ranks_differing} rank(s) differ; stages within "
+                f"{self.stage_range[0]}..{self.stage_range[1]}, targets within "
+                f"{self.target_range[0]}..{self.target_range[1]}")
+
+
+@dataclass
+class RankCall:
+    """What one rank sent in the header (exact mode only)."""
+    rank: int
+    seq: int
+    site: int
+    policy: str
+    num_slots: int
+    world: int
+    poisoned: bool
+    reason: int
+
+
+@dataclass
+class DivergenceReport:
+    call: int                       # this rank's call number (seq)
+    world: int
+    num_slots: int
+    exact: bool
+    header_ok: bool
+    mismatches: list[str]           # of "seq", "site", "policy", "slots", "world"
+    poisoned_ranks: list[int]
+    poison_reasons: dict[int, str]
+    poisoned_count: int
+    corrupt: bool
+    rank_calls: list[RankCall]
+    field_summaries: dict[str, dict]
+    diverged_slots: list[SlotDivergence]
+    decided_count: int
+    diverged_count: int
+
+    @property
+    def ok(self) -> bool:
+        """True when every rank was at the same call and every slot agreed."""
+        return self.header_ok and not self.corrupt and self.diverged_count == 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def _mismatch_lines(self) -> list[str]:
+        lines = []
+        attr = {"seq": "call", "site": "site/slot-layout fingerprint", "policy": "policy",
+                "slots": "slot count", "world": "world size"}
+        for name in self.mismatches:
+            if self.rank_calls:
+                groups: dict = {}
+                for rc in self.rank_calls:
+                    value = {"seq": rc.seq, "site": f"{rc.site:#010x}", "policy": rc.policy,
+                             "slots": rc.num_slots, "world": rc.world}[name]
+                    groups.setdefault(value, []).append(rc.rank)
+                detail = "; ".join(f"{_ranks_text(r)} at {attr[name]} {v}" for v, r in groups.items())
+            else:
+                s = self.field_summaries.get(name, {})
+                detail = (f"rank 0 has {s.get('root')}, at least {s.get('differ_lb')} rank(s) differ "
+                          f"(values within {s.get('and')}..{s.get('or')})")
+            lines.append(f"{attr[name]} mismatch: {detail}")
+        return lines
+
+    def __str__(self) -> str:
+        if self.ok:
+            return (f"esper_gate call {self.call}: all {self.world} ranks agree on {self.num_slots} "
+                    f"slot(s); {self.decided_count} passed")
+        lines = [f"esper_gate call {self.call} on {self.world} ranks: not in agreement"]
+        lines += ["  " + ln for ln in self._mismatch_lines()]
+        if self.poisoned_count:
+            if self.poisoned_ranks:
+                for r in self.poisoned_ranks:
+                    lines.append(f"  bad input from rank {r}: {self.poison_reasons.get(r, 'unknown reason')}")
+            else:
+                lines.append(f"  bad input from {self.poisoned_count} rank(s)")
+        if self.corrupt:
+            lines.append("  the reduced buffer is inconsistent (a rank sent a corrupt or foreign buffer)")
+        for sd in self.diverged_slots:
+            lines.append("  " + sd.describe())
+        if self.header_ok and not self.corrupt:
+            lines.append(f"  {self.diverged_count} slot(s) diverged and were not transitioned; "
+                         f"{self.decided_count} passed")
+        else:
+            lines.append("  no slot was transitioned")
+        return "\n".join(lines)
+
+
+def parse_report(report: Sequence[int], slot_names: Sequence[str] | None = None,
+                 call: int | None = None) -> DivergenceReport:
+    """Build a DivergenceReport from the report tensor's values (a list of ints)."""
+    r = [int(x) for x in report]
+    g = r[:wire.GLOBAL_WORDS]
+    world, num_slots = g[wire.G_WORLD], g[wire.G_SLOTS]
+    flags = g[wire.G_FLAGS]
+    exact = bool(flags & wire.FLAG_EXACT)
+    names = list(slot_names) if slot_names is not None else [str(i) for i in range(num_slots)]
+    mismatches = [name for name, flag in (("seq", wire.FLAG_SEQ_MISMATCH), ("site", wire.FLAG_SITE_MISMATCH),
+                                          ("policy", wire.FLAG_POLICY_MISMATCH),
+                                          ("slots", wire.FLAG_SLOTS_MISMATCH),
+                                          ("world", wire.FLAG_WORLD_MISMATCH)) if flags & flag]
+    summaries = {}
+    for f, (name, _o, _w) in enumerate(wire.HEADER_FIELDS):
+        base = wire.G_FIELD_BASE + wire.G_FIELD_STRIDE * f
+        root, a, o, lb, eq = g[base:base + 5]
+        summaries[name] = {"root": root, "and": a, "or": o, "differ_lb": lb, "equal": bool(eq)}
+
+    rank_calls: list[RankCall] = []
+    poisoned_ranks: list[int] = []
+    reasons: dict[int, str] = {}
+    if exact:
+        off = wire.ranks_offset(num_slots)
+        for k in range(world):
+            seq, site, pol, slots, wld, poison, reason, _ = r[off + k * wire.RANK_WORDS: off + (k + 1) * wire.RANK_WORDS]
+            pname = wire.POLICIES[pol] if 0 <= pol < len(wire.POLICIES) else str(pol)
+            rank_calls.append(RankCall(k, seq, site, pname, slots, wld, bool(poison), reason))
+            if poison:
+                poisoned_ranks.append(k)
+                reasons[k] = wire.REASON_TEXT.get(reason, f"reason code {reason}")
+    elif g[wire.G_POISONED_RANK] >= 0:
+        poisoned_ranks = [g[wire.G_POISONED_RANK]]
+
+    diverged = []
+    sr_off = wire.slot_ranks_offset(num_slots, world)
+    for s in range(num_slots):
+        w = r[wire.GLOBAL_WORDS + s * wire.SLOT_WORDS: wire.GLOBAL_WORDS + (s + 1) * wire.SLOT_WORDS]
+        status = w[wire.S_STATUS]
+        if not status & (wire.STATUS_STAGE_DIFFERS | wire.STATUS_TARGET_DIFFERS):
+            continue
+        holdings: list[Holding] = []
+        if exact:
+            groups: dict = {}
+            for k in range(world):
+                e = r[sr_off + s * world + k]
+                key = ((e >> 6) & 63, e & 63)
+                h = groups.setdefault(key, Holding(key[0], key[1], []))
+                h.ranks.append(k)
+                if (e >> 12) & 1:
+                    h.votes_passed.append(k)
+            holdings = sorted(groups.values(), key=lambda h: (-len(h.ranks), h.ranks[0]))
+        diverged.append(SlotDivergence(
+            slot=s, name=names[s] if s < len(names) else str(s), exact=exact,
+            stage_differs=bool(status & wire.STATUS_STAGE_DIFFERS),
+            target_differs=bool(status & wire.STATUS_TARGET_DIFFERS), holdings=holdings,
+            rank0_stage=w[wire.S_ROOT_STAGE], rank0_target=w[wire.S_ROOT_TARGET],
+            ranks_differing=w[wire.S_KEY_DIFFER], stage_range=(w[wire.S_STAGE_AND], w[wire.S_STAGE_OR]),
+            target_range=(w[wire.S_TARGET_AND], w[wire.S_TARGET_OR])))
+
+    return DivergenceReport(
+        call=call if call is not None else summaries["seq"]["root"], world=world, num_slots=num_slots,
+        exact=exact, header_ok=bool(flags & wire.FLAG_HEADER_OK), mismatches=mismatches,
+        poisoned_ranks=poisoned_ranks, poison_reasons=reasons, poisoned_count=g[wire.G_POISON_COUNT],
+        corrupt=bool(flags & wire.FLAG_CORRUPT), rank_calls=rank_calls, field_summaries=summaries,
+        diverged_slots=diverged, decided_count=g[wire.G_DECIDED], diverged_count=g[wire.G_DIVERGED])

@@ -1,0 +1,162 @@
+// The CPU kernels (esper_gate::pack_cpu / decode_cpu) and the registered ops
+// against the direct wire-format simulation of tests/cpp/wire_sim.h: same
+// buffers word for word, same decisions and reports.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "check.h"
+#include "esper_gate.h"
+#include "wire_sim.h"
+
+using namespace eg_test;
+
+namespace {
+
+at::Tensor long_tensor(const std::vector<int64_t>& v) {
+  return at::tensor(at::ArrayRef<int64_t>(v), at::kLong);
+}
+
+at::Tensor bool_tensor(const std::vector<int64_t>& v) {
+  return long_tensor(v).to(at::kBool);
+}
+
+std::vector<int64_t> to_vector(const at::Tensor& t) {
+  const at::Tensor c = t.to(at::kLong).contiguous();
+  const int64_t* p = c.const_data_ptr<int64_t>();
+  return std::vector<int64_t>(p, p + c.numel());
+}
+
+struct Scenario {
+  const char* name;
+  int64_t num_slots, world, policy;
+  int bad_rank;  // -1: none; else this rank votes 2 in slot 0
+};
+
+const Scenario kScenarios[] = {
+    {"one rank", 1, 1, wire::kUnanimous, -1},
+    {"four ranks, majority", 3, 4, wire::kMajority, -1},
+    {"64 ranks, rank0", 5, 64, wire::kRank0, -1},
+    {"65 ranks, any", 4, 65, wire::kAny, -1},
+    {"100 ranks, unanimous", 7, 100, wire::kUnanimous, -1},
+    {"poisoned rank 2 of 5", 3, 5, wire::kAny, 2},
+    {"poisoned rank 70 of 80", 2, 80, wire::kAny, 70},
+};
+
+}  // namespace
+
+TEST_CASE(cpu_kernels_match_the_wire_functions) {
+  Rng rng(7);
+  for (const Scenario& sc : kScenarios) {
+    CONTEXT(sc.name);
+    std::vector<RankInput> inputs;
+    for (int64_t r = 0; r < sc.world; ++r) {
+      RankInput in = agreeing_input(sc.num_slots, sc.world, sc.policy);
+      for (int64_t s = 0; s < sc.num_slots; ++s) {
+        in.votes[s] = rng.below(3) != 0;
+        if (s == 1 && r % 3 == 1) in.stages[s] = rng.below(64);  // some divergence
+      }
+      if (r == sc.bad_rank) in.votes[0] = 2;
+      inputs.push_back(in);
+    }
+    at::Tensor sum = at::zeros({0}, at::kLong);
+    for (int64_t r = 0; r < sc.world; ++r) {
+      const RankInput& in = inputs[r];
+      // Alternate vote dtypes: the kernel reads bool and int64 votes.
+      const at::Tensor votes = r % 2 == 0 || r == sc.bad_rank ? long_tensor(in.votes) : bool_tensor(in.votes);
+      const auto header = esper_gate::make_header(
+          static_cast<int64_t>(in.header.seq), static_cast<int64_t>(in.header.site), sc.policy,
+          sc.num_slots, sc.world, 0);
+      const at::Tensor packed = esper_gate::pack_cpu(
+          votes, long_tensor(in.stages), long_tensor(in.targets), header, r, sc.world);
+      CONTEXT("rank " << r);
+      EXPECT_EQ(packed.scalar_type(), at::kLong);
+      const std::vector<int64_t> want = pack_rank(in, r, sc.world);
+      const std::vector<int64_t> got = to_vector(packed);
+      if (!EXPECT_EQ(got.size(), want.size())) continue;
+      for (size_t w = 0; w < want.size(); ++w) {
+        if (!EXPECT_EQ(got[w], want[w])) break;
+      }
+      sum = sum.numel() == 0 ? packed.clone() : sum + packed;
+    }
+    const Decoded want = decode_all(to_vector(sum), sc.num_slots, sc.world, sc.policy);
+    at::Tensor decision, report;
+    std::tie(decision, report) = esper_gate::decode_cpu(sum, sc.num_slots, sc.world, sc.policy);
+    EXPECT_EQ(decision.scalar_type(), at::kBool);
+    EXPECT_EQ(report.scalar_type(), at::kLong);
+    const std::vector<int64_t> got_report = to_vector(report);
+    const std::vector<int64_t> got_decision = to_vector(decision);
+    EXPECT_EQ(got_report.size(), want.report.size());
+    EXPECT_EQ(got_decision.size(), want.decision.size());
+    for (size_t i = 0; i < got_report.size() && i < want.report.size(); ++i) {
+      CONTEXT("report word " << i);
+      if (!EXPECT_EQ(got_report[i], want.report[i])) break;
+    }
+    for (size_t s = 0; s < got_decision.size() && s < want.decision.size(); ++s) {
+      EXPECT_EQ(got_decision[s], static_cast<int64_t>(want.decision[s]));
+    }
+    EXPECT_EQ(want.flag(wire::kFlagPoisoned), sc.bad_rank >= 0);
+    if (sc.bad_rank >= 0) EXPECT_EQ(want.global(wire::kGPoisonedRank), sc.bad_rank);
+  }
+}
+
+TEST_CASE(registered_ops_match_the_kernels) {
+  auto pack = c10::Dispatcher::singleton()
+                  .findSchemaOrThrow("esper_gate::pack", "")
+                  .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    int64_t, int64_t, c10::string_view, int64_t, int64_t, int64_t)>();
+  auto decode = c10::Dispatcher::singleton()
+                    .findSchemaOrThrow("esper_gate::decode", "")
+                    .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, int64_t,
+                                                              c10::string_view)>();
+  const int64_t world = 3, n = 2;
+  std::vector<RankInput> inputs;
+  at::Tensor sum;
+  for (int64_t r = 0; r < world; ++r) {
+    RankInput in = agreeing_input(n, world, wire::kMajority);
+    in.votes = {r != 2, r == 0};
+    inputs.push_back(in);
+    const at::Tensor b = pack.call(bool_tensor(in.votes), long_tensor(in.stages), long_tensor(in.targets),
+                                   static_cast<int64_t>(in.header.seq), static_cast<int64_t>(in.header.site),
+                                   "majority", r, world, 0);
+    EXPECT(to_vector(b) == pack_rank(in, r, world));
+    sum = r == 0 ? b : sum + b;
+  }
+  at::Tensor decision, report;
+  std::tie(decision, report) = decode.call(sum, n, world, "majority");
+  const Decoded want = simulate(inputs, wire::kMajority);
+  EXPECT(to_vector(report) == want.report);
+  EXPECT(to_vector(decision) == (std::vector<int64_t>{1, 0}));
+}
+
+TEST_CASE(make_header_names_a_bad_site_unless_the_caller_did) {
+  auto h = esper_gate::make_header(int64_t{1} << 40 | 5, 7, wire::kAny, 3, 4, 0);
+  EXPECT_EQ(h.seq, uint64_t{5});
+  EXPECT_EQ(h.reason, uint64_t{wire::kReasonNone});
+  h = esper_gate::make_header(1, int64_t{1} << 32, wire::kAny, 3, 4, 0);
+  EXPECT_EQ(h.reason, uint64_t{wire::kReasonSite});
+  EXPECT_EQ(h.poison, uint64_t{1});
+  h = esper_gate::make_header(1, -1, wire::kAny, 3, 4, wire::kReasonCallerMin);
+  EXPECT_EQ(h.reason, uint64_t{wire::kReasonCallerMin});
+}
+
+TEST_CASE(decode_checks_name_the_offending_values) {
+  bool threw = false;
+  try {
+    esper_gate::check_decode_inputs("esper_gate.decode", at::zeros({5}, at::kLong), 3, 4);
+  } catch (const c10::ValueError& e) {
+    threw = true;
+    const std::string msg = e.what_without_backtrace();
+    const int64_t words = wire::make_layout(4, 4).total_words;
+    CONTEXT("message: " << msg);
+    EXPECT(msg.find("expected a reduced buffer of " + std::to_string(words) + " words") != std::string::npos);
+    EXPECT(msg.find("got 5") != std::string::npos);
+  }
+  EXPECT(threw);
+}
+
+int main(int argc, char** argv) { return run_all(argc, argv); }
