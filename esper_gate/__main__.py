@@ -22,12 +22,31 @@ def cmd_info(_args) -> int:
     return 0
 
 
+COMMANDS = {
+    "info": "print the build info",
+    "demo": "the demo: real ranks, divergent seed lifecycles, one sync per epoch (--help)",
+    "bench": "a quick side-by-side benchmark against the old designs (--help)",
+}
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m esper_gate")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("info", help="print the build info").set_defaults(func=cmd_info)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: python -m esper_gate {" + ",".join(COMMANDS) + "} [options]\n")
+        for name, text in COMMANDS.items():
+            print(f"  {name:6s} {text}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "info":
+        argparse.ArgumentParser(prog="python -m esper_gate info").parse_args(rest)
+        return cmd_info(None)
+    if cmd == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(rest)
+    from .bench import main as bench_main
+
+    return bench_main(rest)
 
 
 if __name__ == "__main__":
