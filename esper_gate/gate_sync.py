@@ -351,24 +351,31 @@ class GateSync:
         return (f"esper_gate call {self._seq} on rank {self.rank}: bad input: {reason or 'unknown'} "
                 f"(votes must be 0/1, stage and target ids 0..{wire.MAX_ID})")
 
-    def __call__(self, votes, stages, targets) -> GateConsensus:
-        """One sync of all slots. Every rank of the group must call it, in the same order."""
+    def __call__(self, votes, stages, targets, *, site: int | None = None) -> GateConsensus:
+        """One sync of all slots. Every rank of the group must call it, in the same order.
+
+        ``votes`` (bool or 0/1), ``stages`` and ``targets`` (ids 0..63) are
+        tensors or sequences of length ``num_slots``. ``site`` overrides the
+        layout fingerprint for this call (the per-slot adapter passes the slot
+        id's fingerprint so ranks at different slots are told apart).
+        """
         if self._broken:
             raise GateError(f"this GateSync is unusable after an earlier failure ({self._broken}); "
                             f"build a new one on every rank")
         if self._config_error is not None:
             raise self._config_error
         v, s, t, poison, problem = self._prepare(votes, stages, targets)
+        call_site = self.site if site is None else int(site)
         self._seq += 1
         seq = self._seq
         if not self.distributed:
-            buf = ops.pack(v, s, t, seq, self.site, self.policy, 0, 1, poison)
+            buf = ops.pack(v, s, t, seq, call_site, self.policy, 0, 1, poison)
             decision, report = ops.decode(buf, self.num_slots, 1, self.policy)
         else:
             self._heartbeat.mark_entered(seq)
             try:
                 decision, report = torch.ops.esper_gate.sync.default(
-                    v, s, t, seq, self.site, self.policy, self.group_name, poison)
+                    v, s, t, seq, call_site, self.policy, self.group_name, poison)
             except Exception as e:
                 self._broken = f"call {seq}: {type(e).__name__}"
                 raise self._diagnose(seq, e) from e
