@@ -461,11 +461,16 @@ EG_HD bool decode_global(const int64_t* buf, const Layout& L, int64_t num_slots,
       if (f == kFieldWorld) flags |= kFlagWorldMismatch;
     }
   }
-  // Everyone agreeing on a slot count or world size that is not ours is a
-  // mismatch too (the agreed value came from somewhere else).
+  // Everyone agreeing on a slot count, policy or world size that is not ours
+  // is a mismatch too (the agreed value came from somewhere else).
   if (g[kGFieldBase + kGFieldStride * kFieldSlots + 4] &&
       g[kGFieldBase + kGFieldStride * kFieldSlots] != num_slots) {
     flags |= kFlagSlotsMismatch;
+    all_equal = false;
+  }
+  if (g[kGFieldBase + kGFieldStride * kFieldPolicy + 4] &&
+      g[kGFieldBase + kGFieldStride * kFieldPolicy] != policy) {
+    flags |= kFlagPolicyMismatch;
     all_equal = false;
   }
   if (g[kGFieldBase + kGFieldStride * kFieldWorld + 4] &&

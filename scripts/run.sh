@@ -40,8 +40,8 @@ setup() {
     local t0=$SECONDS
     MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/pip" install -q --disable-pip-version-check --no-build-isolation --no-deps -e . \
       > "$VENV/build.log" 2>&1 || { cat "$VENV/build.log"; exit 1; }
-    grep "esper_gate setup:" "$VENV/build.log" >&2 || true
     log "build took $((SECONDS - t0)) s"
+    "$VENV/bin/python" -m esper_gate info >&2
     echo "$src_hash" > "$VENV/.esper_gate_build"
   fi
 }
