@@ -516,7 +516,8 @@ EG_HD int64_t decode_slot(
   const uint64_t root_vote = root_bit(buf, L, off + kSlotVoteBit);
   const FieldSummary st = summarize_field(buf, L, off + kSlotStageBit, kIdBits);
   const FieldSummary tg = summarize_field(buf, L, off + kSlotTargetBit, kIdBits);
-  bool sane = st.sane && tg.sane && votes <= static_cast<uint64_t>(W) && !(root_vote == 1 && votes == 0);
+  bool sane = st.sane && tg.sane && votes <= static_cast<uint64_t>(W) && !(root_vote == 1 && votes == 0) &&
+              !(root_vote == 0 && votes == static_cast<uint64_t>(W));
   int64_t stage_differ = st.differ_lb;
   int64_t target_differ = tg.differ_lb;
   int64_t key_differ = st.differ_lb > tg.differ_lb ? st.differ_lb : tg.differ_lb;

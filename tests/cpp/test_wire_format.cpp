@@ -3,7 +3,7 @@
 // decode to the expected decisions, divergences and header flags.
 #include <algorithm>
 #include <cstdint>
-#include <set>
+#include <utility>
 #include <vector>
 
 #include "check.h"
@@ -670,16 +670,20 @@ TEST_CASE(a_poisoned_rank_is_named) {
 
 TEST_CASE(two_poisoned_ranks_are_counted_not_named) {
   for (int64_t world : {2, 3, 64, 65, 100}) {
-    CONTEXT("world " << world);
-    std::vector<RankInput> inputs = agreeing_ranks(2, world, wire::kAny);
-    inputs[0].votes[0] = 5;
-    inputs[world - 1].stages[1] = 100;
-    const Decoded d = simulate(inputs, wire::kAny);
-    EXPECT(d.flag(wire::kFlagPoisoned));
-    EXPECT_EQ(d.global(wire::kGPoisonCount), 2);
-    EXPECT_EQ(d.global(wire::kGPoisonedRank), -1);
-    EXPECT_EQ(d.field(wire::kFieldReason, 2), wire::kReasonVote | wire::kReasonStage);
-    check_nothing_decided(d);
+    // Ranks 0 and 1 add 1 + 2 to the poisoned-rank sum, which alone would
+    // name rank 2.
+    for (int64_t second : {int64_t{1}, world - 1}) {
+      CONTEXT("world " << world << ", ranks 0 and " << second);
+      std::vector<RankInput> inputs = agreeing_ranks(2, world, wire::kAny);
+      inputs[0].votes[0] = 5;
+      inputs[second].stages[1] = 100;
+      const Decoded d = simulate(inputs, wire::kAny);
+      EXPECT(d.flag(wire::kFlagPoisoned));
+      EXPECT_EQ(d.global(wire::kGPoisonCount), 2);
+      EXPECT_EQ(d.global(wire::kGPoisonedRank), -1);
+      EXPECT_EQ(d.field(wire::kFieldReason, 2), wire::kReasonVote | wire::kReasonStage);
+      check_nothing_decided(d);
+    }
   }
 }
 
@@ -733,15 +737,51 @@ TEST_CASE(inconsistent_sections_are_corrupt) {
     const int64_t vote0 = wire::kHeaderBits + wire::kSlotVoteBit;
     const int64_t stage0 = wire::kHeaderBits + wire::kSlotStageBit;
 
-    // ROOT says rank 0 set a stage bit that no counter saw.
+    auto flip_root = [&](std::vector<int64_t>* b, int64_t i) {
+      (*b)[L.root_offset + i / 63] ^= int64_t{1} << (i % 63);
+    };
+    // ROOT says rank 0 set a stage bit that no counter saw (slot 0's stage
+    // is 0 everywhere).
     std::vector<int64_t> buf = good;
-    int64_t bit = stage0;
-    while (wire::root_bit(buf.data(), L, bit)) ++bit;  // first clear stage bit
-    buf[L.root_offset + bit / 63] |= int64_t{1} << (bit % 63);
+    flip_root(&buf, stage0);
     Decoded d = decode_all(buf, 2, world, wire::kAny);
     EXPECT(d.flag(wire::kFlagCorrupt));
     EXPECT((d.status(0) & wire::kStatusCorrupt) != 0);
     check_nothing_decided(d);
+
+    // ROOT lacks a bit that every counter saw: in a slot (slot 1's stage
+    // is 1) and in the header (the site is 0xC0FFEE on every rank).
+    const int64_t set_bits[] = {wire::kHeaderBits + wire::kSlotBits + wire::kSlotStageBit,
+                                wire::field_offset(wire::kFieldSite) + 1};
+    for (int64_t i : set_bits) {
+      CONTEXT("record bit " << i << " cleared in ROOT");
+      buf = good;
+      if (!EXPECT_EQ(wire::root_bit(buf.data(), L, i), uint64_t{1})) continue;
+      flip_root(&buf, i);
+      d = decode_all(buf, 2, world, wire::kAny);
+      EXPECT(d.flag(wire::kFlagCorrupt));
+      check_nothing_decided(d);
+    }
+
+    // ROOT has rank 0's vote, the counter none.
+    {
+      buf = good;
+      const int64_t shift = (vote0 % L.counters_per_word) * L.counter_width;
+      buf[L.counts_offset + vote0 / L.counters_per_word] &= ~(((int64_t{1} << L.counter_width) - 1) << shift);
+      d = decode_all(buf, 2, world, wire::kAny);
+      EXPECT(d.flag(wire::kFlagCorrupt));
+      EXPECT((d.status(0) & wire::kStatusCorrupt) != 0);
+      check_nothing_decided(d);
+    }
+
+    // With lanes, ROOT losing rank 0's vote contradicts rank 0's lane.
+    if (L.exact) {
+      buf = good;
+      flip_root(&buf, vote0);
+      d = decode_all(buf, 2, world, wire::kAny);
+      EXPECT(d.flag(wire::kFlagCorrupt));
+      check_nothing_decided(d);
+    }
 
     // A vote counter above W (needs room above W in the counter).
     if ((int64_t{1} << L.counter_width) - 1 > world) {
