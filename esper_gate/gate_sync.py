@@ -138,6 +138,7 @@ class GateConsensus:
         self.decisions = decisions
         self._report_tensor = report
         self._report: DivergenceReport | None = None
+        self._report_words: list[int] | None = None
         self._diverged: torch.Tensor | None = None
         self._local_problem = local_problem
         self._ready = None
@@ -167,11 +168,17 @@ class GateConsensus:
                     f"the GPU did not finish call {self.seq} within {self._owner.timeout}"))
             time.sleep(0.0002)
 
+    def report_words(self) -> list[int]:
+        """The raw report as host ints (layout in esper_gate.wire; one copy, on first use)."""
+        if self._report_words is None:
+            self._wait_ready()
+            self._report_words = self._report_tensor.tolist()
+        return self._report_words
+
     def report(self) -> DivergenceReport:
         """The decoded report (one device-to-host copy, on first use)."""
         if self._report is None:
-            self._wait_ready()
-            self._report = parse_report(self._report_tensor.tolist(), self._owner.slot_names, call=self.seq)
+            self._report = parse_report(self.report_words(), self._owner.slot_names, call=self.seq)
         return self._report
 
     def host_decisions(self) -> list[bool]:

@@ -1,0 +1,307 @@
+"""esper_gate.kasmina, the drop-in for Esper's slot.py, with stand-ins for Esper's
+classes built from the product brief (Esper itself is never imported)."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import time
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import pytest
+
+from mp import run_ranks, values
+
+TIMEOUT_S = 3.0
+
+
+# ---- stand-ins for Esper's SeedStage, GateLevel, SeedState, SeedSlot, GateResult ----
+
+class SeedStage(IntEnum):
+    UNKNOWN = 0
+    DORMANT = 1
+    GERMINATED = 2
+    TRAINING = 3
+    BLENDING = 4
+    HOLDING = 6
+    FOSSILIZED = 7
+    PRUNED = 8
+    EMBARGOED = 9
+    RESETTING = 10
+
+
+class GateLevel(IntEnum):
+    G0 = 0
+    G1 = 1
+    G2 = 2
+    G3 = 3
+    G5 = 5
+
+
+ACTIVE_STAGES = {SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.HOLDING}
+
+
+@dataclass
+class SeedState:
+    stage: SeedStage
+
+
+@dataclass
+class SeedSlot:
+    slot_id: str
+    state: SeedState | None = None
+
+    @property
+    def is_active(self) -> bool:
+        return self.state is not None and self.state.stage in ACTIVE_STAGES
+
+
+@dataclass
+class GateResult:
+    gate: GateLevel
+    passed: bool
+    score: float = 0.0
+    checks_passed: list[str] = field(default_factory=list)
+    checks_failed: list[str] = field(default_factory=list)
+    message: str = ""
+    timestamp: datetime.datetime = field(default_factory=datetime.datetime.now)
+
+
+def slot_at(slot_id: str, stage: SeedStage | None) -> SeedSlot:
+    return SeedSlot(slot_id, None if stage is None else SeedState(stage))
+
+
+def gate(level: GateLevel, passed: bool, message: str = "local checks") -> GateResult:
+    return GateResult(level, passed, score=0.9 if passed else 0.1,
+                      checks_passed=["loss_improved"] if passed else [],
+                      checks_failed=[] if passed else ["loss_flat"], message=message)
+
+
+def as_dict(result: GateResult | None) -> dict | None:
+    """What a rank sends back to the test (a plain dict pickles everywhere)."""
+    if result is None:
+        return None
+    out = dataclasses.asdict(result)
+    out["type"] = type(result).__name__
+    out["gate"] = int(result.gate)
+    return out
+
+
+# ---- one process, no process group ---------------------------------------------------------
+
+def test_without_a_process_group_returns_the_same_objects():
+    import torch.distributed as dist
+
+    from esper_gate import kasmina
+
+    assert not dist.is_initialized()
+    slot = slot_at("r0c0", SeedStage.TRAINING)
+    result = gate(GateLevel.G2, True)
+    assert kasmina.sync_gate_decision(slot, result) is result
+    results = [result, None, gate(GateLevel.G1, False)]
+    slots = [slot, slot_at("r0c1", None), slot_at("r0c2", SeedStage.GERMINATED)]
+    out = kasmina.sync_gate_decisions(slots, results)
+    assert len(out) == 3 and all(a is b for a, b in zip(out, results))
+
+
+def test_one_rank_world_returns_the_same_object(one_rank_group):
+    from esper_gate import kasmina
+
+    result = gate(GateLevel.G3, False)
+    assert kasmina.sync_gate_decision(slot_at("r1c0", SeedStage.BLENDING), result) is result
+    assert not kasmina._cache, "a one-rank world builds no GateSync"
+
+
+def test_timeout_comes_from_the_argument_then_the_environment(monkeypatch):
+    from esper_gate import GateInputError, kasmina
+
+    monkeypatch.delenv(kasmina.TIMEOUT_ENV, raising=False)
+    assert kasmina._resolve_timeout(None) == datetime.timedelta(seconds=kasmina.DEFAULT_TIMEOUT_S)
+    assert kasmina._resolve_timeout(2.5) == datetime.timedelta(seconds=2.5)
+    monkeypatch.setenv(kasmina.TIMEOUT_ENV, "7")
+    assert kasmina._resolve_timeout(None) == datetime.timedelta(seconds=7)
+    monkeypatch.setenv(kasmina.TIMEOUT_ENV, "soon")
+    with pytest.raises(GateInputError, match="ESPER_GATE_TIMEOUT must be a positive number of seconds, got 'soon'"):
+        kasmina._resolve_timeout(None)
+
+
+# ---- real ranks (gloo) ----------------------------------------------------------------------
+
+def _scenarios_main(rank, world):
+    from torch.profiler import profile
+
+    from esper_gate import kasmina
+
+    out: dict = {}
+    one = dict(timeout=TIMEOUT_S)
+    last = world - 1
+
+    # every rank passes
+    original = gate(GateLevel.G2, True)
+    agreed = kasmina.sync_gate_decision(slot_at("r0c1", SeedStage.TRAINING), original, **one)
+    out["agreed"] = as_dict(agreed)
+    out["agreed_is_new_object"] = agreed is not original
+
+    # rank 1 fails its gate: everyone else is vetoed
+    original = gate(GateLevel.G2, rank != 1)
+    out["veto"] = as_dict(kasmina.sync_gate_decision(slot_at("r0c1", SeedStage.TRAINING), original, **one))
+    out["veto_original_untouched"] = as_dict(original)
+
+    # the last rank is already BLENDING (checking G3) while the others are TRAINING (G2)
+    stage, level = (SeedStage.BLENDING, GateLevel.G3) if rank == last else (SeedStage.TRAINING, GateLevel.G2)
+    out["stage"] = as_dict(kasmina.sync_gate_decision(slot_at("r0c1", stage), gate(level, True), **one))
+
+    # the last rank checks its gate for another slot
+    slot_id = "r0c2" if rank == last else "r0c1"
+    out["slot"] = as_dict(kasmina.sync_gate_decision(slot_at(slot_id, SeedStage.TRAINING),
+                                                     gate(GateLevel.G2, True), **one))
+
+    # ... and at another stage too: the message says what each rank holds
+    slot, level = (slot_at("r0c2", SeedStage.BLENDING), GateLevel.G3) if rank == last else \
+        (slot_at("r0c1", SeedStage.TRAINING), GateLevel.G2)
+    out["slot_stage"] = as_dict(kasmina.sync_gate_decision(slot, gate(level, True), **one))
+
+    # nothing is left behind: the next gate call agrees again
+    out["after"] = as_dict(kasmina.sync_gate_decision(slot_at("r0c1", SeedStage.TRAINING),
+                                                      gate(GateLevel.G2, True), **one))
+
+    # majority: 2 of 3 pass, so the rank that failed is carried along
+    out["majority"] = as_dict(kasmina.sync_gate_decision(slot_at("r0c3", SeedStage.HOLDING),
+                                                         gate(GateLevel.G5, rank != 1), policy="majority", **one))
+
+    # batched: the last rank has no seed in slot r1c1
+    slots = [slot_at("r1c0", SeedStage.TRAINING), slot_at("r1c1", SeedStage.BLENDING),
+             slot_at("r1c2", None), slot_at("r1c3", SeedStage.GERMINATED)]
+    results = [gate(GateLevel.G2, True), gate(GateLevel.G3, True), None, gate(GateLevel.G1, rank != 0)]
+    if rank == last:
+        slots[1], results[1] = slot_at("r1c1", None), None
+    with profile() as prof:
+        batched = kasmina.sync_gate_decisions(slots, results, **one)
+    out["batched"] = [as_dict(r) for r in batched]
+    out["batched_collectives"] = [e.name for e in prof.events() if e.name.startswith("gloo:")]
+
+    out["cache"] = sorted((k[1], k[2], gs.calls) for k, (_parent, gs) in kasmina._cache.items())
+    kasmina.clear_cache()
+    return out
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(150)
+def test_adapter_on_real_ranks():
+    world = 3
+    results = values(run_ranks(_scenarios_main, world, timeout=120))
+    for rank, out in enumerate(results):
+        agreed = out["agreed"]
+        assert agreed["type"] == "GateResult" and out["agreed_is_new_object"]
+        assert agreed["passed"] and agreed["checks_failed"] == [] and agreed["message"] == "local checks"
+        assert agreed["gate"] == 2 and agreed["score"] == 0.9 and agreed["checks_passed"] == ["loss_improved"]
+
+        veto = out["veto"]
+        assert not veto["passed"]
+        if rank == 1:  # its own gate failed: nothing to veto
+            assert veto["checks_failed"] == ["loss_flat"] and veto["message"] == "local checks"
+        else:
+            assert veto["checks_failed"] == ["ddp_veto"]
+            assert "rank 1 voted no" in veto["message"] and "2 of 3 passed" in veto["message"]
+            assert veto["message"].startswith("local checks; ")
+        assert out["veto_original_untouched"]["checks_failed"] == ([] if rank != 1 else ["loss_flat"])
+
+        stage = out["stage"]
+        assert not stage["passed"] and stage["checks_failed"] == ["ddp_divergence"]
+        assert "ranks 0-1 hold TRAINING -> G2" in stage["message"]
+        assert "rank 2 holds BLENDING -> G3" in stage["message"]
+        assert "slot r0c1" in stage["message"]
+
+        slot = out["slot"]
+        assert not slot["passed"] and slot["checks_failed"] == ["ddp_divergence"]
+        assert "different gate calls" in slot["message"]
+        if rank < 2:
+            assert "ranks 0-1 at slot r0c1" in slot["message"] and "rank 2 at another slot" in slot["message"]
+        else:
+            assert "rank 2 at slot r0c2" in slot["message"] and "ranks 0-1 at another slot" in slot["message"]
+
+        slot_stage = out["slot_stage"]
+        assert not slot_stage["passed"] and slot_stage["checks_failed"] == ["ddp_divergence"]
+        assert "holding TRAINING -> G2" in slot_stage["message"]
+        assert "holding BLENDING -> G3" in slot_stage["message"]
+
+        assert out["after"]["passed"] and out["after"]["checks_failed"] == []
+
+        majority = out["majority"]
+        assert majority["passed"] and majority["checks_failed"] == ([] if rank != 1 else ["loss_flat"])
+        if rank == 1:
+            assert "passed by majority consensus although this rank's gate failed" in majority["message"]
+
+        b = out["batched"]
+        assert out["batched_collectives"] == ["gloo:all_reduce"], "one collective for all slots"
+        assert b[0]["passed"] and b[0]["checks_failed"] == []
+        assert b[2] is None
+        assert not b[3]["passed"]
+        assert b[3]["checks_failed"] == (["loss_flat"] if rank == 0 else ["ddp_veto"])
+        if rank == 2:
+            assert b[1] is None
+        else:
+            assert not b[1]["passed"] and b[1]["checks_failed"] == ["ddp_divergence"]
+            assert "slot r1c1" in b[1]["message"]
+            assert "ranks 0-1 hold BLENDING -> G3" in b[1]["message"]
+            assert "rank 2 holds DORMANT -> G0" in b[1]["message"]
+
+        # one GateSync per (group, slot count, policy), reused by every call
+        assert out["cache"] == [(1, "majority", 1), (1, "unanimous", 6), (4, "unanimous", 1)]
+
+
+def _skip_first_gate_main(rank, world):
+    from esper_gate import kasmina
+
+    if rank == world - 1:
+        # no active seed here, so this rank never reaches the first gate and
+        # never builds the GateSync or its process group
+        time.sleep(TIMEOUT_S + 4)
+        return {"skipped": True}
+    t0 = time.monotonic()
+    try:
+        kasmina.sync_gate_decision(slot_at("r0c0", SeedStage.TRAINING), gate(GateLevel.G2, True),
+                                   timeout=TIMEOUT_S)
+    except Exception as e:
+        return {"error": type(e).__name__, "missing": getattr(e, "missing_ranks", None),
+                "elapsed": time.monotonic() - t0, "text": str(e)}
+    return {"error": None}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_rank_that_skips_the_first_gate_is_named_not_waited_for():
+    world = 3
+    results = values(run_ranks(_skip_first_gate_main, world, timeout=90))
+    for res in results[:-1]:
+        assert res["error"] == "GateTimeoutError", res
+        assert res["missing"] == [world - 1]
+        assert res["elapsed"] < TIMEOUT_S + 5
+        assert f"rank {world - 1} did not arrive" in res["text"]
+    assert results[-1]["skipped"]
+
+
+def _skip_later_gate_main(rank, world):
+    from esper_gate import kasmina
+
+    slots = [slot_at(f"r0c{i}", SeedStage.TRAINING) for i in range(2)]
+    kasmina.sync_gate_decisions(slots, [gate(GateLevel.G2, True)] * 2, timeout=TIMEOUT_S)
+    if rank == 0:
+        time.sleep(TIMEOUT_S + 4)
+        return {"skipped": True}
+    t0 = time.monotonic()
+    try:
+        kasmina.sync_gate_decisions(slots, [gate(GateLevel.G2, True)] * 2, timeout=TIMEOUT_S)
+    except Exception as e:
+        return {"error": type(e).__name__, "missing": getattr(e, "missing_ranks", None),
+                "elapsed": time.monotonic() - t0}
+    return {"error": None}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_rank_that_skips_a_later_round_is_named():
+    results = values(run_ranks(_skip_later_gate_main, 2, timeout=90))
+    assert results[0]["skipped"]
+    assert results[1]["error"] == "GateTimeoutError" and results[1]["missing"] == [0]
+    assert results[1]["elapsed"] < TIMEOUT_S + 5
