@@ -98,6 +98,17 @@ inline wire::HeaderValues make_header(
   return h;
 }
 
+// Every structural check of pack's arguments, then this rank's header.
+inline wire::HeaderValues checked_pack_header(
+    const at::Tensor& votes, const at::Tensor& stages, const at::Tensor& targets, int64_t seq,
+    int64_t site, const std::string& policy, int64_t rank, int64_t world_size, int64_t poison) {
+  const std::string op = "esper_gate.pack";
+  check_pack_inputs(op, votes, stages, targets, poison);
+  const int64_t p = parse_policy(op, policy);
+  check_world(op, rank, world_size);
+  return make_header(seq, site, p, votes.numel(), world_size, poison);
+}
+
 inline void check_decode_inputs(
     const std::string& op, const at::Tensor& reduced, int64_t num_slots, int64_t world_size) {
   check_slot_count(op, num_slots);

@@ -93,12 +93,9 @@ namespace {
 at::Tensor pack_cpu_op(
     const at::Tensor& votes, const at::Tensor& stages, const at::Tensor& targets, int64_t seq,
     int64_t site, c10::string_view policy, int64_t rank, int64_t world_size, int64_t poison) {
-  const std::string op = "esper_gate.pack";
-  check_pack_inputs(op, votes, stages, targets, poison);
-  const int64_t p = parse_policy(op, std::string(policy));
-  check_world(op, rank, world_size);
-  TORCH_CHECK_VALUE(votes.is_cpu(), op, ": CPU kernel got votes on ", votes.device());
-  const auto header = make_header(seq, site, p, votes.numel(), world_size, poison);
+  const auto header =
+      checked_pack_header(votes, stages, targets, seq, site, std::string(policy), rank, world_size, poison);
+  TORCH_CHECK_VALUE(votes.is_cpu(), "esper_gate.pack: CPU kernel got votes on ", votes.device());
   return pack_cpu(votes, stages, targets, header, rank, world_size);
 }
 

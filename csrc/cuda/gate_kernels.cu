@@ -97,14 +97,11 @@ __global__ void decode_kernel(
 at::Tensor pack_cuda_op(
     const at::Tensor& votes, const at::Tensor& stages, const at::Tensor& targets, int64_t seq,
     int64_t site, c10::string_view policy, int64_t rank, int64_t world_size, int64_t poison) {
-  const std::string op = "esper_gate.pack";
-  check_pack_inputs(op, votes, stages, targets, poison);
-  const int64_t p = parse_policy(op, std::string(policy));
-  check_world(op, rank, world_size);
-  TORCH_CHECK_VALUE(votes.is_cuda(), op, ": CUDA kernel got votes on ", votes.device());
+  const auto header =
+      checked_pack_header(votes, stages, targets, seq, site, std::string(policy), rank, world_size, poison);
+  TORCH_CHECK_VALUE(votes.is_cuda(), "esper_gate.pack: CUDA kernel got votes on ", votes.device());
   const c10::cuda::CUDAGuard guard(votes.device());
   const int64_t n = votes.numel();
-  const auto header = make_header(seq, site, p, n, world_size, poison);
   const auto L = wire::make_layout(wire::capacity_for(n), world_size);
   at::Tensor out = at::empty({L.total_words}, votes.options().dtype(at::kLong));
   auto stream = c10::cuda::getCurrentCUDAStream();
