@@ -9,7 +9,7 @@ the op it keeps what makes failures diagnosable instead of hangs:
 * a configuration exchange through the store at construction, so ranks built
   with different settings all fail on the first call, with no collective;
 * heartbeats through the store, written by a background thread (off the hot
-  path: a call only flips two integers and sets an Event), so a collective
+  path: a call only assigns two integers), so a collective
   that times out or breaks names the rank that never arrived and the last
   call each rank completed.
 """
@@ -34,7 +34,7 @@ __all__ = ["GateSync", "GateConsensus", "site_fingerprint"]
 
 _STORE_PREFIX = "esper_gate"
 _HEARTBEAT_INTERVAL_S = 1.0
-_HEARTBEAT_MIN_GAP_S = 0.02
+_HEARTBEAT_POLL_S = 0.05
 _DEAD_RANK_GRACE_S = 2.5 * _HEARTBEAT_INTERVAL_S
 _HEARTBEAT_SETTLE_S = 0.3
 
@@ -56,10 +56,10 @@ def _as_timedelta(timeout) -> datetime.timedelta:
 class _Heartbeat:
     """Publishes (entered, completed, beat) for this rank in the store.
 
-    The caller only stores two ints and sets an Event; the store round trip
-    happens on this thread, at most once per _HEARTBEAT_MIN_GAP_S, and at
-    least once per _HEARTBEAT_INTERVAL_S so peers can tell a live rank from a
-    dead one.
+    A call only assigns two ints: this thread notices the change within
+    _HEARTBEAT_POLL_S and does the store round trip, so the hot path never
+    waits on the store nor wakes a thread. It also writes at least once per
+    _HEARTBEAT_INTERVAL_S, so peers can tell a live rank from a dead one.
     """
 
     def __init__(self, store, rank: int):
@@ -68,43 +68,35 @@ class _Heartbeat:
         self.entered = 0
         self.completed = 0
         self._beat = 0
-        self._wake = threading.Event()
-        self._stop = False
-        self._write()
+        self._stop = threading.Event()
+        self._written = self._write()
         self._thread = threading.Thread(target=self._run, name=f"esper_gate-heartbeat-{rank}", daemon=True)
         self._thread.start()
 
-    def mark_entered(self, seq: int) -> None:
-        self.entered = seq
-        self._wake.set()
-
-    def mark_completed(self, seq: int) -> None:
-        self.completed = seq
-        self._wake.set()
-
-    def _write(self) -> None:
+    def _write(self) -> tuple[int, int]:
+        state = (self.entered, self.completed)
         self._beat += 1
-        self._store.set(self._key, f"{self.entered},{self.completed},{self._beat}")
+        self._store.set(self._key, f"{state[0]},{state[1]},{self._beat}")
+        return state
 
     def _run(self) -> None:
         failures = 0
-        while not self._stop:
-            self._wake.wait(_HEARTBEAT_INTERVAL_S)
-            self._wake.clear()
-            if self._stop:
-                break
+        last_write = time.monotonic()
+        while not self._stop.wait(_HEARTBEAT_POLL_S):
+            now = time.monotonic()
+            if (self.entered, self.completed) == self._written and now - last_write < _HEARTBEAT_INTERVAL_S:
+                continue
             try:
-                self._write()
+                self._written = self._write()
+                last_write = now
                 failures = 0
             except Exception:  # the store went away (rank 0 gone, shutdown)
                 failures += 1
                 if failures >= 3:
                     break
-            time.sleep(_HEARTBEAT_MIN_GAP_S)
 
     def close(self) -> None:
-        self._stop = True
-        self._wake.set()
+        self._stop.set()
         self._thread.join(timeout=2 * _HEARTBEAT_INTERVAL_S)
 
 
@@ -161,12 +153,16 @@ class GateConsensus:
         becomes a GateTimeoutError instead of a hang)."""
         if self._ready is None:
             return
-        deadline = time.monotonic() + self._owner.timeout.total_seconds()
+        start = time.monotonic()
+        deadline = start + self._owner.timeout.total_seconds()
+        # A sync takes tens of microseconds on NCCL: spin first, then back off.
         while not self._ready.query():
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise self._owner._diagnose(self.seq, TimeoutError(
                     f"the GPU did not finish call {self.seq} within {self._owner.timeout}"))
-            time.sleep(0.0002)
+            if now - start > 0.005:
+                time.sleep(0.0002)
 
     def report_words(self) -> list[int]:
         """The raw report as host ints (layout in esper_gate.wire; one copy, on first use)."""
@@ -342,6 +338,15 @@ class GateSync:
         return t.to(torch.int64).contiguous()
 
     def _prepare(self, votes, stages, targets):
+        # Fast path: tensors that the op takes as they are.
+        n1 = (self.num_slots,)
+        if (type(votes) is torch.Tensor and type(stages) is torch.Tensor and type(targets) is torch.Tensor
+                and (votes.dtype is torch.bool or votes.dtype is torch.int64)
+                and stages.dtype is torch.int64 and targets.dtype is torch.int64
+                and votes.shape == n1 and stages.shape == n1 and targets.shape == n1
+                and votes.device == stages.device == targets.device
+                and votes.is_contiguous() and stages.is_contiguous() and targets.is_contiguous()):
+            return votes, stages, targets, 0, None
         ref = next((x.device for x in (votes, stages, targets) if isinstance(x, torch.Tensor)), self.device)
         problems: list = []
         v = self._coerce("votes", votes, problems, ref)
@@ -379,21 +384,21 @@ class GateSync:
             buf = ops.pack(v, s, t, seq, call_site, self.policy, 0, 1, poison)
             decision, report = ops.decode(buf, self.num_slots, 1, self.policy)
         else:
-            self._heartbeat.mark_entered(seq)
+            self._heartbeat.entered = seq
             try:
                 decision, report = torch.ops.esper_gate.sync.default(
                     v, s, t, seq, call_site, self.policy, self.group_name, poison)
             except Exception as e:
                 self._broken = f"call {seq}: {type(e).__name__}"
                 raise self._diagnose(seq, e) from e
-            self._heartbeat.mark_completed(seq)
+            self._heartbeat.completed = seq
         result = GateConsensus(self, seq, decision, report, problem)
         if problem is not None:
             raise GateInputError(problem)
         if not decision.is_cuda:
             # CPU results are already on the host: fail fast, in the same call
             # on every rank, for bad input and for ranks at different calls.
-            flags = int(report[wire.G_FLAGS])
+            flags = int(report.numpy()[wire.G_FLAGS])
             if not flags & wire.FLAG_HEADER_OK:
                 result._raise_global(result.report())
         return result
@@ -430,6 +435,11 @@ class GateSync:
                 f"{self.timeout}); last call completed: {done}. No rank applied a transition for "
                 f"this call. Collective error: {exc}", missing, last, call=seq)
         return GateError(f"esper_gate call {seq} failed in the collective: {exc}")
+
+    @property
+    def group(self):
+        """The dedicated process group gate traffic runs on (None when local)."""
+        return self._group
 
     @property
     def calls(self) -> int:
