@@ -26,21 +26,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import multiprocessing as mp
 import os
 import platform
-import queue
 import shlex
-import socket
 import statistics
 import sys
 import time
-import traceback
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
-from . import wire
+from . import _spawn, wire
 
 __all__ = ["main", "spawn_ranks", "run_sweep", "evaluate_targets", "DESIGNS"]
 
@@ -86,79 +82,15 @@ OVERHEAD_MAX = 0.10
 
 # ---- ranks -------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_entry(fn, rank, world, port, backend, pg_timeout_s, args, out):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    try:
-        if backend == "nccl":
-            torch.cuda.set_device(rank % torch.cuda.device_count())
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=datetime.timedelta(seconds=pg_timeout_s))
-        out.put((rank, True, fn(rank, world, *args)))
-    except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
-        out.put((rank, False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-    finally:
-        try:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception:
-            pass
-
-
 def spawn_ranks(fn: Callable, world: int, *args, backend: str = "gloo", timeout: float = 300.0,
                 pg_timeout_s: float = 60.0) -> list:
     """Run ``fn(rank, world, *args)`` on ``world`` spawned ranks; return their values.
 
     Raises TimeoutError when a rank has not reported by ``timeout`` (a hang),
-    RuntimeError with the rank's traceback when one failed. Ranks still alive
-    at the end are killed.
+    RuntimeError with the rank's traceback when one failed.
     """
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the spawned ranks
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_entry, args=(fn, r, world, port, backend, pg_timeout_s, args, out),
-                         daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    got: dict[int, Any] = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while len(got) < world:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                missing = sorted(set(range(world)) - set(got))
-                raise TimeoutError(f"ranks {missing} did not finish within {timeout:.0f} s (hang)")
-            try:
-                rank, ok, value = out.get(timeout=min(left, 0.5))
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in got]
-                if dead:
-                    try:  # it may have reported just before exiting
-                        rank, ok, value = out.get(timeout=1.0)
-                    except queue.Empty:
-                        raise RuntimeError(f"ranks {dead} exited without reporting "
-                                           f"(exit codes {[procs[r].exitcode for r in dead]})") from None
-                else:
-                    continue
-            if not ok:
-                raise RuntimeError(f"rank {rank} failed: {value}")
-            got[rank] = value
-    finally:
-        for p in procs:
-            p.join(timeout=5)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
-    return [got[r] for r in range(world)]
+    return _spawn.values(_spawn.spawn_ranks(fn, world, *args, backend=backend, timeout=timeout,
+                                            pg_timeout_s=pg_timeout_s))
 
 
 # ---- one rank's measurements ---------------------------------------------------
@@ -297,10 +229,13 @@ def _bench_rank(rank: int, world: int, cfg: dict) -> dict | None:
         if "esper_gate" in designs and "raw_op" in designs:
             for key in ("pair:esper_gate", "pair:raw_op"):
                 samples[key] = []
+            # the same number of rounds per block for both, so the barrier's
+            # exit skew is amortized alike
+            n_pair = max(inner["esper_gate"], inner["raw_op"])
             for rep in range(cfg.get("overhead_pairs", 0)):
                 order = ("esper_gate", "raw_op") if rep % 2 == 0 else ("raw_op", "esper_gate")
                 for name in order:
-                    fn, n = fns[name], inner[name]
+                    fn, n = fns[name], n_pair
                     dist.barrier(group=ctrl)
                     t0 = time.perf_counter()
                     for _ in range(n):

@@ -20,7 +20,7 @@ import json
 import threading
 import time
 import zlib
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -34,9 +34,9 @@ __all__ = ["GateSync", "GateConsensus", "site_fingerprint"]
 
 _STORE_PREFIX = "esper_gate"
 _HEARTBEAT_INTERVAL_S = 1.0
-_HEARTBEAT_POLL_S = 0.05
+_HEARTBEAT_POLL_S = 0.2
 _DEAD_RANK_GRACE_S = 2.5 * _HEARTBEAT_INTERVAL_S
-_HEARTBEAT_SETTLE_S = 0.3
+_HEARTBEAT_SETTLE_S = 0.6
 
 
 def site_fingerprint(num_slots: int, slot_names: Sequence[str] | None, tag: str = "") -> int:
@@ -123,6 +123,9 @@ class GateConsensus:
     report to the host once, when asked.
     """
 
+    __slots__ = ("_owner", "seq", "decisions", "_report_tensor", "_report", "_report_words", "_diverged",
+                 "_local_problem", "_ready")
+
     def __init__(self, owner: "GateSync", seq: int, decisions: torch.Tensor, report: torch.Tensor,
                  local_problem: str | None = None):
         self._owner = owner
@@ -179,8 +182,9 @@ class GateConsensus:
 
     def host_decisions(self) -> list[bool]:
         """The decisions as a Python list (bounded wait on CUDA)."""
-        self._wait_ready()
-        return [bool(x) for x in self.decisions.tolist()]
+        if self._ready is not None:
+            self._wait_ready()
+        return self.decisions.tolist()
 
     def _raise_global(self, rep: DivergenceReport) -> None:
         me = self._owner.rank

@@ -116,6 +116,14 @@ def _nccl_one_rank(rank, world):
     torch.cuda.synchronize()
     results["after_spin"] = d.tolist()
 
+    # torch.compile(fullgraph=True) of a function that calls sync on NCCL
+    def gate(v, st, tg):
+        d, r = torch.ops.esper_gate.sync(v, st, tg, 9, 77, "unanimous", name)
+        return d & (st >= 0), r
+
+    got = torch.compile(gate, fullgraph=True)(votes, stages, targets)
+    results["compiled"] = (got[0].tolist(), got[1].tolist())
+
     # capture in a CUDA graph and replay with new inputs
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -142,6 +150,8 @@ def test_nccl_one_rank_sync_no_host_sync_and_cuda_graph():
     assert res["plain"] == (want[0], want[1])
     assert res["spin_still_running_after_return"], "sync waited for the GPU (host sync inside the op)"
     assert res["after_spin"] == [True, False, True, True]
+    want = expected([RankInput([1, 0, 1, 1], [3, 3, 4, 6], [2, 2, 3, 5], seq=9, site=77)])
+    assert res["compiled"] == (want[0], want[1])
     want = expected([RankInput([0, 1, 1, 0], [3, 3, 4, 6], [2, 2, 3, 5], seq=3, site=77)])
     assert res["graph_replay"] == (want[0], want[1])
 
