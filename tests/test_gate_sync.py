@@ -227,3 +227,28 @@ def test_local_mode_issues_no_collective():
         gs([0, 1, 0], [3, 3], [4, 4, 4])
     with pytest.raises(esper_gate.GateInputError, match="stage id outside 0..63"):
         gs([0, 1, 0], [3, 3, 64], [4, 4, 4])
+
+
+# ---- nothing code-carrying on the wire --------------------------------------------------
+
+def _no_pickle_main(rank, world):
+    import pickle
+
+    import torch.distributed.distributed_c10d as c10d
+
+    def refuse(*_a, **_k):
+        raise AssertionError("pickle used")
+
+    # every object collective of torch.distributed goes through these
+    pickle.dumps = pickle.loads = refuse
+    c10d._object_to_tensor = c10d._tensor_to_object = refuse
+    gs = _gs(3, slot_names=["a", "b", "c"])
+    stages = [3, 4, 3] if rank == world - 1 else [3, 3, 3]
+    res = gs([1, 1, 1], stages, [2, 2, 2])
+    return res.decisions.tolist(), str(res.report())
+
+
+def test_no_pickle_anywhere_on_the_wire():
+    for decisions, text in values(run_ranks(_no_pickle_main, 2, timeout=60)):
+        assert decisions == [True, False, True]
+        assert "rank 1 holds BLENDING" in text
