@@ -59,6 +59,17 @@ def _entry(fn, rank, world, port, backend, pg_timeout_s, args, out, release):
             pass
 
 
+def release_and_reap(procs, release, join_s: float = 5.0) -> None:
+    """Let the ranks leave together, then kill whatever has not exited."""
+    release.set()
+    for p in procs:
+        p.join(timeout=join_s)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+
+
 def spawn_ranks(fn: Callable, world: int, *args, backend: str = "gloo", timeout: float = 300.0,
                 pg_timeout_s: float = 60.0, expect_dead: tuple[int, ...] = ()) -> list[RankResult]:
     """Call ``fn(rank, world, *args)`` on ``world`` spawned ranks; return every rank's result.
@@ -98,13 +109,7 @@ def spawn_ranks(fn: Callable, world: int, *args, backend: str = "gloo", timeout:
                         raise RuntimeError(f"ranks {dead} exited without reporting "
                                            f"(exit codes {[procs[i].exitcode for i in dead]})") from None
     finally:
-        release.set()
-        for p in procs:
-            p.join(timeout=5)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+        release_and_reap(procs, release)
     return [results.get(r, RankResult(r, error=RuntimeError("died"), error_type="died")) for r in range(world)]
 
 

@@ -638,28 +638,22 @@ def main(argv=None, preset_default: str = "quick") -> int:
     if args.backend in ("auto", "gloo", "all"):
         cells += [("gloo", w) for w in args.worlds]
     if args.backend in ("auto", "nccl", "all"):
-        if ngpu == 0:
-            msg = "no GPU visible: NCCL rows skipped"
-            if args.backend in ("nccl", "all"):
-                print(f"[bench] error: --backend {args.backend} but {msg}", file=sys.stderr)
-                return 2
-            notes.append(msg)
-            print(f"[bench] {msg}")
-        else:
-            import esper_gate
+        import esper_gate
 
-            if esper_gate.BUILD_INFO.get("build") != "cuda":
-                msg = "esper_gate was built without CUDA kernels: NCCL rows skipped"
-                if args.backend in ("nccl", "all"):
-                    print(f"[bench] error: {msg}", file=sys.stderr)
-                    return 2
-                notes.append(msg)
-                print(f"[bench] {msg}")
-            else:
-                nccl_worlds = [w for w in args.worlds if w <= ngpu] or [1]
-                cells += [("nccl", w) for w in nccl_worlds]
-                if nccl_worlds == [1]:
-                    notes.append(f"{ngpu} GPU(s): NCCL cannot put two ranks on one GPU, so NCCL runs with one rank")
+        why_not = ("no GPU visible" if ngpu == 0 else
+                   "esper_gate was built without CUDA kernels" if esper_gate.BUILD_INFO.get("build") != "cuda"
+                   else None)
+        if why_not is not None:
+            if args.backend in ("nccl", "all"):  # NCCL rows were asked for explicitly
+                print(f"[bench] error: --backend {args.backend} but {why_not}", file=sys.stderr)
+                return 2
+            notes.append(f"{why_not}: NCCL rows skipped")
+            print(f"[bench] {why_not}: NCCL rows skipped")
+        else:
+            nccl_worlds = [w for w in args.worlds if w <= ngpu] or [1]
+            cells += [("nccl", w) for w in nccl_worlds]
+            if nccl_worlds == [1]:
+                notes.append(f"{ngpu} GPU(s): NCCL cannot put two ranks on one GPU, so NCCL runs with one rank")
     if any(b == "gloo" and w > cpus for b, w in cells):
         notes.append(f"gloo with more ranks than the {cpus} CPU cores oversubscribes them: those rows are indicative")
 

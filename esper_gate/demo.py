@@ -19,13 +19,14 @@ import multiprocessing as mp
 import os
 import queue
 import random
-import socket
 import statistics
 import sys
 import time
 import traceback
 from dataclasses import dataclass
 from typing import Sequence
+
+from ._spawn import free_port, release_and_reap
 
 # Esper's stage and gate ids (stable IntEnum values).
 DORMANT, GERMINATED, TRAINING, BLENDING, HOLDING, FOSSILIZED = 1, 2, 3, 4, 6, 7
@@ -478,12 +479,6 @@ def _all_gather_ints(tensor, backend: str) -> list[list[int]]:
 
 # ---- launching ---------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pg_timeout(cfg: Settings) -> datetime.timedelta:
     return datetime.timedelta(seconds=max(30.0, 3 * cfg.timeout))
 
@@ -528,7 +523,7 @@ def spawn_and_run(cfg: Settings) -> int:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     release = ctx.Event()
-    port = _free_port()
+    port = free_port()
     where = "gloo on CPU" if cfg.backend == "gloo" else "NCCL, one GPU per rank"
     print(f"starting {cfg.world} local ranks ({where}) ...", flush=True)
     procs = [ctx.Process(target=_spawned_rank, args=(r, port, cfg, results, release), daemon=True,
@@ -561,13 +556,7 @@ def spawn_and_run(cfg: Settings) -> int:
     except KeyboardInterrupt:
         problems.append("interrupted")
     finally:
-        release.set()
-        for p in procs:
-            p.join(timeout=15)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+        release_and_reap(procs, release, join_s=15)
 
     for r in range(cfg.world):
         item = reports.get(r)
