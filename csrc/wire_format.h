@@ -220,6 +220,12 @@ EG_HD HeaderBits encode_header(const HeaderValues& h) {
 
 // One slot's 13 record bits. Out-of-range values are masked to their field
 // width (so they can never spill into a neighbour) and reported in *reason.
+// A vote as the kernels read it. Bool votes are read as bytes and any
+// non-zero byte is a yes, as torch treats bool storage (a uint8 tensor viewed
+// as bool may hold 2); reading such a byte through `bool` is undefined.
+EG_HD int64_t vote_value(const uint8_t* bool_votes, int64_t s) { return bool_votes[s] != 0 ? 1 : 0; }
+EG_HD int64_t vote_value(const int64_t* int_votes, int64_t s) { return int_votes[s]; }
+
 EG_HD uint32_t encode_slot(int64_t vote, int64_t stage, int64_t target, int64_t* reason) {
   *reason = kReasonNone;
   if (vote != 0 && vote != 1) {

@@ -99,10 +99,10 @@ def test_skipped_call_times_out_naming_the_rank(world):
     assert results[-1]["skipped"]
 
 
-def _die_main(rank, world):
+def _die_main(rank, world, victim):
     gs = _gs()
     for call in range(1, 4):
-        if rank == 1 and call == 3:
+        if rank == victim and call == 3:
             os.kill(os.getpid(), signal.SIGKILL)
         t0 = time.monotonic()
         try:
@@ -114,21 +114,32 @@ def _die_main(rank, world):
     return {"error": None}
 
 
-@pytest.mark.parametrize("world", [3])
-def test_killed_rank_is_named_by_the_survivors(world):
-    results = run_ranks(_die_main, world, timeout=60, expect_dead=(1,))
-    survivors = [r for r in results if r.rank != 1]
+@pytest.mark.parametrize("victim", [0, 1])
+def test_killed_rank_is_named_by_the_survivors(victim, capfd):
+    """Rank 0 also hosts the store: its survivors must name it, and only it."""
+    world = 3
+    results = run_ranks(_die_main, world, victim, timeout=60, expect_dead=(victim,))
+    survivors = [r for r in results if r.rank != victim]
     for r in survivors:
         res = values([r])[0]
         assert res["error"] == "GateTimeoutError", res
-        assert res["missing"] == [1] and res["last"][1] == 2 and res["call"] == 3
+        assert res["missing"] == [victim], res
+        assert res["call"] == 3 and f"rank {victim} did not arrive" in res["text"]
+        if victim != 0:
+            assert res["last"][victim] == 2
+        else:
+            assert "store" in res["text"]
         assert res["elapsed"] < TIMEOUT_S + 5
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err[-3000:]
+    # Each survivor touches a dead store once (one c10d warning), not once per heartbeat.
+    assert err.count("TCPStore.cpp") <= len(survivors), err[-3000:]
 
 
 def _slow_main(rank, world):
     gs = _gs()
     if rank == 0:
-        time.sleep(TIMEOUT_S * 0.6)
+        time.sleep(TIMEOUT_S * 0.4)  # 2.5x inside the deadline, so a loaded machine cannot flip it
     return gs([1, 1, 0, 1], [3] * 4, [4] * 4).decisions.tolist()
 
 
@@ -151,9 +162,20 @@ def _bad_input_main(rank, world, kind):
             votes = [1, 1, 1]
         elif kind == "dtype":
             votes = torch.tensor([0.5, 1.0, 1.0, 1.0])
+        elif kind == "meta":
+            stages = torch.tensor([3, 3, 3, 3], device="meta")
+        elif kind == "all_meta":
+            votes, stages, targets = (torch.ones(4, dtype=torch.int64, device="meta") for _ in range(3))
+        elif kind == "float_stages":
+            stages = [3.9, 3, 3, 3]
+        elif kind == "float_votes":
+            votes = [0.5, 1, 1, 1]
+    site = None
+    if rank == 1 and kind == "site":
+        site = 2**63
     t0 = time.monotonic()
     try:
-        gs(votes, stages, targets)
+        gs(votes, stages, targets, site=site)
         out = {"error": None}
     except Exception as e:
         out = {"error": type(e).__name__, "is_value_error": isinstance(e, ValueError),
@@ -164,9 +186,19 @@ def _bad_input_main(rank, world, kind):
     return out
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
-@pytest.mark.parametrize("kind, reason", [("range", "stage id outside 0..63"), ("length", "shape [4]"),
-                                          ("dtype", "integer dtype, got torch.float32")])
+BAD_INPUTS = [("range", "stage id outside 0..63"), ("length", "shape [4]"),
+              ("dtype", "integer dtype, got torch.float32")]
+# Each of these once slipped past GateSync: a tensor on another device made
+# that rank skip the collective, float sequences were truncated into valid
+# ids, and a site past int64 failed after the rank had announced its arrival.
+MORE_BAD_INPUTS = [("meta", "stages is on meta, expected cpu"), ("all_meta", "votes is on meta, expected cpu"),
+                   ("float_stages", "stages must be a tensor or a sequence of ints"),
+                   ("float_votes", "votes must be a tensor or a sequence of ints"),
+                   ("site", "site must be an int in 0..2**32-1, got 9223372036854775808")]
+
+
+@pytest.mark.parametrize("world, kind, reason", [(w, k, r) for w in (2, 3, 4) for k, r in BAD_INPUTS]
+                         + [(3, k, r) for k, r in MORE_BAD_INPUTS])
 def test_bad_input_fails_every_rank_in_the_same_call(world, kind, reason):
     results = values(run_ranks(_bad_input_main, world, kind, timeout=60))
     for rank, res in enumerate(results):
@@ -178,6 +210,78 @@ def test_bad_input_fails_every_rank_in_the_same_call(world, kind, reason):
         else:
             assert res["error"] == "GatePeerInputError", res
             assert res["ranks"] == [1] and "rank 1" in res["text"]
+
+
+def test_bool_votes_are_true_for_any_nonzero_byte():
+    """uint8 data viewed as bool may hold 2; torch reads that as True, and so must the gate."""
+    import torch
+
+    import esper_gate
+
+    votes = torch.tensor([1, 2, 0, 255], dtype=torch.uint8).view(torch.bool)
+    stages, targets = torch.full((4,), 3), torch.full((4,), 2)
+    assert votes.tolist() == [True, True, False, True]
+    res = esper_gate.GateSync(4)(votes, stages, targets)
+    assert res.host_decisions() == [True, True, False, True]
+    assert res.report().ok
+    packed = esper_gate.pack(votes, stages, targets, 1, 5, "unanimous", 0, 2)
+    assert torch.equal(packed, esper_gate.pack(votes.to(torch.uint8).bool(), stages, targets, 1, 5,
+                                               "unanimous", 0, 2))
+
+
+def test_each_poisoned_rank_learns_its_own_reason_above_64_ranks():
+    """Above 64 ranks the buffer only counts poisoned ranks; each one must still
+    get a GateInputError with its own reason, and the clean ranks a
+    GatePeerInputError."""
+    import torch
+
+    import esper_gate
+    from esper_gate.gate_sync import GateConsensus
+    from esper_gate.reference import RankInput
+    from simulate import simulate
+
+    world, n = 70, 4
+    inputs = [RankInput([1] * n, [3] * n, [2] * n, seq=1, site=9) for _ in range(world)]
+    inputs[5].stages = [3, 64, 3, 3]
+    inputs[40].votes = [1, 1, 7, 1]
+    for view, kind, reason in ((5, esper_gate.GateInputError, "stage id outside 0..63"),
+                               (40, esper_gate.GateInputError, "vote that is neither 0 nor 1"),
+                               (0, esper_gate.GatePeerInputError, "2 rank(s) passed bad input"),
+                               (69, esper_gate.GatePeerInputError, "2 rank(s) passed bad input")):
+        decision, report, _ = simulate(inputs, view=view)
+        gs = esper_gate.GateSync(n)  # local; only its rank, policy and names are used here
+        gs.rank = view
+        mine = inputs[view]
+        res = GateConsensus(gs, 1, torch.tensor(decision), torch.tensor(report), None, None,
+                            (torch.tensor(mine.votes), torch.tensor(mine.stages), torch.tensor(mine.targets),
+                             mine.site, 0))
+        with pytest.raises(kind, match=reason.replace("(", r"\(").replace(")", r"\)")):
+            res.raise_if_diverged()
+        assert decision == [False] * n
+
+
+def _rebuild_main(rank, world):
+    import esper_gate
+
+    late = world - 1
+    attempts = []
+    if rank == late:
+        time.sleep(TIMEOUT_S + 1.5)  # misses the first construction entirely
+    else:
+        try:
+            _gs()
+            attempts.append("built")
+        except esper_gate.GateTimeoutError as e:
+            attempts.append((type(e).__name__, e.missing_ranks))
+    gs = _gs()  # "build a new one on every rank"
+    return attempts, gs([1, 1, 0, 1], [3] * 4, [4] * 4).decisions.tolist()
+
+
+def test_rebuild_after_a_construction_timeout_meets_on_every_rank():
+    results = values(run_ranks(_rebuild_main, 3, timeout=60))
+    for rank, (attempts, decisions) in enumerate(results):
+        assert attempts == ([] if rank == 2 else [("GateTimeoutError", [2])])
+        assert decisions == [True, True, False, True]
 
 
 # ---- configuration mismatch -----------------------------------------------------------

@@ -18,7 +18,7 @@ int64_t encode_slots_cpu(
   int64_t first_reason = wire::kReasonNone;
   for (int64_t s = 0; s < n; ++s) {
     int64_t reason = wire::kReasonNone;
-    records[s] = wire::encode_slot(static_cast<int64_t>(votes[s]), stages[s], targets[s], &reason);
+    records[s] = wire::encode_slot(wire::vote_value(votes, s), stages[s], targets[s], &reason);
     if (first_reason == wire::kReasonNone) first_reason = reason;
   }
   return first_reason;
@@ -35,7 +35,7 @@ at::Tensor pack_cpu(
   const int64_t* st = stages.const_data_ptr<int64_t>();
   const int64_t* tg = targets.const_data_ptr<int64_t>();
   const int64_t slot_reason = votes.scalar_type() == at::kBool
-      ? encode_slots_cpu(votes.const_data_ptr<bool>(), st, tg, n, records.data())
+      ? encode_slots_cpu(reinterpret_cast<const uint8_t*>(votes.const_data_ptr<bool>()), st, tg, n, records.data())
       : encode_slots_cpu(votes.const_data_ptr<int64_t>(), st, tg, n, records.data());
   wire::HeaderValues header = header_in;
   if (header.reason == wire::kReasonNone && slot_reason != wire::kReasonNone) {

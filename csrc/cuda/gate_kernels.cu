@@ -30,7 +30,7 @@ __global__ void pack_kernel(
   __syncthreads();
   for (int64_t s = threadIdx.x; s < num_slots; s += blockDim.x) {
     int64_t reason = wire::kReasonNone;
-    records[s] = wire::encode_slot(static_cast<int64_t>(votes[s]), stages[s], targets[s], &reason);
+    records[s] = wire::encode_slot(wire::vote_value(votes, s), stages[s], targets[s], &reason);
     if (reason != wire::kReasonNone) atomicMin(&first_bad, static_cast<int>(s * 32 + reason));
   }
   __syncthreads();
@@ -106,8 +106,8 @@ at::Tensor pack_cuda_op(
   at::Tensor out = at::empty({L.total_words}, votes.options().dtype(at::kLong));
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (votes.scalar_type() == at::kBool) {
-    pack_kernel<bool><<<1, kThreads, 0, stream>>>(
-        votes.const_data_ptr<bool>(), stages.const_data_ptr<int64_t>(),
+    pack_kernel<uint8_t><<<1, kThreads, 0, stream>>>(
+        reinterpret_cast<const uint8_t*>(votes.const_data_ptr<bool>()), stages.const_data_ptr<int64_t>(),
         targets.const_data_ptr<int64_t>(), n, header, L, rank, out.mutable_data_ptr<int64_t>());
   } else {
     pack_kernel<int64_t><<<1, kThreads, 0, stream>>>(

@@ -1,0 +1,121 @@
+"""GateSync over a backend that fails the way NCCL does (tests/nccl_like.py).
+
+On NCCL a collective whose peer never arrives neither raises nor times out
+in the caller; the watchdog ends the process once the group's timeout has
+passed. These tests prove, on real ranks without a GPU, that GateSync's own
+deadline fires first: every waiting rank gets a GateTimeoutError naming the
+missing rank within timeout + 5 s of the call, the stuck collective is
+aborted, and the process lives on past the moment the watchdog would have
+killed it.
+"""
+import os
+import signal
+import time
+
+import pytest
+
+from mp import run_ranks, values
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(120)]
+
+TIMEOUT_S = 3.0
+# Small in tests so that the double's watchdog would fire soon after the gate's
+# deadline; the default margin is 60 s.
+MARGIN_S = 3.0
+BOUND_S = TIMEOUT_S + 5
+
+
+def _gate(num_slots=4):
+    import datetime
+
+    import nccl_like
+
+    import esper_gate
+    from esper_gate import gate_sync
+
+    nccl_like.register()
+    gate_sync._GROUP_TIMEOUT_MARGIN = datetime.timedelta(seconds=MARGIN_S)
+    return esper_gate.GateSync(num_slots, timeout=TIMEOUT_S, backend=nccl_like.BACKEND)
+
+
+def _raw_op_main(rank, world):
+    """Without GateSync, the double behaves as NCCL does: the process is killed."""
+    import datetime
+
+    import nccl_like
+    import torch
+    import torch.distributed as dist
+
+    import esper_gate
+
+    nccl_like.register()
+    group = dist.new_group(backend=nccl_like.BACKEND, timeout=datetime.timedelta(seconds=2))
+    ones = torch.ones(2, dtype=torch.int64)
+    esper_gate.sync(ones.bool(), ones, ones, 1, 7, "unanimous", group.group_name)
+    if rank == 1:
+        time.sleep(8)  # never makes call 2
+        return "skipped"
+    esper_gate.sync(ones.bool(), ones, ones, 2, 7, "unanimous", group.group_name)
+    return "call 2 returned"  # never: the collective stays pending until the watchdog fires
+
+
+def test_the_double_kills_a_stuck_rank_like_nccls_watchdog():
+    results = run_ranks(_raw_op_main, 2, timeout=60, expect_dead=(0,))
+    assert results[0].error_type == "died", results[0]
+    assert values([results[1]]) == ["skipped"]
+
+
+def _missing_rank_main(rank, world, how):
+    import esper_gate
+
+    gs = _gate()
+    first = gs([1, 1, 1, 1], [3] * 4, [4] * 4).decisions.tolist()
+    missing = world - 1
+    if rank == missing:
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(TIMEOUT_S + MARGIN_S + 6)
+        return {"skipped": True}
+    t0 = time.monotonic()
+    try:
+        gs([1, 1, 1, 1], [3] * 4, [4] * 4)
+        out = {"error": None}
+    except esper_gate.GateTimeoutError as e:
+        out = {"error": type(e).__name__, "missing": e.missing_ranks, "last": e.last_completed,
+               "text": str(e)}
+    out["elapsed"] = time.monotonic() - t0
+    out["first"] = first
+    try:
+        gs([1, 1, 1, 1], [3] * 4, [4] * 4)
+        out["after"] = None
+    except esper_gate.GateError as e:
+        out["after"] = str(e)
+    # Live past the moment the watchdog would have ended this process had
+    # the collective not been aborted (group timeout = timeout + margin).
+    time.sleep(max(0.0, t0 + TIMEOUT_S + MARGIN_S + 2 - time.monotonic()))
+    out["alive_after_s"] = time.monotonic() - t0
+    out["watcher_failure"] = type(gs.failure).__name__
+    return out
+
+
+@pytest.mark.parametrize("how", ["skip", "kill"])
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_missing_rank_is_named_within_the_bound_and_the_process_survives(world, how):
+    missing = world - 1
+    results = run_ranks(_missing_rank_main, world, how, timeout=90,
+                        expect_dead=(missing,) if how == "kill" else ())
+    waiting = [values([r])[0] for r in results if r.rank != missing]
+    for res in waiting:
+        assert res["first"] == [True] * 4
+        assert res["error"] == "GateTimeoutError", res
+        assert res["missing"] == [missing], res
+        assert res["last"][missing] == 1, res          # it completed call 1 only
+        assert f"rank {missing} did not arrive" in res["text"]
+        assert res["elapsed"] < BOUND_S, res
+        assert "unusable" in res["after"] and f"rank {missing} did not arrive" in res["after"]
+        assert res["alive_after_s"] > TIMEOUT_S + MARGIN_S + 1
+        assert res["watcher_failure"] == "GateTimeoutError"
+    print(f"\n[{how}, W={world}] seconds from call to GateTimeoutError per waiting rank: "
+          + ", ".join(f"{r['elapsed']:.2f}" for r in waiting))
+    if how == "skip":
+        assert values([results[missing]])[0] == {"skipped": True}
