@@ -116,6 +116,16 @@ def _nccl_one_rank(rank, world):
     torch.cuda.synchronize()
     results["after_spin"] = d.tolist()
 
+    # no host sync inside the op, as torch itself checks it
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        esper_gate.sync(votes, stages, targets, 4, 77, "unanimous", name)
+        results["sync_debug_error_free"] = True
+    except RuntimeError as e:
+        results["sync_debug_error_free"] = str(e)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
     # torch.compile(fullgraph=True) of a function that calls sync on NCCL
     def gate(v, st, tg):
         d, r = torch.ops.esper_gate.sync(v, st, tg, 9, 77, "unanimous", name)
@@ -150,6 +160,7 @@ def test_nccl_one_rank_sync_no_host_sync_and_cuda_graph():
     assert res["plain"] == (want[0], want[1])
     assert res["spin_still_running_after_return"], "sync waited for the GPU (host sync inside the op)"
     assert res["after_spin"] == [True, False, True, True]
+    assert res["sync_debug_error_free"] is True, res["sync_debug_error_free"]
     want = expected([RankInput([1, 0, 1, 1], [3, 3, 4, 6], [2, 2, 3, 5], seq=9, site=77)])
     assert res["compiled"] == (want[0], want[1])
     want = expected([RankInput([0, 1, 1, 0], [3, 3, 4, 6], [2, 2, 3, 5], seq=3, site=77)])
@@ -184,3 +195,73 @@ def test_gloo_with_cuda_tensors_reports_divergence(world):
     for rank, got in enumerate(results):
         assert got == expected(inputs, view=rank)
         assert got[0] == [True, False, False, True]
+
+
+def _gate_stream_ranks(rank, world):
+    """The stream of the gate's NCCL kernels and of the default group's."""
+    import datetime
+    import json
+    import os
+    import tempfile
+
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = torch.device("cuda", 0)
+    torch.cuda.set_device(dev)
+    # A one-rank GateSync decides locally and builds no group, so build the
+    # group it would build, with the same options.
+    gs = esper_gate.GateSync(4, device=dev)
+    gs.ranks, gs.backend, gs.group_timeout = [0], "nccl", datetime.timedelta(seconds=60)
+    gate_group = gs._new_group(dist.group.WORLD)
+    ones = torch.ones(4, dtype=torch.int64, device=dev)
+    x = torch.ones(8, device=dev)
+    for _ in range(2):  # warm both communicators up
+        esper_gate.sync(ones.bool(), ones, ones, 1, 5, "unanimous", gate_group.group_name)
+        dist.all_reduce(x, async_op=True).wait()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        esper_gate.sync(ones.bool(), ones, ones, 2, 5, "unanimous", gate_group.group_name)
+        torch.cuda.synchronize()
+        dist.all_reduce(x, async_op=True).wait()
+        torch.cuda.synchronize()
+    path = os.path.join(tempfile.mkdtemp(), "trace.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    streams = [(e.get("ts"), e.get("args", {}).get("stream")) for e in events
+               if "nccl" in e.get("name", "").lower() and e.get("cat") == "kernel"]
+    return sorted(streams)
+
+
+@needs_cuda_build
+@pytest.mark.timeout(120)
+def test_gate_group_runs_on_a_stream_of_its_own():
+    """The gate's all_reduce must not queue behind gradient traffic on a shared stream."""
+    (streams,) = values(run_ranks(_gate_stream_ranks, 1, backend="nccl", timeout=100))
+    assert len(streams) == 2, streams  # the gate's kernel first, then the default group's
+    (_, gate_stream), (_, default_stream) = streams
+    assert gate_stream is not None and gate_stream != default_stream, streams
+
+
+@needs_cuda_build
+def test_list_inputs_on_cuda_do_not_sync_the_host():
+    """Esper's adapter passes lists; turning them into device tensors must not block."""
+    dev = torch.device("cuda", 0)
+    gs = esper_gate.GateSync(4, device=dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        res = gs([True, False, 1, 1], [3, 3, 4, 6], [2, 2, 3, 5])
+        decisions = res.decisions
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert decisions.is_cuda and decisions.tolist() == [True, False, True, True]
+
+
+@needs_cuda_build
+def test_cpu_tensors_for_a_cuda_gate_are_bad_input():
+    gs = esper_gate.GateSync(2, device="cuda")
+    with pytest.raises(esper_gate.GateInputError, match="votes is on cpu, expected cuda:0"):
+        gs(torch.ones(2, dtype=torch.bool), torch.ones(2, dtype=torch.int64, device="cuda"),
+           torch.ones(2, dtype=torch.int64, device="cuda"))

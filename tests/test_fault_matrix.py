@@ -1,0 +1,21 @@
+"""benchmarks/fault_matrix.py, dry run on the CPU over the NCCL-like test double."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(150)]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_fault_matrix_dry_run_passes_every_case():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "fault_matrix.py"), "--spawn", "2",
+                          "--backend", "abortable", "--timeout", "3"],
+                         capture_output=True, text=True, timeout=140, cwd=ROOT)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(("PASS", "FAIL"))]
+    assert [ln.split()[1] for ln in lines] == ["agree", "slow", "bad_input", "divergence", "skip", "sigkill"], \
+        out.stdout + out.stderr[-3000:]
+    assert all(ln.startswith("PASS") for ln in lines), out.stdout
+    assert out.returncode == 0
