@@ -374,6 +374,7 @@ class GateSync:
         self.num_slots = num_slots
         self.policy = policy
         self.timeout = _as_timedelta(timeout)
+        self._timeout_s = self.timeout.total_seconds()
         self.slot_names = slot_names or [str(i) for i in range(num_slots)]
         self.site = site_fingerprint(num_slots, slot_names)
         self._seq = 0
@@ -538,7 +539,7 @@ class GateSync:
         the kernels, under the gate's deadline, so that the first gate call
         costs what every later one does."""
         zeros = torch.zeros(self.num_slots, dtype=torch.int64, device=self.device)
-        call = self._watcher.begin(0, time.monotonic() + self.timeout.total_seconds())
+        call = self._watcher.begin(0, time.monotonic() + self._timeout_s)
         try:
             decision, _report = torch.ops.esper_gate.sync.default(
                 zeros.bool(), zeros, zeros, 0, self.site, self.policy, self.group_name, 0)
@@ -791,6 +792,8 @@ class GateSync:
                             f"new one on every rank. The failure: {self._failure}") from self._failure
         if self._config_error is not None:
             raise self._config_error
+        if self.distributed and self._watcher is None:
+            raise GateError("this GateSync was closed; build a new one on every rank")
         v, s, t, call_site, poison, problem = self._prepare(votes, stages, targets, site)
         self._seq += 1
         seq = self._seq
@@ -799,7 +802,7 @@ class GateSync:
             decision, report = ops.decode(buf, self.num_slots, 1, self.policy)
             ready = None
         else:
-            call = self._watcher.begin(seq, time.monotonic() + self.timeout.total_seconds())
+            call = self._watcher.begin(seq, time.monotonic() + self._timeout_s)
             try:
                 decision, report = torch.ops.esper_gate.sync.default(
                     v, s, t, seq, call_site, self.policy, self.group_name, poison)
