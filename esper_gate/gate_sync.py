@@ -108,8 +108,8 @@ class _Watcher:
     * On CUDA, a call is completed when its event has fired on the GPU, not
       when it was enqueued.
     * When the oldest unfinished call passes its deadline, calls
-      ``on_expired(seq)`` once, on a thread of its own, so heartbeats go on
-      while the diagnosis sleeps.
+      ``on_expired(call)`` on a thread of its own, so heartbeats go on while
+      the diagnosis sleeps; ``expired`` stays set until that thread clears it.
     """
 
     def __init__(self, store, rank: int, on_expired, group_failed=None):
@@ -163,7 +163,7 @@ class _Watcher:
                 # traffic): the event fired, but the call did not complete.
                 if not self.expired:
                     self.expired = True
-                    threading.Thread(target=self._on_expired, args=(call.seq,), daemon=True,
+                    threading.Thread(target=self._on_expired, args=(call,), daemon=True,
                                      name="esper_gate-diagnose").start()
                 return
             self.completed = call.seq
@@ -178,7 +178,7 @@ class _Watcher:
             return
         if time.monotonic() > call.deadline:
             self.expired = True
-            threading.Thread(target=self._on_expired, args=(call.seq,), daemon=True,
+            threading.Thread(target=self._on_expired, args=(call,), daemon=True,
                              name="esper_gate-diagnose").start()
 
     def _run(self) -> None:
@@ -575,14 +575,25 @@ class GateSync:
         self._failure_ready.set()
         return err
 
-    def _expire(self, seq: int) -> None:
-        """The watcher's deadline for call ``seq`` passed: name the missing
-        ranks, make the call's results say no, abort the stuck collective."""
+    def _call_completed(self, call: _Call) -> bool:
+        if call.event is not None:
+            return call.event.query() and not self._group_failed()
+        return self._watcher is not None and self._watcher.completed >= call.seq
+
+    def _expire(self, call: _Call) -> None:
+        """The watcher's deadline for ``call`` passed: name the missing ranks,
+        make the call's results say no, abort the stuck collective."""
+        seq = call.seq
         try:
             err = self._diagnose(seq, TimeoutError(
                 f"call {seq} did not complete within {self.timeout} of being made"))
         except Exception as e:  # noqa: BLE001 - the verdict must come out whatever happens
             err = GateError(f"esper_gate call {seq} did not complete within {self.timeout} ({_short(e)})")
+        if self._call_completed(call):
+            # The last rank arrived while the diagnosis gave its heartbeat time
+            # to land: the collective finished, on every rank, so nothing failed.
+            self._watcher.expired = False
+            return
         err = self._fail(seq, err)
         if self._valid is not None:
             self._invalidate_device_results()
