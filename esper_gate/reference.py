@@ -47,16 +47,18 @@ def _record(inp: RankInput, world: int, capacity: int) -> _Record:
                 reason = wire.REASON_TARGET
             if reason:
                 break
-    header = {
-        "seq": inp.seq & 0xFFFFFFFF,
-        "site": inp.site & 0xFFFFFFFF,
+    fields = {
+        "seq": inp.seq,
+        "site": inp.site,
         "policy": wire.POLICY_CODES[inp.policy],
-        "slots": n & 2047,
-        "world": (inp.world if inp.world is not None else world) & 2047,
+        "slots": n,
+        "world": inp.world if inp.world is not None else world,
         "poison": 1 if reason else 0,
-        "reason": reason & 31,
+        "reason": reason,
     }
-    slots = [(int(inp.votes[s]) & 1, inp.stages[s] & 63, inp.targets[s] & 63) if s < n else (0, 0, 0)
+    header = {name: value & wire.header_field_mask(name) for name, value in fields.items()}
+    ids = wire.SLOT_ENTRY_ID_MASK
+    slots = [(int(inp.votes[s]) & 1, inp.stages[s] & ids, inp.targets[s] & ids) if s < n else (0, 0, 0)
              for s in range(capacity)]
     return _Record(header, slots)
 
@@ -122,7 +124,7 @@ def expected(inputs: Sequence[RankInput], *, view: int = 0) -> tuple[list[bool],
     if summaries["policy"]["equal"] and summaries["policy"]["root"] != wire.POLICY_CODES[policy]:
         flags |= wire.FLAG_POLICY_MISMATCH
         all_equal = False
-    if summaries["world"]["equal"] and summaries["world"]["root"] != world & 2047:
+    if summaries["world"]["equal"] and summaries["world"]["root"] != world & wire.header_field_mask("world"):
         flags |= wire.FLAG_WORLD_MISMATCH
         all_equal = False
     poisoned_ranks = [r for r, rec in enumerate(records) if rec.header["poison"]]
@@ -141,7 +143,7 @@ def expected(inputs: Sequence[RankInput], *, view: int = 0) -> tuple[list[bool],
         votes = [rec.slots[s][0] for rec in records]
         stages = [rec.slots[s][1] for rec in records]
         targets = [rec.slots[s][2] for rec in records]
-        st, tg = _summary(stages, 6), _summary(targets, 6)
+        st, tg = _summary(stages, wire.ID_BITS), _summary(targets, wire.ID_BITS)
         if exact:
             stage_differ = sum(1 for v in stages if v != stages[0])
             target_differ = sum(1 for v in targets if v != targets[0])
@@ -166,7 +168,7 @@ def expected(inputs: Sequence[RankInput], *, view: int = 0) -> tuple[list[bool],
         decisions.append(decided)
         slot_words += [status, sum(votes), votes[0], stages[0], targets[0], st["and"], st["or"],
                        tg["and"], tg["or"], stage_differ, target_differ, key_differ]
-        slot_ranks += [(v << 12) | (a << 6) | b for v, a, b in zip(votes, stages, targets)]
+        slot_ranks += [wire.slot_entry(v, a, b) for v, a, b in zip(votes, stages, targets)]
 
     g[wire.G_FLAGS] = flags
     g[wire.G_PRESENCE] = world

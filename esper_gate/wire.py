@@ -50,6 +50,7 @@ HEADER_FIELDS = (
     ("poison", 88, 1),
     ("reason", 89, 5),
 )
+HEADER_FIELD_WIDTH = {name: width for name, _offset, width in HEADER_FIELDS}
 HEADER_BITS = 94
 SLOT_BITS = 13
 FIXED_WORDS = 3
@@ -82,6 +83,36 @@ STATUS_STAGE_DIFFERS = 1 << 2
 STATUS_TARGET_DIFFERS = 1 << 3
 STATUS_POLICY_PASSED = 1 << 4
 STATUS_CORRUPT = 1 << 5
+
+# Per-rank slot entry of the exact report (world <= MAX_EXACT_WORLD): one word
+# per (slot, rank), SLOT_ENTRY_VOTE_BIT | stage << SLOT_ENTRY_STAGE_SHIFT | target.
+ID_BITS = 6
+SLOT_ENTRY_ID_MASK = MAX_ID
+SLOT_ENTRY_STAGE_SHIFT = ID_BITS
+SLOT_ENTRY_VOTE_SHIFT = 2 * ID_BITS
+
+
+def header_field_mask(name: str) -> int:
+    """The mask a header field's value is cut to on the wire (e.g. ``slots`` -> 2047)."""
+    return (1 << HEADER_FIELD_WIDTH[name]) - 1
+
+
+def slot_entry(vote: int, stage: int, target: int) -> int:
+    """One per-rank slot entry of the exact report, as the decode kernel writes it."""
+    return ((vote & 1) << SLOT_ENTRY_VOTE_SHIFT) | ((stage & SLOT_ENTRY_ID_MASK) << SLOT_ENTRY_STAGE_SHIFT) \
+        | (target & SLOT_ENTRY_ID_MASK)
+
+
+def slot_entry_vote(entry: int) -> int:
+    return (entry >> SLOT_ENTRY_VOTE_SHIFT) & 1
+
+
+def slot_entry_stage(entry: int) -> int:
+    return (entry >> SLOT_ENTRY_STAGE_SHIFT) & SLOT_ENTRY_ID_MASK
+
+
+def slot_entry_target(entry: int) -> int:
+    return entry & SLOT_ENTRY_ID_MASK
 
 
 def capacity_for(num_slots: int) -> int:

@@ -81,12 +81,12 @@ def test_sync_scenarios_on_real_ranks(world):
     assert slot[wire.S_STATUS] & wire.STATUS_DIVERGED and slot[wire.S_STATUS] & wire.STATUS_STAGE_DIFFERS
     assert slot[wire.S_STAGE_DIFFER] == 1
     per_rank = report[wire.slot_ranks_offset(S, world) + 2 * world:][:world]
-    assert [(e >> 6) & 63 for e in per_rank] == [3] * (world - 1) + [4]
+    assert [wire.slot_entry_stage(e) for e in per_rank] == [3] * (world - 1) + [4]
 
     decision, report = out["target"]
     assert decision == [True, True, True, False, True, False]
     per_rank = report[wire.slot_ranks_offset(S, world) + 3 * world:][:world]
-    assert [e & 63 for e in per_rank] == [3] * (world - 1) + [5]
+    assert [wire.slot_entry_target(e) for e in per_rank] == [3] * (world - 1) + [5]
 
     for name, flag in (("seq", wire.FLAG_SEQ_MISMATCH), ("site", wire.FLAG_SITE_MISMATCH)):
         decision, report = out[name]
