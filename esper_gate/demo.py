@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ._spawn import free_port, release_and_reap
+from .report import gate_name, ranks_text, stage_name
 
 # Esper's stage and gate ids (stable IntEnum values).
 DORMANT, GERMINATED, TRAINING, BLENDING, HOLDING, FOSSILIZED = 1, 2, 3, 4, 6, 7
@@ -176,24 +177,6 @@ class Console:
             print(line, flush=True)
 
 
-def _stage_name(stage: int) -> str:
-    from .report import stage_name
-
-    return stage_name(stage)
-
-
-def _gate_name(target: int) -> str:
-    from .report import gate_name
-
-    return gate_name(target)
-
-
-def _ranks_text(ranks) -> str:
-    from .report import _ranks_text as text
-
-    return text(list(ranks))
-
-
 # ---- one rank --------------------------------------------------------------------------------
 
 @dataclass
@@ -322,7 +305,7 @@ def run_old_design(cfg: Settings, out: Console) -> dict:
         pairs = ", ".join(f"{names[a]} with {names[b]}" for _k, a, b in wrong[:3])
         more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
         out.print(f"  all_reduces pair by call order, not by slot: {len(wrong)} gate decisions on "
-                  f"{_ranks_text(others)} silently used rank {last}'s vote for another slot ({pairs}{more})")
+                  f"{ranks_text(others)} silently used rank {last}'s vote for another slot ({pairs}{more})")
     if not result["hung"]:
         out.print("  no rank got stuck this time (the out-of-step slot had no gate check on any rank)")
         return result
@@ -343,9 +326,7 @@ def run_esper_gate(cfg: Settings, out: Console, names: list[str]) -> dict:
     import torch
     import torch.distributed as dist
 
-    from . import wire
     from .gate_sync import GateSync
-    from .kasmina import _report_words
 
     rank, world = dist.get_rank(), dist.get_world_size()
     device = _device(cfg.backend)
@@ -364,7 +345,7 @@ def run_esper_gate(cfg: Settings, out: Console, names: list[str]) -> dict:
                 forced = life.divergence_slot()
                 slot = life.slots[forced]
                 injected = (f"rank {world - 1} pruned slot {names[forced]} on its own "
-                            f"({_stage_name(slot.stage)} -> PRUNED) without a gate sync")
+                            f"({stage_name(slot.stage)} -> PRUNED) without a gate sync")
                 if rank == world - 1:
                     saved = life.prune_alone(forced)
                     checks[forced] = None
@@ -382,7 +363,7 @@ def run_esper_gate(cfg: Settings, out: Console, names: list[str]) -> dict:
                 divergences += sum(diverged)
                 out.print(f"  epoch {epoch}: {injected or 'ranks out of step'}")
                 out.print("    " + str(consensus.report()).replace("\n", "\n    "))
-            words = None
+            slot_votes = None
             for i, check in enumerate(checks):
                 if diverged[i]:
                     applied_while_diverged += int(decisions[i])
@@ -393,9 +374,9 @@ def run_esper_gate(cfg: Settings, out: Console, names: list[str]) -> dict:
                     life.pass_gate(i)
                     transitions += 1
                     continue
-                if words is None:
-                    words = _report_words(consensus)
-                if words[wire.GLOBAL_WORDS + wire.SLOT_WORDS * i + wire.S_VOTES] > 0:
+                if slot_votes is None:
+                    slot_votes = consensus.report().slots
+                if slot_votes[i].yes > 0:
                     vetoes += 1
             if saved is not None:
                 # like Esper after a rollback: the rank that went its own way
@@ -431,7 +412,7 @@ def _print_summary(out: Console, s: dict, world: int, backend: str, transitions_
     counts: dict[int, int] = {}
     for stage in s["final_stages"]:
         counts[stage] = counts.get(stage, 0) + 1
-    stages_text = ", ".join(f"{n} {_stage_name(st)}" for st, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    stages_text = ", ".join(f"{n} {stage_name(st)}" for st, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     if len(set(transitions_by_rank)) == 1:
         applied = f"{s['transitions']} on every rank"
     else:

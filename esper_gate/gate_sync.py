@@ -36,7 +36,7 @@ import torch.distributed as dist
 from . import ops, wire
 from .errors import (GateConfigError, GateDivergenceError, GateError, GateInputError,
                      GatePeerInputError, GateTimeoutError)
-from .report import DivergenceReport, _ranks_text, parse_report
+from .report import DivergenceReport, parse_report, ranks_text
 
 __all__ = ["GateSync", "GateConsensus", "site_fingerprint"]
 
@@ -312,7 +312,7 @@ class GateConsensus:
                 if reason is not None:
                     raise GateInputError(self._owner._describe_bad_values(self.seq, reason))
             others = [r for r in rep.poisoned_ranks if r != me]
-            who = _ranks_text(others) if others else f"{rep.poisoned_count} rank(s)"
+            who = ranks_text(others) if others else f"{rep.poisoned_count} rank(s)"
             why = "; ".join(f"rank {r}: {rep.poison_reasons.get(r, 'unknown reason')}" for r in others)
             raise GatePeerInputError(
                 f"esper_gate call {self.seq}: {who} passed bad input"
@@ -484,7 +484,7 @@ class GateSync:
             missing = [r for r in range(self.world_size) if not self._safe_check(f"cfg/{r}")]
             self._abandon()
             raise GateTimeoutError(
-                f"GateSync construction: {_ranks_text(missing) if missing else 'a rank'} did not arrive "
+                f"GateSync construction: {ranks_text(missing) if missing else 'a rank'} did not arrive "
                 f"within {self.timeout} (every rank of the group must construct GateSync; the gate was "
                 f"never reached there). No collective was issued; build a new GateSync on every rank to "
                 f"retry.", missing, {r: -1 for r in missing}, call=0) from e
@@ -689,7 +689,7 @@ class GateSync:
         if missing:
             done = ", ".join(f"rank {r}: {last[r]}" for r in missing)
             return GateTimeoutError(
-                f"{what}: {_ranks_text(missing)} did not arrive (waited up to "
+                f"{what}: {ranks_text(missing)} did not arrive (waited up to "
                 f"{self.timeout}); last call completed: {done}. No rank applied a transition for "
                 f"this call. Collective error: {_short(exc)}", missing, last, call=seq)
         return GateError(f"{what} failed in the collective: {_short(exc)}")

@@ -31,10 +31,9 @@ from typing import Any, Sequence
 
 import torch.distributed as dist
 
-from . import wire
 from .errors import GateDivergenceError, GateInputError
-from .gate_sync import GateConsensus, GateSync, site_fingerprint
-from .report import DivergenceReport, _ranks_text, gate_name, stage_name
+from .gate_sync import GateSync, site_fingerprint
+from .report import DivergenceReport, SlotDivergence, SlotVotes, gate_name, ranks_text, stage_name
 
 __all__ = ["sync_gate_decision", "sync_gate_decisions", "cached_gate_sync", "clear_cache",
            "VETO_CHECK", "DIVERGENCE_CHECK", "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S"]
@@ -152,20 +151,7 @@ def _resolved(gate_result, outcome: _SlotOutcome):
 
 # ---- the sync -------------------------------------------------------------------
 
-def _report_words(consensus: GateConsensus) -> list[int]:
-    # The per-rank votes of agreed slots are only in the raw report.
-    return consensus.report_words()
-
-
-def _holdings_text(sd) -> str:
-    """'ranks 0-1 hold TRAINING -> G2; rank 2 holds BLENDING -> G3' for one diverged slot."""
-    if not sd.exact:
-        return sd.describe()
-    return "; ".join(f"{_ranks_text(h.ranks)} {'holds' if len(h.ranks) == 1 else 'hold'} "
-                     f"{stage_name(h.stage)} -> {gate_name(h.target)}" for h in sd.holdings)
-
-
-def _call_mismatch_note(rep: DivergenceReport, my_site: int, my_seq: int, slot_ids: Sequence[str]) -> str:
+def _call_mismatch_note(rep: DivergenceReport, my_site: int, slot_ids: Sequence[str]) -> str:
     """Why ranks were at different calls, in terms of slots (and stages, where known)."""
     single = len(slot_ids) == 1
     where = f"slot {slot_ids[0]}" if single else f"this layout of {len(slot_ids)} slots"
@@ -186,70 +172,66 @@ def _call_mismatch_note(rep: DivergenceReport, my_site: int, my_seq: int, slot_i
             what = where if same_site else "another slot or slot layout"
             state = f", holding {holding}" if holding else ""
             call = f"gate call {seq}" + ("" if same_site else f", site {site:#010x}")
-            parts.append(f"{_ranks_text(ranks)} at {what}{state} ({call})")
+            parts.append(f"{ranks_text(ranks)} at {what}{state} ({call})")
         detail = "; ".join(parts)
     return f"{DIVERGENCE_CHECK}: ranks are at different gate calls: {detail}; no rank transitions {where}"
 
 
-def _slot_divergence_note(sd, slot_id: str) -> str:
-    return (f"{DIVERGENCE_CHECK}: ranks do not hold the same state in slot {slot_id}: {_holdings_text(sd)}; "
+def _slot_divergence_note(sd: SlotDivergence | None, slot_id: str) -> str:
+    if sd is None:
+        return f"{DIVERGENCE_CHECK}: slot {slot_id} diverged; no rank transitions it"
+    return (f"{DIVERGENCE_CHECK}: ranks do not hold the same state in slot {slot_id}: {sd.holdings_text()}; "
             f"nothing is adopted from another rank and no rank transitions this slot")
 
 
-def _vote_note(words: list[int], index: int, num_slots: int, world: int, vote: bool, passed: bool,
-               policy: str) -> str:
-    slot_words = words[wire.GLOBAL_WORDS + wire.SLOT_WORDS * index:][:wire.SLOT_WORDS]
-    yes_count = slot_words[wire.S_VOTES]
-    if world <= wire.MAX_EXACT_WORLD:
-        base = wire.slot_ranks_offset(num_slots, world) + index * world
-        no_ranks = [k for k in range(world) if not (words[base + k] >> 12) & 1]
-        who = f"{_ranks_text(no_ranks)} voted no"
-    else:
-        who = f"{world - yes_count} of {world} ranks voted no"
-    if vote and not passed:
-        return f"{VETO_CHECK}: {who} ({yes_count} of {world} passed, {policy} policy); no rank transitions this slot"
-    return f"passed by {policy} consensus although this rank's gate failed: {who} ({yes_count} of {world} passed)"
+def _vote_note(slot: SlotVotes, world: int, vote: bool, policy: str) -> str:
+    if slot.votes:
+        who = f"{ranks_text(slot.ranks_voting(False))} voted no"
+    else:  # above 64 ranks only the count arrives
+        who = f"{world - slot.yes} of {world} ranks voted no"
+    if vote:
+        return f"{VETO_CHECK}: {who} ({slot.yes} of {world} passed, {policy} policy); no rank transitions this slot"
+    return f"passed by {policy} consensus although this rank's gate failed: {who} ({slot.yes} of {world} passed)"
+
+
+def _slot_outcome(slot: SlotVotes, sd: SlotDivergence | None, slot_id: str, vote: bool, world: int,
+                  policy: str) -> _SlotOutcome:
+    if slot.diverged:
+        return _SlotOutcome(False, DIVERGENCE_CHECK, _slot_divergence_note(sd, slot_id))
+    if slot.decided == vote:
+        return _SlotOutcome(slot.decided)
+    return _SlotOutcome(slot.decided, VETO_CHECK if vote else None, _vote_note(slot, world, vote, policy))
+
+
+def _sync_report(gs: GateSync, votes: list[bool], stages: list[int], targets: list[int],
+                 site: int) -> DivergenceReport:
+    """This call's report, whether or not the ranks agreed.
+
+    Ranks at different calls or slots held differently come back from
+    GateSync as a GateDivergenceError (at the call on CPU, at the first read
+    on CUDA); for the adapters that is an outcome to report per slot, so its
+    report is returned like any other. Bad input on a rank, and a corrupt
+    buffer that no slot outcome can be read from, still raise.
+    """
+    try:
+        return gs(votes, stages, targets, site=site).raise_if_diverged().report()
+    except GateDivergenceError as e:
+        if e.report is None or e.report.corrupt:
+            raise
+        return e.report
 
 
 def _sync_slots(gs: GateSync, slot_ids: list[str], votes: list[bool], stages: list[int],
                 targets: list[int]) -> list[_SlotOutcome]:
     n = len(slot_ids)
     site = site_fingerprint(n, slot_ids)
-    my_seq = gs.calls + 1
-    try:
-        consensus = gs(votes, stages, targets, site=site)
-        consensus.raise_if_diverged()
-    except GateDivergenceError as e:
-        rep = e.report
-        if rep is None or rep.corrupt:
-            raise
-        if not rep.header_ok:
-            note = _call_mismatch_note(rep, site, my_seq, slot_ids)
-            return [_SlotOutcome(False, DIVERGENCE_CHECK, note) for _ in range(n)]
-        # some slots diverged: the others were decided normally
-
-    rep = consensus.report()
-    decisions = consensus.host_decisions()
-    diverged = {sd.slot: sd for sd in rep.diverged_slots}
-    flags = consensus.diverged.tolist()
-    words: list[int] | None = None
-    outcomes = []
-    for i in range(n):
-        if i in diverged or flags[i]:
-            sd = diverged.get(i)
-            note = (_slot_divergence_note(sd, slot_ids[i]) if sd is not None else
-                    f"{DIVERGENCE_CHECK}: slot {slot_ids[i]} diverged; no rank transitions it")
-            outcomes.append(_SlotOutcome(False, DIVERGENCE_CHECK, note))
-            continue
-        passed = bool(decisions[i])
-        if passed == votes[i]:
-            outcomes.append(_SlotOutcome(passed))
-            continue
-        if words is None:
-            words = _report_words(consensus)
-        note = _vote_note(words, i, n, gs.world_size, votes[i], passed, gs.policy)
-        outcomes.append(_SlotOutcome(passed, VETO_CHECK if votes[i] else None, note))
-    return outcomes
+    rep = _sync_report(gs, votes, stages, targets, site)
+    if not rep.header_ok:
+        note = _call_mismatch_note(rep, site, slot_ids)
+        return [_SlotOutcome(False, DIVERGENCE_CHECK, note) for _ in range(n)]
+    divergences = {sd.slot: sd for sd in rep.diverged_slots}
+    return [_slot_outcome(rep.slots[i], divergences.get(i), slot_ids[i], votes[i], gs.world_size, gs.policy)
+            for i in range(n)]
 
 
 # ---- the adapters ---------------------------------------------------------------

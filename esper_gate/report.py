@@ -6,7 +6,7 @@ from typing import Sequence
 
 from . import wire
 
-# Esper's stage and gate ids (stable IntEnum values, see the product brief).
+# Esper's stage and gate ids (its IntEnum values, stable across Esper releases).
 STAGE_NAMES = {0: "UNKNOWN", 1: "DORMANT", 2: "GERMINATED", 3: "TRAINING", 4: "BLENDING",
                6: "HOLDING", 7: "FOSSILIZED", 8: "PRUNED", 9: "EMBARGOED", 10: "RESETTING"}
 GATE_NAMES = {0: "G0", 1: "G1", 2: "G2", 3: "G3", 5: "G5"}
@@ -20,7 +20,8 @@ def gate_name(target: int) -> str:
     return GATE_NAMES.get(target, f"target {target}")
 
 
-def _ranks_text(ranks: Sequence[int]) -> str:
+def ranks_text(ranks: Sequence[int]) -> str:
+    """'rank 3', 'ranks 0-2,5' or 'no rank': a set of ranks as the error messages name them."""
     ranks = sorted(ranks)
     if not ranks:
         return "no rank"
@@ -33,6 +34,36 @@ def _ranks_text(ranks: Sequence[int]) -> str:
         if r is not None:
             start = prev = r
     return ("rank " if len(ranks) == 1 else "ranks ") + ",".join(parts)
+
+
+@dataclass
+class SlotVotes:
+    """How the ranks voted in one slot and what they held there, for every slot.
+
+    ``yes`` is exact at every world size; the per-rank lists are filled in
+    exact mode only (world <= 64) and are empty above it.
+    """
+    slot: int
+    name: str
+    status: int                      # wire.STATUS_* bits
+    yes: int                         # ranks that voted pass
+    votes: list[bool]                # per rank
+    stages: list[int]                # per rank
+    targets: list[int]               # per rank
+
+    @property
+    def decided(self) -> bool:
+        """Passed on every rank: the ranks agreed on the slot and the policy passed it."""
+        return bool(self.status & wire.STATUS_DECIDED)
+
+    @property
+    def diverged(self) -> bool:
+        """Not agreed, so never transitioned (the calls differ, or the slot's state does)."""
+        return bool(self.status & wire.STATUS_DIVERGED)
+
+    def ranks_voting(self, passed: bool) -> list[int]:
+        """The ranks that voted ``passed`` (exact mode; empty above 64 ranks)."""
+        return [k for k, v in enumerate(self.votes) if v == passed]
 
 
 @dataclass
@@ -59,12 +90,16 @@ class SlotDivergence:
     target_range: tuple[int, int]
 
     def describe(self) -> str:
-        head = f"slot {self.name} (#{self.slot})"
+        """'slot r0c1 (#1): ' and what the ranks hold there (see ``holdings_text``)."""
+        return f"slot {self.name} (#{self.slot}): {self.holdings_text()}"
+
+    def holdings_text(self) -> str:
+        """'ranks 0-1 hold TRAINING -> G2; rank 2 holds BLENDING -> G3', or above 64
+        ranks, rank 0's state and the bounds of everyone's."""
         if self.exact:
-            parts = [f"{_ranks_text(h.ranks)} {'holds' if len(h.ranks) == 1 else 'hold'} "
-                     f"{stage_name(h.stage)} -> {gate_name(h.target)}" for h in self.holdings]
-            return f"{head}: " + "; ".join(parts)
-        return (f"{head}: rank 0 holds {stage_name(self.rank0_stage)} -> {gate_name(self.rank0_target)}; "
+            return "; ".join(f"{ranks_text(h.ranks)} {'holds' if len(h.ranks) == 1 else 'hold'} "
+                             f"{stage_name(h.stage)} -> {gate_name(h.target)}" for h in self.holdings)
+        return (f"rank 0 holds {stage_name(self.rank0_stage)} -> {gate_name(self.rank0_target)}; "
                 f"at least {self.ranks_differing} rank(s) differ; stages within "
                 f"{self.stage_range[0]}..{self.stage_range[1]}, targets within "
                 f"{self.target_range[0]}..{self.target_range[1]}")
@@ -100,6 +135,7 @@ class DivergenceReport:
     diverged_slots: list[SlotDivergence]
     decided_count: int
     diverged_count: int
+    slots: list[SlotVotes] = field(default_factory=list)  # every slot, in order
 
     @property
     def ok(self) -> bool:
@@ -120,7 +156,7 @@ class DivergenceReport:
                     value = {"seq": rc.seq, "site": f"{rc.site:#010x}", "policy": rc.policy,
                              "slots": rc.num_slots, "world": rc.world}[name]
                     groups.setdefault(value, []).append(rc.rank)
-                detail = "; ".join(f"{_ranks_text(r)} at {attr[name]} {v}" for v, r in groups.items())
+                detail = "; ".join(f"{ranks_text(r)} at {attr[name]} {v}" for v, r in groups.items())
             else:
                 s = self.field_summaries.get(name, {})
                 detail = (f"rank 0 has {s.get('root')}, at least {s.get('differ_lb')} rank(s) differ "
@@ -186,26 +222,30 @@ def parse_report(report: Sequence[int], slot_names: Sequence[str] | None = None,
     elif g[wire.G_POISONED_RANK] >= 0:
         poisoned_ranks = [g[wire.G_POISONED_RANK]]
 
+    slots: list[SlotVotes] = []
     diverged = []
     sr_off = wire.slot_ranks_offset(num_slots, world)
     for s in range(num_slots):
         w = r[wire.GLOBAL_WORDS + s * wire.SLOT_WORDS: wire.GLOBAL_WORDS + (s + 1) * wire.SLOT_WORDS]
         status = w[wire.S_STATUS]
+        name = names[s] if s < len(names) else str(s)
+        entries = r[sr_off + s * world: sr_off + (s + 1) * world] if exact else []
+        sv = SlotVotes(slot=s, name=name, status=status, yes=w[wire.S_VOTES],
+                       votes=[bool(wire.slot_entry_vote(e)) for e in entries],
+                       stages=[wire.slot_entry_stage(e) for e in entries],
+                       targets=[wire.slot_entry_target(e) for e in entries])
+        slots.append(sv)
         if not status & (wire.STATUS_STAGE_DIFFERS | wire.STATUS_TARGET_DIFFERS):
             continue
-        holdings: list[Holding] = []
-        if exact:
-            groups: dict = {}
-            for k in range(world):
-                e = r[sr_off + s * world + k]
-                key = ((e >> 6) & 63, e & 63)
-                h = groups.setdefault(key, Holding(key[0], key[1], []))
-                h.ranks.append(k)
-                if (e >> 12) & 1:
-                    h.votes_passed.append(k)
-            holdings = sorted(groups.values(), key=lambda h: (-len(h.ranks), h.ranks[0]))
+        groups: dict = {}
+        for k, key in enumerate(zip(sv.stages, sv.targets)):
+            h = groups.setdefault(key, Holding(key[0], key[1], []))
+            h.ranks.append(k)
+            if sv.votes[k]:
+                h.votes_passed.append(k)
+        holdings = sorted(groups.values(), key=lambda h: (-len(h.ranks), h.ranks[0]))
         diverged.append(SlotDivergence(
-            slot=s, name=names[s] if s < len(names) else str(s), exact=exact,
+            slot=s, name=name, exact=exact,
             stage_differs=bool(status & wire.STATUS_STAGE_DIFFERS),
             target_differs=bool(status & wire.STATUS_TARGET_DIFFERS), holdings=holdings,
             rank0_stage=w[wire.S_ROOT_STAGE], rank0_target=w[wire.S_ROOT_TARGET],
@@ -217,4 +257,5 @@ def parse_report(report: Sequence[int], slot_names: Sequence[str] | None = None,
         exact=exact, header_ok=bool(flags & wire.FLAG_HEADER_OK), mismatches=mismatches,
         poisoned_ranks=poisoned_ranks, poison_reasons=reasons, poisoned_count=g[wire.G_POISON_COUNT],
         corrupt=bool(flags & wire.FLAG_CORRUPT), rank_calls=rank_calls, field_summaries=summaries,
-        diverged_slots=diverged, decided_count=g[wire.G_DECIDED], diverged_count=g[wire.G_DIVERGED])
+        diverged_slots=diverged, decided_count=g[wire.G_DECIDED], diverged_count=g[wire.G_DIVERGED],
+        slots=slots)
