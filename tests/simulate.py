@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 
 import esper_gate
-from esper_gate.reference import RankInput
+from reference import RankInput
 
 
 def pack_rank(inp: RankInput, rank: int, world: int, device="cpu") -> torch.Tensor:

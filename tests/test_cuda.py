@@ -10,9 +10,9 @@ import torch
 
 import esper_gate
 from esper_gate import wire
-from esper_gate.reference import RankInput, expected
 from conftest import requires_cuda
 from mp import run_ranks, values
+from reference import RankInput, expected
 from simulate import simulate
 
 pytestmark = [requires_cuda, pytest.mark.cuda]

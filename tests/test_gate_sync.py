@@ -237,7 +237,7 @@ def test_each_poisoned_rank_learns_its_own_reason_above_64_ranks():
 
     import esper_gate
     from esper_gate.gate_sync import GateConsensus
-    from esper_gate.reference import RankInput
+    from reference import RankInput
     from simulate import simulate
 
     world, n = 70, 4

@@ -1,8 +1,8 @@
 """Real multi-process runs of torch.ops.esper_gate.sync over gloo (2, 3, 4 ranks)."""
 import pytest
 
-from esper_gate.reference import RankInput, expected
 from mp import run_ranks, values
+from reference import RankInput, expected
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(180)]
 

@@ -4,7 +4,7 @@ import torch
 
 import esper_gate
 from esper_gate import wire
-from esper_gate.reference import RankInput, expected
+from reference import RankInput, expected
 
 
 def _inputs(n=4, device="cpu"):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import esper_gate
 from esper_gate import wire
-from esper_gate.reference import RankInput, expected
+from reference import RankInput, expected
 from simulate import simulate
 
 LONG = os.environ.get("ESPER_GATE_LONG") == "1"

@@ -1,11 +1,10 @@
 """The report's accessors, read from what the real kernels decode (simulated ranks)."""
 from __future__ import annotations
 
-from simulate import simulate
-
 from esper_gate import wire
-from esper_gate.reference import RankInput
 from esper_gate.report import parse_report, ranks_text
+from reference import RankInput
+from simulate import simulate
 
 
 def test_slot_entry_helpers_read_what_the_decode_kernel_writes():

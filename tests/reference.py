@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from . import wire
+from esper_gate import wire
 
 
 @dataclass
