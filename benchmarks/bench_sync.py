@@ -6,7 +6,7 @@
 
 Writes bench.md (tables + PASS/MISS summary), bench.json and bench.png (latency
 against S, log-log) to the results folder (default results/). The harness is
-esper_gate.bench; `python -m esper_gate bench` runs its quick preset.
+esper_gate.tools.bench; `python -m esper_gate bench` runs its quick preset.
 """
 import os
 import sys
@@ -14,7 +14,7 @@ import sys
 # Run from a source checkout without installing (an in-place build is enough).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from esper_gate.bench import main  # noqa: E402
+from esper_gate.tools.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:], preset_default="full"))

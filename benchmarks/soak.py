@@ -103,7 +103,7 @@ def soak_rank(rank: int, world: int, calls: int, slots: int, warmup: int, report
 
 
 def main(argv=None) -> int:
-    from esper_gate.bench import spawn_ranks
+    from esper_gate._spawn import spawn_ranks, values
 
     p = argparse.ArgumentParser(prog="python benchmarks/soak.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--calls", type=int, default=10_000, help="GateSync calls per rank (default %(default)s)")
@@ -131,9 +131,9 @@ def main(argv=None) -> int:
                        "slots": args.slots, "warmup_calls": warmup, "deadline_s": args.deadline},
               "ranks": [], "error": None}
     try:
-        result["ranks"] = spawn_ranks(soak_rank, args.world, args.calls, args.slots, warmup, args.report_every,
-                                      args.call_timeout, timeout=args.deadline,
-                                      pg_timeout_s=args.call_timeout)
+        result["ranks"] = values(spawn_ranks(soak_rank, args.world, args.calls, args.slots, warmup,
+                                             args.report_every, args.call_timeout, timeout=args.deadline,
+                                             pg_timeout_s=args.call_timeout))
     except TimeoutError as e:
         result["error"] = f"hang: {e}"
     except Exception as e:  # a rank failed: report it

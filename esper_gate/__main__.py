@@ -41,10 +41,10 @@ def main(argv=None) -> int:
         argparse.ArgumentParser(prog="python -m esper_gate info").parse_args(rest)
         return cmd_info(None)
     if cmd == "demo":
-        from .demo import main as demo_main
+        from .tools.demo import main as demo_main
 
         return demo_main(rest)
-    from .bench import main as bench_main
+    from .tools.bench import main as bench_main
 
     return bench_main(rest)
 

@@ -1,6 +1,6 @@
 """Run a function on W local ranks (spawned processes) under a hard deadline.
 
-Used by the benchmark and the tests. Every rank's return value or exception
+Used by the demo, the benchmark and the tests. Every rank's return value or exception
 comes back to the parent; ranks still alive at the deadline are killed, so a
 hang costs one bounded wait, never the whole run. Ranks leave together (rank 0
 hosts the store that the others may still be reading when it finishes).

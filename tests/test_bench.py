@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from esper_gate import bench, wire
+from esper_gate import wire
+from esper_gate.tools import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

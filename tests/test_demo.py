@@ -92,7 +92,7 @@ def test_demo_under_torchrun():
     (["--backend", "nccl"], "--backend nccl needs"),
 ])
 def test_bad_options_fail_fast(argv, message, capsys):
-    from esper_gate import demo
+    from esper_gate.tools import demo
 
     assert demo.main(argv) == 2
     assert message in capsys.readouterr().err
@@ -100,7 +100,7 @@ def test_bad_options_fail_fast(argv, message, capsys):
 
 def test_lifecycles_stay_in_step_and_visit_every_stage():
     """Run every rank's simulation here, deciding gates unanimously in Python."""
-    from esper_gate import demo
+    from esper_gate.tools import demo
 
     world, num_slots, epochs = 3, 8, 80
     ranks = [demo.Lifecycles(num_slots, seed=1, rank=r) for r in range(world)]

@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import multiprocessing as mp
 import os
-import queue
 import random
 import statistics
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Sequence
 
-from ._spawn import free_port, release_and_reap
-from .report import gate_name, ranks_text, stage_name
+from .._spawn import spawn_ranks
+from ..report import gate_name, ranks_text, stage_name
 
 # Esper's stage and gate ids (stable IntEnum values).
 DORMANT, GERMINATED, TRAINING, BLENDING, HOLDING, FOSSILIZED = 1, 2, 3, 4, 6, 7
@@ -51,7 +48,6 @@ EMBARGO_EPOCHS = 3
 
 # The old design's "training step" between gate rounds: a gradient all_reduce.
 GRADIENT_NUMEL = 1024
-RESULT_POLL_S = 0.25
 
 
 # ---- the seed lifecycle simulation (identical code on every rank) ------------------------
@@ -228,7 +224,7 @@ def run_rank(cfg: Settings) -> dict:
 
 
 def run_old_design(cfg: Settings, out: Console) -> dict:
-    """Design 1 from the brief: per slot, all_reduce(MIN) of one int and .item().
+    """The per-slot design Esper uses today: per slot, all_reduce(MIN) of one int and .item().
 
     It runs on its own gloo groups with a short timeout, so the hang it walks
     into ends after ``hang_timeout`` seconds instead of never. The gradient
@@ -326,7 +322,7 @@ def run_esper_gate(cfg: Settings, out: Console, names: list[str]) -> dict:
     import torch
     import torch.distributed as dist
 
-    from .gate_sync import GateSync
+    from ..gate_sync import GateSync
 
     rank, world = dist.get_rank(), dist.get_world_size()
     device = _device(cfg.backend)
@@ -464,34 +460,9 @@ def _pg_timeout(cfg: Settings) -> datetime.timedelta:
     return datetime.timedelta(seconds=max(30.0, 3 * cfg.timeout))
 
 
-def _spawned_rank(rank: int, port: int, cfg: Settings, results, release) -> None:
-    """Entry point of a spawned rank: run, report to the parent, wait to be released."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch.distributed as dist
-
-    try:
-        if cfg.backend == "nccl":
-            import torch
-
-            torch.cuda.set_device(rank)
-        dist.init_process_group(cfg.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=cfg.world, timeout=_pg_timeout(cfg))
-        summary = run_rank(cfg)
-        results.put(("done", rank, summary))
-    except BaseException as e:  # noqa: BLE001 - the parent reports it
-        from .errors import GateError
-
-        # a GateError's message already names ranks and calls; anything else needs its traceback
-        trace = "" if isinstance(e, GateError) else traceback.format_exc()
-        results.put(("error", rank, f"{type(e).__name__}: {e}", trace))
-    finally:
-        # rank 0 hosts the store: nobody leaves until every rank has reported
-        release.wait(timeout=60)
-        try:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception:
-            pass
+def _spawned_rank(rank: int, world: int, cfg: Settings) -> dict:
+    """One spawned rank (spawn_ranks has initialized its process group)."""
+    return run_rank(cfg)
 
 
 def _deadline_s(cfg: Settings) -> float:
@@ -501,56 +472,29 @@ def _deadline_s(cfg: Settings) -> float:
 
 
 def spawn_and_run(cfg: Settings) -> int:
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    release = ctx.Event()
-    port = free_port()
+    from ..errors import GateError
+
     where = "gloo on CPU" if cfg.backend == "gloo" else "NCCL, one GPU per rank"
     print(f"starting {cfg.world} local ranks ({where}) ...", flush=True)
-    procs = [ctx.Process(target=_spawned_rank, args=(r, port, cfg, results, release), daemon=True,
-                         name=f"esper_gate-demo-rank{r}") for r in range(cfg.world)]
-    for p in procs:
-        p.start()
-    reports: dict[int, tuple] = {}
-    deadline = time.monotonic() + _deadline_s(cfg)
-    failure_seen_at = None
     problems: list[str] = []
+    results = []
     try:
-        while len(reports) < cfg.world:
-            now = time.monotonic()
-            # after a failure the others get a GateTimeoutError within the sync timeout
-            if failure_seen_at is not None and now > failure_seen_at + cfg.timeout + 15:
-                break
-            if now > deadline:
-                problems.append(f"ranks {sorted(set(range(cfg.world)) - set(reports))} did not finish within "
-                                f"{_deadline_s(cfg):.0f} s; stopping them")
-                break
-            try:
-                item = results.get(timeout=RESULT_POLL_S)
-                reports[item[1]] = item
-                if item[0] == "error" and failure_seen_at is None:
-                    failure_seen_at = time.monotonic()
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in reports]
-                if dead and failure_seen_at is None:
-                    failure_seen_at = time.monotonic()
+        results = spawn_ranks(_spawned_rank, cfg.world, cfg, backend=cfg.backend, timeout=_deadline_s(cfg),
+                              pg_timeout_s=_pg_timeout(cfg).total_seconds())
+    except (TimeoutError, RuntimeError) as e:  # a rank hung or died without reporting; all are reaped
+        problems.append(str(e))
     except KeyboardInterrupt:
         problems.append("interrupted")
-    finally:
-        release_and_reap(procs, release, join_s=15)
-
-    for r in range(cfg.world):
-        item = reports.get(r)
-        if item is None:
-            code = procs[r].exitcode
-            problems.append(f"rank {r} did not report (exit code {code})")
-        elif item[0] == "error":
-            problems.append(f"rank {r} failed: {item[2]}" + (f"\n{item[3]}" if item[3] else ""))
+    for r in results:
+        if r.error is not None:
+            # a GateError's message already names ranks and calls; anything else needs its traceback
+            trace = "" if isinstance(r.error, GateError) else f"\n{r.traceback}"
+            problems.append(f"rank {r.rank} failed: {r.error_type}: {r.error}{trace}")
     for text in problems:
         print(f"esper_gate demo: {text}", file=sys.stderr, flush=True)
     if problems:
         return 1
-    return 0 if reports[0][2]["ok"] else 1
+    return 0 if results[0].value["ok"] else 1
 
 
 def run_launched(cfg: Settings) -> int:
@@ -606,7 +550,7 @@ def settings_from(argv: Sequence[str]) -> tuple[Settings | None, str | None]:
     args = _parser().parse_args(list(argv))
     launched = _launched_by_torchrun()
     world = int(os.environ["WORLD_SIZE"]) if launched else args.world
-    from . import wire
+    from .. import wire
 
     if not 1 <= world <= wire.MAX_WORLD:
         return None, f"--world must be within 1..{wire.MAX_WORLD}, got {world}"
