@@ -1,4 +1,4 @@
-"""The full side-by-side gate-sync benchmark (issue 5).
+"""The full side-by-side gate-sync benchmark: esper_gate against Esper's per-slot designs.
 
     python benchmarks/bench_sync.py                  S in {1,4,16,64,256}, gloo W in {2,4}, NCCL with a GPU
     python benchmarks/bench_sync.py --out results/x  another results folder

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-command GPU check for esper_gate (issue 5).
+# One-command GPU check for esper_gate: what a CPU-only machine cannot test (the CUDA build and
+# kernels, NCCL, CUDA graphs, torch.compile) in one bounded run on a lent GPU.
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR
 #

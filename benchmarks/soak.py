@@ -1,4 +1,4 @@
-"""Soak: many GateSync calls on spawned gloo ranks; memory growth and hangs (issue 3).
+"""Soak: many GateSync calls on spawned gloo ranks; memory growth and rare hangs only show up over thousands.
 
     python benchmarks/soak.py                          10,000 calls, 4 ranks, 16 slots
     python benchmarks/soak.py --calls 200 --world 2    a short version (tests/test_bench.py)

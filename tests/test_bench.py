@@ -31,7 +31,7 @@ def test_quick_bench_writes_table_json_plot_and_summary(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
 
     md = (out / "bench.md").read_text()
-    for design in bench.DESIGNS:  # the four lines of the issue, plus the raw op
+    for design in bench.DESIGNS:  # the two per-slot designs, the floor and esper_gate, plus the raw op
         assert re.search(rf"^\| {re.escape(bench.LABELS[design])} \|( [0-9,]+ \[[0-9,]+–[0-9,]+\] \|){{2}}$",
                          md, re.M), design
     assert f"| packed buffer (int64 elements) | {wire.buffer_words(1, 2)} | {wire.buffer_words(4, 2)} |" in md

@@ -105,7 +105,7 @@ def _nccl_one_rank(rank, world):
     # no host sync: queue a long spin, call sync, and see the spin still running
     torch.cuda.synchronize()
     khz = getattr(torch.cuda.get_device_properties(dev), "clock_rate", 0) or 2_000_000
-    torch.cuda._sleep(int(0.02 * khz * 1000))  # ~20 ms of spinning (the issue asks for >= 2 ms)
+    torch.cuda._sleep(int(0.02 * khz * 1000))  # ~20 ms of spinning: far longer than a sync, so a host sync inside it would show
     spin_done = torch.cuda.Event()
     spin_done.record()
     t0 = time.perf_counter()

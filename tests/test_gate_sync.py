@@ -1,5 +1,6 @@
-"""GateSync on real ranks (gloo, CPU): agreement, divergence and every failure
-mode the issue lists. Each test spawns its ranks under a hard deadline."""
+"""GateSync on real ranks (gloo, CPU): agreement, divergence and the failures a
+training job meets (a skipped call, a killed or slow rank, bad input, mismatched
+configurations). Each test spawns its ranks under a hard deadline."""
 import datetime
 import os
 import signal

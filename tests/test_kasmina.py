@@ -1,5 +1,5 @@
 """esper_gate.kasmina, the drop-in for Esper's slot.py, with stand-ins for Esper's
-classes built from the product brief (Esper itself is never imported)."""
+classes built from the fields the adapter reads (Esper itself is never imported)."""
 from __future__ import annotations
 
 import dataclasses
