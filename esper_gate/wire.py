@@ -93,7 +93,7 @@ SLOT_ENTRY_VOTE_SHIFT = 2 * ID_BITS
 
 
 def header_field_mask(name: str) -> int:
-    """The mask a header field's value is cut to on the wire (e.g. ``slots`` -> 2047)."""
+    """The mask a header field's value is cut to on the wire: its width in ones."""
     return (1 << HEADER_FIELD_WIDTH[name]) - 1
 
 

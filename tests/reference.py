@@ -35,7 +35,7 @@ class _Record:
 def _record(inp: RankInput, world: int, capacity: int) -> _Record:
     n = len(inp.votes)
     reason = inp.poison
-    if reason == 0 and not (0 <= inp.site <= 0xFFFFFFFF):
+    if reason == 0 and not (0 <= inp.site <= wire.header_field_mask("site")):
         reason = wire.REASON_SITE
     if reason == 0:
         for v, s, t in zip(inp.votes, inp.stages, inp.targets):
