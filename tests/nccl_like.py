@@ -122,6 +122,22 @@ def _create(opts, _backend_options):
     return AbortableBackend(opts.store, opts.group_rank, opts.group_size, opts.timeout)
 
 
+def supported() -> str | None:
+    """None when this torch can define a backend in Python, else why not.
+
+    The Python trampoline for c10d's Backend got a constructor in torch 2.14;
+    before that, subclassing it fails with "No constructor defined".
+    """
+    class _Probe(_CBackend):
+        pass
+
+    try:
+        _Probe(0, 1)
+    except TypeError as e:
+        return f"torch {torch.__version__} cannot define a process-group backend in Python ({e})"
+    return None
+
+
 def register() -> None:
     """Make ``BACKEND`` available to ``dist.new_group`` in this process (idempotent)."""
     if BACKEND not in dist.Backend.backend_list:

@@ -6,6 +6,9 @@ import sys
 import pytest
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(150)]
+_WHY_NOT = __import__("nccl_like").supported()
+if _WHY_NOT:
+    pytestmark.append(pytest.mark.skip(reason=_WHY_NOT))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

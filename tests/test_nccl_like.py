@@ -17,6 +17,9 @@ import pytest
 from mp import run_ranks, values
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(120)]
+_WHY_NOT = __import__("nccl_like").supported()
+if _WHY_NOT:
+    pytestmark.append(pytest.mark.skip(reason=_WHY_NOT))
 
 TIMEOUT_S = 3.0
 # Small in tests so that the double's watchdog would fire soon after the gate's
