@@ -83,9 +83,13 @@ def import_torch_for_build():
     try:
         import torch
     except ImportError:
+        target = torch_of_target_interpreter()
+        if target and target != "unknown":
+            sys.exit(f"esper_gate setup: this build cannot see the torch at {target}: pip's build isolation "
+                     f"hides it (a plain `pip install .`), and esper_gate compiles against the torch it "
+                     f"will run with: {NO_BUILD_ISOLATION}")
         sys.exit(f"esper_gate setup: torch is not importable by {sys.executable}, and esper_gate compiles "
-                 f"against the torch it will run with (a plain `pip install .` builds in an isolated "
-                 f"environment that has none): {NO_BUILD_ISOLATION}")
+                 f"against the torch it will run with: {NO_BUILD_ISOLATION}")
     problem = isolated_build_problem(torch)
     if problem:
         sys.exit(f"esper_gate setup: {problem}")
