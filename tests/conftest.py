@@ -29,8 +29,10 @@ RUNS_IN_CHECKOUT = ("test_demo.py", "test_bench.py")
 
 
 def pytest_report_header(config):
-    import esper_gate
-
+    try:
+        import esper_gate
+    except ImportError as e:  # the test modules fail with the same message; say it once up front
+        return f"esper_gate cannot be imported: {e}"
     where = os.path.dirname(os.path.abspath(esper_gate.__file__))
     line = f"esper_gate under test: {where} ({esper_gate.BUILD_INFO.get('build')} build)"
     if INSTALLED:
