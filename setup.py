@@ -45,10 +45,17 @@ def torch_of_target_interpreter():
     """Where the torch of ``sys.executable`` lives once pip's build overlay is taken away, or None.
 
     pip's isolated build runs the target interpreter with PYTHONPATH pointing at
-    a temporary environment (and PYTHONNOUSERSITE set); without those two the
-    interpreter sees the environment the package is being installed into.
+    a temporary pip-build-env-* directory (and PYTHONNOUSERSITE set); without
+    those the interpreter sees the environment the package is being installed
+    into. A PYTHONPATH of the user's own is kept: their torch may live there.
     """
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
+    env = dict(os.environ)
+    paths = env.pop("PYTHONPATH", "").split(os.pathsep)
+    kept = [p for p in paths if p and "pip-build-env-" not in p]
+    if kept:
+        env["PYTHONPATH"] = os.pathsep.join(kept)
+    if len(kept) < len([p for p in paths if p]):
+        env.pop("PYTHONNOUSERSITE", None)
     code = "import importlib.util as u; s = u.find_spec('torch'); print(s.origin if s else '')"
     try:
         out = subprocess.run([sys.executable, "-c", code], env=env, cwd=os.path.dirname(ROOT) or "/",
