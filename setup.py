@@ -17,20 +17,93 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import find_packages, setup
-
-import torch
-from torch.utils import cpp_extension
+from setuptools import Extension, find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0+PTX"
+# The oldest CPython the one abi3 wheel serves (python_module.cpp uses only the limited API).
+LIMITED_API_TAG, LIMITED_API_HEX = "cp310", "0x030A0000"
+SOURCES = ["csrc/ops.cpp", "csrc/python_module.cpp", "csrc/cpu/gate_kernels.cpp"]
+CUDA_SOURCES = ["csrc/cuda/gate_kernels.cu"]
+# Commands that compile; the others (sdist, egg_info, dist_info, --version...) only need metadata.
+BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "bdist_egg", "bdist", "install", "develop",
+                  "editable_wheel"}
+NO_BUILD_ISOLATION = (
+    "build against the torch you will run: install torch (and setuptools, wheel, ninja) into your "
+    "environment, then `pip install --no-build-isolation .` (or `-e .`)")
 
 
 def say(msg):
     print(f"esper_gate setup: {msg}", flush=True)
 
 
-def find_nvcc():
+def builds_extension(argv) -> bool:
+    return any(arg in BUILD_COMMANDS for arg in argv[1:])
+
+
+def torch_of_target_interpreter():
+    """Where the torch of ``sys.executable`` lives once pip's build overlay is taken away, or None.
+
+    pip's isolated build runs the target interpreter with PYTHONPATH pointing at
+    a temporary pip-build-env-* directory (and PYTHONNOUSERSITE set); without
+    those the interpreter sees the environment the package is being installed
+    into. A PYTHONPATH of the user's own is kept: their torch may live there.
+    """
+    env = dict(os.environ)
+    paths = env.pop("PYTHONPATH", "").split(os.pathsep)
+    kept = [p for p in paths if p and "pip-build-env-" not in p]
+    if kept:
+        env["PYTHONPATH"] = os.pathsep.join(kept)
+    if len(kept) < len([p for p in paths if p]):
+        env.pop("PYTHONNOUSERSITE", None)
+    code = "import importlib.util as u; s = u.find_spec('torch'); print(s.origin if s else '')"
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=os.path.dirname(ROOT) or "/",
+                             capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return os.path.dirname(out) if out else None
+
+
+def isolated_build_problem(torch):
+    """Why this build would compile against a torch other than the one that will run it, or None."""
+    if os.environ.get("ESPER_GATE_ALLOW_ISOLATED_BUILD") == "1":
+        return None
+    here = os.path.dirname(os.path.abspath(torch.__file__))
+    markers = ("pip-build-env-", "build-env-", os.sep + "builds-v0" + os.sep)  # pip, pypa/build, uv
+    target = torch_of_target_interpreter()
+    if target == "unknown":
+        target = here
+    if target is not None and os.path.realpath(target) == os.path.realpath(here) and \
+            not any(m in here for m in markers):
+        return None
+    where = f"torch {torch.__version__} at {here}"
+    runs = (f"{sys.executable} outside the build runs the torch at {target}" if target
+            else f"{sys.executable} outside the build has no torch at all")
+    return (f"this build would compile against {where}, a build-isolation environment, but {runs}. "
+            f"esper_gate refuses to import against a torch other than the one it was built with, so: "
+            f"{NO_BUILD_ISOLATION}. (To build in an isolated environment anyway, for a wheel that will "
+            f"be installed next to exactly this torch, set ESPER_GATE_ALLOW_ISOLATED_BUILD=1.)")
+
+
+def import_torch_for_build():
+    try:
+        import torch
+    except ImportError:
+        target = torch_of_target_interpreter()
+        if target and target != "unknown":
+            sys.exit(f"esper_gate setup: this build cannot see the torch at {target}: pip's build isolation "
+                     f"hides it (a plain `pip install .`), and esper_gate compiles against the torch it "
+                     f"will run with: {NO_BUILD_ISOLATION}")
+        sys.exit(f"esper_gate setup: torch is not importable by {sys.executable}, and esper_gate compiles "
+                 f"against the torch it will run with: {NO_BUILD_ISOLATION}")
+    problem = isolated_build_problem(torch)
+    if problem:
+        sys.exit(f"esper_gate setup: {problem}")
+    return torch
+
+
+def find_nvcc(cpp_extension):
     home = cpp_extension.CUDA_HOME
     if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
         return home, os.path.join(home, "bin", "nvcc")
@@ -46,12 +119,12 @@ def nvcc_version(nvcc):
     return lines[-1].strip() if lines else "unknown"
 
 
-def choose_build():
+def choose_build(torch, cpp_extension):
     force_cuda = os.environ.get("ESPER_GATE_FORCE_CUDA", "") == "1"
     force_cpu = os.environ.get("ESPER_GATE_FORCE_CPU", "") == "1"
     if force_cuda and force_cpu:
         sys.exit("esper_gate setup: ESPER_GATE_FORCE_CUDA=1 and ESPER_GATE_FORCE_CPU=1 contradict each other")
-    home, nvcc = find_nvcc()
+    home, nvcc = find_nvcc(cpp_extension)
     if force_cpu:
         return False, "ESPER_GATE_FORCE_CPU=1", home, nvcc
     if torch.version.cuda and nvcc:
@@ -65,7 +138,7 @@ def choose_build():
     return False, why, home, nvcc
 
 
-def write_build_info(with_cuda, archs, nvcc):
+def build_info_text(torch, with_cuda, archs, nvcc):
     info = {
         "version": "0.1.0",
         "torch_version": torch.__version__,
@@ -74,45 +147,81 @@ def write_build_info(with_cuda, archs, nvcc):
         "cuda_archs": archs if with_cuda else None,
         "nvcc": nvcc_version(nvcc) if with_cuda else None,
         "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
+        "abi": f"abi3 (CPython >= {LIMITED_API_TAG[2]}.{LIMITED_API_TAG[3:]})",
         "python": sys.version.split()[0],
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    path = os.path.join(ROOT, "esper_gate", "_build_info.py")
-    with open(path, "w") as f:
-        f.write("# Written by setup.py at build time; checked by esper_gate at import.\n")
-        f.write(f"BUILD_INFO = {info!r}\n")
-    return info
+    return ("# Written by build_ext when the native library is built; checked by esper_gate at import.\n"
+            f"BUILD_INFO = {info!r}\n")
 
 
-def extensions():
-    with_cuda, why, home, nvcc = choose_build()
+def extensions_and_build_ext():
+    """(ext_modules, build_ext class): the real ones when compiling, placeholders for metadata only."""
+    if not builds_extension(sys.argv):
+        say(f"metadata only ({' '.join(sys.argv[1:]) or 'no command'}): torch is not needed; the build "
+            f"settings are chosen and printed when the extension is built")
+        from setuptools.command.build_ext import build_ext
+
+        return [Extension("esper_gate._C", SOURCES + CUDA_SOURCES, py_limited_api=True)], build_ext
+
+    torch = import_torch_for_build()
+    from torch.utils import cpp_extension
+
+    with_cuda, why, home, nvcc = choose_build(torch, cpp_extension)
     say(f"{'CUDA' if with_cuda else 'CPU-only'} build: {why}")
-    sources = ["csrc/ops.cpp", "csrc/python_module.cpp", "csrc/cpu/gate_kernels.cpp"]
-    cxx_flags = ["-O2"]
+    sources = list(SOURCES)
+    cxx_flags = ["-O2", f"-DPy_LIMITED_API={LIMITED_API_HEX}"]
     archs = None
     if with_cuda:
         archs = os.environ.get("ESPER_GATE_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         say(f"CUDA archs: {archs}; nvcc: {nvcc_version(nvcc)}")
-        sources.append("csrc/cuda/gate_kernels.cu")
-    include_dirs = [os.path.join(ROOT, "csrc")]
-    info = write_build_info(with_cuda, archs, nvcc)
-    say(f"torch {info['torch_version']} (cxx11 abi {info['cxx11_abi']}), MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}, ninja={'yes' if shutil.which('ninja') else 'no'}")
-    if with_cuda:
-        return [
-            cpp_extension.CUDAExtension(
-                "esper_gate._C",
-                sources,
-                include_dirs=include_dirs,
-                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O2", "-lineinfo"]},
-            )
-        ]
-    return [
-        cpp_extension.CppExtension(
-            "esper_gate._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
-        )
-    ]
+        sources += CUDA_SOURCES
+    info_text = build_info_text(torch, with_cuda, archs, nvcc)
+    say(f"torch {torch.__version__} at {os.path.dirname(torch.__file__)} (cxx11 abi "
+        f"{bool(torch._C._GLIBCXX_USE_CXX11_ABI)}), wheel tag {LIMITED_API_TAG}-abi3 "
+        f"(Py_LIMITED_API={LIMITED_API_HEX}), MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}, "
+        f"ninja={'yes' if shutil.which('ninja') else 'no'}")
 
+    class BuildExtWithInfo(cpp_extension.BuildExtension):
+        """Writes esper_gate/_build_info.py next to the library it describes, only when building it."""
+
+        def run(self):
+            super().run()
+            targets = [os.path.join(self.build_lib, "esper_gate")]  # what the wheel packs
+            if self.inplace:  # `build_ext --inplace` and editable installs import the source tree
+                targets.append(os.path.join(ROOT, "esper_gate"))
+                self.remove_stale_libraries()
+            for pkg_dir in targets:
+                if os.path.isdir(pkg_dir):
+                    with open(os.path.join(pkg_dir, "_build_info.py"), "w") as f:
+                        f.write(info_text)
+                    say(f"wrote {os.path.join(pkg_dir, '_build_info.py')}")
+
+        def remove_stale_libraries(self):
+            # Python prefers _C.cpython-3XY-*.so to _C.abi3.so: a library left by an
+            # older build would be imported instead of the one just built.
+            import importlib.machinery
+
+            built = self.get_ext_fullpath("esper_gate._C")
+            for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+                path = os.path.join(os.path.dirname(built), "_C" + suffix)
+                if os.path.exists(path) and not os.path.samefile(path, built):
+                    os.remove(path)
+                    say(f"removed {path}, left by an earlier build")
+
+    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], py_limited_api=True)
+    if with_cuda:
+        ext = cpp_extension.CUDAExtension(
+            "esper_gate._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O2", "-lineinfo"]},
+            **kwargs)
+    else:
+        ext = cpp_extension.CppExtension("esper_gate._C", sources, extra_compile_args={"cxx": cxx_flags},
+                                         **kwargs)
+    return [ext], BuildExtWithInfo.with_options(use_ninja=bool(shutil.which("ninja")))
+
+
+ext_modules, build_ext_class = extensions_and_build_ext()
 
 setup(
     name="esper_gate",
@@ -120,9 +229,12 @@ setup(
     description="One fused, hang-proof cross-rank gate consensus op for Esper's seed slots",
     packages=find_packages(include=["esper_gate", "esper_gate.*"]),
     python_requires=">=3.10",
-    install_requires=["torch"],
+    # numpy: GateSync reads a CPU report through Tensor.numpy(), which needs it at run time.
+    install_requires=["torch", "numpy"],
     extras_require={"test": ["pytest", "pytest-timeout", "hypothesis", "numpy"]},
-    ext_modules=extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=bool(shutil.which("ninja")))},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext_class},
+    # One wheel per torch + CUDA build serves every CPython from 3.10 on.
+    options={"bdist_wheel": {"py_limited_api": LIMITED_API_TAG}},
     zip_safe=False,
 )

@@ -8,20 +8,22 @@ from __future__ import annotations
 
 from . import build_info as _build_info_mod
 
-BUILD_INFO = _build_info_mod.load()
-_build_info_mod.check(BUILD_INFO)
+BUILD_INFO, _BUILD_PROBLEM = _build_info_mod.preflight()
+if _BUILD_PROBLEM is not None and not _build_info_mod.info_command_is_running():
+    raise _BUILD_PROBLEM
 
-import torch  # noqa: E402
+if _BUILD_PROBLEM is None:  # else only `python -m esper_gate info` runs, and it reports the problem
+    import torch  # noqa: F401
 
-from . import _C  # noqa: E402,F401  (registers torch.ops.esper_gate)
-from . import ops, wire  # noqa: E402
-from .ops import decode, pack, sync  # noqa: E402
-from .errors import (GateConfigError, GateDivergenceError, GateError, GateInputError,  # noqa: E402
-                     GatePeerInputError, GateTimeoutError)
-from .report import DivergenceReport, parse_report  # noqa: E402
-from .gate_sync import GateConsensus, GateSync, site_fingerprint  # noqa: E402
+    from . import _C  # noqa: F401  (registers torch.ops.esper_gate)
+    from . import ops, wire
+    from .ops import decode, pack, sync
+    from .errors import (GateConfigError, GateDivergenceError, GateError, GateInputError,
+                         GatePeerInputError, GateTimeoutError)
+    from .report import DivergenceReport, parse_report
+    from .gate_sync import GateConsensus, GateSync, site_fingerprint
 
-__version__ = BUILD_INFO.get("version", "0.0.0")
+__version__ = (BUILD_INFO or {}).get("version", "0.1.0")
 
 __all__ = [
     "BUILD_INFO", "ops", "wire", "pack", "decode", "sync", "__version__",

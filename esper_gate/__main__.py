@@ -2,23 +2,58 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
+INFO_KEYS = ("version", "build", "torch_version", "torch_cuda", "cuda_archs", "nvcc", "cxx11_abi", "abi",
+             "python", "built_at")
+
+
 def cmd_info(_args) -> int:
+    """Print what is known even when ``import esper_gate`` would refuse; exit 1 on a problem."""
     import torch
 
     import esper_gate
+    from esper_gate import _locate, build_info
 
-    info = esper_gate.BUILD_INFO
-    print("esper_gate build info")
-    for key in ("version", "build", "torch_version", "torch_cuda", "cuda_archs", "nvcc", "cxx11_abi",
-                "python", "built_at"):
+    problem = esper_gate._BUILD_PROBLEM
+    pkg_dir = os.path.dirname(os.path.abspath(esper_gate.__file__))
+    if isinstance(problem, build_info.SourceTreeShadowsError):
+        # Report the installed copy: it is what `import esper_gate` gets from any other directory.
+        print(f"note: {problem}")
+        print(f"      what follows describes the installed copy at {problem.installed}\n")
+        pkg_dir = problem.installed
+        problem = None
+    info = build_info.read(pkg_dir)
+    print(f"esper_gate build info ({pkg_dir})")
+    if info is None:
+        print("  (none: esper_gate/_build_info.py is missing, so this copy was never built)")
+    for key in INFO_KEYS if info else ():
         print(f"  {key:14s} {info.get(key)}")
-    print(f"  {'running torch':14s} {torch.__version__} (CUDA {torch.version.cuda}, "
-          f"GPU available: {torch.cuda.is_available()})")
-    ops = [name for name in ("pack", "decode", "sync") if hasattr(torch.ops.esper_gate, name)]
-    print(f"  {'ops':14s} {', '.join('torch.ops.esper_gate.' + n for n in ops)}")
+    gpu = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
+           else "none visible to torch")
+    print(f"  {'running torch':14s} {torch.__version__} (CUDA {torch.version.cuda}) at "
+          f"{os.path.dirname(torch.__file__)}")
+    print(f"  {'GPU':14s} {gpu}")
+    found = build_info.mismatches(info) if info else []
+    library = _locate.native_library(pkg_dir)
+    if info and not found and library and problem is None:
+        if not hasattr(torch.ops.esper_gate, "sync"):  # not yet loaded: the installed copy
+            torch.ops.load_library(library)
+        ops = [name for name in ("pack", "decode", "sync") if hasattr(torch.ops.esper_gate, name)]
+        print(f"  {'ops':14s} {', '.join('torch.ops.esper_gate.' + n for n in ops) or 'none registered'}")
+    elif library is None:
+        print(f"  {'ops':14s} none: there is no native library (esper_gate/_C) in {pkg_dir}")
+    else:
+        print(f"  {'ops':14s} not loaded: {library} was not built for this torch")
+    if found:
+        print("\nMISMATCH: " + "; ".join(found))
+        print(f"fix: {build_info.REBUILD_HINT}")
+        return 1
+    if problem is not None:
+        print(f"\nPROBLEM: {problem}")
+        return 1
     return 0
 
 
