@@ -28,6 +28,9 @@ settings.register_profile("long", max_examples=10_000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile("long" if LONG else "ci")
 
+# The long profile runs for hours; the suite-wide pytest-timeout is sized for CI.
+pytestmark = [pytest.mark.timeout(12 * 3600)] if LONG else []
+
 MAX_W = 16
 MAX_S = 256 if LONG else 64
 # Worlds at every layout boundary: counter widths change at powers of two,
