@@ -1,6 +1,7 @@
 """Python mirror of the wire-format constants in ``csrc/wire_format.h``.
 
-The fake (meta) implementations need buffer and report sizes without running
+The fake (meta) implementations need buffer and report sizes and the limits
+the real kernels check (slots, world, policies, reason codes) without running
 a kernel, and the report parser needs the word indices. ``tests/test_wire.py``
 checks every number here against the C++ ops, so the two cannot drift apart.
 """
@@ -28,6 +29,7 @@ REASON_DTYPE = 16
 REASON_SHAPE = 17
 REASON_DEVICE = 18
 REASON_OTHER = 19
+REASON_MAX = 31  # the largest code the 5-bit field holds; pack refuses a larger poison
 REASON_TEXT = {
     REASON_NONE: "no error",
     REASON_VOTE: "a vote that is neither 0 nor 1",

@@ -19,11 +19,20 @@ def pack_rank(inp: RankInput, rank: int, world: int, device="cpu") -> torch.Tens
     return esper_gate.pack(votes, stages, targets, inp.seq, inp.site, inp.policy, rank, w, inp.poison)
 
 
+def reduce_all(inputs: Sequence[RankInput], device="cpu") -> torch.Tensor:
+    """Every rank's buffer summed, as the all_reduce leaves it on every rank."""
+    world = len(inputs)
+    return torch.stack([pack_rank(inp, r, world, device) for r, inp in enumerate(inputs)]).sum(0)
+
+
+def decode_view(reduced: torch.Tensor, inputs: Sequence[RankInput], view: int):
+    """What rank ``view`` decodes from the reduced buffer, with its own slot count and policy."""
+    me = inputs[view]
+    decision, report = esper_gate.decode(reduced, len(me.votes), len(inputs), me.policy)
+    return decision.cpu().tolist(), report.cpu().tolist()
+
+
 def simulate(inputs: Sequence[RankInput], view: int = 0, device="cpu"):
     """What rank ``view`` gets back: ``(decision list, report list, reduced buffer)``."""
-    world = len(inputs)
-    bufs = [pack_rank(inp, r, world, device) for r, inp in enumerate(inputs)]
-    reduced = torch.stack(bufs).sum(0)
-    me = inputs[view]
-    decision, report = esper_gate.decode(reduced, len(me.votes), world, me.policy)
-    return decision.cpu().tolist(), report.cpu().tolist(), reduced
+    reduced = reduce_all(inputs, device)
+    return (*decode_view(reduced, inputs, view), reduced)

@@ -1,6 +1,7 @@
 """Op contracts (opcheck), bad-input errors and torch.compile, on one process."""
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import esper_gate
 from esper_gate import wire
@@ -72,61 +73,181 @@ def test_compile_fullgraph_pack_decode():
     torch.testing.assert_close(got[1], want[1])
 
 
-# ---- bad input: clear errors that name the value ---------------------------
+# ---- bad input: the same error from the real kernel, the fake and meta ------
+#
+# One table of malformed calls runs three ways: on CPU tensors (the C++
+# checks in csrc/esper_gate.h), under FakeTensorMode (what torch.compile
+# traces with) and on meta tensors (the Meta dispatch key, which runs the fake
+# kernel for real). All three must refuse each call with the same exception
+# type and message; a fake that accepts what the kernel refuses traces a
+# broken graph, and a meta call that slips through returns memory nobody
+# filled.
+
+MODES = ("real", "fake", "meta")
+
+
+def _other_device(device):
+    # A tensor on another device than the rest. Only meta is at hand without a
+    # GPU; a CPU call with one meta tensor dispatches to the Meta kernel, which
+    # is exactly the call that once returned uninitialized memory.
+    return "cpu" if device == "meta" else "meta"
+
+
+def _pack_args(device, group_name, edit=None, policy="unanimous", rank=0, world=2, poison=0, n=4):
+    votes, stages, targets = _inputs(n, device) if n else (
+        torch.ones(0, dtype=torch.bool, device=device), torch.zeros(0, dtype=torch.int64, device=device),
+        torch.zeros(0, dtype=torch.int64, device=device))
+    if edit is not None:
+        votes, stages, targets = edit(votes, stages, targets, device)
+    return (votes, stages, targets, 5, 1234, policy, rank, world, poison)
+
+
+def _sync_args(device, group_name, **kw):
+    votes, stages, targets, seq, site, policy, _rank, _world, poison = _pack_args(device, group_name, **kw)
+    return (votes, stages, targets, seq, site, policy, group_name, poison)
+
+
+def _decode_args(device, group_name, reduced=None, slots=4, world=2, policy="unanimous"):
+    if reduced is None:
+        reduced = torch.zeros(wire.buffer_words(4, 2), dtype=torch.int64, device=device)
+    elif callable(reduced):
+        reduced = reduced(device)
+    return (reduced, slots, world, policy)
+
+
+_SLOTS_1025 = lambda v, s, t, d: (torch.ones(1025, dtype=torch.bool, device=d),  # noqa: E731
+                                  torch.zeros(1025, dtype=torch.int64, device=d),
+                                  torch.zeros(1025, dtype=torch.int64, device=d))
+
+# (id, args builder, exception, message). Every structural check of pack is
+# listed; sync runs the same checks before it looks for its group.
+_TENSOR_CASES = [
+    ("votes 2-D", dict(edit=lambda v, s, t, d: (v.reshape(2, 2), s, t)), ValueError,
+     r"expected votes to be a 1-D tensor, got 2-D \(shape \[2, 2\]\)"),
+    ("stages 0-D", dict(edit=lambda v, s, t, d: (v, s[0], t)), ValueError,
+     r"expected stages to be a 1-D tensor, got 0-D \(shape \[\]\)"),
+    ("targets 2-D", dict(edit=lambda v, s, t, d: (v, s, t.reshape(4, 1))), ValueError,
+     r"expected targets to be a 1-D tensor, got 2-D \(shape \[4, 1\]\)"),
+    ("stages not contiguous", dict(edit=lambda v, s, t, d: (v, torch.arange(8, device=d)[::2], t)),
+     ValueError, r"expected stages to be contiguous, got strides \[2\]"),
+    ("votes not contiguous", dict(edit=lambda v, s, t, d: (torch.ones(8, dtype=torch.bool, device=d)[::2], s, t)),
+     ValueError, r"expected votes to be contiguous, got strides \[2\]"),
+    ("votes float", dict(edit=lambda v, s, t, d: (v.float(), s, t)), TypeError,
+     "expected votes of dtype torch.bool or torch.int64, got Float"),
+    ("stages int32", dict(edit=lambda v, s, t, d: (v, s.int(), t)), TypeError,
+     "expected stages of dtype torch.int64, got Int"),
+    ("targets float64", dict(edit=lambda v, s, t, d: (v, s, t.double())), TypeError,
+     "expected targets of dtype torch.int64, got Double"),
+    ("unequal lengths", dict(edit=lambda v, s, t, d: (v, s[:3].contiguous(), t)), ValueError,
+     "expected votes, stages and targets of equal length, got 4, 3 and 4"),
+    ("0 slots", dict(n=0), ValueError, "expected 1..1024 slots, got 0"),
+    ("1025 slots", dict(edit=_SLOTS_1025), ValueError, "expected 1..1024 slots, got 1025"),
+    ("mixed devices", dict(edit=lambda v, s, t, d: (v, torch.zeros_like(s, device=_other_device(d)), t)), ValueError,
+     "expected votes, stages and targets on one device, got "),
+    ("unknown policy", dict(policy="consensus"), ValueError,
+     "unknown policy 'consensus', expected one of 'unanimous', 'rank0', 'majority', 'any'"),
+    ("poison 32", dict(poison=32), ValueError, "poison must be a reason code in 0..31, got 32"),
+    ("poison -1", dict(poison=-1), ValueError, "poison must be a reason code in 0..31, got -1"),
+]
+
+_RANK_CASES = [
+    ("world 0", dict(world=0), ValueError, "world_size must be in 1..1024, got 0"),
+    ("world 1025", dict(world=1025), ValueError, "world_size must be in 1..1024, got 1025"),
+    ("rank 2 of 2", dict(rank=2), ValueError, r"rank must be in 0..1 for world_size 2, got 2"),
+    ("rank -1", dict(rank=-1), ValueError, r"rank must be in 0..1 for world_size 2, got -1"),
+]
+
+_DECODE_CASES = [
+    ("reduced 2-D", dict(reduced=lambda d: torch.zeros(2, 3, dtype=torch.int64, device=d)), ValueError,
+     r"expected reduced to be a 1-D tensor, got 2-D \(shape \[2, 3\]\)"),
+    ("reduced not contiguous",
+     dict(reduced=lambda d: torch.zeros(2 * wire.buffer_words(4, 2), dtype=torch.int64, device=d)[::2]),
+     ValueError, r"expected reduced to be contiguous, got strides \[2\]"),
+    ("reduced int32", dict(reduced=lambda d: torch.zeros(wire.buffer_words(4, 2), dtype=torch.int32, device=d)),
+     TypeError, "expected reduced of dtype torch.int64, got Int"),
+    ("wrong buffer length", dict(reduced=lambda d: torch.zeros(3, dtype=torch.int64, device=d)), ValueError,
+     f"expected a reduced buffer of {wire.buffer_words(4, 2)} words for 4 slots and world_size 2, got 3"),
+    ("buffer for another world", dict(world=3), ValueError,
+     f"expected a reduced buffer of {wire.buffer_words(4, 3)} words for 4 slots and world_size 3, "
+     f"got {wire.buffer_words(4, 2)}"),
+    ("unknown policy", dict(policy="rank1"), ValueError, "unknown policy 'rank1', expected one of"),
+    ("world 0", dict(world=0), ValueError, "world_size must be in 1..1024, got 0"),
+    ("world 1025", dict(world=1025), ValueError, "world_size must be in 1..1024, got 1025"),
+    ("0 slots", dict(slots=0), ValueError, "expected 1..1024 slots, got 0"),
+    ("1025 slots", dict(slots=1025), ValueError, "expected 1..1024 slots, got 1025"),
+]
+
+BAD_CALLS = (
+    [pytest.param("pack", _pack_args, kw, exc, "esper_gate.pack: " + msg, id=f"pack {name}")
+     for name, kw, exc, msg in _TENSOR_CASES + _RANK_CASES]
+    + [pytest.param("sync", _sync_args, kw, exc, "esper_gate.sync: " + msg, id=f"sync {name}")
+       for name, kw, exc, msg in _TENSOR_CASES]
+    + [pytest.param("decode", _decode_args, kw, exc, "esper_gate.decode: " + msg, id=f"decode {name}")
+       for name, kw, exc, msg in _DECODE_CASES])
+
+
+def _call(mode, op, build, kw, group_name):
+    fn = getattr(torch.ops.esper_gate, op).default
+    if mode == "fake":
+        with FakeTensorMode():
+            return fn(*build("cpu", group_name, **kw))
+    return fn(*build("meta" if mode == "meta" else "cpu", group_name, **kw))
+
+
+def _group_for(op, request):
+    return request.getfixturevalue("one_rank_group").group_name if op == "sync" else "unused"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("op, build, kw, exc, message", BAD_CALLS)
+def test_bad_call_raises_alike_in_every_mode(mode, op, build, kw, exc, message, request):
+    with pytest.raises(exc, match=message):
+        _call(mode, op, build, kw, _group_for(op, request))
+
+
+@pytest.mark.parametrize("op, build, kw, exc, message", BAD_CALLS)
+def test_fake_and_real_messages_are_identical(op, build, kw, exc, message, request):
+    """Word for word, not only the part the table names (device names aside)."""
+    group_name = _group_for(op, request)
+    got = {}
+    for mode in ("real", "fake"):
+        with pytest.raises(exc) as info:
+            _call(mode, op, build, kw, group_name)
+        got[mode] = str(info.value)
+    assert got["fake"] == got["real"]
+
+
+def test_sync_on_meta_tensors_outside_tracing_raises(one_rank_group):
+    """A real call with meta tensors cannot compute a collective result, and
+    its peers are waiting for one: it must not return empty 'decisions'."""
+    votes, stages, targets = _inputs(device="meta")
+    with pytest.raises(ValueError, match="esper_gate.sync: got votes, stages and targets on meta outside tracing"):
+        esper_gate.sync(votes, stages, targets, 1, 2, "unanimous", one_rank_group.group_name)
+
+
+def test_sync_under_fake_tensor_mode_gives_shapes(one_rank_group):
+    with FakeTensorMode():
+        votes, stages, targets = _inputs()
+        decision, report = esper_gate.sync(votes, stages, targets, 1, 2, "unanimous", one_rank_group.group_name)
+    assert decision.shape == (4,) and decision.dtype == torch.bool
+    assert report.shape == (wire.report_words(4, 1),) and report.dtype == torch.int64
+
+
+def test_pack_and_decode_on_meta_propagate_shapes():
+    """Meta's usual meaning holds for the ops that involve no other rank."""
+    votes, stages, targets = _inputs(device="meta")
+    buf = esper_gate.pack(votes, stages, targets, 1, 2, "any", 2, 3)
+    assert buf.device.type == "meta" and buf.shape == (wire.buffer_words(4, 3),)
+    decision, report = esper_gate.decode(buf, 4, 3, "any")
+    assert decision.device.type == "meta" and decision.shape == (4,)
+    assert report.shape == (wire.report_words(4, 3),)
+
 
 def _pack(votes, stages, targets, **kw):
-    args = dict(seq=0, site=0, policy="unanimous", rank=0, world_size=2)
+    args = dict(seq=0, site=0, policy="unanimous", rank=0, world_size=2, poison=0)
     args.update(kw)
     return esper_gate.pack(votes, stages, targets, args["seq"], args["site"], args["policy"],
-                           args["rank"], args["world_size"], args.get("poison", 0))
-
-
-@pytest.mark.parametrize("mutate, exc, message", [
-    (lambda v, s, t: (v.float(), s, t), TypeError, "votes of dtype torch.bool or torch.int64, got Float"),
-    (lambda v, s, t: (v, s.int(), t), TypeError, "stages of dtype torch.int64, got Int"),
-    (lambda v, s, t: (v, s, t.double()), TypeError, "targets of dtype torch.int64, got Double"),
-    (lambda v, s, t: (v.reshape(2, 2), s, t), ValueError, "votes to be a 1-D tensor, got 2-D"),
-    (lambda v, s, t: (v, s[:3], t), ValueError, "equal length, got 4, 3 and 4"),
-    (lambda v, s, t: (v[:0], s[:0], t[:0]), ValueError, "expected 1..1024 slots, got 0"),
-    (lambda v, s, t: (v, torch.arange(8)[::2], t), ValueError,
-     "stages to be contiguous"),
-])
-def test_malformed_tensors_raise_with_the_value(mutate, exc, message):
-    votes, stages, targets = mutate(*_inputs())
-    with pytest.raises(exc, match=message):
-        _pack(votes, stages, targets)
-
-
-def test_too_many_slots():
-    n = wire.MAX_SLOTS + 1
-    with pytest.raises(ValueError, match="expected 1..1024 slots, got 1025"):
-        _pack(torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64))
-
-
-def test_unknown_policy():
-    with pytest.raises(ValueError, match="unknown policy 'consensus', expected one of 'unanimous'"):
-        _pack(*_inputs(), policy="consensus")
-
-
-@pytest.mark.parametrize("rank, world, message", [
-    (0, 0, "world_size must be in 1..1024, got 0"),
-    (0, 1025, "world_size must be in 1..1024, got 1025"),
-    (2, 2, "rank must be in 0..1 for world_size 2, got 2"),
-    (-1, 2, "rank must be in 0..1 for world_size 2, got -1"),
-])
-def test_bad_rank_or_world(rank, world, message):
-    with pytest.raises(ValueError, match=message):
-        _pack(*_inputs(), rank=rank, world_size=world)
-
-
-def test_bad_poison_code():
-    with pytest.raises(ValueError, match="poison must be a reason code in 0..31, got 40"):
-        _pack(*_inputs(), poison=40)
-
-
-def test_decode_wrong_buffer_size():
-    with pytest.raises(ValueError, match=r"expected a reduced buffer of \d+ words for 4 slots and world_size 2, got 3"):
-        esper_gate.decode(torch.zeros(3, dtype=torch.int64), 4, 2, "unanimous")
+                           args["rank"], args["world_size"], args["poison"])
 
 
 def test_unknown_group_name():

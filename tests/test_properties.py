@@ -1,50 +1,94 @@
 """Property tests: W simulated ranks packed by the real kernels, summed as the
-all_reduce would, decoded, and compared with the pure-Python reference.
+all_reduce would, decoded from several ranks' views, and compared with the
+pure-Python reference and with what each view must report.
 
-The default profile is short (CI). ESPER_GATE_LONG=1 runs the long profile
-(10,000 cases over W <= 16, S <= 256).
+The default profile (CI) is short and runs a fixed seed, printed at the start
+of the run; ESPER_GATE_SEED=N reruns any seed. ESPER_GATE_LONG=1 runs the long
+profile (10,000 cases, S <= 256) from a fresh random seed, printed the same way.
 """
 import os
 import random
 
+import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 import esper_gate
 from esper_gate import wire
 from reference import RankInput, expected
-from simulate import simulate
+from esper_gate.report import parse_report
+from simulate import decode_view, reduce_all, simulate
 
 LONG = os.environ.get("ESPER_GATE_LONG") == "1"
-settings.register_profile("ci", max_examples=150, deadline=None,
+SEED = int(os.environ.get("ESPER_GATE_SEED") or (random.SystemRandom().randrange(2**32) if LONG else 20261129))
+settings.register_profile("ci", max_examples=300, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("long", max_examples=10_000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile("long" if LONG else "ci")
 
+# The long profile runs for hours; the suite-wide pytest-timeout is sized for CI.
+pytestmark = [pytest.mark.timeout(12 * 3600)] if LONG else []
+
 MAX_W = 16
 MAX_S = 256 if LONG else 64
+# Worlds at every layout boundary: counter widths change at powers of two,
+# lanes (the exact per-rank report) stop after 64 ranks, 1024 is the limit.
+EDGE_WORLDS = (17, 63, 64, 65, 127, 128, 1023, 1024)
+assert max(EDGE_WORLDS) == wire.MAX_WORLD
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_seed(request):
+    line = f"test_properties: hypothesis seed {SEED} (profile {'long' if LONG else 'ci'}; " \
+           f"ESPER_GATE_SEED={SEED} reruns it)"
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.getplugin("terminalreporter"), plugins.getplugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(line)
+
+
+def _slots_for(world: int, max_slots: int) -> int:
+    # Simulating W ranks costs W packs per case: keep S small for large W so
+    # the CI profile stays short on two cores.
+    if world <= MAX_W:
+        return max_slots
+    return min(max_slots, 16 if world <= 128 else 4)
+
+
+def _voters(rng: random.Random, world: int, count: int) -> set:
+    return set(rng.sample(range(world), max(0, min(world, count))))
 
 
 @st.composite
-def scenarios(draw, max_world=MAX_W, max_slots=MAX_S):
-    world = draw(st.integers(1, max_world))
-    slots = draw(st.integers(1, max_slots))
+def scenarios(draw, max_world=MAX_W, max_slots=MAX_S, edge_worlds=EDGE_WORLDS):
+    world = draw(st.one_of(st.integers(1, max_world), st.sampled_from(edge_worlds))
+                 if edge_worlds else st.integers(1, max_world))
+    slots = draw(st.integers(1, _slots_for(world, max_slots)))
     policy = draw(st.sampled_from(wire.POLICIES))
-    seed = draw(st.integers(0, 2**32 - 1))
-    rng = random.Random(seed)
+    # "edges": every slot's yes-count sits on a policy boundary, W/2 (a tie
+    # under majority when W is even) and W/2 + 1 among them.
+    vote_plan = draw(st.sampled_from(["bias", "edges"]))
+    rng = random.Random(draw(st.integers(0, 2**32 - 1)))
     seq = rng.randrange(0, 2**40)
     site = rng.randrange(0, 2**32)
     # a shared state that ranks start from, then independent perturbations
     stages = [rng.randrange(0, 64) for _ in range(slots)]
     targets = [rng.choice([0, 1, 2, 3, 5, rng.randrange(0, 64)]) for _ in range(slots)]
-    vote_bias = rng.random()
-    inputs = []
-    for _r in range(world):
-        inputs.append(RankInput(
-            votes=[1 if rng.random() < vote_bias else 0 for _ in range(slots)],
-            stages=list(stages), targets=list(targets), seq=seq, site=site, policy=policy))
+    if vote_plan == "bias":
+        vote_bias = rng.random()
+        votes = [[1 if rng.random() < vote_bias else 0 for _ in range(slots)] for _r in range(world)]
+    else:
+        votes = [[0] * slots for _r in range(world)]
+        for s in range(slots):
+            count = rng.choice([world // 2, world // 2 + 1, world // 2, world // 2 + 1,
+                                (world + 1) // 2, world - 1, world, 0, 1])
+            for r in _voters(rng, world, count):
+                votes[r][s] = 1
+    inputs = [RankInput(votes=votes[r], stages=list(stages), targets=list(targets), seq=seq, site=site,
+                        policy=policy) for r in range(world)]
     kinds = draw(st.lists(st.sampled_from(
         ["stage", "target", "seq", "site", "policy", "slots", "poison_value", "poison_caller", "none"]),
         max_size=3))
@@ -87,17 +131,140 @@ def scenarios(draw, max_world=MAX_W, max_slots=MAX_S):
     return inputs, view
 
 
+def _views(world: int, drawn: int) -> list[int]:
+    """Rank 0, the last rank, the drawn one and the ranks at the lane boundary."""
+    return sorted({0, world - 1, drawn} | {r for r in (63, 64, 65) if r < world})
+
+
+# ---- what a view must report, from the inputs' meaning ---------------------
+
+def _reason(inp: RankInput) -> int:
+    """The reason code a rank sends: the caller's, else its first bad value."""
+    if inp.poison:
+        return inp.poison
+    if not 0 <= inp.site <= 0xFFFFFFFF:
+        return wire.REASON_SITE
+    for v, s, t in zip(inp.votes, inp.stages, inp.targets):
+        if int(v) not in (0, 1):
+            return wire.REASON_VOTE
+        if not 0 <= s <= wire.MAX_ID:
+            return wire.REASON_STAGE
+        if not 0 <= t <= wire.MAX_ID:
+            return wire.REASON_TARGET
+    return wire.REASON_NONE
+
+
+def _slot_key(inp: RankInput, s: int) -> tuple[int, int, int]:
+    # A rank with fewer slots sends zeros for the rest (capacity padding).
+    if s >= len(inp.votes):
+        return 0, 0, 0
+    return int(inp.votes[s]) & 1, inp.stages[s] & wire.MAX_ID, inp.targets[s] & wire.MAX_ID
+
+
+def _passes(policy: str, votes: list[int]) -> bool:
+    yes, world = sum(votes), len(votes)
+    return {"unanimous": yes == world, "rank0": votes[0] == 1, "majority": 2 * yes > world,
+            "any": yes >= 1}[policy]
+
+
+def check_view_report(inputs: list[RankInput], view: int, rep, decision: list[bool]) -> None:
+    """parse_report's verdict for rank ``view`` against the inputs' meaning: the
+    fields GateConsensus turns into its exception (GateInputError for a
+    poisoned rank, GatePeerInputError for its peers, GateDivergenceError for a
+    mismatch or a diverged slot)."""
+    world, me = len(inputs), inputs[view]
+    n, exact = len(me.votes), world <= wire.MAX_EXACT_WORLD
+    reasons = {r: _reason(inp) for r, inp in enumerate(inputs)}
+    poisoned = [r for r, code in reasons.items() if code]
+    wire_values = {
+        "seq": [inp.seq & 0xFFFFFFFF for inp in inputs],
+        "site": [inp.site & 0xFFFFFFFF for inp in inputs],
+        "policy": [wire.POLICY_CODES[inp.policy] for inp in inputs],
+        "slots": [len(inp.votes) & 2047 for inp in inputs],
+        "world": [(inp.world if inp.world is not None else world) & 2047 for inp in inputs],
+    }
+    ours = {"policy": wire.POLICY_CODES[me.policy], "slots": n, "world": world}
+    mismatches = [name for name, values in wire_values.items()
+                  if len(set(values)) > 1 or (name in ours and values[0] != ours[name])]
+    header_ok = not poisoned and not mismatches
+
+    assert rep.world == world and rep.num_slots == n and rep.exact == exact
+    assert rep.call == wire_values["seq"][0]
+    assert not rep.corrupt, "a sum of valid buffers is never corrupt"
+    assert rep.mismatches == mismatches
+    assert rep.poisoned_count == len(poisoned)
+    # Without lanes the wire names a poisoned rank only when it is the only one.
+    assert rep.poisoned_ranks == (poisoned if exact or len(poisoned) == 1 else [])
+    if exact:
+        assert rep.poison_reasons == {r: wire.REASON_TEXT.get(reasons[r] & 31, f"reason code {reasons[r] & 31}")
+                                      for r in poisoned}
+        assert [(rc.rank, rc.poisoned, rc.reason) for rc in rep.rank_calls] == [
+            (r, bool(reasons[r]), reasons[r] & 31) for r in range(world)]
+    else:
+        assert rep.rank_calls == [] and rep.poison_reasons == {}
+    assert rep.header_ok == header_ok
+
+    keys = [[_slot_key(inp, s) for inp in inputs] for s in range(n)]
+    differing = [s for s in range(n) if len({k[1:] for k in keys[s]}) > 1]
+    assert [d.slot for d in rep.diverged_slots] == differing
+    for d in rep.diverged_slots:
+        k = keys[d.slot]
+        stages, targets = [x[1] for x in k], [x[2] for x in k]
+        assert d.stage_differs == (len(set(stages)) > 1)
+        assert d.target_differs == (len(set(targets)) > 1)
+        assert (d.rank0_stage, d.rank0_target) == (stages[0], targets[0])
+        assert d.stage_range == (min_and(stages), max_or(stages))
+        assert d.target_range == (min_and(targets), max_or(targets))
+        key_differ = sum(1 for x in k if x[1:] != k[0][1:])
+        if exact:
+            assert d.ranks_differing == key_differ
+            holders = {}
+            for r, (vote, stage, target) in enumerate(k):
+                holders.setdefault((stage, target), []).append(r)
+            assert {(h.stage, h.target): h.ranks for h in d.holdings} == holders
+            assert all(h.votes_passed == [r for r in h.ranks if k[r][0]] for h in d.holdings)
+        else:
+            assert 1 <= d.ranks_differing <= key_differ
+            assert d.holdings == []
+
+    want = [header_ok and s not in differing and _passes(me.policy, [x[0] for x in keys[s]])
+            for s in range(n)]
+    assert decision == want
+    assert rep.decided_count == sum(want)
+    assert rep.diverged_count == (n if not header_ok else len(differing))
+    assert rep.ok == (header_ok and not differing)
+
+
+def min_and(values):
+    out = wire.MAX_ID
+    for v in values:
+        out &= v
+    return out
+
+
+def max_or(values):
+    out = 0
+    for v in values:
+        out |= v
+    return out
+
+
+@seed(SEED)
 @given(scenarios())
 def test_kernels_match_reference(case):
-    inputs, view = case
-    decision, report, _ = simulate(inputs, view=view)
-    exp_decision, exp_report = expected(inputs, view=view)
-    assert decision == exp_decision
-    assert report == exp_report
+    inputs, drawn = case
+    reduced = reduce_all(inputs)
+    for view in _views(len(inputs), drawn):
+        decision, report = decode_view(reduced, inputs, view)
+        exp_decision, exp_report = expected(inputs, view=view)
+        assert decision == exp_decision, f"view of rank {view}"
+        assert report == exp_report, f"view of rank {view}"
+        check_view_report(inputs, view, parse_report(report), decision)
 
 
+@seed(SEED)
 @settings(max_examples=25 if not LONG else 300, deadline=None)
-@given(scenarios(max_world=8, max_slots=16), st.integers(65, 200))
+@given(scenarios(max_world=8, max_slots=16, edge_worlds=()), st.integers(65, 200))
 def test_large_worlds_summaries_match_reference(case, world):
     """Above 64 ranks there are no lanes; the report carries bounds instead."""
     inputs, _ = case
@@ -125,6 +292,47 @@ def test_all_policies_on_a_split_vote():
 def test_majority_tie_fails():
     inputs = [RankInput([v], [3], [2], policy="majority") for v in (1, 1, 0, 0)]
     assert simulate(inputs)[0] == [False]
+
+
+@pytest.mark.parametrize("world", (2, 3, 16) + EDGE_WORLDS)
+def test_majority_at_half_and_half_plus_one(world):
+    """W/2 yes votes is a tie (fails) when W is even and a minority when odd;
+    W/2 + 1 always passes. Read from both sides of the lane boundary."""
+    rng = random.Random(world)
+    half, plus = _voters(rng, world, world // 2), _voters(rng, world, world // 2 + 1)
+    inputs = [RankInput([int(r in half), int(r in plus)], [3, 4], [2, 2], seq=9, site=77, policy="majority")
+              for r in range(world)]
+    reduced = reduce_all(inputs)
+    for view in _views(world, world // 2):
+        decision, report = decode_view(reduced, inputs, view)
+        assert decision == [False, True], f"view of rank {view}"
+        assert (decision, report) == expected(inputs, view=view)
+        rep = parse_report(report)
+        assert rep.ok and rep.decided_count == 1
+        check_view_report(inputs, view, rep, decision)
+
+
+@pytest.mark.parametrize("world, bad", [
+    (64, (3, 63)), (65, (3, 64)), (128, (0, 127)), (1024, (3, 1023)), (1024, (700,)), (65, (64,))])
+def test_poisoned_ranks_reported_alike_from_every_view(world, bad):
+    """Up to 64 ranks the lanes name every poisoned rank and its reason. Past
+    64 the wire only counts them and names one when it is alone, so two
+    poisoned ranks come back as poisoned_count 2 with no rank named, on the
+    poisoned ranks' own views as well as on their peers'."""
+    inputs = [RankInput([1, 0], [3, 3], [2, 2], seq=5, site=11, policy="any") for _ in range(world)]
+    inputs[bad[0]].stages[1] = 64          # a bad value: REASON_STAGE
+    if len(bad) > 1:
+        inputs[bad[1]].poison = 17         # the caller's own code
+    reduced = reduce_all(inputs)
+    named = list(bad) if world <= wire.MAX_EXACT_WORLD or len(bad) == 1 else []
+    for view in sorted(set(_views(world, bad[0])) | set(bad)):
+        decision, report = decode_view(reduced, inputs, view)
+        assert (decision, report) == expected(inputs, view=view)
+        rep = parse_report(report)
+        assert decision == [False, False] and not rep.header_ok and not rep.ok
+        assert rep.poisoned_count == len(bad)
+        assert rep.poisoned_ranks == named, f"view of rank {view}"
+        check_view_report(inputs, view, rep, decision)
 
 
 def test_decoding_random_buffers_never_crashes():

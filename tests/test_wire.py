@@ -29,3 +29,14 @@ def test_buffer_size_depends_only_on_capacity_and_world():
 def test_lanes_only_up_to_64_ranks():
     assert wire.layout(16, 64).lanes_words > 0
     assert wire.layout(16, 65).lanes_words == 0
+
+
+def test_reason_max_matches_cpp():
+    # The fake kernels refuse a poison above wire.REASON_MAX; so must the kernel.
+    ones = torch.ones(2, dtype=torch.bool)
+    ids = torch.zeros(2, dtype=torch.int64)
+    esper_gate.pack(ones, ids, ids, 0, 0, "any", 0, 1, wire.REASON_MAX)
+    with pytest.raises(ValueError, match=f"poison must be a reason code in 0..{wire.REASON_MAX}, "
+                                         f"got {wire.REASON_MAX + 1}"):
+        esper_gate.pack(ones, ids, ids, 0, 0, "any", 0, 1, wire.REASON_MAX + 1)
+    assert wire.REASON_MAX == 2 ** dict((n, w) for n, _o, w in wire.HEADER_FIELDS)["reason"] - 1

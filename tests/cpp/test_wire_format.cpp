@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "check.h"
+#include "oracle.h"
 #include "wire_sim.h"
 
 using namespace eg_test;
@@ -803,6 +804,117 @@ TEST_CASE(inconsistent_sections_are_corrupt) {
       d = decode_all(buf, 2, world, wire::kAny);
       EXPECT(d.flag(wire::kFlagCorrupt));
       check_nothing_decided(d);
+    }
+  }
+}
+
+// ---- every decode path against the independent oracle ---------------------
+
+namespace {
+
+// One way the ranks' inputs can differ; each reaches its own decode path.
+enum Variant {
+  kAgree,            // header ok, every slot's status from the votes alone
+  kEdgeVotes,        // yes-counts at 0, 1, W/2, W/2 + 1, W - 1, W
+  kStageDiverges,
+  kTargetDiverges,
+  kSeqMismatch,
+  kSiteMismatch,
+  kPolicyMismatch,
+  kSlotsMismatch,    // one rank has 5 slots, the others 6 (same capacity): both views
+  kWorldMismatch,
+  kOnePoisonedValue,
+  kOnePoisonedCaller,
+  kTwoPoisoned,      // past 64 ranks: counted, not named
+  kReasonWithoutPoison,
+  kNumVariants,
+};
+
+const char* const kVariantNames[kNumVariants] = {
+    "agree", "edge votes", "stage diverges", "target diverges", "seq mismatch", "site mismatch",
+    "policy mismatch", "slots mismatch", "world mismatch", "one poisoned by a value",
+    "one poisoned by the caller", "two poisoned", "reason without poison bit"};
+
+std::vector<RankInput> variant_inputs(int v, int64_t world, int64_t policy, Rng& rng) {
+  const int64_t n = 6;  // 5 slots have the same capacity, for the slot-count mismatch
+  std::vector<RankInput> in(static_cast<size_t>(world), agreeing_input(n, world, policy));
+  for (int64_t r = 0; r < world; ++r) {
+    for (int64_t s = 0; s < n; ++s) in[r].votes[s] = rng.below(3) != 0;
+  }
+  // Two distinct ranks (one when W == 1); their ids + 1 often sum to <= W,
+  // so a decoder that named "the" poisoned rank from that sum would be caught.
+  const int64_t a = rng.below(world), b = world > 1 ? (a + 1 + rng.below(world - 1)) % world : a;
+  switch (v) {
+    case kEdgeVotes: {
+      const int64_t counts[n] = {world / 2, world / 2 + 1, 0, world - 1, world, (world + 1) / 2};
+      for (int64_t s = 0; s < n; ++s) {
+        for (int64_t r = 0; r < world; ++r) in[r].votes[s] = (r + s) % world < counts[s];
+      }
+      break;
+    }
+    case kStageDiverges: in[a].stages[1] ^= 1 + rng.below(63); break;
+    case kTargetDiverges: in[a].targets[3] ^= 1 + rng.below(63); in[b].targets[3] ^= 5; break;
+    case kSeqMismatch: in[a].header.seq = (in[a].header.seq + 1) & 0xffffffffu; break;
+    case kSiteMismatch: in[a].header.site ^= 0x80000001u; break;
+    case kPolicyMismatch: in[a].header.policy = (in[a].header.policy + 1) % wire::kNumPolicies; break;
+    case kSlotsMismatch: {
+      RankInput fewer = agreeing_input(n - 1, world, policy);
+      fewer.votes = std::vector<int64_t>(in[a].votes.begin(), in[a].votes.end() - 1);
+      in[a] = fewer;
+      break;
+    }
+    case kWorldMismatch: in[a].header.world = world + 1; break;
+    case kOnePoisonedValue: in[a].stages[2] = 64 + rng.below(100); break;
+    case kOnePoisonedCaller:
+      in[a].header = header_values(41, 0xC0FFEE, policy, n, world, wire::kReasonCallerMin + rng.below(16));
+      break;
+    case kTwoPoisoned:
+      in[a].votes[0] = 2;
+      if (world > 1) in[b].targets[4] = -1;
+      break;
+    case kReasonWithoutPoison: in[a].header.reason = wire::kReasonCallerMin + 2; break;
+    default: break;
+  }
+  return in;
+}
+
+}  // namespace
+
+TEST_CASE(pack_matches_the_oracle) {
+  Rng rng(0x0AC1E);
+  for (int64_t world : {1, 2, 3, 4, 63, 64, 65, 127, 128, 1023, 1024}) {
+    for (int v = 0; v < kNumVariants; ++v) {
+      const std::vector<RankInput> inputs = variant_inputs(v, world, v % wire::kNumPolicies, rng);
+      for (int64_t r : {int64_t{0}, world / 2, world - 1}) {
+        CONTEXT("world " << world << ", " << kVariantNames[v] << ", rank " << r);
+        EXPECT(pack_rank(inputs[r], r, world) == oracle::buffer(inputs[r], r, world));
+      }
+    }
+  }
+}
+
+TEST_CASE(decode_paths_match_the_oracle) {
+  // Every path of decode_global, decode_slot, decode_rank and finish_slot that
+  // a sum of honest buffers reaches: header ok or not (each mismatch, one or
+  // two poisoned ranks, a bare reason), each policy on edge vote counts, stage
+  // and target divergence, with lanes (W <= 64) and without, read by rank 0,
+  // by the odd rank and by the last rank.
+  Rng rng(0x0AC1E5);
+  for (int64_t world : {1, 2, 3, 4, 17, 63, 64, 65, 100, 127, 128, 1023, 1024}) {
+    for (int v = 0; v < kNumVariants; ++v) {
+      for (int64_t policy = 0; policy < wire::kNumPolicies; ++policy) {
+        const std::vector<RankInput> inputs = variant_inputs(v, world, policy, rng);
+        const std::vector<int64_t> sum = reduce_ranks(inputs, world);
+        for (int64_t view = 0; view < world; ++view) {
+          const int64_t n = static_cast<int64_t>(inputs[view].votes.size());
+          // Rank 0, the last rank, and any rank whose slot count differs.
+          if (view != 0 && view != world - 1 && n == static_cast<int64_t>(inputs[0].votes.size())) continue;
+          CONTEXT("world " << world << ", " << kVariantNames[v] << ", policy " << policy << ", view of rank "
+                           << view);
+          const Decoded d = decode_all(sum, n, world, policy);
+          expect_report_matches(d.report, d.decision, oracle::decode(inputs, n, policy));
+        }
+      }
     }
   }
 }

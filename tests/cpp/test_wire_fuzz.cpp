@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "check.h"
+#include "oracle.h"
 #include "wire_sim.h"
 
 using namespace eg_test;
@@ -175,6 +176,8 @@ TEST_CASE(valid_random_inputs_decide_as_expected) {
         CONTEXT("slot " << s);
         EXPECT_EQ(static_cast<int>(d.decision[s]), static_cast<int>(want[s]));
       }
+      // Every report word, not only the decisions.
+      expect_report_matches(d.report, d.decision, oracle::decode(inputs, sh.num_slots, policy));
     }
   }
 }

@@ -2,7 +2,8 @@
 // each rank packs its buffer, the buffers are summed (what all_reduce SUM
 // does) and the sum is decoded. pack_rank and decode_all follow pack_cpu and
 // decode_cpu step for step, so the torch-free tests exercise the same calls
-// the kernels make, and test_cpu_kernels checks that the two stay equal.
+// the kernels make. Being the same calls, it is no oracle: expectations come
+// from hand-worked values or from oracle.h.
 #pragma once
 
 #include <cstdint>
