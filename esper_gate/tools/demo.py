@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .._spawn import spawn_ranks
-from ..report import gate_name, ranks_text, stage_name
+from ..report import ranks_text, stage_name
 
 # Esper's stage and gate ids (stable IntEnum values).
 DORMANT, GERMINATED, TRAINING, BLENDING, HOLDING, FOSSILIZED = 1, 2, 3, 4, 6, 7
