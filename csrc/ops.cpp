@@ -1,5 +1,13 @@
 // Schema of the esper_gate ops and the device-independent `sync`.
 //
+// One sync, from Python to the result:
+//   GateSync.__call__                      esper_gate/gate_sync.py
+//   -> torch.ops.esper_gate.sync           sync_impl below
+//   -> pack   (this rank's buffer)         csrc/{cpu,cuda}/gate_kernels -> wire::pack_buffer (wire/pack.h)
+//   -> all_reduce SUM on the named group   sync_impl below
+//   -> decode (decisions + report)         csrc/{cpu,cuda}/gate_kernels -> wire::decode_buffer (wire/decode.h)
+//   -> GateConsensus                       esper_gate/gate_sync.py, from the report parsed by esper_gate/report.py
+//
 // pack and decode have one kernel per device (csrc/cpu, csrc/cuda); sync is
 // written once: pack through the dispatcher (so the tensors' device picks the
 // kernel), one all_reduce on the process group named by the caller, decode.

@@ -1,4 +1,4 @@
-"""Python mirror of the wire-format constants in ``csrc/wire_format.h``.
+"""Python mirror of the wire-format constants in ``csrc/wire/``.
 
 The fake (meta) implementations need buffer and report sizes and the limits
 the real kernels check (slots, world, policies, reason codes) without running

@@ -1,4 +1,4 @@
-// Unit tests of csrc/wire_format.h on the host, without torch: layout sizes,
+// Unit tests of the wire format (csrc/wire/) on the host, without torch: layout sizes,
 // header and slot encoding, and W simulated ranks whose summed buffers must
 // decode to the expected decisions, divergences and header flags.
 #include <algorithm>
@@ -490,7 +490,7 @@ void check_divergence(int64_t world, int which, const std::vector<int64_t>& odd,
     for (int64_t r = 0; r < world; ++r) {
       CONTEXT("rank " << r);
       const int64_t stage = inputs[r].stages[slot], target = inputs[r].targets[slot];
-      EXPECT_EQ(d.slot_rank(slot, r), (int64_t{1} << 12) | (stage << 6) | target);
+      EXPECT_EQ(d.slot_rank(slot, r), (int64_t{1} << oracle::kEntryVoteShift) | (stage << oracle::kEntryStageShift) | target);
     }
   } else if (uniform) {
     // One alternative value: the bits it changes are counted exactly.
@@ -854,7 +854,7 @@ std::vector<RankInput> variant_inputs(int v, int64_t world, int64_t policy, Rng&
     }
     case kStageDiverges: in[a].stages[1] ^= 1 + rng.below(63); break;
     case kTargetDiverges: in[a].targets[3] ^= 1 + rng.below(63); in[b].targets[3] ^= 5; break;
-    case kSeqMismatch: in[a].header.seq = (in[a].header.seq + 1) & 0xffffffffu; break;
+    case kSeqMismatch: in[a].header.seq = (in[a].header.seq + 1) & wire::field_mask(wire::kFieldSeq); break;
     case kSiteMismatch: in[a].header.site ^= 0x80000001u; break;
     case kPolicyMismatch: in[a].header.policy = (in[a].header.policy + 1) % wire::kNumPolicies; break;
     case kSlotsMismatch: {
