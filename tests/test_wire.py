@@ -1,9 +1,64 @@
 """The Python mirror of the wire layout agrees with the C++ ops."""
+import json
+
 import pytest
 import torch
 
 import esper_gate
 from esper_gate import wire
+
+# Constants of wire.py that the C++ side has no counterpart for: the caller's
+# own reason codes (checked below to lie in the caller's range) and tables
+# derived from checked constants (checked below against their source).
+PYTHON_ONLY = {"REASON_DTYPE", "REASON_SHAPE", "REASON_DEVICE", "REASON_OTHER", "REASON_TEXT",
+               "POLICY_CODES", "HEADER_FIELD_WIDTH"}
+
+
+def _cpp_constants() -> dict:
+    return json.loads(torch.ops.esper_gate.wire_constants())
+
+
+def test_every_constant_matches_cpp():
+    cpp = _cpp_constants()
+    for name, value in cpp.items():
+        assert hasattr(wire, name), f"C++ exports {name} = {value!r}; esper_gate/wire.py has no {name}"
+        mine = getattr(wire, name)
+        if name == "HEADER_FIELDS":
+            mine = [list(f) for f in mine]
+        elif name == "POLICIES":
+            mine = list(mine)
+        assert mine == value, f"wire.{name} is {mine!r}, the C++ side has {value!r}"
+    ours = {name for name in vars(wire) if name.isupper()}
+    unchecked = ours - set(cpp) - PYTHON_ONLY
+    assert not unchecked, f"constants in wire.py that no test compares with C++: {sorted(unchecked)}"
+    assert PYTHON_ONLY <= ours, f"listed as Python-only but gone from wire.py: {sorted(PYTHON_ONLY - ours)}"
+
+
+def test_python_only_constants_follow_the_checked_ones():
+    cpp = _cpp_constants()
+    for name in ("REASON_DTYPE", "REASON_SHAPE", "REASON_DEVICE", "REASON_OTHER"):
+        code = getattr(wire, name)
+        assert cpp["REASON_CALLER_MIN"] <= code <= cpp["REASON_MAX"], f"wire.{name} = {code} is no caller code"
+    assert wire.HEADER_FIELD_WIDTH == {n: w for n, _o, w in cpp["HEADER_FIELDS"]}
+    assert wire.POLICY_CODES == {n: code for code, n in enumerate(cpp["POLICIES"])}
+    codes = [v for k, v in cpp.items() if k.startswith("REASON_") and k not in ("REASON_CALLER_MIN", "REASON_MAX")]
+    assert set(wire.REASON_TEXT) >= set(codes), "every reason code needs a text"
+    # The fields tile the header, and each mask is its width in ones.
+    end = 0
+    for name, offset, width in cpp["HEADER_FIELDS"]:
+        assert offset == end, f"field {name} starts at {offset}, expected {end}"
+        assert wire.header_field_mask(name) == (1 << width) - 1
+        end += width
+    assert end == cpp["HEADER_BITS"]
+    # Every limit fits the field that carries it.
+    widths = wire.HEADER_FIELD_WIDTH
+    assert cpp["MAX_WORLD"] <= wire.header_field_mask("world") < 2 * cpp["MAX_WORLD"]
+    assert cpp["MAX_SLOTS"] <= wire.header_field_mask("slots") < 2 * cpp["MAX_SLOTS"]
+    assert 2 ** widths["reason"] == cpp["REASON_MAX"] + 1
+    # The slot entry helpers pack and unpack with the exported shifts.
+    e = wire.slot_entry(1, 45, 17)
+    assert e == 1 << cpp["SLOT_ENTRY_VOTE_SHIFT"] | 45 << cpp["SLOT_ENTRY_STAGE_SHIFT"] | 17
+    assert (wire.slot_entry_vote(e), wire.slot_entry_stage(e), wire.slot_entry_target(e)) == (1, 45, 17)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 7, 64, 65, 1024])
