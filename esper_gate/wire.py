@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_SLOTS = 1024
-MAX_WORLD = 1024
+MAX_WORLD = 65536  # the world header field is sized from it (17 bits)
 MAX_EXACT_WORLD = 64
 ID_BITS = 6
 MAX_ID = (1 << ID_BITS) - 1
@@ -61,12 +61,12 @@ HEADER_FIELDS = (
     ("site", 32, 32),
     ("policy", 64, 2),
     ("slots", 66, 11),
-    ("world", 77, 11),
-    ("poison", 88, 1),
-    ("reason", 89, 5),
+    ("world", 77, 17),
+    ("poison", 94, 1),
+    ("reason", 95, 5),
 )
 HEADER_FIELD_WIDTH = {name: width for name, _offset, width in HEADER_FIELDS}
-HEADER_BITS = 94
+HEADER_BITS = 100
 # Per slot: the vote, then the stage id, then the target id.
 SLOT_VOTE_BIT = 0
 SLOT_STAGE_BIT = 1

@@ -9,7 +9,9 @@ namespace esper_gate {
 namespace wire {
 
 constexpr int64_t kMaxSlots = 1024;
-constexpr int64_t kMaxWorld = 1024;
+// Counters grow with log2(W) and the world field is sized from this, so the
+// format serves the largest single training jobs; only lanes are capped lower.
+constexpr int64_t kMaxWorld = 65536;
 constexpr int64_t kMaxExactWorld = 64;  // lanes (exact per-rank report) up to here
 constexpr int64_t kIdBits = 6;
 constexpr int64_t kMaxId = (int64_t{1} << kIdBits) - 1;  // stage and target ids are 0..63

@@ -23,9 +23,10 @@ namespace oracle {
 
 // Header fields in record order: seq, site, policy, slots, world, poison, reason.
 constexpr int kFields = 7;
-constexpr int kWidth[kFields] = {32, 32, 2, 11, 11, 1, 5};
+// slots holds 1..1024 (11 bits), world 1..65,536 (17 bits).
+constexpr int kWidth[kFields] = {32, 32, 2, 11, 17, 1, 5};
 constexpr int kWorldField = 4;
-constexpr int kHeaderBits = 94;
+constexpr int kHeaderBits = 100;
 constexpr int kSlotBits = 13;  // vote, then 6 bits of stage, then 6 of target
 // A per-rank slot entry of the exact report: vote, stage, target from the top.
 constexpr int kEntryVoteShift = 12;
