@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0+PTX"
 # The oldest CPython the one abi3 wheel serves (python_module.cpp uses only the limited API).
 LIMITED_API_TAG, LIMITED_API_HEX = "cp310", "0x030A0000"
-SOURCES = ["csrc/ops.cpp", "csrc/python_module.cpp", "csrc/cpu/gate_kernels.cpp"]
+SOURCES = ["csrc/ops.cpp", "csrc/python_module.cpp", "csrc/wire_constants.cpp", "csrc/cpu/gate_kernels.cpp"]
 CUDA_SOURCES = ["csrc/cuda/gate_kernels.cu"]
 # Commands that compile; the others (sdist, egg_info, dist_info, --version...) only need metadata.
 BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "bdist_egg", "bdist", "install", "develop",

@@ -9,7 +9,9 @@
 #include <string>
 #include <tuple>
 
-#include "wire_format.h"
+#include "wire/layout.h"
+#include "wire/limits.h"
+#include "wire/pack.h"
 
 namespace esper_gate {
 
@@ -83,14 +85,15 @@ inline wire::HeaderValues make_header(
     int64_t seq, int64_t site, int64_t policy, int64_t num_slots, int64_t world_size,
     int64_t poison) {
   wire::HeaderValues h;
-  h.seq = static_cast<uint64_t>(seq) & 0xffffffffu;
-  h.site = static_cast<uint64_t>(site) & 0xffffffffu;
+  h.seq = static_cast<uint64_t>(seq) & wire::field_mask(wire::kFieldSeq);
+  h.site = static_cast<uint64_t>(site) & wire::field_mask(wire::kFieldSite);
   h.policy = static_cast<uint64_t>(policy);
   h.slots = static_cast<uint64_t>(num_slots);
   h.world = static_cast<uint64_t>(world_size);
   // A caller-declared reason wins; the kernel fills in its own otherwise.
   int64_t reason = poison;
-  if (reason == wire::kReasonNone && (site < 0 || site > int64_t{0xffffffff})) {
+  if (reason == wire::kReasonNone &&
+      (site < 0 || static_cast<uint64_t>(site) > wire::field_mask(wire::kFieldSite))) {
     reason = wire::kReasonSite;
   }
   h.poison = reason != wire::kReasonNone ? 1 : 0;

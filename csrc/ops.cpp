@@ -1,5 +1,15 @@
 // Schema of the esper_gate ops and the device-independent `sync`.
 //
+// One sync, from Python to the result:
+//   GateSync.__call__                      esper_gate/gate_sync.py
+//   -> torch.ops.esper_gate.sync           sync_impl below
+//   -> pack   (this rank's buffer)         csrc/{cpu,cuda}/gate_kernels -> wire::pack_buffer (wire/pack.h)
+//   -> all_reduce SUM on the named group   sync_impl below
+//   -> decode (decisions + report)         csrc/{cpu,cuda}/gate_kernels -> wire::decode_buffer (wire/decode.h)
+//   -> GateConsensus                       esper_gate/gate_sync.py, from the report parsed by esper_gate/report.py
+// wire_constants() exports the C++ constants for the test that checks the
+// Python mirror (esper_gate/wire.py) against them.
+//
 // pack and decode have one kernel per device (csrc/cpu, csrc/cuda); sync is
 // written once: pack through the dispatcher (so the tensors' device picks the
 // kernel), one all_reduce on the process group named by the caller, decode.
@@ -82,6 +92,7 @@ TORCH_LIBRARY(esper_gate, m) {
       "sync(Tensor votes, Tensor stages, Tensor targets, int seq, int site, str policy, "
       "str group_name, int poison=0) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  m.def("wire_constants() -> str");
 }
 
 TORCH_LIBRARY_IMPL(esper_gate, CPU, m) {

@@ -1,18 +1,30 @@
-"""Python mirror of the wire-format constants in ``csrc/wire_format.h``.
+"""Python mirror of the wire-format constants in ``csrc/wire/`` (limits.h,
+layout.h, pack.h, report.h).
 
 The fake (meta) implementations need buffer and report sizes and the limits
 the real kernels check (slots, world, policies, reason codes) without running
-a kernel, and the report parser needs the word indices. ``tests/test_wire.py``
-checks every number here against the C++ ops, so the two cannot drift apart.
+a kernel, and the report parser needs the word indices.
+
+What ``tests/test_wire.py`` checks against the C++ side: every constant the
+op ``torch.ops.esper_gate.wire_constants()`` exports is compared by name with
+the one here (limits, policies, kernel reason codes, header fields with
+offset and width, record and slot bits, fixed words, report layout words and
+indices, flags, status bits, slot-entry shifts and mask), and every upper-case
+constant here is either among them or listed there as Python-only (the
+caller's reason codes, which must lie in REASON_CALLER_MIN..REASON_MAX, and
+tables derived from the checked ones). ``layout``/``buffer_words`` and
+``report_words`` are checked against the sizes the real pack and decode ops
+return, up to MAX_WORLD ranks.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 MAX_SLOTS = 1024
-MAX_WORLD = 1024
+MAX_WORLD = 65536  # the world header field is sized from it (17 bits)
 MAX_EXACT_WORLD = 64
-MAX_ID = 63
+ID_BITS = 6
+MAX_ID = (1 << ID_BITS) - 1
 BITS_PER_WORD = 63
 
 POLICIES = ("unanimous", "rank0", "majority", "any")
@@ -25,6 +37,7 @@ REASON_VOTE = 1
 REASON_STAGE = 2
 REASON_TARGET = 3
 REASON_SITE = 4
+REASON_CALLER_MIN = 16  # codes from here up are declared by the caller, not found by the kernel
 REASON_DTYPE = 16
 REASON_SHAPE = 17
 REASON_DEVICE = 18
@@ -48,13 +61,19 @@ HEADER_FIELDS = (
     ("site", 32, 32),
     ("policy", 64, 2),
     ("slots", 66, 11),
-    ("world", 77, 11),
-    ("poison", 88, 1),
-    ("reason", 89, 5),
+    ("world", 77, 17),
+    ("poison", 94, 1),
+    ("reason", 95, 5),
 )
 HEADER_FIELD_WIDTH = {name: width for name, _offset, width in HEADER_FIELDS}
-HEADER_BITS = 94
-SLOT_BITS = 13
+HEADER_BITS = 100
+# Per slot: the vote, then the stage id, then the target id.
+SLOT_VOTE_BIT = 0
+SLOT_STAGE_BIT = 1
+SLOT_TARGET_BIT = SLOT_STAGE_BIT + ID_BITS
+SLOT_BITS = SLOT_TARGET_BIT + ID_BITS
+# Fixed words at the start of the buffer.
+WORD_PRESENCE, WORD_RANK_SUM, WORD_POISON_RANK = 0, 1, 2
 FIXED_WORDS = 3
 
 # Report layout.
@@ -64,6 +83,8 @@ RANK_WORDS = 8
 G_FLAGS, G_PRESENCE, G_POISON_COUNT, G_POISONED_RANK = 0, 1, 2, 3
 G_WORLD, G_SLOTS, G_CAPACITY, G_DIVERGED, G_DECIDED, G_POLICY = 4, 5, 6, 7, 8, 9
 G_FIELD_BASE, G_FIELD_STRIDE = 10, 5
+# The words kept per header field at G_FIELD_BASE + G_FIELD_STRIDE * field.
+G_FIELD_ROOT, G_FIELD_AND, G_FIELD_OR, G_FIELD_DIFFER_LB, G_FIELD_EQUAL = 0, 1, 2, 3, 4
 
 FLAG_SEQ_MISMATCH = 1 << 0
 FLAG_SITE_MISMATCH = 1 << 1
@@ -87,8 +108,7 @@ STATUS_POLICY_PASSED = 1 << 4
 STATUS_CORRUPT = 1 << 5
 
 # Per-rank slot entry of the exact report (world <= MAX_EXACT_WORLD): one word
-# per (slot, rank), SLOT_ENTRY_VOTE_BIT | stage << SLOT_ENTRY_STAGE_SHIFT | target.
-ID_BITS = 6
+# per (slot, rank), vote << SLOT_ENTRY_VOTE_SHIFT | stage << SLOT_ENTRY_STAGE_SHIFT | target.
 SLOT_ENTRY_ID_MASK = MAX_ID
 SLOT_ENTRY_STAGE_SHIFT = ID_BITS
 SLOT_ENTRY_VOTE_SHIFT = 2 * ID_BITS

@@ -9,20 +9,37 @@ import esper_gate
 from reference import RankInput
 
 
-def pack_rank(inp: RankInput, rank: int, world: int, device="cpu") -> torch.Tensor:
+def _tensors(inp: RankInput, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     votes = torch.tensor([int(v) for v in inp.votes], dtype=torch.int64, device=device)
     if all(int(v) in (0, 1) for v in inp.votes):
         votes = votes.bool()
     stages = torch.tensor(list(inp.stages), dtype=torch.int64, device=device)
     targets = torch.tensor(list(inp.targets), dtype=torch.int64, device=device)
+    return votes, stages, targets
+
+
+def pack_rank(inp: RankInput, rank: int, world: int, device="cpu", tensors=None) -> torch.Tensor:
+    votes, stages, targets = tensors if tensors is not None else _tensors(inp, device)
     w = inp.world if inp.world is not None else world
     return esper_gate.pack(votes, stages, targets, inp.seq, inp.site, inp.policy, rank, w, inp.poison)
 
 
 def reduce_all(inputs: Sequence[RankInput], device="cpu") -> torch.Tensor:
-    """Every rank's buffer summed, as the all_reduce leaves it on every rank."""
+    """Every rank's buffer summed, as the all_reduce leaves it on every rank.
+
+    A running sum, so memory stays one buffer at any world size; ranks with
+    the same slot values share their input tensors (the pack op still runs
+    once per rank, with that rank's id)."""
     world = len(inputs)
-    return torch.stack([pack_rank(inp, r, world, device) for r, inp in enumerate(inputs)]).sum(0)
+    cache: dict = {}
+    total = None
+    for r, inp in enumerate(inputs):
+        key = (tuple(int(v) for v in inp.votes), tuple(inp.stages), tuple(inp.targets))
+        if key not in cache:
+            cache[key] = _tensors(inp, device)
+        buf = pack_rank(inp, r, world, device, cache[key])
+        total = buf if total is None else total.add_(buf)
+    return total
 
 
 def decode_view(reduced: torch.Tensor, inputs: Sequence[RankInput], view: int):

@@ -151,8 +151,9 @@ _TENSOR_CASES = [
 ]
 
 _RANK_CASES = [
-    ("world 0", dict(world=0), ValueError, "world_size must be in 1..1024, got 0"),
-    ("world 1025", dict(world=1025), ValueError, "world_size must be in 1..1024, got 1025"),
+    ("world 0", dict(world=0), ValueError, f"world_size must be in 1..{wire.MAX_WORLD}, got 0"),
+    (f"world {wire.MAX_WORLD + 1}", dict(world=wire.MAX_WORLD + 1), ValueError,
+     f"world_size must be in 1..{wire.MAX_WORLD}, got {wire.MAX_WORLD + 1}"),
     ("rank 2 of 2", dict(rank=2), ValueError, r"rank must be in 0..1 for world_size 2, got 2"),
     ("rank -1", dict(rank=-1), ValueError, r"rank must be in 0..1 for world_size 2, got -1"),
 ]
@@ -171,8 +172,9 @@ _DECODE_CASES = [
      f"expected a reduced buffer of {wire.buffer_words(4, 3)} words for 4 slots and world_size 3, "
      f"got {wire.buffer_words(4, 2)}"),
     ("unknown policy", dict(policy="rank1"), ValueError, "unknown policy 'rank1', expected one of"),
-    ("world 0", dict(world=0), ValueError, "world_size must be in 1..1024, got 0"),
-    ("world 1025", dict(world=1025), ValueError, "world_size must be in 1..1024, got 1025"),
+    ("world 0", dict(world=0), ValueError, f"world_size must be in 1..{wire.MAX_WORLD}, got 0"),
+    (f"world {wire.MAX_WORLD + 1}", dict(world=wire.MAX_WORLD + 1), ValueError,
+     f"world_size must be in 1..{wire.MAX_WORLD}, got {wire.MAX_WORLD + 1}"),
     ("0 slots", dict(slots=0), ValueError, "expected 1..1024 slots, got 0"),
     ("1025 slots", dict(slots=1025), ValueError, "expected 1..1024 slots, got 1025"),
 ]

@@ -1,12 +1,136 @@
 """The Python mirror of the wire layout agrees with the C++ ops."""
+import json
+import pathlib
+
 import pytest
 import torch
 
 import esper_gate
 from esper_gate import wire
+from reference import RankInput, expected
+from simulate import decode_view, reduce_all
+
+DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "wire-format.md"
+
+# Constants of wire.py that the C++ side has no counterpart for: the caller's
+# own reason codes (checked below to lie in the caller's range) and tables
+# derived from checked constants (checked below against their source).
+PYTHON_ONLY = {"REASON_DTYPE", "REASON_SHAPE", "REASON_DEVICE", "REASON_OTHER", "REASON_TEXT",
+               "POLICY_CODES", "HEADER_FIELD_WIDTH"}
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4, 7, 64, 65, 1024])
+def _cpp_constants() -> dict:
+    return json.loads(torch.ops.esper_gate.wire_constants())
+
+
+def test_every_constant_matches_cpp():
+    cpp = _cpp_constants()
+    for name, value in cpp.items():
+        assert hasattr(wire, name), f"C++ exports {name} = {value!r}; esper_gate/wire.py has no {name}"
+        mine = getattr(wire, name)
+        if name == "HEADER_FIELDS":
+            mine = [list(f) for f in mine]
+        elif name == "POLICIES":
+            mine = list(mine)
+        assert mine == value, f"wire.{name} is {mine!r}, the C++ side has {value!r}"
+    ours = {name for name in vars(wire) if name.isupper()}
+    unchecked = ours - set(cpp) - PYTHON_ONLY
+    assert not unchecked, f"constants in wire.py that no test compares with C++: {sorted(unchecked)}"
+    assert PYTHON_ONLY <= ours, f"listed as Python-only but gone from wire.py: {sorted(PYTHON_ONLY - ours)}"
+
+
+def test_python_only_constants_follow_the_checked_ones():
+    cpp = _cpp_constants()
+    for name in ("REASON_DTYPE", "REASON_SHAPE", "REASON_DEVICE", "REASON_OTHER"):
+        code = getattr(wire, name)
+        assert cpp["REASON_CALLER_MIN"] <= code <= cpp["REASON_MAX"], f"wire.{name} = {code} is no caller code"
+    assert wire.HEADER_FIELD_WIDTH == {n: w for n, _o, w in cpp["HEADER_FIELDS"]}
+    assert wire.POLICY_CODES == {n: code for code, n in enumerate(cpp["POLICIES"])}
+    codes = [v for k, v in cpp.items() if k.startswith("REASON_") and k not in ("REASON_CALLER_MIN", "REASON_MAX")]
+    assert set(wire.REASON_TEXT) >= set(codes), "every reason code needs a text"
+    # The fields tile the header, and each mask is its width in ones.
+    end = 0
+    for name, offset, width in cpp["HEADER_FIELDS"]:
+        assert offset == end, f"field {name} starts at {offset}, expected {end}"
+        assert wire.header_field_mask(name) == (1 << width) - 1
+        end += width
+    assert end == cpp["HEADER_BITS"]
+    # Every limit fits the field that carries it.
+    widths = wire.HEADER_FIELD_WIDTH
+    assert cpp["MAX_WORLD"] <= wire.header_field_mask("world") < 2 * cpp["MAX_WORLD"]
+    assert cpp["MAX_SLOTS"] <= wire.header_field_mask("slots") < 2 * cpp["MAX_SLOTS"]
+    assert 2 ** widths["reason"] == cpp["REASON_MAX"] + 1
+    # The slot entry helpers pack and unpack with the exported shifts.
+    e = wire.slot_entry(1, 45, 17)
+    assert e == 1 << cpp["SLOT_ENTRY_VOTE_SHIFT"] | 45 << cpp["SLOT_ENTRY_STAGE_SHIFT"] | 17
+    assert (wire.slot_entry_vote(e), wire.slot_entry_stage(e), wire.slot_entry_target(e)) == (1, 45, 17)
+
+
+# S and W of the buffer-size table in docs/wire-format.md.
+TABLE_SLOTS = (1, 16, 64, 256, 1024)
+TABLE_WORLDS = (2, 64, 65, 1024, 16384, 65536)
+
+
+def _docs_buffer_table() -> dict:
+    text = DOCS.read_text()
+    head = "| S \\ W | " + " | ".join(str(w) for w in TABLE_WORLDS) + " |"
+    start = text.index(head)
+    rows = {}
+    for line in text[start:].splitlines()[2:2 + len(TABLE_SLOTS)]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows[int(cells[0])] = [int(c) for c in cells[1:]]
+    return rows
+
+
+def test_buffer_size_table_in_docs_is_what_pack_returns():
+    table = _docs_buffer_table()
+    assert sorted(table) == sorted(TABLE_SLOTS)
+    for s in TABLE_SLOTS:
+        ones = torch.ones(s, dtype=torch.bool)
+        ids = torch.zeros(s, dtype=torch.int64)
+        for w, documented in zip(TABLE_WORLDS, table[s]):
+            real = esper_gate.pack(ones, ids, ids, 0, 0, "unanimous", w - 1, w).numel()
+            assert real == wire.buffer_words(s, w) == documented, f"S={s}, W={w}: pack {real}, " \
+                f"wire.buffer_words {wire.buffer_words(s, w)}, docs {documented}"
+
+
+def _scale_inputs(world: int, case: str) -> list:
+    """Three slots: a majority tie (exactly half vote yes), one rank at another
+    stage (a divergence), and a unanimous yes; or the same with one poisoned rank."""
+    half = set(range(1, world, 2))  # odd ranks: world // 2 of them
+    inputs = [RankInput([1 if r in half else 0, 1, 1], [3, 4, 5], [2, 2, 6], seq=7, site=99, policy="majority")
+              for r in range(world)]
+    if case == "diverged":
+        inputs[world - 1].stages[1] = 9
+    else:
+        inputs[world // 3].stages[2] = 64  # out of range: REASON_STAGE
+    return inputs
+
+
+@pytest.mark.parametrize("case", ["diverged", "poisoned"])
+@pytest.mark.parametrize("world", [1025, 4096, wire.MAX_WORLD])
+def test_scale_simulation_matches_reference(world, case):
+    """Past the lanes (W > 64) up to the limit: every simulated rank packs with
+    the real op, the buffers are summed as the all_reduce would, and decode
+    must report what the reference says from the inputs' meaning."""
+    inputs = _scale_inputs(world, case)
+    reduced = reduce_all(inputs)
+    assert reduced.numel() == wire.buffer_words(3, world)
+    for view in (0, world - 1):
+        decision, report = decode_view(reduced, inputs, view)
+        assert (decision, report) == expected(inputs, view=view), f"W={world}, {case}, view of rank {view}"
+    flags = report[wire.G_FLAGS]
+    assert not flags & wire.FLAG_EXACT and report[wire.G_WORLD] == world
+    if case == "diverged":
+        # a tie fails majority on even W; on odd W the half is a minority
+        assert decision == [False, False, True]
+        assert report[wire.G_DIVERGED] == 1 and flags & wire.FLAG_HEADER_OK
+    else:
+        assert decision == [False, False, False]
+        assert flags & wire.FLAG_POISONED and report[wire.G_POISONED_RANK] == world // 3
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7, 64, 65, 1024, 1025, 65536])
 @pytest.mark.parametrize("slots", [1, 2, 3, 16, 100, 1024])
 def test_buffer_and_report_sizes_match_cpp(slots, world):
     ones = torch.ones(slots, dtype=torch.bool)

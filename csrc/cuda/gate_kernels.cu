@@ -1,4 +1,5 @@
-// CUDA kernels for pack and decode. Each is one launch of one block on the
+// CUDA kernels for pack and decode: the shared sequences of csrc/wire (pack.h,
+// decode.h), spread over the threads of one block. Each is one launch on the
 // current stream: the work is at most a few thousand words, so a single block
 // keeps the slot-wide steps (first bad input, "any slot corrupt", counts) in
 // shared memory with no second launch and no host round trip.
@@ -8,14 +9,27 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <climits>
-
 #include "../esper_gate.h"
+#include "../wire/decode.h"
+#include "../wire/pack.h"
 
 namespace esper_gate {
 namespace {
 
 constexpr int kThreads = 256;
+
+// The loop policy of csrc/wire/loops.h for one block: threads stride over the
+// items and the shared state lives in shared memory, updated with atomics.
+struct BlockLoop {
+  template <typename F>
+  __device__ __forceinline__ void for_each(int64_t n, F&& f) const {
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) f(i);
+  }
+  __device__ __forceinline__ void sync() const { __syncthreads(); }
+  __device__ __forceinline__ bool leader() const { return threadIdx.x == 0; }
+  __device__ __forceinline__ void min_into(int* p, int v) const { atomicMin(p, v); }
+  __device__ __forceinline__ void add_into(int* p, int v) const { atomicAdd(p, v); }
+};
 
 template <typename VoteT>
 __global__ void pack_kernel(
@@ -23,75 +37,15 @@ __global__ void pack_kernel(
     const int64_t* __restrict__ targets, int64_t num_slots, wire::HeaderValues header,
     wire::Layout L, int64_t rank, int64_t* __restrict__ out) {
   __shared__ uint32_t records[wire::kMaxSlots];
-  __shared__ int first_bad;  // slot * 32 + reason of the lowest bad slot
-  __shared__ wire::HeaderBits bits;
-  __shared__ bool poisoned;
-  if (threadIdx.x == 0) first_bad = INT_MAX;
-  __syncthreads();
-  for (int64_t s = threadIdx.x; s < num_slots; s += blockDim.x) {
-    int64_t reason = wire::kReasonNone;
-    records[s] = wire::encode_slot(wire::vote_value(votes, s), stages[s], targets[s], &reason);
-    if (reason != wire::kReasonNone) atomicMin(&first_bad, static_cast<int>(s * 32 + reason));
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    if (header.reason == wire::kReasonNone && first_bad != INT_MAX) {
-      header.reason = static_cast<uint64_t>(first_bad % 32);
-      header.poison = 1;
-    }
-    bits = wire::encode_header(header);
-    poisoned = header.poison != 0;
-  }
-  __syncthreads();
-  for (int64_t w = threadIdx.x; w < L.total_words; w += blockDim.x) {
-    out[w] = wire::pack_word(L, bits, records, num_slots, rank, poisoned, w);
-  }
+  __shared__ wire::PackShared shared;
+  wire::pack_buffer(BlockLoop{}, votes, stages, targets, num_slots, header, L, rank, records, &shared, out);
 }
 
 __global__ void decode_kernel(
     const int64_t* __restrict__ buf, wire::Layout L, int64_t num_slots, int64_t policy,
     bool* __restrict__ decision, int64_t* __restrict__ rep) {
-  __shared__ bool header_ok;
-  __shared__ int any_corrupt;
-  __shared__ int diverged;
-  __shared__ int decided;
-  const int64_t world = L.world;
-  if (threadIdx.x == 0) {
-    header_ok = wire::decode_global(buf, L, num_slots, policy, rep);
-    any_corrupt = 0;
-    diverged = 0;
-    decided = 0;
-  }
-  __syncthreads();
-  int64_t* slot_ranks = L.exact ? rep + wire::slot_ranks_offset(num_slots, world) : nullptr;
-  for (int64_t s = threadIdx.x; s < num_slots; s += blockDim.x) {
-    const int64_t status = wire::decode_slot(
-        buf, L, s, policy, rep + wire::slots_offset() + wire::kSlotWords * s,
-        slot_ranks ? slot_ranks + s * world : nullptr);
-    if (status & wire::kStatusCorrupt) atomicOr(&any_corrupt, 1);
-  }
-  if (L.exact) {
-    for (int64_t r = threadIdx.x; r < world; r += blockDim.x) {
-      wire::decode_rank(buf, L, r, rep + wire::ranks_offset(num_slots) + wire::kRankWords * r);
-    }
-  }
-  __syncthreads();
-  for (int64_t s = threadIdx.x; s < num_slots; s += blockDim.x) {
-    int64_t* status = rep + wire::slots_offset() + wire::kSlotWords * s + wire::kSStatus;
-    *status = wire::finish_slot(*status, header_ok, any_corrupt != 0);
-    const bool d = (*status & wire::kStatusDecided) != 0;
-    decision[s] = d;
-    if (*status & wire::kStatusDiverged) atomicAdd(&diverged, 1);
-    if (d) atomicAdd(&decided, 1);
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    if (any_corrupt) {
-      rep[wire::kGFlags] = (rep[wire::kGFlags] | wire::kFlagCorrupt) & ~wire::kFlagHeaderOk;
-    }
-    rep[wire::kGDivergedSlots] = diverged;
-    rep[wire::kGDecidedSlots] = decided;
-  }
+  __shared__ wire::DecodeShared shared;
+  wire::decode_buffer(BlockLoop{}, buf, L, num_slots, policy, decision, rep, &shared);
 }
 
 at::Tensor pack_cuda_op(

@@ -23,9 +23,14 @@ namespace oracle {
 
 // Header fields in record order: seq, site, policy, slots, world, poison, reason.
 constexpr int kFields = 7;
-constexpr int kWidth[kFields] = {32, 32, 2, 11, 11, 1, 5};
-constexpr int kHeaderBits = 94;
+// slots holds 1..1024 (11 bits), world 1..65,536 (17 bits).
+constexpr int kWidth[kFields] = {32, 32, 2, 11, 17, 1, 5};
+constexpr int kWorldField = 4;
+constexpr int kHeaderBits = 100;
 constexpr int kSlotBits = 13;  // vote, then 6 bits of stage, then 6 of target
+// A per-rank slot entry of the exact report: vote, stage, target from the top.
+constexpr int kEntryVoteShift = 12;
+constexpr int kEntryStageShift = 6;
 
 inline int64_t capacity(int64_t num_slots) {
   int64_t c = 1;
@@ -171,7 +176,7 @@ inline Expected decode(const std::vector<RankInput>& inputs, int64_t num_slots, 
   const int64_t mismatch_flag[5] = {wire::kFlagSeqMismatch, wire::kFlagSiteMismatch,
                                     wire::kFlagPolicyMismatch, wire::kFlagSlotsMismatch,
                                     wire::kFlagWorldMismatch};
-  const int64_t ours[5] = {-1, -1, policy, num_slots, W & 2047};
+  const int64_t ours[5] = {-1, -1, policy, num_slots, W & ((int64_t{1} << kWidth[kWorldField]) - 1)};
   int64_t flags = 0;
   bool all_equal = true;
   for (int f = 0; f < kFields; ++f) {
@@ -244,7 +249,7 @@ inline Expected decode(const std::vector<RankInput>& inputs, int64_t num_slots, 
     if (exact) {
       for (int64_t r = 0; r < W; ++r) {
         g[48 + slot_words * num_slots + rank_words * W + s * W + r] =
-            (votes[r] << 12) | (stages[r] << 6) | targets[r];
+            (votes[r] << kEntryVoteShift) | (stages[r] << kEntryStageShift) | targets[r];
       }
     }
   }

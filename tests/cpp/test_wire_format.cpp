@@ -1,4 +1,4 @@
-// Unit tests of csrc/wire_format.h on the host, without torch: layout sizes,
+// Unit tests of the wire format (csrc/wire/) on the host, without torch: layout sizes,
 // header and slot encoding, and W simulated ranks whose summed buffers must
 // decode to the expected decisions, divergences and header flags.
 #include <algorithm>
@@ -15,8 +15,8 @@ using namespace eg_test;
 namespace {
 
 // World sizes that straddle every boundary of the layout: counter widths
-// change at powers of two, lanes stop after 64, 1024 is the limit.
-const int64_t kWorlds[] = {1, 2, 3, 4, 5, 8, 63, 64, 65, 100, 1024};
+// change at powers of two, lanes stop after 64, 65,536 is the limit.
+const int64_t kWorlds[] = {1, 2, 3, 4, 5, 8, 63, 64, 65, 100, 1024, 1025, 4096, 65536};
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -55,7 +55,7 @@ void check_nothing_decided(const Decoded& d) {
 // ---- layout --------------------------------------------------------------
 
 TEST_CASE(header_fields_tile_the_header) {
-  const int64_t widths[] = {32, 32, 2, 11, 11, 1, 5};
+  const int64_t widths[] = {32, 32, 2, 11, 17, 1, 5};
   int64_t end = 0;
   for (int f = 0; f < wire::kNumHeaderFields; ++f) {
     CONTEXT("field " << f);
@@ -96,7 +96,8 @@ TEST_CASE(capacity_for_rounds_up_to_a_power_of_two) {
 TEST_CASE(counter_width_holds_the_world_size) {
   // {world, counter bits, counters per word}
   const int64_t cases[][3] = {{1, 1, 63}, {2, 2, 31}, {3, 2, 31},  {4, 3, 21},
-                              {64, 7, 9}, {65, 7, 9}, {1024, 11, 5}};
+                              {64, 7, 9}, {65, 7, 9}, {1024, 11, 5}, {1025, 11, 5},
+                              {65535, 16, 3}, {65536, 17, 3}};
   for (const auto& c : cases) {
     CONTEXT("world " << c[0]);
     const wire::Layout L = wire::make_layout(1, c[0]);
@@ -116,9 +117,9 @@ TEST_CASE(counter_width_holds_the_world_size) {
 TEST_CASE(layout_sections_follow_each_other) {
   // Worked by hand: {capacity, world, counts words, root words, lanes words, total}.
   const int64_t known[][6] = {
-      {1, 1, 2, 2, 2, 9},          {4, 4, 7, 3, 10, 23},        {1, 65, 12, 2, 0, 17},
-      {8, 3, 7, 4, 10, 24},        {2, 100, 14, 2, 0, 19},      {1024, 64, 1490, 213, 13619, 15325},
-      {1024, 1024, 2682, 213, 0, 2898}};
+      {1, 1, 2, 2, 2, 9},          {4, 4, 8, 3, 10, 24},        {1, 65, 13, 2, 0, 18},
+      {8, 3, 7, 4, 10, 24},        {2, 100, 14, 2, 0, 19},      {1024, 64, 1491, 213, 13625, 15332},
+      {1024, 1024, 2683, 213, 0, 2899}, {1, 65536, 38, 2, 0, 43}, {1024, 65536, 4471, 213, 0, 4687}};
   for (const auto& k : known) {
     CONTEXT("capacity " << k[0] << ", world " << k[1]);
     const wire::Layout L = wire::make_layout(k[0], k[1]);
@@ -490,7 +491,7 @@ void check_divergence(int64_t world, int which, const std::vector<int64_t>& odd,
     for (int64_t r = 0; r < world; ++r) {
       CONTEXT("rank " << r);
       const int64_t stage = inputs[r].stages[slot], target = inputs[r].targets[slot];
-      EXPECT_EQ(d.slot_rank(slot, r), (int64_t{1} << 12) | (stage << 6) | target);
+      EXPECT_EQ(d.slot_rank(slot, r), (int64_t{1} << oracle::kEntryVoteShift) | (stage << oracle::kEntryStageShift) | target);
     }
   } else if (uniform) {
     // One alternative value: the bits it changes are counted exactly.
@@ -854,7 +855,7 @@ std::vector<RankInput> variant_inputs(int v, int64_t world, int64_t policy, Rng&
     }
     case kStageDiverges: in[a].stages[1] ^= 1 + rng.below(63); break;
     case kTargetDiverges: in[a].targets[3] ^= 1 + rng.below(63); in[b].targets[3] ^= 5; break;
-    case kSeqMismatch: in[a].header.seq = (in[a].header.seq + 1) & 0xffffffffu; break;
+    case kSeqMismatch: in[a].header.seq = (in[a].header.seq + 1) & wire::field_mask(wire::kFieldSeq); break;
     case kSiteMismatch: in[a].header.site ^= 0x80000001u; break;
     case kPolicyMismatch: in[a].header.policy = (in[a].header.policy + 1) % wire::kNumPolicies; break;
     case kSlotsMismatch: {
@@ -882,7 +883,7 @@ std::vector<RankInput> variant_inputs(int v, int64_t world, int64_t policy, Rng&
 
 TEST_CASE(pack_matches_the_oracle) {
   Rng rng(0x0AC1E);
-  for (int64_t world : {1, 2, 3, 4, 63, 64, 65, 127, 128, 1023, 1024}) {
+  for (int64_t world : {1, 2, 3, 4, 63, 64, 65, 127, 128, 1023, 1024, 1025, 4096, 65536}) {
     for (int v = 0; v < kNumVariants; ++v) {
       const std::vector<RankInput> inputs = variant_inputs(v, world, v % wire::kNumPolicies, rng);
       for (int64_t r : {int64_t{0}, world / 2, world - 1}) {
@@ -900,7 +901,7 @@ TEST_CASE(decode_paths_match_the_oracle) {
   // and target divergence, with lanes (W <= 64) and without, read by rank 0,
   // by the odd rank and by the last rank.
   Rng rng(0x0AC1E5);
-  for (int64_t world : {1, 2, 3, 4, 17, 63, 64, 65, 100, 127, 128, 1023, 1024}) {
+  for (int64_t world : {1, 2, 3, 4, 17, 63, 64, 65, 100, 127, 128, 1023, 1024, 1025, 4096}) {
     for (int v = 0; v < kNumVariants; ++v) {
       for (int64_t policy = 0; policy < wire::kNumPolicies; ++policy) {
         const std::vector<RankInput> inputs = variant_inputs(v, world, policy, rng);

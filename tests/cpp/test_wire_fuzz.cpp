@@ -63,7 +63,7 @@ void check_untrusted(const Decoded& d) {
 
 // Random but valid inputs: random votes, most slots agreeing on their key.
 std::vector<RankInput> random_inputs(Rng& rng, const Shape& sh, int64_t policy) {
-  const uint64_t seq = rng.next(), site = rng.next() & 0xffffffffu;
+  const uint64_t seq = rng.next(), site = rng.next() & wire::field_mask(wire::kFieldSite);
   std::vector<RankInput> inputs(static_cast<size_t>(sh.world));
   std::vector<int64_t> stage(sh.num_slots), target(sh.num_slots), agree(sh.num_slots);
   for (int64_t s = 0; s < sh.num_slots; ++s) {

@@ -1,9 +1,9 @@
 // W simulated ranks on one host, built only from the wire-format functions:
 // each rank packs its buffer, the buffers are summed (what all_reduce SUM
-// does) and the sum is decoded. pack_rank and decode_all follow pack_cpu and
-// decode_cpu step for step, so the torch-free tests exercise the same calls
-// the kernels make. Being the same calls, it is no oracle: expectations come
-// from hand-worked values or from oracle.h.
+// does) and the sum is decoded. pack_rank and decode_all run the very pack and
+// decode sequences the kernels run (csrc/wire/pack.h, decode.h), so the
+// torch-free tests exercise the kernels' code. Being the same code, it is no
+// oracle: expectations come from hand-worked values or from oracle.h.
 #pragma once
 
 #include <cstdint>
@@ -11,7 +11,12 @@
 #include <cstdlib>
 #include <vector>
 
-#include "wire_format.h"
+#include "wire/decode.h"
+#include "wire/layout.h"
+#include "wire/limits.h"
+#include "wire/loops.h"
+#include "wire/pack.h"
+#include "wire/report.h"
 
 namespace eg_test {
 
@@ -29,8 +34,8 @@ inline wire::HeaderValues header_values(
     uint64_t seq, uint64_t site, int64_t policy, int64_t num_slots, int64_t world,
     int64_t reason = wire::kReasonNone) {
   wire::HeaderValues h;
-  h.seq = seq & 0xffffffffu;
-  h.site = site & 0xffffffffu;
+  h.seq = seq & wire::field_mask(wire::kFieldSeq);
+  h.site = site & wire::field_mask(wire::kFieldSite);
   h.policy = static_cast<uint64_t>(policy);
   h.slots = static_cast<uint64_t>(num_slots);
   h.world = static_cast<uint64_t>(world);
@@ -55,21 +60,20 @@ inline RankInput agreeing_input(
 }
 
 // The header a rank actually sends: the first bad slot poisons it unless the
-// caller already declared a reason.
+// caller already declared a reason. Tests use it to know what to expect.
 inline wire::HeaderValues effective_header(const RankInput& in, std::vector<uint32_t>* records) {
   const int64_t n = static_cast<int64_t>(in.votes.size());
   records->assign(static_cast<size_t>(n), 0);
-  int64_t first_reason = wire::kReasonNone;
+  int first_bad = wire::kNoBadSlot;
   for (int64_t s = 0; s < n; ++s) {
     int64_t reason = wire::kReasonNone;
     (*records)[s] = wire::encode_slot(in.votes[s], in.stages[s], in.targets[s], &reason);
-    if (first_reason == wire::kReasonNone) first_reason = reason;
+    if (reason != wire::kReasonNone && first_bad == wire::kNoBadSlot) {
+      first_bad = static_cast<int>(s * wire::kBadSlotStride + reason);
+    }
   }
   wire::HeaderValues h = in.header;
-  if (h.reason == wire::kReasonNone && first_reason != wire::kReasonNone) {
-    h.reason = static_cast<uint64_t>(first_reason);
-    h.poison = 1;
-  }
+  wire::apply_bad_slot(&h, first_bad);
   return h;
 }
 
@@ -78,13 +82,11 @@ inline wire::HeaderValues effective_header(const RankInput& in, std::vector<uint
 inline std::vector<int64_t> pack_rank(const RankInput& in, int64_t rank, int64_t world) {
   const int64_t n = static_cast<int64_t>(in.votes.size());
   const wire::Layout L = wire::make_layout(wire::capacity_for(n), world);
-  std::vector<uint32_t> records;
-  const wire::HeaderValues h = effective_header(in, &records);
-  const wire::HeaderBits bits = wire::encode_header(h);
+  std::vector<uint32_t> records(static_cast<size_t>(n));
+  wire::PackShared shared;
   std::vector<int64_t> out(static_cast<size_t>(L.total_words));
-  for (int64_t w = 0; w < L.total_words; ++w) {
-    out[w] = wire::pack_word(L, bits, records.data(), n, rank, h.poison != 0, w);
-  }
+  wire::pack_buffer(wire::SerialLoop{}, in.votes.data(), in.stages.data(), in.targets.data(), n,
+                    in.header, L, rank, records.data(), &shared, out.data());
   return out;
 }
 
@@ -155,32 +157,10 @@ inline Decoded decode_all(const std::vector<int64_t>& buf, int64_t num_slots, in
   d.world = world;
   d.report.assign(static_cast<size_t>(wire::report_words(num_slots, world)), 0);
   d.decision.assign(static_cast<size_t>(num_slots), 0);
-  int64_t* rep = d.report.data();
-  d.header_ok = wire::decode_global(buf.data(), L, num_slots, policy, rep);
-  int64_t* slot_ranks = L.exact ? rep + wire::slot_ranks_offset(num_slots, world) : nullptr;
-  bool any_corrupt = false;
-  for (int64_t s = 0; s < num_slots; ++s) {
-    const int64_t status = wire::decode_slot(
-        buf.data(), L, s, policy, rep + wire::slots_offset() + wire::kSlotWords * s,
-        slot_ranks ? slot_ranks + s * world : nullptr);
-    any_corrupt |= (status & wire::kStatusCorrupt) != 0;
-  }
-  int64_t diverged = 0, decided = 0;
-  for (int64_t s = 0; s < num_slots; ++s) {
-    int64_t* status = rep + wire::slots_offset() + wire::kSlotWords * s + wire::kSStatus;
-    *status = wire::finish_slot(*status, d.header_ok, any_corrupt);
-    d.decision[s] = (*status & wire::kStatusDecided) != 0;
-    diverged += (*status & wire::kStatusDiverged) ? 1 : 0;
-    decided += d.decision[s];
-  }
-  if (any_corrupt) rep[wire::kGFlags] = (rep[wire::kGFlags] | wire::kFlagCorrupt) & ~wire::kFlagHeaderOk;
-  rep[wire::kGDivergedSlots] = diverged;
-  rep[wire::kGDecidedSlots] = decided;
-  if (L.exact) {
-    for (int64_t r = 0; r < world; ++r) {
-      wire::decode_rank(buf.data(), L, r, rep + wire::ranks_offset(num_slots) + wire::kRankWords * r);
-    }
-  }
+  wire::DecodeShared shared;
+  wire::decode_buffer(wire::SerialLoop{}, buf.data(), L, num_slots, policy, d.decision.data(),
+                      d.report.data(), &shared);
+  d.header_ok = shared.header_ok != 0;
   return d;
 }
 

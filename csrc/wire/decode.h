@@ -1,0 +1,229 @@
+// Decoding the reduced buffer into decisions and the report (report.h), and
+// the one decode sequence both devices run (decode_buffer).
+#pragma once
+
+#include <cstdint>
+
+#include "hd.h"
+#include "layout.h"
+#include "limits.h"
+#include "read.h"
+#include "report.h"
+
+namespace esper_gate {
+namespace wire {
+
+EG_HD bool policy_passes(int64_t policy, uint64_t votes, uint64_t root_vote, uint64_t world) {
+  switch (policy) {
+    case kUnanimous: return votes == world;
+    case kRank0: return root_vote == 1;
+    case kMajority: return 2 * votes > world;
+    case kAny: return votes >= 1;
+    default: return false;
+  }
+}
+
+// Fills GLOBAL except the slot counts and the corrupt bit that slots add.
+// Returns true when the header is consistent: every rank present once, none
+// poisoned, and all at the same (seq, site, policy, slots, world).
+EG_HD bool decode_global(const int64_t* buf, const Layout& L, int64_t num_slots, int64_t policy, int64_t* g) {
+  for (int64_t k = 0; k < kGlobalWords; ++k) g[k] = 0;
+  const int64_t W = L.world;
+  const int64_t presence = buf[kWordPresence];
+  const int64_t rank_sum = buf[kWordRankSum];
+  const int64_t poison_sum = buf[kWordPoisonRank];
+  bool corrupt = presence != W || rank_sum != W * (W + 1) / 2;
+  bool all_equal = true;
+  int64_t flags = 0;
+  for (int f = 0; f < kNumHeaderFields; ++f) {
+    const FieldSummary s = summarize_field(buf, L, field_offset(f), field_width(f));
+    int64_t* out = g + kGFieldBase + kGFieldStride * f;
+    out[kFRoot] = static_cast<int64_t>(s.root);
+    out[kFAnd] = static_cast<int64_t>(s.all_and);
+    out[kFOr] = static_cast<int64_t>(s.any_or);
+    out[kFDifferLb] = s.differ_lb;
+    out[kFEqual] = s.equal ? 1 : 0;
+    if (!s.sane) corrupt = true;
+    if (f == kFieldPoison || f == kFieldReason) continue;
+    if (!s.equal) all_equal = false;
+    if (!s.equal) {
+      if (f == kFieldSeq) flags |= kFlagSeqMismatch;
+      if (f == kFieldSite) flags |= kFlagSiteMismatch;
+      if (f == kFieldPolicy) flags |= kFlagPolicyMismatch;
+      if (f == kFieldSlots) flags |= kFlagSlotsMismatch;
+      if (f == kFieldWorld) flags |= kFlagWorldMismatch;
+    }
+  }
+  // Everyone agreeing on a slot count, policy or world size that is not ours
+  // is a mismatch too (the agreed value came from somewhere else).
+  const int64_t* slots = g + kGFieldBase + kGFieldStride * kFieldSlots;
+  const int64_t* pol = g + kGFieldBase + kGFieldStride * kFieldPolicy;
+  const int64_t* world = g + kGFieldBase + kGFieldStride * kFieldWorld;
+  if (slots[kFEqual] && slots[kFRoot] != num_slots) {
+    flags |= kFlagSlotsMismatch;
+    all_equal = false;
+  }
+  if (pol[kFEqual] && pol[kFRoot] != policy) {
+    flags |= kFlagPolicyMismatch;
+    all_equal = false;
+  }
+  if (world[kFEqual] &&
+      world[kFRoot] != static_cast<int64_t>(static_cast<uint64_t>(W) & field_mask(kFieldWorld))) {
+    flags |= kFlagWorldMismatch;
+    all_equal = false;
+  }
+  const int64_t poison_count = static_cast<int64_t>(counter_at(buf, L, field_offset(kFieldPoison)));
+  const bool reason_nonzero = g[kGFieldBase + kGFieldStride * kFieldReason + kFOr] != 0;
+  const bool poisoned = poison_count != 0 || poison_sum != 0 || reason_nonzero;
+  if (poisoned) flags |= kFlagPoisoned;
+  if (corrupt) flags |= kFlagCorrupt;
+  if (L.exact) flags |= kFlagExact;
+  const bool ok = !corrupt && !poisoned && all_equal;
+  if (ok) flags |= kFlagHeaderOk;
+  g[kGFlags] = flags;
+  g[kGPresence] = presence;
+  g[kGPoisonCount] = poison_count;
+  g[kGPoisonedRank] = (poison_count == 1 && poison_sum >= 1 && poison_sum <= W) ? poison_sum - 1 : -1;
+  g[kGWorld] = W;
+  g[kGSlots] = num_slots;
+  g[kGCapacity] = L.capacity;
+  g[kGPolicy] = policy;
+  return ok;
+}
+
+// One rank's header, from the lanes (exact mode only).
+EG_HD void decode_rank(const int64_t* buf, const Layout& L, int64_t rank, int64_t* out) {
+  for (int f = 0; f < kNumHeaderFields; ++f) {
+    out[f] = static_cast<int64_t>(lane_field(buf, L, rank, field_offset(f), field_width(f)));
+  }
+  out[kRankWords - 1] = 0;
+}
+
+// Fills one slot's SLOT words (and its SLOT_RANKS row when exact and
+// slot_ranks is given). Returns the status bits without kStatusDecided,
+// which needs the global verdict (see finish_slot).
+EG_HD int64_t decode_slot(
+    const int64_t* buf, const Layout& L, int64_t s, int64_t policy, int64_t* out, int64_t* slot_ranks) {
+  const int64_t W = L.world;
+  const int64_t off = kHeaderBits + s * kSlotBits;
+  const uint64_t votes = counter_at(buf, L, off + kSlotVoteBit);
+  const uint64_t root_vote = root_bit(buf, L, off + kSlotVoteBit);
+  const FieldSummary st = summarize_field(buf, L, off + kSlotStageBit, kIdBits);
+  const FieldSummary tg = summarize_field(buf, L, off + kSlotTargetBit, kIdBits);
+  bool sane = st.sane && tg.sane && votes <= static_cast<uint64_t>(W) && !(root_vote == 1 && votes == 0) &&
+              !(root_vote == 0 && votes == static_cast<uint64_t>(W));
+  int64_t stage_differ = st.differ_lb;
+  int64_t target_differ = tg.differ_lb;
+  int64_t key_differ = st.differ_lb > tg.differ_lb ? st.differ_lb : tg.differ_lb;
+  if (L.exact) {
+    // Exact per-rank values; also cross-check them against the counters.
+    stage_differ = target_differ = key_differ = 0;
+    uint64_t lane_votes = 0;
+    uint64_t stage_and = kMaxId, stage_or = 0, target_and = kMaxId, target_or = 0;
+    for (int64_t r = 0; r < W; ++r) {
+      const uint64_t v = lane_bit(buf, L, r, off + kSlotVoteBit);
+      const uint64_t sr = lane_field(buf, L, r, off + kSlotStageBit, kIdBits);
+      const uint64_t tr = lane_field(buf, L, r, off + kSlotTargetBit, kIdBits);
+      if (slot_ranks != nullptr) slot_ranks[r] = slot_entry(v, sr, tr);
+      lane_votes += v;
+      stage_and &= sr;
+      stage_or |= sr;
+      target_and &= tr;
+      target_or |= tr;
+      if (r == 0 && (v != root_vote || sr != st.root || tr != tg.root)) sane = false;
+      if (sr != st.root) ++stage_differ;
+      if (tr != tg.root) ++target_differ;
+      if (sr != st.root || tr != tg.root) ++key_differ;
+    }
+    if (lane_votes != votes || stage_and != st.all_and || stage_or != st.any_or ||
+        target_and != tg.all_and || target_or != tg.any_or) {
+      sane = false;
+    }
+  }
+  const bool passed = policy_passes(policy, votes, root_vote, static_cast<uint64_t>(W));
+  int64_t status = 0;
+  if (!st.equal) status |= kStatusStageDiffers;
+  if (!tg.equal) status |= kStatusTargetDiffers;
+  if (passed) status |= kStatusPolicyPassed;
+  if (!sane) status |= kStatusCorrupt;
+  out[kSStatus] = status;
+  out[kSVotes] = static_cast<int64_t>(votes);
+  out[kSRootVote] = static_cast<int64_t>(root_vote);
+  out[kSRootStage] = static_cast<int64_t>(st.root);
+  out[kSRootTarget] = static_cast<int64_t>(tg.root);
+  out[kSStageAnd] = static_cast<int64_t>(st.all_and);
+  out[kSStageOr] = static_cast<int64_t>(st.any_or);
+  out[kSTargetAnd] = static_cast<int64_t>(tg.all_and);
+  out[kSTargetOr] = static_cast<int64_t>(tg.any_or);
+  out[kSStageDiffer] = stage_differ;
+  out[kSTargetDiffer] = target_differ;
+  out[kSKeyDiffer] = key_differ;
+  return status;
+}
+
+// The verdict for one slot once the global state is known. A slot is decided
+// only when the whole call is consistent and trustworthy, every rank holds the
+// same (stage, target) and the policy passes on the votes.
+EG_HD int64_t finish_slot(int64_t status, bool header_ok, bool any_corrupt) {
+  const bool same_key = (status & (kStatusStageDiffers | kStatusTargetDiffers)) == 0;
+  const bool trusted = header_ok && !any_corrupt;
+  if (!(trusted && same_key)) status |= kStatusDiverged;
+  if (trusted && same_key && (status & kStatusPolicyPassed)) status |= kStatusDecided;
+  return status;
+}
+
+// State the decode workers share (shared memory on the device).
+struct DecodeShared {
+  int header_ok;    // decode_global's verdict, before the slots are seen
+  int any_corrupt;  // slots whose counters are inconsistent (only != 0 matters)
+  int diverged;
+  int decided;
+};
+
+// The one decode sequence: global, then per slot, finish, the corrupt flag,
+// then per rank. Each step needs the one before it complete on every worker,
+// hence the syncs. rep has report_words(num_slots, L.world) words; decision
+// num_slots entries (bool or uint8_t). Loop is a policy from loops.h.
+template <typename Loop, typename DecisionT>
+EG_HD void decode_buffer(
+    const Loop& loop, const int64_t* buf, const Layout& L, int64_t num_slots, int64_t policy,
+    DecisionT* decision, int64_t* rep, DecodeShared* sh) {
+  const int64_t world = L.world;
+  if (loop.leader()) {
+    sh->header_ok = decode_global(buf, L, num_slots, policy, rep) ? 1 : 0;
+    sh->any_corrupt = 0;
+    sh->diverged = 0;
+    sh->decided = 0;
+  }
+  loop.sync();
+  int64_t* slot_ranks = L.exact ? rep + slot_ranks_offset(num_slots, world) : nullptr;
+  loop.for_each(num_slots, [&](int64_t s) {
+    const int64_t status = decode_slot(
+        buf, L, s, policy, rep + slots_offset() + kSlotWords * s,
+        slot_ranks ? slot_ranks + s * world : nullptr);
+    if (status & kStatusCorrupt) loop.add_into(&sh->any_corrupt, 1);
+  });
+  loop.sync();
+  loop.for_each(num_slots, [&](int64_t s) {
+    int64_t* status = rep + slots_offset() + kSlotWords * s + kSStatus;
+    *status = finish_slot(*status, sh->header_ok != 0, sh->any_corrupt != 0);
+    const bool d = (*status & kStatusDecided) != 0;
+    decision[s] = d;
+    if (*status & kStatusDiverged) loop.add_into(&sh->diverged, 1);
+    if (d) loop.add_into(&sh->decided, 1);
+  });
+  loop.sync();
+  if (loop.leader()) {
+    if (sh->any_corrupt) rep[kGFlags] = (rep[kGFlags] | kFlagCorrupt) & ~kFlagHeaderOk;
+    rep[kGDivergedSlots] = sh->diverged;
+    rep[kGDecidedSlots] = sh->decided;
+  }
+  if (L.exact) {
+    loop.for_each(world, [&](int64_t r) {
+      decode_rank(buf, L, r, rep + ranks_offset(num_slots) + kRankWords * r);
+    });
+  }
+}
+
+}  // namespace wire
+}  // namespace esper_gate

@@ -1,0 +1,162 @@
+// Where each bit lives: the record (header fields, then 13 bits per slot) and
+// the packed buffer built from it (fixed words, COUNTS, ROOT, LANES).
+//
+// Every rank writes a *record* into a buffer of int64 words, and the buffer is
+// all-reduced once with SUM. Three sections make one SUM give everything:
+//   * COUNTS: one small counter per record bit, to which each rank adds its
+//     bit. A counter equal to 0 or W means all ranks agree on that bit, so
+//     equality of any field, AND/OR and the vote count come out exactly for
+//     any world size up to kMaxWorld; a counter needs only bit_length(W) bits.
+//   * ROOT: rank 0's record verbatim (others add zeros), for the rank-0 policy
+//     and to name "the value the others differ from".
+//   * LANES (only for W <= kMaxExactWorld): every rank's record at its own bit
+//     offset; the bits are disjoint, so SUM is an OR and the result is an
+//     exact gather of all records, which names every rank's stage and target.
+// Three fixed words (presence, rank-id sum, poisoned-rank sum) detect missing,
+// duplicated and poisoned contributions. Nothing read from the wire is ever
+// used as an index: all offsets derive from (capacity, world) known locally.
+// docs/wire-format.md explains the design with a worked example.
+#pragma once
+
+#include <cstdint>
+
+#include "hd.h"
+#include "limits.h"
+
+namespace esper_gate {
+namespace wire {
+
+// Header fields, in record bit order.
+enum HeaderField : int {
+  kFieldSeq = 0,     // caller's call counter, low 32 bits
+  kFieldSite = 1,    // call-site / slot-layout fingerprint
+  kFieldPolicy = 2,  // Policy
+  kFieldSlots = 3,   // number of slots this rank synchronizes
+  kFieldWorld = 4,   // world size this rank believes in
+  kFieldPoison = 5,  // 1 when this rank's input was bad
+  kFieldReason = 6,  // Reason code
+  kNumHeaderFields = 7,
+};
+
+// Widths are sized from the limits they carry; offsets follow one another.
+constexpr int64_t kSeqWidth = 32;
+constexpr int64_t kSiteWidth = 32;
+constexpr int64_t kPolicyWidth = bits_for(kNumPolicies - 1);
+constexpr int64_t kSlotsWidth = bits_for(kMaxSlots);
+constexpr int64_t kWorldWidth = bits_for(kMaxWorld);
+constexpr int64_t kPoisonWidth = 1;
+constexpr int64_t kReasonWidth = bits_for(kReasonMax);
+
+constexpr int64_t kSeqOffset = 0;
+constexpr int64_t kSiteOffset = kSeqOffset + kSeqWidth;
+constexpr int64_t kPolicyOffset = kSiteOffset + kSiteWidth;
+constexpr int64_t kSlotsOffset = kPolicyOffset + kPolicyWidth;
+constexpr int64_t kWorldOffset = kSlotsOffset + kSlotsWidth;
+constexpr int64_t kPoisonOffset = kWorldOffset + kWorldWidth;
+constexpr int64_t kReasonOffset = kPoisonOffset + kPoisonWidth;
+constexpr int64_t kHeaderBits = kReasonOffset + kReasonWidth;
+// encode_header keeps the header in two 64-bit halves.
+static_assert(kHeaderBits <= 128, "the header must fit HeaderBits");
+static_assert(kSeqOffset + kSeqWidth <= 64 && kSiteOffset + kSiteWidth <= 64,
+              "seq and site must sit in the low half of the header");
+
+EG_HD int64_t field_offset(int f) {
+  switch (f) {
+    case kFieldSeq: return kSeqOffset;
+    case kFieldSite: return kSiteOffset;
+    case kFieldPolicy: return kPolicyOffset;
+    case kFieldSlots: return kSlotsOffset;
+    case kFieldWorld: return kWorldOffset;
+    case kFieldPoison: return kPoisonOffset;
+    case kFieldReason: return kReasonOffset;
+    default: return kHeaderBits;
+  }
+}
+
+EG_HD int64_t field_width(int f) {
+  switch (f) {
+    case kFieldSeq: return kSeqWidth;
+    case kFieldSite: return kSiteWidth;
+    case kFieldPolicy: return kPolicyWidth;
+    case kFieldSlots: return kSlotsWidth;
+    case kFieldWorld: return kWorldWidth;
+    case kFieldPoison: return kPoisonWidth;
+    case kFieldReason: return kReasonWidth;
+    default: return 0;
+  }
+}
+
+// The value a field is cut to on the wire: its width in ones.
+EG_HD uint64_t field_mask(int f) {
+  return (uint64_t{1} << field_width(f)) - 1;
+}
+
+// Per slot: bit 0 vote, bits 1..6 stage, bits 7..12 target.
+constexpr int64_t kSlotVoteBit = 0;
+constexpr int64_t kSlotStageBit = 1;
+constexpr int64_t kSlotTargetBit = kSlotStageBit + kIdBits;
+constexpr int64_t kSlotBits = kSlotTargetBit + kIdBits;
+
+// Fixed words at the start of the buffer.
+constexpr int64_t kWordPresence = 0;     // each rank adds 1
+constexpr int64_t kWordRankSum = 1;      // each rank adds rank + 1
+constexpr int64_t kWordPoisonRank = 2;   // a poisoned rank adds rank + 1
+constexpr int64_t kFixedWords = 3;
+// The rank-id sum W(W+1)/2 must not reach the sign bit.
+static_assert(kMaxWorld < (int64_t{1} << 31), "the rank-id sum must fit 63 bits");
+
+struct Layout {
+  int64_t capacity;           // slots the buffer has room for
+  int64_t world;
+  int64_t record_bits;        // kHeaderBits + kSlotBits * capacity
+  int64_t counter_width;      // bits per counter: enough to hold `world`
+  int64_t counters_per_word;
+  int64_t counts_offset, counts_words;
+  int64_t root_offset, root_words;
+  int64_t lanes_offset, lanes_words;  // lanes_words == 0 when world > kMaxExactWorld
+  int64_t total_words;
+  bool exact;                 // lanes present
+};
+
+EG_HD int64_t bit_length(int64_t v) {
+  int64_t n = 0;
+  while (v > 0) {
+    ++n;
+    v >>= 1;
+  }
+  return n;
+}
+
+EG_HD int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// Slot capacity of the buffer: the next power of two >= num_slots. Ranks whose
+// slot counts differ but round to the same capacity exchange equal-sized
+// buffers and are told "slot count mismatch" by the header.
+EG_HD int64_t capacity_for(int64_t num_slots) {
+  int64_t c = 1;
+  while (c < num_slots) c <<= 1;
+  return c;
+}
+
+EG_HD Layout make_layout(int64_t capacity, int64_t world) {
+  Layout L;
+  L.capacity = capacity;
+  L.world = world;
+  L.record_bits = kHeaderBits + kSlotBits * capacity;
+  L.counter_width = bit_length(world);
+  L.counters_per_word = kBitsPerWord / L.counter_width;
+  L.counts_offset = kFixedWords;
+  L.counts_words = ceil_div(L.record_bits, L.counters_per_word);
+  L.root_offset = L.counts_offset + L.counts_words;
+  L.root_words = ceil_div(L.record_bits, kBitsPerWord);
+  L.lanes_offset = L.root_offset + L.root_words;
+  L.exact = world <= kMaxExactWorld;
+  L.lanes_words = L.exact ? ceil_div(world * L.record_bits, kBitsPerWord) : 0;
+  L.total_words = L.lanes_offset + L.lanes_words;
+  return L;
+}
+
+}  // namespace wire
+}  // namespace esper_gate

@@ -1,0 +1,189 @@
+// One rank's contribution: the header and slot bits of its record, and the
+// buffer words built from them (layout.h says where each bit goes).
+#pragma once
+
+#include <cstdint>
+
+#include "hd.h"
+#include "layout.h"
+#include "limits.h"
+
+namespace esper_gate {
+namespace wire {
+
+// The header as a kHeaderBits-bit string (lo = bits 0..63, hi = the rest).
+struct HeaderBits {
+  uint64_t lo;
+  uint64_t hi;
+};
+
+struct HeaderValues {
+  uint64_t seq;     // already reduced to the field's width
+  uint64_t site;
+  uint64_t policy;
+  uint64_t slots;
+  uint64_t world;
+  uint64_t poison;
+  uint64_t reason;
+};
+
+EG_HD uint64_t header_value(const HeaderValues& h, int f) {
+  switch (f) {
+    case kFieldSeq: return h.seq;
+    case kFieldSite: return h.site;
+    case kFieldPolicy: return h.policy;
+    case kFieldSlots: return h.slots;
+    case kFieldWorld: return h.world;
+    case kFieldPoison: return h.poison;
+    case kFieldReason: return h.reason;
+    default: return 0;
+  }
+}
+
+EG_HD HeaderBits encode_header(const HeaderValues& h) {
+  HeaderBits out{0, 0};
+  for (int f = 0; f < kNumHeaderFields; ++f) {
+    const int64_t off = field_offset(f);
+    const int64_t width = field_width(f);
+    const uint64_t v = header_value(h, f) & field_mask(f);
+    for (int64_t b = 0; b < width; ++b) {
+      const int64_t i = off + b;
+      const uint64_t bit = (v >> b) & 1u;
+      if (i < 64) {
+        out.lo |= bit << i;
+      } else {
+        out.hi |= bit << (i - 64);
+      }
+    }
+  }
+  return out;
+}
+
+// A vote as the kernels read it. Bool votes are read as bytes and any
+// non-zero byte is a yes, as torch treats bool storage (a uint8 tensor viewed
+// as bool may hold 2); reading such a byte through `bool` is undefined.
+EG_HD int64_t vote_value(const uint8_t* bool_votes, int64_t s) { return bool_votes[s] != 0 ? 1 : 0; }
+EG_HD int64_t vote_value(const int64_t* int_votes, int64_t s) { return int_votes[s]; }
+
+// One slot's kSlotBits record bits. Out-of-range values are masked to their
+// field width (so they can never spill into a neighbour) and reported in
+// *reason.
+EG_HD uint32_t encode_slot(int64_t vote, int64_t stage, int64_t target, int64_t* reason) {
+  *reason = kReasonNone;
+  if (vote != 0 && vote != 1) {
+    *reason = kReasonVote;
+  } else if (stage < 0 || stage > kMaxId) {
+    *reason = kReasonStage;
+  } else if (target < 0 || target > kMaxId) {
+    *reason = kReasonTarget;
+  }
+  const uint64_t v = static_cast<uint64_t>(vote) & 1u;
+  const uint64_t s = static_cast<uint64_t>(stage) & kMaxId;
+  const uint64_t t = static_cast<uint64_t>(target) & kMaxId;
+  return static_cast<uint32_t>((v << kSlotVoteBit) | (s << kSlotStageBit) | (t << kSlotTargetBit));
+}
+
+// Bit i of a rank's record. Slots at or past num_slots (capacity padding)
+// are all zeros.
+EG_HD uint64_t record_bit(const HeaderBits& h, const uint32_t* slot_records, int64_t num_slots, int64_t i) {
+  if (i < 64) return (h.lo >> i) & 1u;
+  if (i < kHeaderBits) return (h.hi >> (i - 64)) & 1u;
+  const int64_t j = i - kHeaderBits;
+  const int64_t s = j / kSlotBits;
+  if (s >= num_slots) return 0;
+  return (slot_records[s] >> (j % kSlotBits)) & 1u;
+}
+
+// Word w of this rank's contribution. Each output word is a pure function of
+// the inputs, so the words can be spread over threads with no atomics.
+EG_HD int64_t pack_word(
+    const Layout& L, const HeaderBits& h, const uint32_t* slot_records, int64_t num_slots,
+    int64_t rank, bool poisoned, int64_t w) {
+  if (w == kWordPresence) return 1;
+  if (w == kWordRankSum) return rank + 1;
+  if (w == kWordPoisonRank) return poisoned ? rank + 1 : 0;
+  uint64_t v = 0;
+  if (w < L.root_offset) {
+    const int64_t first = (w - L.counts_offset) * L.counters_per_word;
+    for (int64_t k = 0; k < L.counters_per_word; ++k) {
+      const int64_t i = first + k;
+      if (i >= L.record_bits) break;
+      v |= record_bit(h, slot_records, num_slots, i) << (k * L.counter_width);
+    }
+    return static_cast<int64_t>(v);
+  }
+  if (w < L.lanes_offset) {
+    if (rank != 0) return 0;
+    const int64_t first = (w - L.root_offset) * kBitsPerWord;
+    for (int64_t k = 0; k < kBitsPerWord; ++k) {
+      const int64_t i = first + k;
+      if (i >= L.record_bits) break;
+      v |= record_bit(h, slot_records, num_slots, i) << k;
+    }
+    return static_cast<int64_t>(v);
+  }
+  if (w < L.total_words) {
+    const int64_t lo = (w - L.lanes_offset) * kBitsPerWord;
+    const int64_t hi = lo + kBitsPerWord;
+    const int64_t mine_lo = rank * L.record_bits;
+    const int64_t mine_hi = mine_lo + L.record_bits;
+    const int64_t a = lo > mine_lo ? lo : mine_lo;
+    const int64_t b = hi < mine_hi ? hi : mine_hi;
+    for (int64_t g = a; g < b; ++g) {
+      v |= record_bit(h, slot_records, num_slots, g - mine_lo) << (g - lo);
+    }
+    return static_cast<int64_t>(v);
+  }
+  return 0;
+}
+
+// The lowest bad slot with its reason, as one int that a min finds: slot
+// times kBadSlotStride plus the reason code.
+constexpr int kBadSlotStride = int{1} << kReasonWidth;
+constexpr int kNoBadSlot = 0x7fffffff;
+static_assert(kMaxSlots * kBadSlotStride < kNoBadSlot, "bad-slot codes must stay below kNoBadSlot");
+
+// A caller-declared reason wins; otherwise the first bad slot poisons the header.
+EG_HD void apply_bad_slot(HeaderValues* header, int first_bad) {
+  if (header->reason == kReasonNone && first_bad != kNoBadSlot) {
+    header->reason = static_cast<uint64_t>(first_bad % kBadSlotStride);
+    header->poison = 1;
+  }
+}
+
+// State the pack workers share (shared memory on the device).
+struct PackShared {
+  int first_bad;
+  int poisoned;
+  HeaderBits bits;
+};
+
+// The whole pack of one rank: encode the slots (finding the first bad one),
+// settle the header, then write every buffer word. records has room for
+// num_slots entries; out for L.total_words. Loop is a policy from loops.h.
+template <typename Loop, typename VoteT>
+EG_HD void pack_buffer(
+    const Loop& loop, const VoteT* votes, const int64_t* stages, const int64_t* targets,
+    int64_t num_slots, HeaderValues header, const Layout& L, int64_t rank, uint32_t* records,
+    PackShared* sh, int64_t* out) {
+  if (loop.leader()) sh->first_bad = kNoBadSlot;
+  loop.sync();
+  loop.for_each(num_slots, [&](int64_t s) {
+    int64_t reason = kReasonNone;
+    records[s] = encode_slot(vote_value(votes, s), stages[s], targets[s], &reason);
+    if (reason != kReasonNone) loop.min_into(&sh->first_bad, static_cast<int>(s * kBadSlotStride + reason));
+  });
+  loop.sync();
+  if (loop.leader()) {
+    apply_bad_slot(&header, sh->first_bad);
+    sh->bits = encode_header(header);
+    sh->poisoned = header.poison != 0 ? 1 : 0;
+  }
+  loop.sync();
+  loop.for_each(L.total_words, [&](int64_t w) {
+    out[w] = pack_word(L, sh->bits, records, num_slots, rank, sh->poisoned != 0, w);
+  });
+}
+
+}  // namespace wire
+}  // namespace esper_gate

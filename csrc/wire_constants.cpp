@@ -1,0 +1,109 @@
+// esper_gate::wire_constants() -> str: every constant of the wire format and
+// the report as the C++ side defines them, as JSON whose keys are the names in
+// esper_gate/wire.py. tests/test_wire.py compares the two, so the Python
+// mirror (fake kernels, report parser) cannot drift from the kernels.
+#include <torch/library.h>
+
+#include <sstream>
+#include <string>
+
+#include "wire/layout.h"
+#include "wire/limits.h"
+#include "wire/pack.h"
+#include "wire/report.h"
+
+namespace esper_gate {
+namespace {
+
+class JsonObject {
+ public:
+  JsonObject& add(const char* key, int64_t v) {
+    start(key);
+    out_ << v;
+    return *this;
+  }
+  // A list of [name, offset, width] rows, as wire.HEADER_FIELDS.
+  JsonObject& add_fields(const char* key) {
+    static const char* const names[wire::kNumHeaderFields] = {
+        "seq", "site", "policy", "slots", "world", "poison", "reason"};
+    start(key);
+    out_ << "[";
+    for (int f = 0; f < wire::kNumHeaderFields; ++f) {
+      out_ << (f ? ", " : "") << "[\"" << names[f] << "\", " << wire::field_offset(f) << ", "
+           << wire::field_width(f) << "]";
+    }
+    out_ << "]";
+    return *this;
+  }
+  JsonObject& add_policies(const char* key) {
+    // Indexed by the Policy code, as wire.POLICIES.
+    static const char* const names[wire::kNumPolicies] = {"unanimous", "rank0", "majority", "any"};
+    static_assert(wire::kUnanimous == 0 && wire::kRank0 == 1 && wire::kMajority == 2 && wire::kAny == 3,
+                  "names above are listed in Policy code order");
+    start(key);
+    out_ << "[";
+    for (int p = 0; p < wire::kNumPolicies; ++p) out_ << (p ? ", " : "") << "\"" << names[p] << "\"";
+    out_ << "]";
+    return *this;
+  }
+  std::string str() const { return out_.str() + "}"; }
+
+ private:
+  void start(const char* key) {
+    out_ << (first_ ? "{" : ", ") << "\"" << key << "\": ";
+    first_ = false;
+  }
+  std::ostringstream out_;
+  bool first_ = true;
+};
+
+std::string wire_constants() {
+  using namespace wire;
+  JsonObject j;
+  // limits
+  j.add("MAX_SLOTS", kMaxSlots).add("MAX_WORLD", kMaxWorld).add("MAX_EXACT_WORLD", kMaxExactWorld)
+      .add("MAX_ID", kMaxId).add("ID_BITS", kIdBits).add("BITS_PER_WORD", kBitsPerWord);
+  j.add_policies("POLICIES");
+  j.add("REASON_NONE", kReasonNone).add("REASON_VOTE", kReasonVote).add("REASON_STAGE", kReasonStage)
+      .add("REASON_TARGET", kReasonTarget).add("REASON_SITE", kReasonSite)
+      .add("REASON_CALLER_MIN", kReasonCallerMin).add("REASON_MAX", kReasonMax);
+  // record and buffer layout
+  j.add_fields("HEADER_FIELDS");
+  j.add("HEADER_BITS", kHeaderBits).add("SLOT_BITS", kSlotBits).add("SLOT_VOTE_BIT", kSlotVoteBit)
+      .add("SLOT_STAGE_BIT", kSlotStageBit).add("SLOT_TARGET_BIT", kSlotTargetBit)
+      .add("FIXED_WORDS", kFixedWords).add("WORD_PRESENCE", kWordPresence)
+      .add("WORD_RANK_SUM", kWordRankSum).add("WORD_POISON_RANK", kWordPoisonRank);
+  // report layout
+  j.add("GLOBAL_WORDS", kGlobalWords).add("SLOT_WORDS", kSlotWords).add("RANK_WORDS", kRankWords);
+  j.add("G_FLAGS", kGFlags).add("G_PRESENCE", kGPresence).add("G_POISON_COUNT", kGPoisonCount)
+      .add("G_POISONED_RANK", kGPoisonedRank).add("G_WORLD", kGWorld).add("G_SLOTS", kGSlots)
+      .add("G_CAPACITY", kGCapacity).add("G_DIVERGED", kGDivergedSlots).add("G_DECIDED", kGDecidedSlots)
+      .add("G_POLICY", kGPolicy).add("G_FIELD_BASE", kGFieldBase).add("G_FIELD_STRIDE", kGFieldStride);
+  j.add("G_FIELD_ROOT", kFRoot).add("G_FIELD_AND", kFAnd).add("G_FIELD_OR", kFOr)
+      .add("G_FIELD_DIFFER_LB", kFDifferLb).add("G_FIELD_EQUAL", kFEqual);
+  j.add("FLAG_SEQ_MISMATCH", kFlagSeqMismatch).add("FLAG_SITE_MISMATCH", kFlagSiteMismatch)
+      .add("FLAG_POLICY_MISMATCH", kFlagPolicyMismatch).add("FLAG_SLOTS_MISMATCH", kFlagSlotsMismatch)
+      .add("FLAG_WORLD_MISMATCH", kFlagWorldMismatch).add("FLAG_POISONED", kFlagPoisoned)
+      .add("FLAG_CORRUPT", kFlagCorrupt).add("FLAG_EXACT", kFlagExact).add("FLAG_HEADER_OK", kFlagHeaderOk);
+  j.add("S_STATUS", kSStatus).add("S_VOTES", kSVotes).add("S_ROOT_VOTE", kSRootVote)
+      .add("S_ROOT_STAGE", kSRootStage).add("S_ROOT_TARGET", kSRootTarget).add("S_STAGE_AND", kSStageAnd)
+      .add("S_STAGE_OR", kSStageOr).add("S_TARGET_AND", kSTargetAnd).add("S_TARGET_OR", kSTargetOr)
+      .add("S_STAGE_DIFFER", kSStageDiffer).add("S_TARGET_DIFFER", kSTargetDiffer)
+      .add("S_KEY_DIFFER", kSKeyDiffer);
+  j.add("STATUS_DECIDED", kStatusDecided).add("STATUS_DIVERGED", kStatusDiverged)
+      .add("STATUS_STAGE_DIFFERS", kStatusStageDiffers).add("STATUS_TARGET_DIFFERS", kStatusTargetDiffers)
+      .add("STATUS_POLICY_PASSED", kStatusPolicyPassed).add("STATUS_CORRUPT", kStatusCorrupt);
+  j.add("SLOT_ENTRY_ID_MASK", kSlotEntryIdMask).add("SLOT_ENTRY_STAGE_SHIFT", kSlotEntryStageShift)
+      .add("SLOT_ENTRY_VOTE_SHIFT", kSlotEntryVoteShift);
+  return j.str();
+}
+
+}  // namespace
+
+// No tensor arguments, so one kernel serves every device (a call without
+// tensors dispatches to the composite kernel); it needs no fake.
+TORCH_LIBRARY_IMPL(esper_gate, CompositeImplicitAutograd, m) {
+  m.impl("wire_constants", &wire_constants);
+}
+
+}  // namespace esper_gate
