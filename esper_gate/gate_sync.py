@@ -1,5 +1,11 @@
 """GateSync: the object a training loop holds for cross-rank gate consensus.
 
+A sync, end to end: ``GateSync.__call__`` (this file) turns the inputs into
+tensors the op takes, notes the call's deadline for the watcher
+(``_watcher.py``), and calls ``torch.ops.esper_gate.sync`` (csrc/ops.cpp:
+pack, one all_reduce on the dedicated group, decode); the result is a
+``GateConsensus`` (``consensus.py``), whose reads raise what went wrong.
+
 One ``GateSync`` per (group, slot layout, policy). Each call is one
 ``torch.ops.esper_gate.sync`` on a dedicated process group, so gate traffic
 has its own communicator (on NCCL, its own high-priority stream) and never
@@ -19,7 +25,6 @@ into named errors instead of hangs or crashes:
 """
 from __future__ import annotations
 
-import collections
 import datetime
 import json
 import logging
@@ -34,18 +39,16 @@ import torch
 import torch.distributed as dist
 
 from . import ops, wire
-from .errors import (GateConfigError, GateDivergenceError, GateError, GateInputError,
-                     GatePeerInputError, GateTimeoutError)
-from .report import DivergenceReport, parse_report, ranks_text
+from .errors import GateConfigError, GateError, GateInputError, GateTimeoutError
+from ._watcher import _HEARTBEAT_INTERVAL_S, _Call, _read_heartbeats, _Watcher
+from .consensus import GateConsensus
+from .report import ranks_text
 
 __all__ = ["GateSync", "GateConsensus", "site_fingerprint"]
 
 log = logging.getLogger("esper_gate")
 
 _STORE_PREFIX = "esper_gate"
-_HEARTBEAT_INTERVAL_S = 1.0
-# How often the watcher looks at deadlines, GPU completion and its heartbeat.
-_WATCH_POLL_S = 0.05
 _DEAD_RANK_GRACE_S = 2.5 * _HEARTBEAT_INTERVAL_S
 _HEARTBEAT_SETTLE_S = 0.6
 # Longest a diagnosis takes (settle, then the dead-rank grace, plus store
@@ -88,249 +91,6 @@ def _device_backend(backend: str, device_type: str) -> str:
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
-
-
-class _Call:
-    __slots__ = ("seq", "deadline", "event")
-
-    def __init__(self, seq: int, deadline: float):
-        self.seq = seq
-        self.deadline = deadline
-        self.event = None  # CUDA: recorded after the op is enqueued
-
-
-class _Watcher:
-    """This rank's background thread for one GateSync.
-
-    * Publishes ``entered,completed,beat`` under ``hb/<rank>`` in the store:
-      at once when a call starts or completes, and at least once per
-      _HEARTBEAT_INTERVAL_S, so peers can tell a live rank from a dead one.
-    * On CUDA, a call is completed when its event has fired on the GPU, not
-      when it was enqueued.
-    * When the oldest unfinished call passes its deadline, calls
-      ``on_expired(call)`` on a thread of its own, so heartbeats go on while
-      the diagnosis sleeps; ``expired`` stays set until that thread clears it.
-    """
-
-    def __init__(self, store, rank: int, on_expired, group_failed=None):
-        self._group_failed = group_failed
-        self._store = store
-        self._key = f"hb/{rank}"
-        self.entered = 0
-        self.completed = 0
-        self.inflight: collections.deque[_Call] = collections.deque()
-        self.expired = False
-        self._on_expired = on_expired
-        self._beat = 0
-        # The first store error, here or in a diagnosis. The store's host (rank
-        # 0) is then gone, and every further request would only add one more
-        # c10d warning with a C++ stack to stderr.
-        self.store_error: BaseException | None = None
-        self._stop = threading.Event()
-        self._written = self._write()
-        self._last_write = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name=f"esper_gate-watch-{rank}", daemon=True)
-        self._thread.start()
-
-    def begin(self, seq: int, deadline: float) -> _Call:
-        call = _Call(seq, deadline)
-        self.inflight.append(call)
-        self.entered = seq
-        return call
-
-    def end_host(self, seq: int) -> None:
-        """A call whose collective finished on the host (CPU tensors)."""
-        self.completed = seq
-        self.inflight.popleft()
-
-    def _write(self) -> tuple[int, int]:
-        state = (self.entered, self.completed)
-        self._beat += 1
-        self._store.set(self._key, f"{state[0]},{state[1]},{self._beat}")
-        return state
-
-    def _advance_gpu(self) -> None:
-        while self.inflight:
-            try:
-                call = self.inflight[0]
-            except IndexError:
-                return
-            event = call.event
-            if event is None or not event.query():
-                return
-            if self._group_failed is not None and self._group_failed():
-                # NCCL aborted the communicator itself (an error on gate
-                # traffic): the event fired, but the call did not complete.
-                if not self.expired:
-                    self.expired = True
-                    threading.Thread(target=self._on_expired, args=(call,), daemon=True,
-                                     name="esper_gate-diagnose").start()
-                return
-            self.completed = call.seq
-            self.inflight.popleft()
-
-    def _check_deadline(self) -> None:
-        if self.expired:
-            return
-        try:
-            call = self.inflight[0]
-        except IndexError:
-            return
-        if time.monotonic() > call.deadline:
-            self.expired = True
-            threading.Thread(target=self._on_expired, args=(call,), daemon=True,
-                             name="esper_gate-diagnose").start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(_WATCH_POLL_S):
-            try:
-                self._advance_gpu()
-            except Exception:  # noqa: BLE001 - a broken CUDA context: the deadline still fires
-                pass
-            self._check_deadline()
-            now = time.monotonic()
-            if self.store_error is not None:
-                continue
-            if (self.entered, self.completed) == self._written and now - self._last_write < _HEARTBEAT_INTERVAL_S:
-                continue
-            try:
-                self._written = self._write()
-                self._last_write = now
-            except Exception as e:  # noqa: BLE001
-                self.store_error = e
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=2 * _HEARTBEAT_INTERVAL_S)
-
-
-def _read_heartbeats(store, world: int) -> dict[int, tuple[int, int, int] | None]:
-    """Every rank's last heartbeat (None: never written). Store errors propagate."""
-    out: dict[int, tuple[int, int, int] | None] = {}
-    for r in range(world):
-        key = f"hb/{r}"
-        if not store.check([key]):
-            out[r] = None
-            continue
-        e, c, b = (int(x) for x in store.get(key).decode().split(","))
-        out[r] = (e, c, b)
-    return out
-
-
-class GateConsensus:
-    """The result of one GateSync call.
-
-    ``decisions`` and ``diverged`` are tensors on the gate's device; reading
-    them on the host is the consumer's one sync. ``report()`` copies the
-    report to the host once, when asked. On CUDA, a call that the watcher
-    aborted has ``decisions`` all false, and every host read here raises its
-    GateTimeoutError.
-    """
-
-    __slots__ = ("_owner", "seq", "decisions", "_report_tensor", "_report", "_report_words", "_diverged",
-                 "_local_problem", "_ready", "_inputs")
-
-    def __init__(self, owner: "GateSync", seq: int, decisions: torch.Tensor, report: torch.Tensor,
-                 local_problem: str | None = None, ready=None, inputs=None):
-        self._owner = owner
-        self.seq = seq
-        self.decisions = decisions
-        self._report_tensor = report
-        self._report: DivergenceReport | None = None
-        self._report_words: list[int] | None = None
-        self._diverged: torch.Tensor | None = None
-        self._local_problem = local_problem
-        self._ready = ready
-        self._inputs = inputs  # (votes, stages, targets, site, poison): to name this rank's own bad input
-
-    @property
-    def diverged(self) -> torch.Tensor:
-        """Bool tensor, true for each slot that was not agreed (never transitioned)."""
-        self._owner._raise_if_failed(self.seq)
-        if self._diverged is None:
-            n = self.decisions.shape[0]
-            status = self._report_tensor[wire.GLOBAL_WORDS: wire.GLOBAL_WORDS + wire.SLOT_WORDS * n]
-            status = status.view(n, wire.SLOT_WORDS)[:, wire.S_STATUS]
-            self._diverged = (status & wire.STATUS_DIVERGED) != 0
-        return self._diverged
-
-    def _wait_ready(self) -> None:
-        """Wait for this call's GPU work; the watcher bounds the wait (it aborts a
-        stuck collective at the deadline), and a failed call raises its error."""
-        owner = self._owner
-        if self._ready is not None:
-            start = time.monotonic()
-            # A sync takes tens of microseconds on NCCL: spin first, then back off.
-            while not self._ready.query():
-                if owner._failed_at(self.seq):
-                    break
-                if time.monotonic() - start > 0.005:
-                    time.sleep(0.0002)
-        owner._raise_if_failed(self.seq)
-
-    def report_words(self) -> list[int]:
-        """The raw report as host ints (layout in esper_gate.wire; one copy, on first use)."""
-        if self._report_words is None:
-            self._wait_ready()
-            self._report_words = self._report_tensor.tolist()
-        return self._report_words
-
-    def report(self) -> DivergenceReport:
-        """The decoded report (one device-to-host copy, on first use)."""
-        if self._report is None:
-            self._report = parse_report(self.report_words(), self._owner.slot_names, call=self.seq)
-        return self._report
-
-    def host_decisions(self) -> list[bool]:
-        """The decisions as a Python list (on CUDA, waits for the GPU, bounded by the deadline)."""
-        self._wait_ready()
-        return self.decisions.tolist()
-
-    def _own_poison_reason(self) -> str | None:
-        """Why the kernels refuse this rank's input (None: they don't).
-
-        Above 64 ranks the reduced buffer holds only a count of poisoned
-        ranks, so a rank learns its own reason by packing and decoding its
-        input as a world of one, with the same kernels; only on the error path.
-        """
-        v, s, t, site, poison = self._inputs
-        buf = ops.pack(v, s, t, self.seq, site, self._owner.policy, 0, 1, poison)
-        words = ops.decode(buf, v.shape[0], 1, self._owner.policy)[1].tolist()
-        mine = parse_report(words, self._owner.slot_names, call=self.seq)
-        return mine.poison_reasons.get(0, "unknown reason") if mine.poisoned_count else None
-
-    def _raise_global(self, rep: DivergenceReport) -> None:
-        me = self._owner.rank
-        if rep.poisoned_count:
-            if self._local_problem:
-                raise GateInputError(self._local_problem)
-            if me in rep.poisoned_ranks:
-                raise GateInputError(self._owner._describe_bad_values(self.seq, rep.poison_reasons.get(me)))
-            if not rep.exact and self._inputs is not None:
-                reason = self._own_poison_reason()
-                if reason is not None:
-                    raise GateInputError(self._owner._describe_bad_values(self.seq, reason))
-            others = [r for r in rep.poisoned_ranks if r != me]
-            who = ranks_text(others) if others else f"{rep.poisoned_count} rank(s)"
-            why = "; ".join(f"rank {r}: {rep.poison_reasons.get(r, 'unknown reason')}" for r in others)
-            raise GatePeerInputError(
-                f"esper_gate call {self.seq}: {who} passed bad input"
-                f"{f' ({why})' if why else ''}; no slot was transitioned on any rank",
-                others, rep.poison_reasons, rep)
-        if not rep.header_ok or rep.corrupt:
-            raise GateDivergenceError(str(rep), rep)
-
-    def raise_if_diverged(self) -> "GateConsensus":
-        """Raise the matching GateError if ranks disagreed on anything; else return self."""
-        rep = self.report()
-        self._raise_global(rep)
-        if not rep.ok:
-            raise GateDivergenceError(str(rep), rep)
-        return self
-
-    def __repr__(self) -> str:
-        return f"GateConsensus(seq={self.seq}, decisions={self.decisions})"
 
 
 class GateSync:

@@ -118,14 +118,9 @@ struct Layout {
   bool exact;                 // lanes present
 };
 
-EG_HD int64_t bit_length(int64_t v) {
-  int64_t n = 0;
-  while (v > 0) {
-    ++n;
-    v >>= 1;
-  }
-  return n;
-}
+// bits_for is constexpr; nvcc calls it from device code under
+// --expt-relaxed-constexpr, which torch's CUDA extension build passes.
+EG_HD int64_t bit_length(int64_t v) { return bits_for(v); }
 
 EG_HD int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;

@@ -1,0 +1,143 @@
+"""The watcher thread behind each GateSync: heartbeats, GPU completion, deadlines.
+
+A gate call only appends its number and deadline to a deque and sets an
+int; everything that waits, polls or talks to the store happens here, off
+the training loop's thread.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+_HEARTBEAT_INTERVAL_S = 1.0
+# How often the watcher looks at deadlines, GPU completion and its heartbeat.
+_WATCH_POLL_S = 0.05
+
+
+class _Call:
+    __slots__ = ("seq", "deadline", "event")
+
+    def __init__(self, seq: int, deadline: float):
+        self.seq = seq
+        self.deadline = deadline
+        self.event = None  # CUDA: recorded after the op is enqueued
+
+
+class _Watcher:
+    """This rank's background thread for one GateSync.
+
+    * Publishes ``entered,completed,beat`` under ``hb/<rank>`` in the store:
+      at once when a call starts or completes, and at least once per
+      _HEARTBEAT_INTERVAL_S, so peers can tell a live rank from a dead one.
+    * On CUDA, a call is completed when its event has fired on the GPU, not
+      when it was enqueued.
+    * When the oldest unfinished call passes its deadline, calls
+      ``on_expired(call)`` on a thread of its own, so heartbeats go on while
+      the diagnosis sleeps; ``expired`` stays set until that thread clears it.
+    """
+
+    def __init__(self, store, rank: int, on_expired, group_failed=None):
+        self._group_failed = group_failed
+        self._store = store
+        self._key = f"hb/{rank}"
+        self.entered = 0
+        self.completed = 0
+        self.inflight: collections.deque[_Call] = collections.deque()
+        self.expired = False
+        self._on_expired = on_expired
+        self._beat = 0
+        # The first store error, here or in a diagnosis. The store's host (rank
+        # 0) is then gone, and every further request would only add one more
+        # c10d warning with a C++ stack to stderr.
+        self.store_error: BaseException | None = None
+        self._stop = threading.Event()
+        self._written = self._write()
+        self._last_write = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name=f"esper_gate-watch-{rank}", daemon=True)
+        self._thread.start()
+
+    def begin(self, seq: int, deadline: float) -> _Call:
+        call = _Call(seq, deadline)
+        self.inflight.append(call)
+        self.entered = seq
+        return call
+
+    def end_host(self, seq: int) -> None:
+        """A call whose collective finished on the host (CPU tensors)."""
+        self.completed = seq
+        self.inflight.popleft()
+
+    def _write(self) -> tuple[int, int]:
+        state = (self.entered, self.completed)
+        self._beat += 1
+        self._store.set(self._key, f"{state[0]},{state[1]},{self._beat}")
+        return state
+
+    def _advance_gpu(self) -> None:
+        while self.inflight:
+            try:
+                call = self.inflight[0]
+            except IndexError:
+                return
+            event = call.event
+            if event is None or not event.query():
+                return
+            if self._group_failed is not None and self._group_failed():
+                # NCCL aborted the communicator itself (an error on gate
+                # traffic): the event fired, but the call did not complete.
+                if not self.expired:
+                    self.expired = True
+                    threading.Thread(target=self._on_expired, args=(call,), daemon=True,
+                                     name="esper_gate-diagnose").start()
+                return
+            self.completed = call.seq
+            self.inflight.popleft()
+
+    def _check_deadline(self) -> None:
+        if self.expired:
+            return
+        try:
+            call = self.inflight[0]
+        except IndexError:
+            return
+        if time.monotonic() > call.deadline:
+            self.expired = True
+            threading.Thread(target=self._on_expired, args=(call,), daemon=True,
+                             name="esper_gate-diagnose").start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(_WATCH_POLL_S):
+            try:
+                self._advance_gpu()
+            except Exception:  # noqa: BLE001 - a broken CUDA context: the deadline still fires
+                pass
+            self._check_deadline()
+            now = time.monotonic()
+            if self.store_error is not None:
+                continue
+            if (self.entered, self.completed) == self._written and now - self._last_write < _HEARTBEAT_INTERVAL_S:
+                continue
+            try:
+                self._written = self._write()
+                self._last_write = now
+            except Exception as e:  # noqa: BLE001
+                self.store_error = e
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=2 * _HEARTBEAT_INTERVAL_S)
+
+
+def _read_heartbeats(store, world: int) -> dict[int, tuple[int, int, int] | None]:
+    """Every rank's last heartbeat (None: never written). Store errors propagate."""
+    out: dict[int, tuple[int, int, int] | None] = {}
+    for r in range(world):
+        key = f"hb/{r}"
+        if not store.check([key]):
+            out[r] = None
+            continue
+        e, c, b = (int(x) for x in store.get(key).decode().split(","))
+        out[r] = (e, c, b)
+    return out
