@@ -1,12 +1,13 @@
 // Schema of the esper_gate ops and the device-independent `sync`.
 //
 // One sync, from Python to the result:
-//   GateSync.__call__                      esper_gate/gate_sync.py
+//   GateSync.__call__                      esper_gate/gate_sync.py (inputs -> tensors, the call's
+//                                          deadline handed to the watcher, esper_gate/_watcher.py)
 //   -> torch.ops.esper_gate.sync           sync_impl below
 //   -> pack   (this rank's buffer)         csrc/{cpu,cuda}/gate_kernels -> wire::pack_buffer (wire/pack.h)
 //   -> all_reduce SUM on the named group   sync_impl below
 //   -> decode (decisions + report)         csrc/{cpu,cuda}/gate_kernels -> wire::decode_buffer (wire/decode.h)
-//   -> GateConsensus                       esper_gate/gate_sync.py, from the report parsed by esper_gate/report.py
+//   -> GateConsensus                       esper_gate/consensus.py, from the report parsed by esper_gate/report.py
 // wire_constants() exports the C++ constants for the test that checks the
 // Python mirror (esper_gate/wire.py) against them.
 //
