@@ -51,6 +51,9 @@ class _Watcher:
         # 0) is then gone, and every further request would only add one more
         # c10d warning with a C++ stack to stderr.
         self.store_error: BaseException | None = None
+        # One store request at a time, from this thread or a diagnosis, so
+        # that a dead store costs exactly one failed request.
+        self._store_lock = threading.Lock()
         self._stop = threading.Event()
         self._written = self._write()
         self._last_write = time.monotonic()
@@ -119,10 +122,23 @@ class _Watcher:
             if (self.entered, self.completed) == self._written and now - self._last_write < _HEARTBEAT_INTERVAL_S:
                 continue
             try:
-                self._written = self._write()
-                self._last_write = now
+                with self._store_lock:
+                    if self.store_error is None:
+                        self._written = self._write()
+                        self._last_write = now
             except Exception as e:  # noqa: BLE001
                 self.store_error = e
+
+    def read_heartbeats(self, world: int) -> dict[int, tuple[int, int, int] | None]:
+        """Every rank's heartbeat; raises the store's error, the first time or again."""
+        with self._store_lock:
+            if self.store_error is not None:
+                raise self.store_error
+            try:
+                return _read_heartbeats(self._store, world)
+            except Exception as e:
+                self.store_error = e
+                raise
 
     def close(self) -> None:
         self._stop.set()

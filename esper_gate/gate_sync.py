@@ -419,27 +419,28 @@ class GateSync:
     def _diagnose(self, seq: int, exc: BaseException) -> GateError:
         """Turn a failed or timed-out collective into an error that names ranks."""
         watcher = self._watcher
-        if watcher is not None and watcher.store_error is not None:
-            return self._store_gone(seq, watcher.store_error, exc)
+        if watcher is not None:
+            read = watcher.read_heartbeats
+        else:
+            def read(world):
+                return _read_heartbeats(self._store, world)
         try:
-            beats = _read_heartbeats(self._store, self.world_size)
+            beats = read(self.world_size)
             missing = [r for r, b in beats.items() if r != self.rank and (b is None or b[0] < seq)]
             if missing:
                 # heartbeats are written asynchronously: give ranks that arrived
                 # just before the failure a moment to show it
                 time.sleep(_HEARTBEAT_SETTLE_S)
-                beats = _read_heartbeats(self._store, self.world_size)
+                beats = read(self.world_size)
                 missing = [r for r, b in beats.items() if r != self.rank and (b is None or b[0] < seq)]
             if not missing:
                 # everyone arrived: look for ranks whose heartbeat stopped (dead)
                 time.sleep(_DEAD_RANK_GRACE_S)
-                later = _read_heartbeats(self._store, self.world_size)
+                later = read(self.world_size)
                 missing = [r for r in beats if r != self.rank and (later[r] is None or beats[r] is None
                                                                      or later[r][2] == beats[r][2])]
                 beats = later
         except Exception as store_exc:  # noqa: BLE001 - the store itself is gone
-            if watcher is not None:
-                watcher.store_error = store_exc
             return self._store_gone(seq, store_exc, exc)
         # Every rank took part in our last call whose collective returned, so
         # it completed at least that one, whatever its heartbeat had time to say.

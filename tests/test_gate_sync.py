@@ -133,8 +133,10 @@ def test_killed_rank_is_named_by_the_survivors(victim, capfd):
         assert res["elapsed"] < TIMEOUT_S + 5
     err = capfd.readouterr().err
     assert "Traceback" not in err, err[-3000:]
-    # Each survivor touches a dead store once (one c10d warning), not once per heartbeat.
-    assert err.count("TCPStore.cpp") <= len(survivors), err[-3000:]
+    # A survivor's store requests are serialized and stop at the first
+    # failure: one c10d warning each (PyTorch may log a failed request twice),
+    # not one per heartbeat and per rank read.
+    assert err.count("TCPStore.cpp") <= 2 * len(survivors), err[-3000:]
 
 
 def _slow_main(rank, world):
