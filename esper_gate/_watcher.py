@@ -10,12 +10,12 @@ import collections
 import threading
 import time
 
-_HEARTBEAT_INTERVAL_S = 1.0
+HEARTBEAT_INTERVAL_S = 1.0
 # How often the watcher looks at deadlines, GPU completion and its heartbeat.
-_WATCH_POLL_S = 0.05
+WATCH_POLL_S = 0.05
 
 
-class _Call:
+class Call:
     __slots__ = ("seq", "deadline", "event")
 
     def __init__(self, seq: int, deadline: float):
@@ -24,17 +24,18 @@ class _Call:
         self.event = None  # CUDA: recorded after the op is enqueued
 
 
-class _Watcher:
+class Watcher:
     """This rank's background thread for one GateSync.
 
     * Publishes ``entered,completed,beat`` under ``hb/<rank>`` in the store:
       at once when a call starts or completes, and at least once per
-      _HEARTBEAT_INTERVAL_S, so peers can tell a live rank from a dead one.
+      HEARTBEAT_INTERVAL_S, so peers can tell a live rank from a dead one.
     * On CUDA, a call is completed when its event has fired on the GPU, not
       when it was enqueued.
     * When the oldest unfinished call passes its deadline, calls
       ``on_expired(call)`` on a thread of its own, so heartbeats go on while
-      the diagnosis sleeps; ``expired`` stays set until that thread clears it.
+      the diagnosis sleeps. ``expired`` stays set until ``resume()`` (the
+      call completed after all) clears it, so one deadline fires once.
     """
 
     def __init__(self, store, rank: int, on_expired, group_failed=None):
@@ -43,7 +44,7 @@ class _Watcher:
         self._key = f"hb/{rank}"
         self.entered = 0
         self.completed = 0
-        self.inflight: collections.deque[_Call] = collections.deque()
+        self.inflight: collections.deque[Call] = collections.deque()
         self.expired = False
         self._on_expired = on_expired
         self._beat = 0
@@ -60,8 +61,8 @@ class _Watcher:
         self._thread = threading.Thread(target=self._run, name=f"esper_gate-watch-{rank}", daemon=True)
         self._thread.start()
 
-    def begin(self, seq: int, deadline: float) -> _Call:
-        call = _Call(seq, deadline)
+    def begin(self, seq: int, deadline: float) -> Call:
+        call = Call(seq, deadline)
         self.inflight.append(call)
         self.entered = seq
         return call
@@ -70,6 +71,23 @@ class _Watcher:
         """A call whose collective finished on the host (CPU tensors)."""
         self.completed = seq
         self.inflight.popleft()
+
+    def is_completed(self, call: Call) -> bool:
+        """Whether ``call`` finished on every rank: its event fired on a group that did not
+        fail (CUDA), or its collective returned here (CPU)."""
+        if call.event is not None:
+            return call.event.query() and not (self._group_failed is not None and self._group_failed())
+        return self.completed >= call.seq
+
+    def resume(self) -> None:
+        """The expired call completed after all (a near miss): watch deadlines again."""
+        self.expired = False
+
+    def _expire(self, call: Call) -> None:
+        if self.expired:
+            return
+        self.expired = True
+        threading.Thread(target=self._on_expired, args=(call,), daemon=True, name="esper_gate-diagnose").start()
 
     def _write(self) -> tuple[int, int]:
         state = (self.entered, self.completed)
@@ -89,28 +107,21 @@ class _Watcher:
             if self._group_failed is not None and self._group_failed():
                 # NCCL aborted the communicator itself (an error on gate
                 # traffic): the event fired, but the call did not complete.
-                if not self.expired:
-                    self.expired = True
-                    threading.Thread(target=self._on_expired, args=(call,), daemon=True,
-                                     name="esper_gate-diagnose").start()
+                self._expire(call)
                 return
             self.completed = call.seq
             self.inflight.popleft()
 
     def _check_deadline(self) -> None:
-        if self.expired:
-            return
         try:
             call = self.inflight[0]
         except IndexError:
             return
         if time.monotonic() > call.deadline:
-            self.expired = True
-            threading.Thread(target=self._on_expired, args=(call,), daemon=True,
-                             name="esper_gate-diagnose").start()
+            self._expire(call)
 
     def _run(self) -> None:
-        while not self._stop.wait(_WATCH_POLL_S):
+        while not self._stop.wait(WATCH_POLL_S):
             try:
                 self._advance_gpu()
             except Exception:  # noqa: BLE001 - a broken CUDA context: the deadline still fires
@@ -119,7 +130,7 @@ class _Watcher:
             now = time.monotonic()
             if self.store_error is not None:
                 continue
-            if (self.entered, self.completed) == self._written and now - self._last_write < _HEARTBEAT_INTERVAL_S:
+            if (self.entered, self.completed) == self._written and now - self._last_write < HEARTBEAT_INTERVAL_S:
                 continue
             try:
                 with self._store_lock:
@@ -135,7 +146,7 @@ class _Watcher:
             if self.store_error is not None:
                 raise self.store_error
             try:
-                return _read_heartbeats(self._store, world)
+                return read_heartbeats(self._store, world)
             except Exception as e:
                 self.store_error = e
                 raise
@@ -143,10 +154,10 @@ class _Watcher:
     def close(self) -> None:
         self._stop.set()
         if self._thread is not threading.current_thread():
-            self._thread.join(timeout=2 * _HEARTBEAT_INTERVAL_S)
+            self._thread.join(timeout=2 * HEARTBEAT_INTERVAL_S)
 
 
-def _read_heartbeats(store, world: int) -> dict[int, tuple[int, int, int] | None]:
+def read_heartbeats(store, world: int) -> dict[int, tuple[int, int, int] | None]:
     """Every rank's last heartbeat (None: never written). Store errors propagate."""
     out: dict[int, tuple[int, int, int] | None] = {}
     for r in range(world):

@@ -2,18 +2,24 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import NamedTuple, Sequence
 
 import torch
 
 from . import ops, wire
+from ._inputs import Prepared, bad_values_text
+from ._latch import FailureLatch
 from .errors import GateDivergenceError, GateInputError, GatePeerInputError
 from .report import DivergenceReport, parse_report, ranks_text
 
-if TYPE_CHECKING:
-    from .gate_sync import GateSync
+__all__ = ["GateConsensus", "GateView"]
 
-__all__ = ["GateConsensus"]
+
+class GateView(NamedTuple):
+    """What a result needs to know of the gate that made it."""
+    rank: int
+    policy: str
+    slot_names: Sequence[str]
 
 
 class GateConsensus:
@@ -24,28 +30,36 @@ class GateConsensus:
     report to the host once, when asked. On CUDA, a call that the watcher
     aborted has ``decisions`` all false, and every host read here raises its
     GateTimeoutError.
+
+    Args:
+        seq: the call number.
+        decisions, report: the op's outputs.
+        gate: the gate's rank, policy and slot names.
+        latch: the gate's failure latch; a read of a failed call raises its failure.
+        prepared: this rank's inputs as sent (to name this rank's own bad input).
+        ready: a CUDA event recorded after the call, or None on the host.
     """
 
-    __slots__ = ("_owner", "seq", "decisions", "_report_tensor", "_report", "_report_words", "_diverged",
-                 "_local_problem", "_ready", "_inputs")
+    __slots__ = ("seq", "decisions", "_gate", "_latch", "_prepared", "_ready", "_report_tensor", "_report",
+                 "_report_words", "_diverged")
 
-    def __init__(self, owner: "GateSync", seq: int, decisions: torch.Tensor, report: torch.Tensor,
-                 local_problem: str | None = None, ready=None, inputs=None):
-        self._owner = owner
+    def __init__(self, seq: int, decisions: torch.Tensor, report: torch.Tensor, *, gate: GateView,
+                 latch: FailureLatch | None = None, prepared: Prepared | None = None, ready=None):
         self.seq = seq
         self.decisions = decisions
+        self._gate = gate
+        self._latch = latch if latch is not None else FailureLatch()
+        self._prepared = prepared
+        self._ready = ready
         self._report_tensor = report
         self._report: DivergenceReport | None = None
         self._report_words: list[int] | None = None
         self._diverged: torch.Tensor | None = None
-        self._local_problem = local_problem
-        self._ready = ready
-        self._inputs = inputs  # (votes, stages, targets, site, poison): to name this rank's own bad input
 
     @property
     def diverged(self) -> torch.Tensor:
         """Bool tensor, true for each slot that was not agreed (never transitioned)."""
-        self._owner._raise_if_failed(self.seq)
+        self._latch.raise_for(self.seq)
         if self._diverged is None:
             n = self.decisions.shape[0]
             status = self._report_tensor[wire.GLOBAL_WORDS: wire.GLOBAL_WORDS + wire.SLOT_WORDS * n]
@@ -56,16 +70,15 @@ class GateConsensus:
     def _wait_ready(self) -> None:
         """Wait for this call's GPU work; the watcher bounds the wait (it aborts a
         stuck collective at the deadline), and a failed call raises its error."""
-        owner = self._owner
         if self._ready is not None:
             start = time.monotonic()
             # A sync takes tens of microseconds on NCCL: spin first, then back off.
             while not self._ready.query():
-                if owner._failed_at(self.seq):
+                if self._latch.failed_at(self.seq):
                     break
                 if time.monotonic() - start > 0.005:
                     time.sleep(0.0002)
-        owner._raise_if_failed(self.seq)
+        self._latch.raise_for(self.seq)
 
     def report_words(self) -> list[int]:
         """The raw report as host ints (layout in esper_gate.wire; one copy, on first use)."""
@@ -77,7 +90,7 @@ class GateConsensus:
     def report(self) -> DivergenceReport:
         """The decoded report (one device-to-host copy, on first use)."""
         if self._report is None:
-            self._report = parse_report(self.report_words(), self._owner.slot_names, call=self.seq)
+            self._report = parse_report(self.report_words(), self._gate.slot_names, call=self.seq)
         return self._report
 
     def host_decisions(self) -> list[bool]:
@@ -92,23 +105,33 @@ class GateConsensus:
         ranks, so a rank learns its own reason by packing and decoding its
         input as a world of one, with the same kernels; only on the error path.
         """
-        v, s, t, site, poison = self._inputs
-        buf = ops.pack(v, s, t, self.seq, site, self._owner.policy, 0, 1, poison)
-        words = ops.decode(buf, v.shape[0], 1, self._owner.policy)[1].tolist()
-        mine = parse_report(words, self._owner.slot_names, call=self.seq)
+        p, policy = self._prepared, self._gate.policy
+        buf = ops.pack(p.votes, p.stages, p.targets, self.seq, p.site, policy, 0, 1, p.poison)
+        words = ops.decode(buf, p.votes.shape[0], 1, policy)[1].tolist()
+        mine = parse_report(words, self._gate.slot_names, call=self.seq)
         return mine.poison_reasons.get(0, "unknown reason") if mine.poisoned_count else None
 
-    def _raise_global(self, rep: DivergenceReport) -> None:
-        me = self._owner.rank
+    def raise_if_call_failed(self) -> "GateConsensus":
+        """Raise what failed the whole call on every rank (bad input on some rank, ranks
+        at different calls, a corrupt buffer); else return self. Slot divergence is
+        not a failure of the call: ``raise_if_diverged`` raises it too."""
+        if self._report is None and not self._report_tensor.is_cuda:
+            # On the host the flags word says it without parsing the report.
+            self._latch.raise_for(self.seq)
+            if int(self._report_tensor[wire.G_FLAGS]) & wire.FLAG_HEADER_OK:
+                return self
+        rep = self.report()
+        me = self._gate.rank
+        where = f"esper_gate call {self.seq} on rank {me}"
         if rep.poisoned_count:
-            if self._local_problem:
-                raise GateInputError(self._local_problem)
+            if self._prepared is not None and self._prepared.problem:
+                raise GateInputError(self._prepared.problem)
             if me in rep.poisoned_ranks:
-                raise GateInputError(self._owner._describe_bad_values(self.seq, rep.poison_reasons.get(me)))
-            if not rep.exact and self._inputs is not None:
+                raise GateInputError(bad_values_text(where, rep.poison_reasons.get(me)))
+            if not rep.exact and self._prepared is not None:
                 reason = self._own_poison_reason()
                 if reason is not None:
-                    raise GateInputError(self._owner._describe_bad_values(self.seq, reason))
+                    raise GateInputError(bad_values_text(where, reason))
             others = [r for r in rep.poisoned_ranks if r != me]
             who = ranks_text(others) if others else f"{rep.poisoned_count} rank(s)"
             why = "; ".join(f"rank {r}: {rep.poison_reasons.get(r, 'unknown reason')}" for r in others)
@@ -118,11 +141,11 @@ class GateConsensus:
                 others, rep.poison_reasons, rep)
         if not rep.header_ok or rep.corrupt:
             raise GateDivergenceError(str(rep), rep)
+        return self
 
     def raise_if_diverged(self) -> "GateConsensus":
         """Raise the matching GateError if ranks disagreed on anything; else return self."""
-        rep = self.report()
-        self._raise_global(rep)
+        rep = self.raise_if_call_failed().report()
         if not rep.ok:
             raise GateDivergenceError(str(rep), rep)
         return self

@@ -207,13 +207,13 @@ def _gate_stream_ranks(rank, world):
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
+    from esper_gate._group import new_gate_group
+
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)
     # A one-rank GateSync decides locally and builds no group, so build the
     # group it would build, with the same options.
-    gs = esper_gate.GateSync(4, device=dev)
-    gs.ranks, gs.backend, gs.group_timeout = [0], "nccl", datetime.timedelta(seconds=60)
-    gate_group = gs._new_group(dist.group.WORLD)
+    gate_group = new_gate_group([0], "nccl", dev, datetime.timedelta(seconds=60))
     x = torch.arange(64, dtype=torch.float32, device=dev)
     out = torch.empty_like(x)
 

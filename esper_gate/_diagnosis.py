@@ -1,0 +1,97 @@
+"""Diagnosis: which ranks a failed call names, and why, from the ranks' heartbeats.
+
+It knows nothing of threads, groups or results: it reads heartbeats through
+the function it is given and sleeps through the one it is given, so tests
+drive it with a dict and a fake clock.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from .errors import GateError, GateTimeoutError
+from .report import ranks_text
+
+__all__ = ["Diagnosis", "short", "SETTLE_S", "DEAD_RANK_GRACE_S", "BOUND_S"]
+
+# Heartbeats are written asynchronously: a rank that arrived just before the
+# failure may need this long to show it.
+SETTLE_S = 0.6
+# Longer than two heartbeat intervals (_watcher.HEARTBEAT_INTERVAL_S = 1 s):
+# a rank whose beat did not move in this time is dead or frozen.
+DEAD_RANK_GRACE_S = 2.5
+# Longest a diagnosis takes (settle, the dead-rank grace, store round trips):
+# a caller whose collective failed waits this long at most for the verdict.
+BOUND_S = SETTLE_S + DEAD_RANK_GRACE_S + 2.0
+
+Beats = dict  # rank -> (entered, completed, beat) or None (never written)
+
+
+def short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+class Diagnosis:
+    """Names the ranks behind a failed call of one gate.
+
+    Args:
+        read_heartbeats: ``world -> {rank: (entered, completed, beat) | None}``;
+            raises when the store is gone.
+        rank, world: this rank in the gate's group, and the group's size.
+        store_host: the group rank whose process hosts the store, or None when
+            that process is outside the group.
+        timeout: the gate's timeout, for the messages.
+        sleep: how to wait (injectable for tests).
+    """
+
+    def __init__(self, read_heartbeats: Callable[[int], Beats], rank: int, world: int,
+                 store_host: int | None, timeout, sleep: Callable[[float], None] = time.sleep):
+        self._read = read_heartbeats
+        self.rank = rank
+        self.world = world
+        self.store_host = store_host
+        self.timeout = timeout
+        self._sleep = sleep
+
+    def _absent(self, beats: Beats, seq: int) -> list[int]:
+        return [r for r, b in beats.items() if r != self.rank and (b is None or b[0] < seq)]
+
+    def diagnose(self, seq: int, exc: BaseException, completed_here: int) -> GateError:
+        """The error for call ``seq`` whose collective failed with ``exc``;
+        ``completed_here``: the last call this rank saw complete (every rank took part in it)."""
+        try:
+            beats = self._read(self.world)
+            missing = self._absent(beats, seq)
+            if missing:
+                self._sleep(SETTLE_S)
+                beats = self._read(self.world)
+                missing = self._absent(beats, seq)
+            if not missing:
+                # every rank arrived: name those whose heartbeat stopped (dead or frozen)
+                self._sleep(DEAD_RANK_GRACE_S)
+                later = self._read(self.world)
+                missing = [r for r in beats if r != self.rank and (later[r] is None or beats[r] is None
+                                                                     or later[r][2] == beats[r][2])]
+                beats = later
+        except Exception as store_exc:  # noqa: BLE001 - the store itself is gone
+            return self.store_gone(seq, store_exc, exc)
+        last = {r: max(b[1] if b is not None else -1, completed_here) for r, b in beats.items()}
+        what = "GateSync construction" if seq == 0 else f"esper_gate call {seq}"
+        if missing:
+            done = ", ".join(f"rank {r}: {last[r]}" for r in missing)
+            return GateTimeoutError(
+                f"{what}: {ranks_text(missing)} did not arrive (waited up to {self.timeout}); last call "
+                f"completed: {done}. No rank applied a transition for this call. Collective error: "
+                f"{short(exc)}", missing, last, call=seq)
+        return GateError(f"{what} failed in the collective: {short(exc)}")
+
+    def store_gone(self, seq: int, store_exc: BaseException, exc: BaseException) -> GateTimeoutError:
+        host = self.store_host
+        who = f"rank {host}" if host is not None else "global rank 0 (outside this group)"
+        missing = [host] if host is not None else []
+        return GateTimeoutError(
+            f"esper_gate call {seq}: {who} did not arrive: it hosts the job's store, which stopped "
+            f"answering ({short(store_exc)}), so that process has most likely died. No rank applied a "
+            f"transition for this call. Collective error: {short(exc)}", missing,
+            {r: None for r in missing}, call=seq)

@@ -1,0 +1,190 @@
+"""A gate's group lifecycle: which ranks, the store rendezvous that meets them,
+and the dedicated process group gate traffic runs on.
+
+The rendezvous has one verdict per attempt. Each attempt (an *epoch*) has a
+``verdict`` key that the first rank to decide writes with compare-and-set:
+``ok`` once every rank's settings are in the store, or ``abandoned:<ranks>``
+from a rank whose wait ran out, naming the ranks it did not see. Every rank
+reads the same verdict: on ``ok`` all build the group; on ``abandoned`` the
+ranks that were counted raise the same GateTimeoutError, and a rank named in
+it (it came too late for that attempt) moves to the next epoch, where a
+rebuild on the other ranks meets it, or its own deadline names them.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from .errors import GateConfigError, GateTimeoutError
+from .report import ranks_text
+
+__all__ = ["parent_group", "config_error", "device_backend", "gate_group_timeout", "new_gate_group", "Rendezvous",
+           "SELF_TIMING_BACKENDS", "self_timing"]
+
+STORE_PREFIX = "esper_gate"
+# gloo raises in the caller's thread when its timeout passes and leaves the
+# process running, so its group timeout can be the gate's own. Every other
+# backend (NCCL first) is aborted by the watcher at the gate's deadline, and
+# its group timeout lies this far past it: NCCL's watchdog ends the process
+# when that timeout passes (TORCH_NCCL_ASYNC_ERROR_HANDLING=3, the default).
+SELF_TIMING_BACKENDS = ("gloo",)
+_GROUP_TIMEOUT_MARGIN = datetime.timedelta(seconds=60)
+_NCCL_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+_ABANDONED = "abandoned:"
+
+
+def parent_group(group=None):
+    """The group to agree over (default: the world), or None when there is nobody to
+    agree with (torch.distributed not initialized, or a group of one rank)."""
+    if group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = dist.group.WORLD
+    return None if dist.get_world_size(group) == 1 else group
+
+
+def device_backend(backend: str, device_type: str) -> str:
+    """The backend that serves ``device_type`` ("cpu:gloo,cuda:nccl" -> "gloo" for cpu)."""
+    if ":" not in backend:
+        return backend
+    pairs = dict(part.split(":", 1) for part in backend.split(","))
+    return pairs.get(device_type, backend)
+
+
+def self_timing(backend: str, device: torch.device) -> bool:
+    """Whether the backend serving ``device`` raises in the caller at its own timeout (no abort needed)."""
+    return device_backend(backend, device.type) in SELF_TIMING_BACKENDS
+
+
+def gate_group_timeout(timeout: datetime.timedelta, self_timing: bool) -> datetime.timedelta:
+    return timeout if self_timing else timeout + max(_GROUP_TIMEOUT_MARGIN, timeout)
+
+
+def new_gate_group(ranks: list[int], backend: str, device: torch.device, timeout: datetime.timedelta):
+    """The dedicated process group of a gate (every rank in ``ranks`` calls this)."""
+    if backend != "nccl":
+        return dist.new_group(ranks=ranks, backend=backend, timeout=timeout, use_local_synchronization=True)
+    # * A high-priority stream comes from its own per-device pool, apart
+    #   from the one every default-priority group and torch.cuda.Stream()
+    #   draw from (c10/cuda/CUDAStream.h); docs/integrating-esper.md says
+    #   what that guarantees.
+    # * device_id makes new_group create the communicator now, while every
+    #   rank has just met at the rendezvous (distributed_c10d.py, 2.14:
+    #   _new_process_group_helper -> eager_connect_single_device).
+    # * ProcessGroupNCCL reads TORCH_NCCL_ASYNC_ERROR_HANDLING in its
+    #   constructor (ProcessGroupNCCL.hpp:67-72, 165-179). With the default
+    #   3, an error NCCL sees on gate traffic (a peer's socket closing)
+    #   ends the process; 2 aborts the gate's communicator instead, and
+    #   GateSync turns that into a named error.
+    opts = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
+    saved = os.environ.get(_NCCL_ERROR_HANDLING)
+    os.environ[_NCCL_ERROR_HANDLING] = "2"
+    try:
+        return dist.new_group(ranks=ranks, backend="nccl", timeout=timeout, use_local_synchronization=True,
+                              pg_options=opts, device_id=device)
+    finally:
+        if saved is None:
+            os.environ.pop(_NCCL_ERROR_HANDLING, None)
+        else:
+            os.environ[_NCCL_ERROR_HANDLING] = saved
+
+
+def config_error(configs: dict[int, dict], mine: dict, rank: int) -> GateConfigError | None:
+    """The error every call of a gate raises when ranks built it with other settings
+    (no collective is issued then: ranks with other slot counts would all_reduce other sizes)."""
+    if all(c == mine for c in configs.values()):
+        return None
+    lines = [f"rank {r}: num_slots={c['num_slots']}, policy={c['policy']}, slot layout "
+             f"fingerprint={c['site']:#010x}" for r, c in sorted(configs.items())]
+    return GateConfigError(
+        f"GateSync was built with different settings on different ranks (this is rank {rank}):\n  "
+        + "\n  ".join(lines) + "\nEvery rank must pass the same num_slots, policy and slot_names.", configs)
+
+
+class Rendezvous:
+    """Meets every rank of the parent group (by name) in the job's store before a gate is built.
+
+    Constructions on one parent group are counted alike on every rank (a
+    count moves only when every rank has built), so the n-th GateSync on a
+    group meets the n-th on every other rank. ``store`` is the prefix store of
+    the attempt that met, for the gate's heartbeats.
+    """
+
+    # parent group name -> constructions completed on it, in this process
+    _built: dict[str, int] = {}
+
+    def __init__(self, parent_name: str, rank: int, world: int, timeout: datetime.timedelta, base_store=None,
+                 counts: dict[str, int] | None = None):
+        if base_store is None:
+            from torch.distributed.distributed_c10d import _get_default_store
+
+            base_store = _get_default_store()
+        self._counts = counts if counts is not None else Rendezvous._built
+        self._parent_name = parent_name
+        self._built_count = self._counts.get(parent_name, 0)
+        self._base = dist.PrefixStore(f"{STORE_PREFIX}/{self._parent_name}/{self._built_count}/", base_store)
+        self.rank, self.world, self.timeout = rank, world, timeout
+        self.store = None
+        self._epoch: int | None = None
+
+    def _epoch_now(self) -> int:
+        return int(self._base.add("epoch", 0))
+
+    def meet(self, config: dict) -> dict[int, dict]:
+        """Publish this rank's ``config`` and return every rank's, bounded by the timeout."""
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        keys = [f"cfg/{r}" for r in range(self.world)]
+        try:
+            while True:
+                epoch = self._epoch_now()
+                store = dist.PrefixStore(f"{epoch}/", self._base)
+                store.set(f"cfg/{self.rank}", json.dumps(config))
+                left = deadline - time.monotonic()
+                try:
+                    store.wait(keys, datetime.timedelta(seconds=max(left, 0.001)))
+                    mine = "ok"
+                except Exception:  # noqa: BLE001 - a timeout; a dead store fails the next request too
+                    missing = [r for r in range(self.world) if not store.check([f"cfg/{r}"])]
+                    # Every key may have landed since the wait gave up: then all are here.
+                    mine = _ABANDONED + ",".join(map(str, missing)) if missing else "ok"
+                verdict = store.compare_set("verdict", "", mine).decode()
+                if verdict == "ok":
+                    self._epoch, self.store = epoch, store
+                    return {r: json.loads(store.get(k).decode()) for r, k in enumerate(keys)}
+                self._base.compare_set("epoch", str(epoch), str(epoch + 1))
+                missing = [int(r) for r in verdict[len(_ABANDONED):].split(",") if r]
+                if self.rank not in missing or time.monotonic() >= deadline:
+                    raise self._timeout_error(missing)
+                # This rank came after the others gave up on that attempt: meet them at the next.
+        except GateTimeoutError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the store stopped answering
+            raise GateTimeoutError(
+                f"GateSync construction: the job's store stopped answering ({type(e).__name__}: "
+                f"{str(e).strip()[:200]}); the process hosting it (global rank 0) has most likely died. "
+                f"No collective was issued.", [], {}, call=0) from e
+
+    def _timeout_error(self, missing: list[int]) -> GateTimeoutError:
+        who = ranks_text(missing) if missing else "a rank"
+        return GateTimeoutError(
+            f"GateSync construction: {who} did not arrive within {self.timeout} (every rank of the group "
+            f"must construct GateSync; the gate was never reached there). No collective was issued; build "
+            f"a new GateSync on every rank to retry.", missing, {r: -1 for r in missing}, call=0)
+
+    def abandon(self) -> None:
+        """After the group could not be built on this rank: the next attempt meets on a new epoch."""
+        if self._epoch is None:
+            return
+        try:
+            self._base.compare_set("epoch", str(self._epoch), str(self._epoch + 1))
+        except Exception:  # noqa: BLE001 - the store is gone; nothing left to meet on
+            pass
+
+    def commit(self) -> None:
+        """The gate is built on this rank: the next construction on the parent meets anew."""
+        self._counts[self._parent_name] = self._built_count + 1
