@@ -1,0 +1,316 @@
+"""GateSync's parts in one process, in milliseconds: input preparation, the
+failure latch, the diagnosis, the watcher, the rendezvous and the result.
+
+What only real ranks show (a collective, a process that dies) lives in
+test_gate_sync.py; everything here is pure logic driven by dicts, threads and
+fake clocks.
+"""
+import datetime
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import esper_gate
+from esper_gate import wire
+from esper_gate._diagnosis import DEAD_RANK_GRACE_S, SETTLE_S, Diagnosis
+from esper_gate._group import Rendezvous
+from esper_gate._inputs import prepare
+from esper_gate._latch import FailureLatch
+from esper_gate._watcher import WATCH_POLL_S, Watcher
+from esper_gate.consensus import GateConsensus, GateView
+from reference import RankInput
+from simulate import simulate
+
+N = 4
+CPU = torch.device("cpu")
+
+
+def _prepare(votes, stages, targets, site=None, device=CPU):
+    return prepare(votes, stages, targets, site, num_slots=N, device=device, default_site=77,
+                   call="esper_gate call 3 on rank 1")
+
+
+# ---- input preparation ---------------------------------------------------------
+
+GOOD = ([1, 1, 1, 1], [3, 3, 3, 3], [4, 4, 4, 4])
+# (which argument, its bad value, the reason code, words of the message)
+BAD_INPUTS = [
+    ("votes", [1, 1, 1], wire.REASON_SHAPE, "votes must have shape [4], got [3]"),
+    ("stages", torch.ones(2, 2, dtype=torch.int64), wire.REASON_SHAPE, "stages must have shape [4], got [2, 2]"),
+    ("votes", torch.tensor([0.5, 1.0, 1.0, 1.0]), wire.REASON_DTYPE, "integer dtype, got torch.float32"),
+    ("stages", torch.ones(4, dtype=torch.bool), wire.REASON_DTYPE,
+     "stages must be an integer dtype, got torch.bool"),
+    ("targets", torch.ones(4, dtype=torch.bool), wire.REASON_DTYPE,
+     "targets must be an integer dtype, got torch.bool"),
+    ("stages", torch.tensor([3, 3, 3, 3], device="meta"), wire.REASON_DEVICE, "stages is on meta, expected cpu"),
+    ("stages", [3.9, 3, 3, 3], wire.REASON_DTYPE, "stages must be a tensor or a sequence of ints"),
+    ("votes", [0.5, 1, 1, 1], wire.REASON_DTYPE, "votes must be a tensor or a sequence of ints"),
+    ("votes", 7, wire.REASON_DTYPE, "votes must be a tensor or a sequence of ints, got int"),
+]
+
+
+@pytest.mark.parametrize("which, value, code, words", BAD_INPUTS, ids=lambda x: str(x)[:24])
+def test_bad_input_becomes_a_poison_code_and_a_message(which, value, code, words):
+    args = dict(zip(("votes", "stages", "targets"), GOOD))
+    args[which] = value
+    p = _prepare(**args)
+    assert p.poison == code
+    assert p.problem.startswith("esper_gate call 3 on rank 1: ") and words in p.problem
+    # stand-ins the op takes, so the rank still joins the collective
+    assert p.votes.dtype == torch.bool and p.stages.dtype == torch.int64 and p.site == 0
+    assert all(t.shape == (N,) and t.device == CPU for t in (p.votes, p.stages, p.targets))
+
+
+def test_every_tensor_on_the_wrong_device_is_bad_input():
+    meta = [torch.ones(N, dtype=torch.int64, device="meta") for _ in range(3)]
+    p = _prepare(*meta)
+    assert p.poison == wire.REASON_DEVICE and "votes is on meta, expected cpu" in p.problem
+
+
+@pytest.mark.parametrize("site, shown", [(2**63, "9223372036854775808"), (-1, "-1"), (2**32, "4294967296"),
+                                         (1.5, "1.5")])
+def test_a_site_outside_32_bits_is_bad_input_and_shown_as_given(site, shown):
+    p = _prepare(*GOOD, site=site)
+    assert p.poison == wire.REASON_SITE
+    assert f"site must be an int in 0..2**32-1, got {shown}" in p.problem
+
+
+def test_values_out_of_range_go_to_the_kernel_which_names_them():
+    p = _prepare([1, 2**70, 1, 1], [3, -(2**80), 99, 3], [4, 4, 4, 4])
+    assert p.problem is None and p.poison == 0
+    assert p.votes.tolist() == [1, wire.MAX_ID + 1, 1, 1] and p.stages.tolist() == [3, -1, 64, 3]
+
+
+def test_tensors_the_op_takes_pass_through_untouched():
+    v, s, t = torch.ones(N, dtype=torch.bool), torch.full((N,), 3), torch.full((N,), 4)
+    p = _prepare(v, s, t)
+    assert p.votes is v and p.stages is s and p.targets is t and p.site == 77 and p.problem is None
+    p = _prepare([True, 0, 1, 1], torch.full((N,), 3, dtype=torch.int32), (4, 4, 4, 4), site=5)
+    assert p.votes.tolist() == [1, 0, 1, 1] and p.stages.dtype == torch.int64 and p.site == 5
+
+
+# ---- the failure latch -------------------------------------------------------------
+
+def test_the_first_failure_wins_and_is_delivered_once():
+    latch = FailureLatch()
+    latch.check_usable()
+    first, second = esper_gate.GateTimeoutError("first"), esper_gate.GateError("second")
+    assert latch.record(3, first) is first and latch.record(2, second) is first
+    assert latch.seq == 3 and not latch.failed_at(2) and latch.failed_at(3) and latch.failed_at(4)
+    latch.raise_for(2)  # an earlier call's results stay readable
+    with pytest.raises(esper_gate.GateTimeoutError, match="first"):
+        latch.raise_for(3)
+    with pytest.raises(esper_gate.GateError, match="unusable after call 3 failed.*first"):
+        latch.check_usable()
+
+
+def test_a_failure_nobody_read_is_raised_by_the_next_call():
+    latch = FailureLatch()
+    latch.record(5, esper_gate.GateTimeoutError("found by the watcher"))
+    with pytest.raises(esper_gate.GateTimeoutError, match="found by the watcher"):
+        latch.check_usable()
+    with pytest.raises(esper_gate.GateError, match="unusable"):
+        latch.check_usable()
+
+
+# ---- the diagnosis ---------------------------------------------------------------
+
+class _Beats:
+    """Heartbeats that change as the diagnosis sleeps: ``script[i]`` is what the i-th read returns."""
+
+    def __init__(self, *script):
+        self.script, self.reads, self.slept = list(script), 0, []
+
+    def read(self, world):
+        beats = self.script[min(self.reads, len(self.script) - 1)]
+        self.reads += 1
+        if isinstance(beats, Exception):
+            raise beats
+        assert len(beats) == world
+        return dict(beats)
+
+    def sleep(self, s):
+        self.slept.append(s)
+
+
+def _diagnosis(beats, rank=0, world=3, store_host=0):
+    return Diagnosis(beats.read, rank, world, store_host, datetime.timedelta(seconds=3), sleep=beats.sleep)
+
+
+def test_a_rank_that_never_entered_the_call_is_named_with_its_last_completed_call():
+    beats = _Beats({0: (5, 4, 9), 1: (5, 4, 9), 2: (4, 4, 9)})
+    err = _diagnosis(beats).diagnose(5, TimeoutError("stuck"), completed_here=4)
+    assert isinstance(err, esper_gate.GateTimeoutError)
+    assert err.missing_ranks == [2] and err.last_completed[2] == 4 and err.call == 5
+    assert "rank 2 did not arrive" in str(err) and "TimeoutError: stuck" in str(err)
+    assert beats.slept == [SETTLE_S]
+
+
+def test_a_rank_whose_heartbeat_lands_during_the_settle_is_not_named():
+    beats = _Beats({0: (5, 4, 9), 1: (4, 4, 3), 2: (5, 4, 9)}, {0: (5, 4, 10), 1: (5, 4, 4), 2: (5, 4, 10)},
+                   {0: (5, 4, 11), 1: (5, 4, 5), 2: (5, 4, 11)})
+    err = _diagnosis(beats).diagnose(5, RuntimeError("gloo"), completed_here=4)
+    assert type(err) is esper_gate.GateError and "failed in the collective: RuntimeError: gloo" in str(err)
+    assert beats.slept == [SETTLE_S, DEAD_RANK_GRACE_S]
+
+
+def test_a_rank_that_entered_and_then_stopped_beating_is_named():
+    beats = _Beats({0: (5, 4, 9), 1: (5, 4, 7), 2: (5, 4, 9)}, {0: (5, 4, 12), 1: (5, 4, 7), 2: (5, 4, 12)})
+    err = _diagnosis(beats).diagnose(5, TimeoutError("stuck"), completed_here=4)
+    assert isinstance(err, esper_gate.GateTimeoutError) and err.missing_ranks == [1]
+
+
+def test_a_store_that_stopped_answering_names_its_host():
+    beats = _Beats(ConnectionError("Connection reset by peer"))
+    err = _diagnosis(beats, rank=2, store_host=0).diagnose(7, TimeoutError("stuck"), completed_here=6)
+    assert err.missing_ranks == [0] and "it hosts the job's store" in str(err)
+    err = _diagnosis(_Beats(ConnectionError("x")), store_host=None).diagnose(7, TimeoutError("t"), 6)
+    assert err.missing_ranks == [] and "global rank 0 (outside this group)" in str(err)
+
+
+# ---- the watcher ------------------------------------------------------------------
+
+class DictStore:
+    """The three store requests the watcher makes, on a dict."""
+
+    def __init__(self):
+        self.data = {}
+
+    def set(self, key, value):
+        self.data[key] = value.encode() if isinstance(value, str) else value
+
+    def get(self, key):
+        return self.data[key]
+
+    def check(self, keys):
+        return all(k in self.data for k in keys)
+
+
+def _wait_for(cond, polls):
+    deadline = time.monotonic() + polls * WATCH_POLL_S
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(WATCH_POLL_S / 10)
+    return cond()
+
+
+def test_a_call_is_announced_in_the_heartbeat_within_two_polls():
+    store, expired = DictStore(), []
+    watcher = Watcher(store, 0, expired.append)
+    try:
+        assert store.get("hb/0").decode().startswith("0,0,")
+        watcher.begin(1, time.monotonic() + 60)
+        assert _wait_for(lambda: store.get("hb/0").decode().startswith("1,0,"), polls=2), store.get("hb/0")
+        watcher.end_host(1)
+        assert _wait_for(lambda: store.get("hb/0").decode().startswith("1,1,"), polls=2), store.get("hb/0")
+        assert watcher.read_heartbeats(1)[0][:2] == (1, 1)
+    finally:
+        watcher.close()
+    assert not expired
+
+
+def test_a_deadline_fires_once_and_again_after_a_near_miss():
+    store, fired = DictStore(), []
+    lock = threading.Event()
+
+    def on_expired(call):
+        fired.append(call.seq)
+        lock.set()
+
+    watcher = Watcher(store, 0, on_expired)
+    try:
+        watcher.begin(1, time.monotonic() - 1)
+        assert lock.wait(2) and fired == [1]
+        time.sleep(4 * WATCH_POLL_S)
+        assert fired == [1], "one deadline, one verdict"
+        # the call completed after all: a near miss
+        watcher.end_host(1)
+        watcher.resume()
+        lock.clear()
+        watcher.begin(2, time.monotonic() - 1)
+        assert lock.wait(2) and fired == [1, 2]
+    finally:
+        watcher.close()
+
+
+# ---- the rendezvous ----------------------------------------------------------------
+
+def _meet_in_threads(plans, timeout_s, store):
+    """Run one thread per rank; ``plans[r]``: (delay before the first attempt, attempts)."""
+    out = {}
+
+    def rank_main(rank):
+        counts = {}
+        delay, attempts = plans[rank]
+        time.sleep(delay)
+        results = []
+        for _ in range(attempts):
+            rv = Rendezvous("pg0", rank, len(plans), datetime.timedelta(seconds=timeout_s), store, counts)
+            try:
+                configs = rv.meet({"rank_of_sender": rank})
+                rv.commit()
+                results.append(("met", sorted(configs)))
+                break
+            except esper_gate.GateTimeoutError as e:
+                results.append(("timeout", e.missing_ranks))
+        out[rank] = results
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(len(plans))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return out
+
+
+def test_ranks_that_gave_up_are_named_to_a_rank_that_comes_later():
+    """The late rank must not pair with the keys the others left behind."""
+    out = _meet_in_threads({0: (0, 1), 1: (0, 1), 2: (0.5, 1)}, 0.3, dist.HashStore())
+    assert out == {0: [("timeout", [2])], 1: [("timeout", [2])], 2: [("timeout", [0, 1])]}
+
+
+def test_a_rebuild_meets_a_late_rank_on_every_rank_whenever_it_arrives():
+    """Arrivals around the first attempt's deadline: one verdict per attempt, and the
+    rebuild meets, for every arrival time."""
+    for delay in (0.0, 0.1, 0.18, 0.2, 0.22, 0.25, 0.3, 0.35):
+        out = _meet_in_threads({0: (0, 2), 1: (0, 2), 2: (delay, 1)}, 0.2, dist.HashStore())
+        assert out[2] == [("met", [0, 1, 2])], (delay, out)
+        for r in (0, 1):
+            assert out[r][-1] == ("met", [0, 1, 2]), (delay, out)
+            assert out[r][:-1] in ([], [("timeout", [2])]), (delay, out)
+        assert out[0][:-1] == out[1][:-1], ("one verdict for the first attempt", delay, out)
+
+
+# ---- the result ---------------------------------------------------------------------
+
+def _result(inputs, view, policy="unanimous"):
+    decision, report, _ = simulate(inputs, view=view)
+    mine = inputs[view]
+    prepared = _prepare(torch.tensor(mine.votes), torch.tensor(mine.stages), torch.tensor(mine.targets),
+                        site=mine.site)
+    return GateConsensus(1, torch.tensor(decision), torch.tensor(report),
+                         gate=GateView(view, policy, [str(i) for i in range(N)]), prepared=prepared)
+
+
+@pytest.mark.parametrize("world", [3, 70])
+def test_each_poisoned_rank_learns_its_own_reason(world):
+    """Two ranks poisoned for different reasons: each gets a GateInputError with its
+    own reason (above 64 ranks the buffer only counts them), the others a
+    GatePeerInputError, and no slot passes."""
+    inputs = [RankInput([1] * N, [3] * N, [2] * N, seq=1, site=9) for _ in range(world)]
+    a, b = 0, world - 1
+    inputs[a].stages = [3, 64, 3, 3]
+    inputs[b].votes = [1, 1, 7, 1]
+    peer = "ranks 0,2 passed bad input" if world == 3 else "2 rank(s) passed bad input"
+    for view, kind, reason in ((a, esper_gate.GateInputError, "stage id outside 0..63"),
+                               (b, esper_gate.GateInputError, "vote that is neither 0 nor 1"),
+                               (1, esper_gate.GatePeerInputError, peer)):
+        res = _result(inputs, view)
+        with pytest.raises(kind) as info:
+            res.raise_if_diverged()
+        assert reason in str(info.value), (view, str(info.value))
+        assert res.host_decisions() == [False] * N
