@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from .errors import GateDivergenceError, GateInputError
 from .gate_sync import GateSync, site_fingerprint
-from .report import DivergenceReport, SlotDivergence, SlotVotes, gate_name, ranks_text, stage_name
+from .report import DivergenceReport, SlotDivergence, SlotVotes, ranks_text
 
 __all__ = ["sync_gate_decision", "sync_gate_decisions", "cached_gate_sync", "clear_cache",
            "VETO_CHECK", "DIVERGENCE_CHECK", "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S"]
@@ -156,14 +156,14 @@ def _call_mismatch_note(rep: DivergenceReport, my_site: int, slot_ids: Sequence[
     single = len(slot_ids) == 1
     where = f"slot {slot_ids[0]}" if single else f"this layout of {len(slot_ids)} slots"
     if not rep.rank_calls:  # more than 64 ranks: only summaries are exact
-        detail = "; ".join(line.strip() for line in str(rep).splitlines()[1:-1])
+        detail = "; ".join(rep.mismatch_lines() + [sd.describe() for sd in rep.diverged_slots])
     else:
         # every rank's (stage, target) still arrives when the calls differ
         held: dict[int, str] = {}
         if single and rep.diverged_slots and rep.diverged_slots[0].exact:
             for h in rep.diverged_slots[0].holdings:
                 for r in h.ranks:
-                    held[r] = f"{stage_name(h.stage)} -> {gate_name(h.target)}"
+                    held[r] = rep.vocabulary.holding(h.stage, h.target)
         groups: dict[tuple, list[int]] = {}
         for rc in rep.rank_calls:
             groups.setdefault((rc.site == my_site, rc.seq, rc.site, held.get(rc.rank)), []).append(rc.rank)

@@ -1,8 +1,11 @@
 """The report's accessors, read from what the real kernels decode (simulated ranks)."""
 from __future__ import annotations
 
+import dataclasses
+import json
+
 from esper_gate import wire
-from esper_gate.report import parse_report, ranks_text
+from esper_gate.report import DivergenceReport, SlotDivergence, Vocabulary, parse_report, ranks_text
 from reference import RankInput
 from simulate import simulate
 
@@ -45,6 +48,42 @@ def test_above_64_ranks_only_the_counts_arrive():
     _decision, report, _ = simulate(inputs)
     [slot] = parse_report(report).slots
     assert slot.yes == world - 1 and slot.votes == [] and slot.ranks_voting(False) == []
+
+
+def test_the_text_names_ids_in_the_callers_vocabulary():
+    inputs = [RankInput([1], [3], [2]), RankInput([1], [4], [2])]
+    _decision, report, _ = simulate(inputs)
+    kitchen = Vocabulary(stages={3: "warm", 4: "hot"}, targets={2: "boil"})
+    rep = parse_report(report, ["pot"], vocabulary=kitchen)
+    [sd] = rep.diverged_slots
+    assert sd.holdings_text() == "rank 0 holds warm -> boil; rank 1 holds hot -> boil"
+    assert "  slot pot (#0): rank 0 holds warm -> boil; rank 1 holds hot -> boil" in str(rep).splitlines()
+    # ids the caller did not name print as ids
+    plain = parse_report(report, ["pot"], vocabulary=Vocabulary(stages={3: "warm"}))
+    assert plain.diverged_slots[0].holdings_text() == \
+        "rank 0 holds warm -> target 2; rank 1 holds stage 4 -> target 2"
+
+
+def test_mismatch_lines_name_the_ranks_at_each_call():
+    agree = [RankInput([1], [3], [2], seq=5), RankInput([1], [3], [2], seq=5)]
+    late = agree + [RankInput([1], [3], [2], seq=4)]
+    rep = parse_report(simulate(late)[1])
+    assert rep.mismatch_lines() == ["call mismatch: ranks 0-1 at call 5; rank 2 at call 4"]
+    assert "  call mismatch: ranks 0-1 at call 5; rank 2 at call 4" in str(rep).splitlines()
+    assert parse_report(simulate(agree)[1]).mismatch_lines() == []
+
+
+def test_to_dict_holds_every_field_and_is_json_able():
+    inputs = [RankInput([1, 1], [3, 3], [2, 2]), RankInput([1, 0], [3, 4], [2, 2])]
+    rep = parse_report(simulate(inputs)[1], ["a", "b"], vocabulary=Vocabulary({3: "warm"}, {2: "boil"}))
+    out = json.loads(json.dumps(rep.to_dict()))
+    assert set(out) == {f.name for f in dataclasses.fields(DivergenceReport)}
+    [sd] = out["diverged_slots"]
+    # the vocabulary appears once, at the top, not in every diverged slot
+    assert set(sd) == {f.name for f in dataclasses.fields(SlotDivergence)} - {"vocabulary"}
+    assert out["vocabulary"] == {"stages": {"3": "warm"}, "targets": {"2": "boil"}}
+    assert sd["holdings"] == [{"stage": 3, "target": 2, "ranks": [0], "votes_passed": [0]},
+                              {"stage": 4, "target": 2, "ranks": [1], "votes_passed": []}]
 
 
 def test_ranks_text():
