@@ -77,7 +77,8 @@ class GateConsensus:
     def report(self) -> DivergenceReport:
         """The decoded report (one device-to-host copy, on first use)."""
         if self._report is None:
-            self._report = parse_report(self.report_words(), self._owner.slot_names, call=self.seq)
+            self._report = parse_report(self.report_words(), self._owner.slot_names, call=self.seq,
+                                        vocabulary=self._owner.vocabulary)
         return self._report
 
     def host_decisions(self) -> list[bool]:

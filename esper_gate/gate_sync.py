@@ -109,6 +109,8 @@ class GateSync:
             CUDA device for NCCL groups, else the CPU). Inputs on another
             device are bad input, reported on every rank in the same call.
         backend: the backend of the dedicated group (default: the group's).
+        vocabulary: a ``report.Vocabulary`` naming stage and target ids in
+            reports (default: the ids themselves, "stage 3 -> target 2").
 
     Construction is collective: a store rendezvous, a dedicated group and
     one warm-up sync that creates its communicator, all bounded by
@@ -122,7 +124,7 @@ class GateSync:
 
     def __init__(self, num_slots: int, *, policy: str = "unanimous", group=None,
                  timeout=datetime.timedelta(seconds=60), slot_names: Sequence[str] | None = None,
-                 device: torch.device | str | None = None, backend: str | None = None):
+                 device: torch.device | str | None = None, backend: str | None = None, vocabulary=None):
         if not isinstance(num_slots, int) or isinstance(num_slots, bool) or not 1 <= num_slots <= wire.MAX_SLOTS:
             raise GateInputError(f"num_slots must be an int in 1..{wire.MAX_SLOTS}, got {num_slots!r}")
         if policy not in wire.POLICIES:
@@ -136,6 +138,7 @@ class GateSync:
         self.timeout = _as_timedelta(timeout)
         self._timeout_s = self.timeout.total_seconds()
         self.slot_names = slot_names or [str(i) for i in range(num_slots)]
+        self.vocabulary = vocabulary
         self.site = site_fingerprint(num_slots, slot_names)
         self._seq = 0
         self._failure: GateError | None = None
