@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import torch.distributed as dist
 
 from .errors import GateDivergenceError, GateInputError
+from .esper import VOCABULARY, SeedStage
 from .gate_sync import GateSync, site_fingerprint
 from .report import DivergenceReport, SlotDivergence, SlotVotes, ranks_text
 
@@ -42,7 +43,6 @@ VETO_CHECK = "ddp_veto"
 DIVERGENCE_CHECK = "ddp_divergence"
 TIMEOUT_ENV = "ESPER_GATE_TIMEOUT"
 DEFAULT_TIMEOUT_S = 60.0
-DORMANT = 1  # Esper's stage id of an empty slot
 
 # (parent group name, slot count, policy) -> (parent group, GateSync). The
 # parent object is kept to tell a re-initialized world (which may reuse the
@@ -96,7 +96,7 @@ def cached_gate_sync(num_slots: int, *, policy: str = "unanimous", group=None, t
     first call; one that does not is named in a GateTimeoutError. ``timeout``
     (default: ``$ESPER_GATE_TIMEOUT`` seconds, else 60 s) is fixed when the
     GateSync is built. The caller must have checked that ``group`` spans more
-    than one rank.
+    than one rank. Its reports print Esper's stage and gate names.
     """
     parent = group if group is not None else dist.group.WORLD
     key = (parent.group_name, num_slots, policy)
@@ -106,7 +106,8 @@ def cached_gate_sync(num_slots: int, *, policy: str = "unanimous", group=None, t
     if hit is not None:  # a previous process group with the same name
         hit[1].close()
         del _cache[key]
-    gs = GateSync(num_slots, policy=policy, group=parent, timeout=_resolve_timeout(timeout))
+    gs = GateSync(num_slots, policy=policy, group=parent, timeout=_resolve_timeout(timeout),
+                  vocabulary=VOCABULARY)
     _cache[key] = (parent, gs)
     return gs
 
@@ -116,7 +117,7 @@ def cached_gate_sync(num_slots: int, *, policy: str = "unanimous", group=None, t
 def _slot_stage(slot) -> int:
     state = getattr(slot, "state", None)
     stage = getattr(state, "stage", None) if state is not None else None
-    return DORMANT if stage is None else int(stage)
+    return int(SeedStage.DORMANT) if stage is None else int(stage)
 
 
 def _with(gate_result, **changes):

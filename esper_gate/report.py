@@ -6,21 +6,8 @@ from typing import Mapping, Sequence
 
 from . import wire
 
-# Esper's stage and gate ids (its IntEnum values, stable across Esper releases).
-STAGE_NAMES = {0: "UNKNOWN", 1: "DORMANT", 2: "GERMINATED", 3: "TRAINING", 4: "BLENDING",
-               6: "HOLDING", 7: "FOSSILIZED", 8: "PRUNED", 9: "EMBARGOED", 10: "RESETTING"}
-GATE_NAMES = {0: "G0", 1: "G1", 2: "G2", 3: "G3", 5: "G5"}
 
-
-def stage_name(stage: int) -> str:
-    return STAGE_NAMES.get(stage, f"stage {stage}")
-
-
-def gate_name(target: int) -> str:
-    return GATE_NAMES.get(target, f"target {target}")
-
-
-@dataclass
+@dataclass(frozen=True)
 class Vocabulary:
     """The names a report prints for stage and target ids, given by its caller.
 
@@ -30,6 +17,11 @@ class Vocabulary:
     stages: Mapping[int, str] = field(default_factory=dict)
     targets: Mapping[int, str] = field(default_factory=dict)
 
+    def __post_init__(self):
+        # copies, so a caller's later edits cannot change reports already made
+        object.__setattr__(self, "stages", {int(k): str(v) for k, v in self.stages.items()})
+        object.__setattr__(self, "targets", {int(k): str(v) for k, v in self.targets.items()})
+
     def stage(self, stage: int) -> str:
         return self.stages.get(stage, f"stage {stage}")
 
@@ -37,14 +29,14 @@ class Vocabulary:
         return self.targets.get(target, f"target {target}")
 
     def holding(self, stage: int, target: int) -> str:
-        """'TRAINING -> G2': a (stage, target) pair as the reports print it."""
+        """'stage 3 -> target 2', or the caller's names for them: a (stage, target) pair in a report."""
         return f"{self.stage(stage)} -> {self.target(target)}"
 
     def to_dict(self) -> dict:
         return {"stages": dict(self.stages), "targets": dict(self.targets)}
 
 
-DEFAULT_VOCABULARY = Vocabulary(STAGE_NAMES, GATE_NAMES)
+DEFAULT_VOCABULARY = Vocabulary()
 
 
 def ranks_text(ranks: Sequence[int]) -> str:
@@ -122,8 +114,8 @@ class SlotDivergence:
         return f"slot {self.name} (#{self.slot}): {self.holdings_text()}"
 
     def holdings_text(self) -> str:
-        """'ranks 0-1 hold TRAINING -> G2; rank 2 holds BLENDING -> G3', or above 64
-        ranks, rank 0's state and the bounds of everyone's."""
+        """'ranks 0-1 hold stage 3 -> target 2; rank 2 holds stage 4 -> target 3' (in the
+        vocabulary's names), or above 64 ranks, rank 0's state and the bounds of everyone's."""
         if self.exact:
             return "; ".join(f"{ranks_text(h.ranks)} {'holds' if len(h.ranks) == 1 else 'hold'} "
                              f"{self.vocabulary.holding(h.stage, h.target)}" for h in self.holdings)

@@ -6,37 +6,16 @@ import dataclasses
 import datetime
 import time
 from dataclasses import dataclass, field
-from enum import IntEnum
 
 import pytest
 
+from esper_gate.esper import GateLevel, SeedStage
 from mp import run_ranks, values
 
 TIMEOUT_S = 3.0
 
 
-# ---- stand-ins for Esper's SeedStage, GateLevel, SeedState, SeedSlot, GateResult ----
-
-class SeedStage(IntEnum):
-    UNKNOWN = 0
-    DORMANT = 1
-    GERMINATED = 2
-    TRAINING = 3
-    BLENDING = 4
-    HOLDING = 6
-    FOSSILIZED = 7
-    PRUNED = 8
-    EMBARGOED = 9
-    RESETTING = 10
-
-
-class GateLevel(IntEnum):
-    G0 = 0
-    G1 = 1
-    G2 = 2
-    G3 = 3
-    G5 = 5
-
+# ---- stand-ins for Esper's SeedState, SeedSlot, GateResult (its enums are esper_gate.esper's) ----
 
 ACTIVE_STAGES = {SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.HOLDING}
 
@@ -123,6 +102,32 @@ def test_timeout_comes_from_the_argument_then_the_environment(monkeypatch):
     monkeypatch.setenv(kasmina.TIMEOUT_ENV, "soon")
     with pytest.raises(GateInputError, match="ESPER_GATE_TIMEOUT must be a positive number of seconds, got 'soon'"):
         kasmina._resolve_timeout(None)
+
+
+def test_esper_names_are_its_stage_and_gate_ids():
+    from esper_gate.esper import GATE_NAMES, STAGE_NAMES, VOCABULARY
+
+    assert STAGE_NAMES == {0: "UNKNOWN", 1: "DORMANT", 2: "GERMINATED", 3: "TRAINING", 4: "BLENDING",
+                           6: "HOLDING", 7: "FOSSILIZED", 8: "PRUNED", 9: "EMBARGOED", 10: "RESETTING"}
+    assert GATE_NAMES == {0: "G0", 1: "G1", 2: "G2", 3: "G3", 5: "G5"}
+    assert VOCABULARY.holding(SeedStage.BLENDING, GateLevel.G2) == "BLENDING -> G2"
+    assert VOCABULARY.holding(5, 4) == "stage 5 -> target 4", "ids Esper leaves unused print as ids"
+
+
+def test_above_64_ranks_a_call_mismatch_is_told_from_the_counts():
+    from esper_gate import kasmina
+    from esper_gate.esper import VOCABULARY
+    from esper_gate.report import parse_report
+    from reference import RankInput
+    from simulate import simulate
+
+    # the last of 70 ranks is one gate call behind, at BLENDING -> G3
+    inputs = [RankInput([1], [3], [2], seq=5, site=9) for _ in range(69)] + [RankInput([1], [4], [3], seq=4, site=9)]
+    rep = parse_report(simulate(inputs)[1], ["r0c0"], vocabulary=VOCABULARY)
+    assert kasmina._call_mismatch_note(rep, 9, ["r0c0"]) == (
+        "ddp_divergence: ranks are at different gate calls: call mismatch: rank 0 has 5, at least 1 rank(s) "
+        "differ (values within 4..5); slot r0c0 (#0): rank 0 holds TRAINING -> G2; at least 1 rank(s) differ; "
+        "stages within 0..7, targets within 2..3; no rank transitions slot r0c0")
 
 
 # ---- real ranks (gloo) ----------------------------------------------------------------------

@@ -1,10 +1,15 @@
 """The report's accessors, read from what the real kernels decode (simulated ranks)."""
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 from esper_gate import wire
+from esper_gate.esper import VOCABULARY
 from esper_gate.report import DivergenceReport, SlotDivergence, Vocabulary, parse_report, ranks_text
 from reference import RankInput
 from simulate import simulate
@@ -28,7 +33,7 @@ def test_every_slot_has_its_votes_and_holdings():
               RankInput([0, 1, 1], [3, 4, 3], [2, 3, 2]),
               RankInput([1, 1, 0], [3, 4, 8], [2, 3, 0])]
     decision, report, _ = simulate(inputs)
-    rep = parse_report(report, ["r0c0", "r0c1", "r0c2"])
+    rep = parse_report(report, ["r0c0", "r0c1", "r0c2"], vocabulary=VOCABULARY)
     assert decision == [False, True, False]
     assert [s.name for s in rep.slots] == ["r0c0", "r0c1", "r0c2"]
     vetoed, passed, diverged = rep.slots
@@ -62,6 +67,47 @@ def test_the_text_names_ids_in_the_callers_vocabulary():
     plain = parse_report(report, ["pot"], vocabulary=Vocabulary(stages={3: "warm"}))
     assert plain.diverged_slots[0].holdings_text() == \
         "rank 0 holds warm -> target 2; rank 1 holds stage 4 -> target 2"
+
+
+def test_without_a_vocabulary_the_text_prints_ids():
+    _decision, report, _ = simulate([RankInput([1], [3], [2]), RankInput([1], [4], [2])])
+    [sd] = parse_report(report).diverged_slots
+    assert sd.holdings_text() == "rank 0 holds stage 3 -> target 2; rank 1 holds stage 4 -> target 2"
+
+
+# Modules that know ids only: Esper's names reach them from their caller.
+GENERIC_MODULES = ("report", "wire", "ops", "gate_sync", "consensus", "errors")
+
+
+PACKAGE = Path(wire.__file__).parent
+
+
+def _imported_names(module: str) -> set[str]:
+    """Every module esper_gate/<module>.py imports, also inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            # these modules sit at the top of the package: "from .x" is esper_gate.x
+            base = ("esper_gate." if node.level else "") + (node.module or "")
+            base = base.rstrip(".")
+            names.add(base)
+            names.update(f"{base}.{a.name}" for a in node.names)
+    return names
+
+
+def test_the_generic_layer_never_imports_esper_names():
+    for name in GENERIC_MODULES:
+        esper = {m for m in _imported_names(name)
+                 if m.split(".")[:2] in (["esper_gate", "esper"], ["esper_gate", "kasmina"])}
+        assert not esper, f"esper_gate/{name}.py imports {esper}: Esper's names belong to its caller"
+    # nor through anything it imports, at import time
+    code = ("import sys; import " + ", ".join(f"esper_gate.{m}" for m in GENERIC_MODULES)
+            + "; print(sorted(m for m in sys.modules if m in ('esper_gate.esper', 'esper_gate.kasmina')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_mismatch_lines_name_the_ranks_at_each_call():
