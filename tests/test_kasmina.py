@@ -189,6 +189,15 @@ def _scenarios_main(rank, world):
     out["batched_collectives"] = [e.name for e in prof.events() if e.name.startswith("gloo:")]
 
     out["cache"] = sorted((k[1], k[2], gs.calls) for k, (_parent, gs) in kasmina._cache.items())
+
+    # batched under two policies, the same votes: rank 1 fails r2c0, every rank fails r2c1
+    slots = [slot_at("r2c0", SeedStage.TRAINING), slot_at("r2c1", SeedStage.TRAINING)]
+    for policy in ("any", "unanimous"):
+        results = [gate(GateLevel.G2, rank != 1), gate(GateLevel.G2, False)]
+        decided = kasmina.sync_gate_decisions(slots, results, policy=policy, **one)
+        out[f"batched_{policy}"] = [as_dict(r) for r in decided]
+    out["policy_cache"] = sorted((k[1], k[2], gs.policy) for k, (_parent, gs) in kasmina._cache.items()
+                                 if k[1] == 2)
     kasmina.clear_cache()
     return out
 
@@ -256,6 +265,19 @@ def test_adapter_on_real_ranks():
 
         # one GateSync per (group, slot count, policy), reused by every call
         assert out["cache"] == [(1, "majority", 1), (1, "unanimous", 6), (4, "unanimous", 1)]
+
+        # the policy reaches the batched sync: "any" passes what "unanimous" vetoes
+        passed_any, failed_any = out["batched_any"]
+        assert passed_any["passed"] and not failed_any["passed"]
+        if rank == 1:
+            assert passed_any["checks_failed"] == ["loss_flat"]
+            assert "passed by any consensus although this rank's gate failed" in passed_any["message"]
+        else:
+            assert passed_any["checks_failed"] == []
+        vetoed, failed = out["batched_unanimous"]
+        assert not vetoed["passed"] and vetoed["checks_failed"] == (["loss_flat"] if rank == 1 else ["ddp_veto"])
+        assert not failed["passed"] and failed_any["checks_failed"] == failed["checks_failed"] == ["loss_flat"]
+        assert out["policy_cache"] == [(2, "any", "any"), (2, "unanimous", "unanimous")]
 
 
 def _skip_first_gate_main(rank, world):

@@ -47,6 +47,28 @@ def test_every_slot_has_its_votes_and_holdings():
     assert sd.describe() == "slot r0c2 (#2): " + sd.holdings_text()
 
 
+def test_a_slot_held_differently_is_not_decided_although_every_rank_voted_yes():
+    # every vote passes the policy, so only the decided bit (not the policy bit) tells the truth
+    _decision, report, _ = simulate([RankInput([1, 1], [3, 3], [2, 2]), RankInput([1, 1], [4, 3], [2, 2])])
+    rep = parse_report(report)
+    held_apart, agreed = rep.slots
+    assert held_apart.status & wire.STATUS_POLICY_PASSED, "the votes alone would pass the slot"
+    assert held_apart.diverged and not held_apart.decided
+    assert agreed.decided and not agreed.diverged
+    assert _decision == [False, True]
+
+
+def test_above_64_ranks_a_lone_poisoned_rank_0_is_named():
+    # above 64 ranks a single poisoned rank is told by its id alone, and 0 is an id like any other
+    world = 70
+    inputs = [RankInput([1], [3], [2]) for _ in range(world)]
+    inputs[0] = RankInput([1], [64], [2])
+    rep = parse_report(simulate(inputs, view=1)[1])
+    assert not rep.exact and rep.poisoned_count == 1
+    assert rep.poisoned_ranks == [0]
+    assert "  bad input from rank 0: " in str(rep)
+
+
 def test_above_64_ranks_only_the_counts_arrive():
     world = 65
     inputs = [RankInput([r != 3], [3], [2]) for r in range(world)]
