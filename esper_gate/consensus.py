@@ -10,7 +10,7 @@ from . import ops, wire
 from ._inputs import Prepared, bad_values_text
 from ._latch import FailureLatch
 from .errors import GateDivergenceError, GateInputError, GatePeerInputError
-from .report import DivergenceReport, parse_report, ranks_text
+from .report import DivergenceReport, Vocabulary, parse_report, ranks_text
 
 __all__ = ["GateConsensus", "GateView"]
 
@@ -20,6 +20,7 @@ class GateView(NamedTuple):
     rank: int
     policy: str
     slot_names: Sequence[str]
+    vocabulary: Vocabulary | None = None
 
 
 class GateConsensus:
@@ -90,7 +91,8 @@ class GateConsensus:
     def report(self) -> DivergenceReport:
         """The decoded report (one device-to-host copy, on first use)."""
         if self._report is None:
-            self._report = parse_report(self.report_words(), self._gate.slot_names, call=self.seq)
+            self._report = parse_report(self.report_words(), self._gate.slot_names, call=self.seq,
+                                        vocabulary=self._gate.vocabulary)
         return self._report
 
     def host_decisions(self) -> list[bool]:

@@ -54,6 +54,8 @@ class GateSync:
             CUDA device for NCCL groups, else the CPU). Inputs on another
             device are bad input, reported on every rank in the same call.
         backend: the backend of the dedicated group (default: the group's).
+        vocabulary: a ``report.Vocabulary`` naming stage and target ids in
+            reports (default: the ids themselves, "stage 3 -> target 2").
 
     Construction is collective: a store rendezvous, a dedicated group and
     one warm-up sync that creates its communicator, all bounded by
@@ -63,10 +65,11 @@ class GateSync:
 
     def __init__(self, num_slots: int, *, policy: str = "unanimous", group=None,
                  timeout=datetime.timedelta(seconds=60), slot_names: Sequence[str] | None = None,
-                 device: torch.device | str | None = None, backend: str | None = None):
+                 device: torch.device | str | None = None, backend: str | None = None, vocabulary=None):
         self.num_slots, self.policy, self.timeout = num_slots, policy, as_timedelta(timeout)
         self.slot_names = check_settings(num_slots, policy, slot_names)
         self.site = site_fingerprint(num_slots, None if slot_names is None else self.slot_names)
+        self.vocabulary = vocabulary
         self.latch = FailureLatch()
         self._seq = 0
         self._config_error: GateConfigError | None = None
@@ -173,8 +176,8 @@ class GateSync:
                 ready.record()
             else:
                 self._watcher.end_host(seq)
-        return GateConsensus(seq, decision, report, gate=GateView(self.rank, self.policy, self.slot_names),
-                             latch=self.latch, prepared=prepared, ready=ready)
+        view = GateView(self.rank, self.policy, self.slot_names, self.vocabulary)
+        return GateConsensus(seq, decision, report, gate=view, latch=self.latch, prepared=prepared, ready=ready)
 
     def __call__(self, votes, stages, targets, *, site: int | None = None) -> GateConsensus:
         """One sync of all slots. Every rank of the group must call it, in the same order.

@@ -31,9 +31,12 @@ from typing import Any, Sequence
 
 import torch.distributed as dist
 
+from ._group import parent_group
+from ._inputs import as_timedelta
 from .errors import GateDivergenceError, GateInputError
+from .esper import VOCABULARY, SeedStage
 from .gate_sync import GateSync, site_fingerprint
-from .report import DivergenceReport, SlotDivergence, SlotVotes, gate_name, ranks_text, stage_name
+from .report import DivergenceReport, SlotDivergence, SlotVotes, ranks_text
 
 __all__ = ["sync_gate_decision", "sync_gate_decisions", "cached_gate_sync", "clear_cache",
            "VETO_CHECK", "DIVERGENCE_CHECK", "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S"]
@@ -42,7 +45,6 @@ VETO_CHECK = "ddp_veto"
 DIVERGENCE_CHECK = "ddp_divergence"
 TIMEOUT_ENV = "ESPER_GATE_TIMEOUT"
 DEFAULT_TIMEOUT_S = 60.0
-DORMANT = 1  # Esper's stage id of an empty slot
 
 # (parent group name, slot count, policy) -> (parent group, GateSync). The
 # parent object is kept to tell a re-initialized world (which may reuse the
@@ -62,30 +64,16 @@ def clear_cache() -> None:
 
 
 def _resolve_timeout(timeout) -> datetime.timedelta:
-    if timeout is None:
-        text = os.environ.get(TIMEOUT_ENV)
-        if not text:
-            return datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
-        try:
-            seconds = float(text)
-        except ValueError:
-            seconds = -1.0
-        if not seconds > 0:
-            raise GateInputError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
-        return datetime.timedelta(seconds=seconds)
-    if isinstance(timeout, datetime.timedelta):
-        return timeout
-    return datetime.timedelta(seconds=float(timeout))
-
-
-def _distributed_group(group):
-    """The group to agree over, or None when there is nobody to agree with."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    parent = group if group is not None else dist.group.WORLD
-    if dist.get_world_size(parent) == 1:
-        return None
-    return parent
+    """The argument, else ``$ESPER_GATE_TIMEOUT``, else 60 s, checked as GateSync checks its own."""
+    if timeout is not None:
+        return as_timedelta(timeout)
+    text = os.environ.get(TIMEOUT_ENV)
+    if not text:
+        return as_timedelta(DEFAULT_TIMEOUT_S)
+    try:
+        return as_timedelta(float(text))
+    except (ValueError, GateInputError):
+        raise GateInputError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {text!r}") from None
 
 
 def cached_gate_sync(num_slots: int, *, policy: str = "unanimous", group=None, timeout=None) -> GateSync:
@@ -96,7 +84,7 @@ def cached_gate_sync(num_slots: int, *, policy: str = "unanimous", group=None, t
     first call; one that does not is named in a GateTimeoutError. ``timeout``
     (default: ``$ESPER_GATE_TIMEOUT`` seconds, else 60 s) is fixed when the
     GateSync is built. The caller must have checked that ``group`` spans more
-    than one rank.
+    than one rank. Its reports print Esper's stage and gate names.
     """
     parent = group if group is not None else dist.group.WORLD
     key = (parent.group_name, num_slots, policy)
@@ -106,7 +94,8 @@ def cached_gate_sync(num_slots: int, *, policy: str = "unanimous", group=None, t
     if hit is not None:  # a previous process group with the same name
         hit[1].close()
         del _cache[key]
-    gs = GateSync(num_slots, policy=policy, group=parent, timeout=_resolve_timeout(timeout))
+    gs = GateSync(num_slots, policy=policy, group=parent, timeout=_resolve_timeout(timeout),
+                  vocabulary=VOCABULARY)
     _cache[key] = (parent, gs)
     return gs
 
@@ -116,7 +105,7 @@ def cached_gate_sync(num_slots: int, *, policy: str = "unanimous", group=None, t
 def _slot_stage(slot) -> int:
     state = getattr(slot, "state", None)
     stage = getattr(state, "stage", None) if state is not None else None
-    return DORMANT if stage is None else int(stage)
+    return int(SeedStage.DORMANT) if stage is None else int(stage)
 
 
 def _with(gate_result, **changes):
@@ -156,14 +145,14 @@ def _call_mismatch_note(rep: DivergenceReport, my_site: int, slot_ids: Sequence[
     single = len(slot_ids) == 1
     where = f"slot {slot_ids[0]}" if single else f"this layout of {len(slot_ids)} slots"
     if not rep.rank_calls:  # more than 64 ranks: only summaries are exact
-        detail = "; ".join(line.strip() for line in str(rep).splitlines()[1:-1])
+        detail = "; ".join(rep.mismatch_lines() + [sd.describe() for sd in rep.diverged_slots])
     else:
         # every rank's (stage, target) still arrives when the calls differ
         held: dict[int, str] = {}
         if single and rep.diverged_slots and rep.diverged_slots[0].exact:
             for h in rep.diverged_slots[0].holdings:
                 for r in h.ranks:
-                    held[r] = f"{stage_name(h.stage)} -> {gate_name(h.target)}"
+                    held[r] = rep.vocabulary.holding(h.stage, h.target)
         groups: dict[tuple, list[int]] = {}
         for rc in rep.rank_calls:
             groups.setdefault((rc.site == my_site, rc.seq, rc.site, held.get(rc.rank)), []).append(rc.rank)
@@ -247,7 +236,7 @@ def sync_gate_decision(slot, gate_result, *, policy: str = "unanimous", group=No
     ``checks_failed`` entries. Every rank must make the same gate calls in the
     same order; a rank that does not is reported, never waited on forever.
     """
-    parent = _distributed_group(group)
+    parent = parent_group(group)
     if parent is None:
         return gate_result
     gs = cached_gate_sync(1, policy=policy, group=parent, timeout=timeout)
@@ -270,7 +259,7 @@ def sync_gate_decisions(slots: Sequence, gate_results: Sequence, *, policy: str 
     slots, gate_results = list(slots), list(gate_results)
     if len(slots) != len(gate_results):
         raise GateInputError(f"sync_gate_decisions got {len(slots)} slots but {len(gate_results)} gate results")
-    parent = _distributed_group(group)
+    parent = parent_group(group)
     if parent is None or not slots:
         return gate_results
     gs = cached_gate_sync(len(slots), policy=policy, group=parent, timeout=timeout)

@@ -2,22 +2,41 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from . import wire
 
-# Esper's stage and gate ids (its IntEnum values, stable across Esper releases).
-STAGE_NAMES = {0: "UNKNOWN", 1: "DORMANT", 2: "GERMINATED", 3: "TRAINING", 4: "BLENDING",
-               6: "HOLDING", 7: "FOSSILIZED", 8: "PRUNED", 9: "EMBARGOED", 10: "RESETTING"}
-GATE_NAMES = {0: "G0", 1: "G1", 2: "G2", 3: "G3", 5: "G5"}
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The names a report prints for stage and target ids, given by its caller.
+
+    The wire format knows ids only; what they mean belongs to the caller. An
+    id without a name prints as "stage 3" or "target 4".
+    """
+    stages: Mapping[int, str] = field(default_factory=dict)
+    targets: Mapping[int, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        # copies, so a caller's later edits cannot change reports already made
+        object.__setattr__(self, "stages", {int(k): str(v) for k, v in self.stages.items()})
+        object.__setattr__(self, "targets", {int(k): str(v) for k, v in self.targets.items()})
+
+    def stage(self, stage: int) -> str:
+        return self.stages.get(stage, f"stage {stage}")
+
+    def target(self, target: int) -> str:
+        return self.targets.get(target, f"target {target}")
+
+    def holding(self, stage: int, target: int) -> str:
+        """'stage 3 -> target 2', or the caller's names for them: a (stage, target) pair in a report."""
+        return f"{self.stage(stage)} -> {self.target(target)}"
+
+    def to_dict(self) -> dict:
+        return {"stages": dict(self.stages), "targets": dict(self.targets)}
 
 
-def stage_name(stage: int) -> str:
-    return STAGE_NAMES.get(stage, f"stage {stage}")
-
-
-def gate_name(target: int) -> str:
-    return GATE_NAMES.get(target, f"target {target}")
+DEFAULT_VOCABULARY = Vocabulary()
 
 
 def ranks_text(ranks: Sequence[int]) -> str:
@@ -88,18 +107,19 @@ class SlotDivergence:
     ranks_differing: int             # exact when `exact`, else a lower bound
     stage_range: tuple[int, int]     # (AND, OR) of all stages: bounds of every value
     target_range: tuple[int, int]
+    vocabulary: Vocabulary = field(default_factory=lambda: DEFAULT_VOCABULARY, repr=False, compare=False)
 
     def describe(self) -> str:
         """'slot r0c1 (#1): ' and what the ranks hold there (see ``holdings_text``)."""
         return f"slot {self.name} (#{self.slot}): {self.holdings_text()}"
 
     def holdings_text(self) -> str:
-        """'ranks 0-1 hold TRAINING -> G2; rank 2 holds BLENDING -> G3', or above 64
-        ranks, rank 0's state and the bounds of everyone's."""
+        """'ranks 0-1 hold stage 3 -> target 2; rank 2 holds stage 4 -> target 3' (in the
+        vocabulary's names), or above 64 ranks, rank 0's state and the bounds of everyone's."""
         if self.exact:
             return "; ".join(f"{ranks_text(h.ranks)} {'holds' if len(h.ranks) == 1 else 'hold'} "
-                             f"{stage_name(h.stage)} -> {gate_name(h.target)}" for h in self.holdings)
-        return (f"rank 0 holds {stage_name(self.rank0_stage)} -> {gate_name(self.rank0_target)}; "
+                             f"{self.vocabulary.holding(h.stage, h.target)}" for h in self.holdings)
+        return (f"rank 0 holds {self.vocabulary.holding(self.rank0_stage, self.rank0_target)}; "
                 f"at least {self.ranks_differing} rank(s) differ; stages within "
                 f"{self.stage_range[0]}..{self.stage_range[1]}, targets within "
                 f"{self.target_range[0]}..{self.target_range[1]}")
@@ -136,6 +156,7 @@ class DivergenceReport:
     decided_count: int
     diverged_count: int
     slots: list[SlotVotes] = field(default_factory=list)  # every slot, in order
+    vocabulary: Vocabulary = field(default_factory=lambda: DEFAULT_VOCABULARY, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -143,9 +164,16 @@ class DivergenceReport:
         return self.header_ok and not self.corrupt and self.diverged_count == 0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every field as plain data (JSON-able); the vocabulary once, at the top."""
+        out = asdict(self)
+        for sd in out["diverged_slots"]:
+            del sd["vocabulary"]
+        out["vocabulary"] = self.vocabulary.to_dict()
+        return out
 
-    def _mismatch_lines(self) -> list[str]:
+    def mismatch_lines(self) -> list[str]:
+        """One line per header field the ranks disagree on ("call mismatch: ranks 0-1
+        at call 5; rank 2 at call 4"); empty when every rank was at the same call."""
         lines = []
         attr = {"seq": "call", "site": "site/slot-layout fingerprint", "policy": "policy",
                 "slots": "slot count", "world": "world size"}
@@ -169,7 +197,7 @@ class DivergenceReport:
             return (f"esper_gate call {self.call}: all {self.world} ranks agree on {self.num_slots} "
                     f"slot(s); {self.decided_count} passed")
         lines = [f"esper_gate call {self.call} on {self.world} ranks: not in agreement"]
-        lines += ["  " + ln for ln in self._mismatch_lines()]
+        lines += ["  " + ln for ln in self.mismatch_lines()]
         if self.poisoned_count:
             if self.poisoned_ranks:
                 for r in self.poisoned_ranks:
@@ -189,8 +217,12 @@ class DivergenceReport:
 
 
 def parse_report(report: Sequence[int], slot_names: Sequence[str] | None = None,
-                 call: int | None = None) -> DivergenceReport:
-    """Build a DivergenceReport from the report tensor's values (a list of ints)."""
+                 call: int | None = None, vocabulary: Vocabulary | None = None) -> DivergenceReport:
+    """Build a DivergenceReport from the report tensor's values (a list of ints).
+
+    ``vocabulary`` names the stage and target ids in the report's text.
+    """
+    vocabulary = vocabulary if vocabulary is not None else DEFAULT_VOCABULARY
     r = [int(x) for x in report]
     g = r[:wire.GLOBAL_WORDS]
     world, num_slots = g[wire.G_WORLD], g[wire.G_SLOTS]
@@ -250,7 +282,7 @@ def parse_report(report: Sequence[int], slot_names: Sequence[str] | None = None,
             target_differs=bool(status & wire.STATUS_TARGET_DIFFERS), holdings=holdings,
             rank0_stage=w[wire.S_ROOT_STAGE], rank0_target=w[wire.S_ROOT_TARGET],
             ranks_differing=w[wire.S_KEY_DIFFER], stage_range=(w[wire.S_STAGE_AND], w[wire.S_STAGE_OR]),
-            target_range=(w[wire.S_TARGET_AND], w[wire.S_TARGET_OR])))
+            target_range=(w[wire.S_TARGET_AND], w[wire.S_TARGET_OR]), vocabulary=vocabulary))
 
     return DivergenceReport(
         call=call if call is not None else summaries["seq"]["root"], world=world, num_slots=num_slots,
@@ -258,4 +290,4 @@ def parse_report(report: Sequence[int], slot_names: Sequence[str] | None = None,
         poisoned_ranks=poisoned_ranks, poison_reasons=reasons, poisoned_count=g[wire.G_POISON_COUNT],
         corrupt=bool(flags & wire.FLAG_CORRUPT), rank_calls=rank_calls, field_summaries=summaries,
         diverged_slots=diverged, decided_count=g[wire.G_DECIDED], diverged_count=g[wire.G_DIVERGED],
-        slots=slots)
+        slots=slots, vocabulary=vocabulary)

@@ -100,14 +100,15 @@ def test_bad_options_fail_fast(argv, message, capsys):
 
 def test_lifecycles_stay_in_step_and_visit_every_stage():
     """Run every rank's simulation here, deciding gates unanimously in Python."""
+    from esper_gate.esper import SeedStage as S
     from esper_gate.tools import demo
 
     world, num_slots, epochs = 3, 8, 80
     ranks = [demo.Lifecycles(num_slots, seed=1, rank=r) for r in range(world)]
-    legal = {(demo.DORMANT, demo.GERMINATED), (demo.GERMINATED, demo.TRAINING), (demo.TRAINING, demo.BLENDING),
-             (demo.BLENDING, demo.HOLDING), (demo.HOLDING, demo.FOSSILIZED), (demo.PRUNED, demo.EMBARGOED),
-             (demo.EMBARGOED, demo.RESETTING), (demo.RESETTING, demo.DORMANT)}
-    legal |= {(s, demo.PRUNED) for s in demo.PRUNABLE_STAGES}
+    legal = {(S.DORMANT, S.GERMINATED), (S.GERMINATED, S.TRAINING), (S.TRAINING, S.BLENDING),
+             (S.BLENDING, S.HOLDING), (S.HOLDING, S.FOSSILIZED), (S.PRUNED, S.EMBARGOED),
+             (S.EMBARGOED, S.RESETTING), (S.RESETTING, S.DORMANT)}
+    legal |= {(s, S.PRUNED) for s in demo.PRUNABLE_STAGES}
     seen, vetoes = set(), 0
     for epoch in range(1, epochs + 1):
         before = ranks[0].stages()
@@ -124,6 +125,6 @@ def test_lifecycles_stay_in_step_and_visit_every_stage():
         for a, b in zip(before, stages[0]):
             assert a == b or (a, b) in legal, f"illegal transition {a} -> {b}"
         seen |= set(stages[0])
-    assert seen == {demo.DORMANT, demo.GERMINATED, demo.TRAINING, demo.BLENDING, demo.HOLDING, demo.FOSSILIZED,
-                    demo.PRUNED, demo.EMBARGOED, demo.RESETTING}
+    assert seen == {S.DORMANT, S.GERMINATED, S.TRAINING, S.BLENDING, S.HOLDING, S.FOSSILIZED,
+                    S.PRUNED, S.EMBARGOED, S.RESETTING}
     assert vetoes > 0, "per-rank noise must sometimes split the vote"

@@ -6,37 +6,16 @@ import dataclasses
 import datetime
 import time
 from dataclasses import dataclass, field
-from enum import IntEnum
 
 import pytest
 
+from esper_gate.esper import GateLevel, SeedStage
 from mp import run_ranks, values
 
 TIMEOUT_S = 3.0
 
 
-# ---- stand-ins for Esper's SeedStage, GateLevel, SeedState, SeedSlot, GateResult ----
-
-class SeedStage(IntEnum):
-    UNKNOWN = 0
-    DORMANT = 1
-    GERMINATED = 2
-    TRAINING = 3
-    BLENDING = 4
-    HOLDING = 6
-    FOSSILIZED = 7
-    PRUNED = 8
-    EMBARGOED = 9
-    RESETTING = 10
-
-
-class GateLevel(IntEnum):
-    G0 = 0
-    G1 = 1
-    G2 = 2
-    G3 = 3
-    G5 = 5
-
+# ---- stand-ins for Esper's SeedState, SeedSlot, GateResult (its enums are esper_gate.esper's) ----
 
 ACTIVE_STAGES = {SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.HOLDING}
 
@@ -125,6 +104,32 @@ def test_timeout_comes_from_the_argument_then_the_environment(monkeypatch):
         kasmina._resolve_timeout(None)
 
 
+def test_esper_names_are_its_stage_and_gate_ids():
+    from esper_gate.esper import GATE_NAMES, STAGE_NAMES, VOCABULARY
+
+    assert STAGE_NAMES == {0: "UNKNOWN", 1: "DORMANT", 2: "GERMINATED", 3: "TRAINING", 4: "BLENDING",
+                           6: "HOLDING", 7: "FOSSILIZED", 8: "PRUNED", 9: "EMBARGOED", 10: "RESETTING"}
+    assert GATE_NAMES == {0: "G0", 1: "G1", 2: "G2", 3: "G3", 5: "G5"}
+    assert VOCABULARY.holding(SeedStage.BLENDING, GateLevel.G2) == "BLENDING -> G2"
+    assert VOCABULARY.holding(5, 4) == "stage 5 -> target 4", "ids Esper leaves unused print as ids"
+
+
+def test_above_64_ranks_a_call_mismatch_is_told_from_the_counts():
+    from esper_gate import kasmina
+    from esper_gate.esper import VOCABULARY
+    from esper_gate.report import parse_report
+    from reference import RankInput
+    from simulate import simulate
+
+    # the last of 70 ranks is one gate call behind, at BLENDING -> G3
+    inputs = [RankInput([1], [3], [2], seq=5, site=9) for _ in range(69)] + [RankInput([1], [4], [3], seq=4, site=9)]
+    rep = parse_report(simulate(inputs)[1], ["r0c0"], vocabulary=VOCABULARY)
+    assert kasmina._call_mismatch_note(rep, 9, ["r0c0"]) == (
+        "ddp_divergence: ranks are at different gate calls: call mismatch: rank 0 has 5, at least 1 rank(s) "
+        "differ (values within 4..5); slot r0c0 (#0): rank 0 holds TRAINING -> G2; at least 1 rank(s) differ; "
+        "stages within 0..7, targets within 2..3; no rank transitions slot r0c0")
+
+
 # ---- real ranks (gloo) ----------------------------------------------------------------------
 
 def _scenarios_main(rank, world):
@@ -184,6 +189,15 @@ def _scenarios_main(rank, world):
     out["batched_collectives"] = [e.name for e in prof.events() if e.name.startswith("gloo:")]
 
     out["cache"] = sorted((k[1], k[2], gs.calls) for k, (_parent, gs) in kasmina._cache.items())
+
+    # batched under two policies, the same votes: rank 1 fails r2c0, every rank fails r2c1
+    slots = [slot_at("r2c0", SeedStage.TRAINING), slot_at("r2c1", SeedStage.TRAINING)]
+    for policy in ("any", "unanimous"):
+        results = [gate(GateLevel.G2, rank != 1), gate(GateLevel.G2, False)]
+        decided = kasmina.sync_gate_decisions(slots, results, policy=policy, **one)
+        out[f"batched_{policy}"] = [as_dict(r) for r in decided]
+    out["policy_cache"] = sorted((k[1], k[2], gs.policy) for k, (_parent, gs) in kasmina._cache.items()
+                                 if k[1] == 2)
     kasmina.clear_cache()
     return out
 
@@ -251,6 +265,19 @@ def test_adapter_on_real_ranks():
 
         # one GateSync per (group, slot count, policy), reused by every call
         assert out["cache"] == [(1, "majority", 1), (1, "unanimous", 6), (4, "unanimous", 1)]
+
+        # the policy reaches the batched sync: "any" passes what "unanimous" vetoes
+        passed_any, failed_any = out["batched_any"]
+        assert passed_any["passed"] and not failed_any["passed"]
+        if rank == 1:
+            assert passed_any["checks_failed"] == ["loss_flat"]
+            assert "passed by any consensus although this rank's gate failed" in passed_any["message"]
+        else:
+            assert passed_any["checks_failed"] == []
+        vetoed, failed = out["batched_unanimous"]
+        assert not vetoed["passed"] and vetoed["checks_failed"] == (["loss_flat"] if rank == 1 else ["ddp_veto"])
+        assert not failed["passed"] and failed_any["checks_failed"] == failed["checks_failed"] == ["loss_flat"]
+        assert out["policy_cache"] == [(2, "any", "any"), (2, "unanimous", "unanimous")]
 
 
 def _skip_first_gate_main(rank, world):

@@ -1,8 +1,16 @@
 """The report's accessors, read from what the real kernels decode (simulated ranks)."""
 from __future__ import annotations
 
+import ast
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 from esper_gate import wire
-from esper_gate.report import parse_report, ranks_text
+from esper_gate.esper import VOCABULARY
+from esper_gate.report import DivergenceReport, SlotDivergence, Vocabulary, parse_report, ranks_text
 from reference import RankInput
 from simulate import simulate
 
@@ -25,7 +33,7 @@ def test_every_slot_has_its_votes_and_holdings():
               RankInput([0, 1, 1], [3, 4, 3], [2, 3, 2]),
               RankInput([1, 1, 0], [3, 4, 8], [2, 3, 0])]
     decision, report, _ = simulate(inputs)
-    rep = parse_report(report, ["r0c0", "r0c1", "r0c2"])
+    rep = parse_report(report, ["r0c0", "r0c1", "r0c2"], vocabulary=VOCABULARY)
     assert decision == [False, True, False]
     assert [s.name for s in rep.slots] == ["r0c0", "r0c1", "r0c2"]
     vetoed, passed, diverged = rep.slots
@@ -39,12 +47,111 @@ def test_every_slot_has_its_votes_and_holdings():
     assert sd.describe() == "slot r0c2 (#2): " + sd.holdings_text()
 
 
+def test_a_slot_held_differently_is_not_decided_although_every_rank_voted_yes():
+    # every vote passes the policy, so only the decided bit (not the policy bit) tells the truth
+    _decision, report, _ = simulate([RankInput([1, 1], [3, 3], [2, 2]), RankInput([1, 1], [4, 3], [2, 2])])
+    rep = parse_report(report)
+    held_apart, agreed = rep.slots
+    assert held_apart.status & wire.STATUS_POLICY_PASSED, "the votes alone would pass the slot"
+    assert held_apart.diverged and not held_apart.decided
+    assert agreed.decided and not agreed.diverged
+    assert _decision == [False, True]
+
+
+def test_above_64_ranks_a_lone_poisoned_rank_0_is_named():
+    # above 64 ranks a single poisoned rank is told by its id alone, and 0 is an id like any other
+    world = 70
+    inputs = [RankInput([1], [3], [2]) for _ in range(world)]
+    inputs[0] = RankInput([1], [64], [2])
+    rep = parse_report(simulate(inputs, view=1)[1])
+    assert not rep.exact and rep.poisoned_count == 1
+    assert rep.poisoned_ranks == [0]
+    assert "  bad input from rank 0: " in str(rep)
+
+
 def test_above_64_ranks_only_the_counts_arrive():
     world = 65
     inputs = [RankInput([r != 3], [3], [2]) for r in range(world)]
     _decision, report, _ = simulate(inputs)
     [slot] = parse_report(report).slots
     assert slot.yes == world - 1 and slot.votes == [] and slot.ranks_voting(False) == []
+
+
+def test_the_text_names_ids_in_the_callers_vocabulary():
+    inputs = [RankInput([1], [3], [2]), RankInput([1], [4], [2])]
+    _decision, report, _ = simulate(inputs)
+    kitchen = Vocabulary(stages={3: "warm", 4: "hot"}, targets={2: "boil"})
+    rep = parse_report(report, ["pot"], vocabulary=kitchen)
+    [sd] = rep.diverged_slots
+    assert sd.holdings_text() == "rank 0 holds warm -> boil; rank 1 holds hot -> boil"
+    assert "  slot pot (#0): rank 0 holds warm -> boil; rank 1 holds hot -> boil" in str(rep).splitlines()
+    # ids the caller did not name print as ids
+    plain = parse_report(report, ["pot"], vocabulary=Vocabulary(stages={3: "warm"}))
+    assert plain.diverged_slots[0].holdings_text() == \
+        "rank 0 holds warm -> target 2; rank 1 holds stage 4 -> target 2"
+
+
+def test_without_a_vocabulary_the_text_prints_ids():
+    _decision, report, _ = simulate([RankInput([1], [3], [2]), RankInput([1], [4], [2])])
+    [sd] = parse_report(report).diverged_slots
+    assert sd.holdings_text() == "rank 0 holds stage 3 -> target 2; rank 1 holds stage 4 -> target 2"
+
+
+# Modules that know ids only: Esper's names reach them from their caller.
+GENERIC_MODULES = ("report", "wire", "ops", "gate_sync", "consensus", "errors")
+
+
+PACKAGE = Path(wire.__file__).parent
+
+
+def _imported_names(module: str) -> set[str]:
+    """Every module esper_gate/<module>.py imports, also inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            # these modules sit at the top of the package: "from .x" is esper_gate.x
+            base = ("esper_gate." if node.level else "") + (node.module or "")
+            base = base.rstrip(".")
+            names.add(base)
+            names.update(f"{base}.{a.name}" for a in node.names)
+    return names
+
+
+def test_the_generic_layer_never_imports_esper_names():
+    for name in GENERIC_MODULES:
+        esper = {m for m in _imported_names(name)
+                 if m.split(".")[:2] in (["esper_gate", "esper"], ["esper_gate", "kasmina"])}
+        assert not esper, f"esper_gate/{name}.py imports {esper}: Esper's names belong to its caller"
+    # nor through anything it imports, at import time
+    code = ("import sys; import " + ", ".join(f"esper_gate.{m}" for m in GENERIC_MODULES)
+            + "; print(sorted(m for m in sys.modules if m in ('esper_gate.esper', 'esper_gate.kasmina')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_mismatch_lines_name_the_ranks_at_each_call():
+    agree = [RankInput([1], [3], [2], seq=5), RankInput([1], [3], [2], seq=5)]
+    late = agree + [RankInput([1], [3], [2], seq=4)]
+    rep = parse_report(simulate(late)[1])
+    assert rep.mismatch_lines() == ["call mismatch: ranks 0-1 at call 5; rank 2 at call 4"]
+    assert "  call mismatch: ranks 0-1 at call 5; rank 2 at call 4" in str(rep).splitlines()
+    assert parse_report(simulate(agree)[1]).mismatch_lines() == []
+
+
+def test_to_dict_holds_every_field_and_is_json_able():
+    inputs = [RankInput([1, 1], [3, 3], [2, 2]), RankInput([1, 0], [3, 4], [2, 2])]
+    rep = parse_report(simulate(inputs)[1], ["a", "b"], vocabulary=Vocabulary({3: "warm"}, {2: "boil"}))
+    out = json.loads(json.dumps(rep.to_dict()))
+    assert set(out) == {f.name for f in dataclasses.fields(DivergenceReport)}
+    [sd] = out["diverged_slots"]
+    # the vocabulary appears once, at the top, not in every diverged slot
+    assert set(sd) == {f.name for f in dataclasses.fields(SlotDivergence)} - {"vocabulary"}
+    assert out["vocabulary"] == {"stages": {"3": "warm"}, "targets": {"2": "boil"}}
+    assert sd["holdings"] == [{"stage": 3, "target": 2, "ranks": [0], "votes_passed": [0]},
+                              {"stage": 4, "target": 2, "ranks": [1], "votes_passed": []}]
 
 
 def test_ranks_text():

@@ -24,22 +24,25 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .._spawn import spawn_ranks
-from ..report import ranks_text, stage_name
-
-# Esper's stage and gate ids (stable IntEnum values).
-DORMANT, GERMINATED, TRAINING, BLENDING, HOLDING, FOSSILIZED = 1, 2, 3, 4, 6, 7
-PRUNED, EMBARGOED, RESETTING = 8, 9, 10
-G0, G1, G2, G3, G5 = 0, 1, 2, 3, 5
+from ..esper import VOCABULARY, GateLevel, SeedStage
+from ..report import ranks_text
 
 # stage -> (gate checked there, stage it leads to)
-GATE_OF_STAGE = {DORMANT: (G0, GERMINATED), GERMINATED: (G1, TRAINING), TRAINING: (G2, BLENDING),
-                 BLENDING: (G3, HOLDING), HOLDING: (G5, FOSSILIZED)}
-ACTIVE_SEED_STAGES = (GERMINATED, TRAINING, BLENDING, HOLDING)
-PRUNABLE_STAGES = (TRAINING, BLENDING, HOLDING)
+GATE_OF_STAGE = {
+    SeedStage.DORMANT: (GateLevel.G0, SeedStage.GERMINATED),
+    SeedStage.GERMINATED: (GateLevel.G1, SeedStage.TRAINING),
+    SeedStage.TRAINING: (GateLevel.G2, SeedStage.BLENDING),
+    SeedStage.BLENDING: (GateLevel.G3, SeedStage.HOLDING),
+    SeedStage.HOLDING: (GateLevel.G5, SeedStage.FOSSILIZED),
+}
+ACTIVE_SEED_STAGES = (SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.HOLDING)
+PRUNABLE_STAGES = (SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.HOLDING)
 # A gate fails until the seed has spent this many epochs in its stage.
-MIN_EPOCHS_IN_STAGE = {DORMANT: 1, GERMINATED: 1, TRAINING: 4, BLENDING: 3, HOLDING: 3}
+MIN_EPOCHS_IN_STAGE = {SeedStage.DORMANT: 1, SeedStage.GERMINATED: 1, SeedStage.TRAINING: 4,
+                       SeedStage.BLENDING: 3, SeedStage.HOLDING: 3}
 # The shared quality must clear this (germination is easy, promotion is not).
-PASS_THRESHOLD = {DORMANT: 0.3, GERMINATED: 0.4, TRAINING: 0.6, BLENDING: 0.6, HOLDING: 0.6}
+PASS_THRESHOLD = {SeedStage.DORMANT: 0.3, SeedStage.GERMINATED: 0.4, SeedStage.TRAINING: 0.6,
+                  SeedStage.BLENDING: 0.6, SeedStage.HOLDING: 0.6}
 # Each rank sees the shared quality through its own noise: ranks near the
 # threshold disagree, which is what a veto is.
 VOTE_NOISE = 0.06
@@ -54,7 +57,7 @@ GRADIENT_NUMEL = 1024
 
 @dataclass
 class SlotState:
-    stage: int = DORMANT
+    stage: int = SeedStage.DORMANT
     epochs_in_stage: int = 0
 
 
@@ -85,14 +88,14 @@ class Lifecycles:
             shared = random.Random(f"{self.seed}:{epoch}:{i}")
             quality, prune_roll = shared.random(), shared.random()
             slot.epochs_in_stage += 1
-            if slot.stage == PRUNED:
-                self._move(slot, EMBARGOED)
-            elif slot.stage == EMBARGOED and slot.epochs_in_stage > EMBARGO_EPOCHS:
-                self._move(slot, RESETTING)
-            elif slot.stage == RESETTING:
-                self._move(slot, DORMANT)
+            if slot.stage == SeedStage.PRUNED:
+                self._move(slot, SeedStage.EMBARGOED)
+            elif slot.stage == SeedStage.EMBARGOED and slot.epochs_in_stage > EMBARGO_EPOCHS:
+                self._move(slot, SeedStage.RESETTING)
+            elif slot.stage == SeedStage.RESETTING:
+                self._move(slot, SeedStage.DORMANT)
             elif slot.stage in PRUNABLE_STAGES and prune_roll < PRUNE_PROBABILITY:
-                self._move(slot, PRUNED)
+                self._move(slot, SeedStage.PRUNED)
                 self.prunes += 1
             if slot.stage not in GATE_OF_STAGE:
                 checks.append(None)
@@ -110,7 +113,7 @@ class Lifecycles:
     def prune_alone(self, i: int) -> SlotState:
         """This rank prunes slot ``i`` on its own; returns the state to roll back to."""
         before = SlotState(self.slots[i].stage, self.slots[i].epochs_in_stage)
-        self._move(self.slots[i], PRUNED)
+        self._move(self.slots[i], SeedStage.PRUNED)
         return before
 
     def pass_gate(self, i: int) -> None:
@@ -326,7 +329,8 @@ def run_esper_gate(cfg: Settings, out: Console, names: list[str]) -> dict:
 
     rank, world = dist.get_rank(), dist.get_world_size()
     device = _device(cfg.backend)
-    gs = GateSync(cfg.slots, policy=cfg.policy, timeout=cfg.timeout, slot_names=names, device=device)
+    gs = GateSync(cfg.slots, policy=cfg.policy, timeout=cfg.timeout, slot_names=names, device=device,
+                  vocabulary=VOCABULARY)
     life = Lifecycles(cfg.slots, cfg.seed, rank)
     transitions = vetoes = divergences = applied_while_diverged = gate_checks = 0
     latencies: list[float] = []
@@ -341,7 +345,7 @@ def run_esper_gate(cfg: Settings, out: Console, names: list[str]) -> dict:
                 forced = life.divergence_slot()
                 slot = life.slots[forced]
                 injected = (f"rank {world - 1} pruned slot {names[forced]} on its own "
-                            f"({stage_name(slot.stage)} -> PRUNED) without a gate sync")
+                            f"({VOCABULARY.stage(slot.stage)} -> {SeedStage.PRUNED.name}) without a gate sync")
                 if rank == world - 1:
                     saved = life.prune_alone(forced)
                     checks[forced] = None
@@ -408,7 +412,8 @@ def _print_summary(out: Console, s: dict, world: int, backend: str, transitions_
     counts: dict[int, int] = {}
     for stage in s["final_stages"]:
         counts[stage] = counts.get(stage, 0) + 1
-    stages_text = ", ".join(f"{n} {stage_name(st)}" for st, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    stages_text = ", ".join(f"{n} {VOCABULARY.stage(st)}"
+                            for st, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     if len(set(transitions_by_rank)) == 1:
         applied = f"{s['transitions']} on every rank"
     else:
