@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import free_port
+from esper_gate._spawn import free_port
 
 DEMO_TIMEOUT_S = 150
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from esper_gate.esper import GateLevel, SeedStage
-from mp import run_ranks, values
+from esper_gate._spawn import spawn_ranks, values
 
 TIMEOUT_S = 3.0
 
@@ -206,7 +206,7 @@ def _scenarios_main(rank, world):
 @pytest.mark.timeout(150)
 def test_adapter_on_real_ranks():
     world = 3
-    results = values(run_ranks(_scenarios_main, world, timeout=120))
+    results = values(spawn_ranks(_scenarios_main, world, timeout=120))
     for rank, out in enumerate(results):
         agreed = out["agreed"]
         assert agreed["type"] == "GateResult" and out["agreed_is_new_object"]
@@ -280,58 +280,56 @@ def test_adapter_on_real_ranks():
         assert out["policy_cache"] == [(2, "any", "any"), (2, "unanimous", "unanimous")]
 
 
-def _skip_first_gate_main(rank, world):
+def _skips_main(rank, world):
+    """Rank 2 never reaches the first gate (no active seed there, so it never builds the
+    GateSync); later, after every rank did one round, rank 0 skips the next round."""
+    from torch.distributed.distributed_c10d import _get_default_store
+
     from esper_gate import kasmina
 
+    store = _get_default_store()
+    out = {}
     if rank == world - 1:
-        # no active seed here, so this rank never reaches the first gate and
-        # never builds the GateSync or its process group
-        time.sleep(TIMEOUT_S + 4)
-        return {"skipped": True}
-    t0 = time.monotonic()
-    try:
-        kasmina.sync_gate_decision(slot_at("r0c0", SeedStage.TRAINING), gate(GateLevel.G2, True),
-                                   timeout=TIMEOUT_S)
-    except Exception as e:
-        return {"error": type(e).__name__, "missing": getattr(e, "missing_ranks", None),
-                "elapsed": time.monotonic() - t0, "text": str(e)}
-    return {"error": None}
-
-
-@pytest.mark.multiprocess
-@pytest.mark.timeout(120)
-def test_rank_that_skips_the_first_gate_is_named_not_waited_for():
-    world = 3
-    results = values(run_ranks(_skip_first_gate_main, world, timeout=90))
-    for res in results[:-1]:
-        assert res["error"] == "GateTimeoutError", res
-        assert res["missing"] == [world - 1]
-        assert res["elapsed"] < TIMEOUT_S + 5
-        assert f"rank {world - 1} did not arrive" in res["text"]
-    assert results[-1]["skipped"]
-
-
-def _skip_later_gate_main(rank, world):
-    from esper_gate import kasmina
-
+        store.wait([f"test/first/{r}" for r in range(world - 1)], datetime.timedelta(seconds=60))
+    else:
+        t0 = time.monotonic()
+        try:
+            kasmina.sync_gate_decision(slot_at("r0c0", SeedStage.TRAINING), gate(GateLevel.G2, True),
+                                       timeout=TIMEOUT_S)
+            out["first"] = {"error": None}
+        except Exception as e:
+            out["first"] = {"error": type(e).__name__, "missing": getattr(e, "missing_ranks", None),
+                            "elapsed": time.monotonic() - t0, "text": str(e)}
+        store.set(f"test/first/{rank}", "1")
     slots = [slot_at(f"r0c{i}", SeedStage.TRAINING) for i in range(2)]
     kasmina.sync_gate_decisions(slots, [gate(GateLevel.G2, True)] * 2, timeout=TIMEOUT_S)
     if rank == 0:
         time.sleep(TIMEOUT_S + 4)
-        return {"skipped": True}
+        return out
     t0 = time.monotonic()
     try:
         kasmina.sync_gate_decisions(slots, [gate(GateLevel.G2, True)] * 2, timeout=TIMEOUT_S)
+        out["later"] = {"error": None}
     except Exception as e:
-        return {"error": type(e).__name__, "missing": getattr(e, "missing_ranks", None),
-                "elapsed": time.monotonic() - t0}
-    return {"error": None}
+        out["later"] = {"error": type(e).__name__, "missing": getattr(e, "missing_ranks", None),
+                        "elapsed": time.monotonic() - t0}
+    return out
 
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(120)
-def test_rank_that_skips_a_later_round_is_named():
-    results = values(run_ranks(_skip_later_gate_main, 2, timeout=90))
-    assert results[0]["skipped"]
-    assert results[1]["error"] == "GateTimeoutError" and results[1]["missing"] == [0]
-    assert results[1]["elapsed"] < TIMEOUT_S + 5
+def test_ranks_that_skip_a_first_gate_or_a_later_round_are_named_not_waited_for():
+    world = 3
+    results = values(spawn_ranks(_skips_main, world, timeout=90))
+    for res in results[:-1]:
+        first = res["first"]
+        assert first["error"] == "GateTimeoutError", first
+        assert first["missing"] == [world - 1]
+        assert first["elapsed"] < TIMEOUT_S + 5
+        assert f"rank {world - 1} did not arrive" in first["text"]
+    assert "first" not in results[-1]
+    assert "later" not in results[0]
+    for res in results[1:]:
+        later = res["later"]
+        assert later["error"] == "GateTimeoutError" and later["missing"] == [0], later
+        assert later["elapsed"] < TIMEOUT_S + 5

@@ -15,7 +15,7 @@ import time
 import pytest
 
 import nccl_like
-from esper_gate._spawn import spawn_ranks as run_ranks, values
+from esper_gate._spawn import spawn_ranks, values
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(120)]
 _WHY_NOT = nccl_like.supported()
@@ -64,7 +64,7 @@ def _raw_op_main(rank, world):
 
 
 def test_the_double_kills_a_stuck_rank_like_nccls_watchdog():
-    results = run_ranks(_raw_op_main, 2, timeout=60, expect_dead=(0,))
+    results = spawn_ranks(_raw_op_main, 2, timeout=60, expect_dead=(0,))
     assert results[0].error_type == "died", results[0]
     assert values([results[1]]) == ["skipped"]
 
@@ -106,7 +106,7 @@ def _missing_rank_main(rank, world, how):
 def test_missing_rank_is_named_within_the_bound_and_the_process_survives(how):
     world = 3
     missing = world - 1
-    results = run_ranks(_missing_rank_main, world, how, timeout=90,
+    results = spawn_ranks(_missing_rank_main, world, how, timeout=90,
                         expect_dead=(missing,) if how == "kill" else ())
     waiting = [values([r])[0] for r in results if r.rank != missing]
     for res in waiting:
@@ -153,7 +153,7 @@ def test_a_call_that_completes_just_past_its_deadline_is_not_failed_on_any_rank(
     """Failing it on the ranks whose deadline passed, while the last rank got its
     result, would make the ranks transition differently; and the watcher must
     keep watching afterwards."""
-    results = values(run_ranks(_near_miss_main, 2, timeout=60))
+    results = values(spawn_ranks(_near_miss_main, 2, timeout=60))
     for first, second, failure, _later in results:
         assert first == [True, False, True, True]
         assert second == [True] * 4
