@@ -5,8 +5,10 @@ import sys
 
 import pytest
 
+import nccl_like
+
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(150)]
-_WHY_NOT = __import__("nccl_like").supported()
+_WHY_NOT = nccl_like.supported()
 if _WHY_NOT:
     pytestmark.append(pytest.mark.skip(reason=_WHY_NOT))
 
