@@ -41,7 +41,6 @@ REASON_CALLER_MIN = 16  # codes from here up are declared by the caller, not fou
 REASON_DTYPE = 16
 REASON_SHAPE = 17
 REASON_DEVICE = 18
-REASON_OTHER = 19
 REASON_MAX = 31  # the largest code the 5-bit field holds; pack refuses a larger poison
 REASON_TEXT = {
     REASON_NONE: "no error",
@@ -52,7 +51,6 @@ REASON_TEXT = {
     REASON_DTYPE: "a tensor of the wrong dtype",
     REASON_SHAPE: "tensors of the wrong shape or length",
     REASON_DEVICE: "a tensor on the wrong device",
-    REASON_OTHER: "input the wrapper could not use",
 }
 
 # Record header fields: (name, bit offset, bit width).
