@@ -1,9 +1,17 @@
-// Host-side pieces shared by the op registration and the CPU/CUDA kernels:
-// argument checks (whose messages name the offending value and what was
-// expected) and the kernel entry points.
+// Host-side pieces shared by the op registration and the CPU, CUDA and Meta
+// kernels: the argument checks (whose messages name the offending value and
+// what was expected), the output sizes from the wire layout, and pack_op /
+// decode_op, which run both before a device's kernel. Meta tensors and
+// FakeTensorMode reach the same checks through the Meta kernels in
+// csrc/ops.cpp, so there is no second copy of them in Python.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/DeviceType.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/TensorOptions.h>
+#include <c10/core/SymInt.h>
 #include <c10/util/Exception.h>
 
 #include <string>
@@ -12,6 +20,7 @@
 #include "wire/layout.h"
 #include "wire/limits.h"
 #include "wire/pack.h"
+#include "wire/report.h"
 
 namespace esper_gate {
 
@@ -34,7 +43,10 @@ inline void check_world(const std::string& op, int64_t rank, int64_t world_size)
       " for world_size ", world_size, ", got ", rank);
 }
 
-inline void check_slot_count(const std::string& op, int64_t num_slots) {
+// Sizes are c10::SymInt so that the Meta kernels run these checks on the
+// symbolic shapes of a torch.compile trace too; a comparison there records a
+// guard on the size, and on real tensors it is a plain comparison.
+inline void check_slot_count(const std::string& op, const c10::SymInt& num_slots) {
   TORCH_CHECK_VALUE(
       num_slots >= 1 && num_slots <= wire::kMaxSlots, op, ": expected 1..", wire::kMaxSlots,
       " slots, got ", num_slots);
@@ -43,9 +55,20 @@ inline void check_slot_count(const std::string& op, int64_t num_slots) {
 inline void check_1d(const std::string& op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(
       t.dim() == 1, op, ": expected ", name, " to be a 1-D tensor, got ", t.dim(), "-D (shape ",
-      t.sizes(), ")");
+      t.sym_sizes(), ")");
   TORCH_CHECK_VALUE(
-      t.is_contiguous(), op, ": expected ", name, " to be contiguous, got strides ", t.strides());
+      t.is_contiguous(), op, ": expected ", name, " to be contiguous, got strides ", t.sym_strides());
+}
+
+// The device a tensor stands for. Under FakeTensorMode the kernel that runs
+// for a FakeTensor (the Meta kernel) sees it as a meta tensor, but its
+// dispatch keys keep the type of the device it stands for; reading them lets
+// the Meta kernel refuse mixed devices with the message a real call gets (the
+// keys keep no index: a fake call names "cuda" where a real one names "cuda:0").
+inline c10::Device stands_for(const at::Tensor& t) {
+  const c10::DeviceType keyed = c10::dispatchKeyToDeviceType(c10::toRuntimePerBackendFunctionalityKey(
+      c10::DispatchKey::Dense, t.key_set().highestBackendKey()));
+  return keyed == t.device().type() ? t.device() : c10::Device(keyed);
 }
 
 // Structural checks on pack/sync inputs. Values (ids out of range, votes that
@@ -66,16 +89,16 @@ inline void check_pack_inputs(
   TORCH_CHECK_TYPE(
       targets.scalar_type() == at::kLong, op, ": expected targets of dtype torch.int64, got ",
       targets.scalar_type());
-  const int64_t n = votes.numel();
+  const c10::SymInt n = votes.sym_numel();
   TORCH_CHECK_VALUE(
-      stages.numel() == n && targets.numel() == n, op,
-      ": expected votes, stages and targets of equal length, got ", n, ", ", stages.numel(),
-      " and ", targets.numel());
+      stages.sym_numel() == n && targets.sym_numel() == n, op,
+      ": expected votes, stages and targets of equal length, got ", n, ", ", stages.sym_numel(),
+      " and ", targets.sym_numel());
   check_slot_count(op, n);
   TORCH_CHECK_VALUE(
-      stages.device() == votes.device() && targets.device() == votes.device(), op,
-      ": expected votes, stages and targets on one device, got ", votes.device(), ", ",
-      stages.device(), " and ", targets.device());
+      stands_for(stages) == stands_for(votes) && stands_for(targets) == stands_for(votes), op,
+      ": expected votes, stages and targets on one device, got ", stands_for(votes), ", ",
+      stands_for(stages), " and ", stands_for(targets));
   TORCH_CHECK_VALUE(
       poison >= 0 && poison <= wire::kReasonMax, op, ": poison must be a reason code in 0..",
       wire::kReasonMax, ", got ", poison);
@@ -101,6 +124,20 @@ inline wire::HeaderValues make_header(
   return h;
 }
 
+// The slot capacity (wire::capacity_for) of a slot count that may be symbolic:
+// the loop guards only on the capacity bucket, not on the exact count.
+inline int64_t capacity_for(const c10::SymInt& num_slots) {
+  int64_t c = 1;
+  while (num_slots > c) c <<= 1;
+  return c;
+}
+
+// The slot count a kernel works with. It is symbolic only in a trace, where
+// only the Meta kernel runs, which reads neither the header nor this.
+inline int64_t slot_count(const at::Tensor& votes) {
+  return votes.sym_numel().maybe_as_int().value_or(0);
+}
+
 // Every structural check of pack's arguments, then this rank's header.
 inline wire::HeaderValues checked_pack_header(
     const at::Tensor& votes, const at::Tensor& stages, const at::Tensor& targets, int64_t seq,
@@ -109,7 +146,7 @@ inline wire::HeaderValues checked_pack_header(
   check_pack_inputs(op, votes, stages, targets, poison);
   const int64_t p = parse_policy(op, policy);
   check_world(op, rank, world_size);
-  return make_header(seq, site, p, votes.numel(), world_size, poison);
+  return make_header(seq, site, p, slot_count(votes), world_size, poison);
 }
 
 inline void check_decode_inputs(
@@ -122,15 +159,79 @@ inline void check_decode_inputs(
       reduced.scalar_type());
   const auto L = wire::make_layout(wire::capacity_for(num_slots), world_size);
   TORCH_CHECK_VALUE(
-      reduced.numel() == L.total_words, op, ": expected a reduced buffer of ", L.total_words,
-      " words for ", num_slots, " slots and world_size ", world_size, ", got ", reduced.numel());
+      reduced.sym_numel() == L.total_words, op, ": expected a reduced buffer of ", L.total_words,
+      " words for ", num_slots, " slots and world_size ", world_size, ", got ", reduced.sym_numel());
 }
 
-// Kernel entry points (inputs already checked).
+// What a pack kernel needs once its arguments passed: the header, the layout
+// and the buffer to fill, allocated here so that every device (Meta included)
+// returns the size the layout gives.
+struct PackCall {
+  wire::HeaderValues header;
+  wire::Layout layout;
+  int64_t num_slots;
+  int64_t rank;
+  at::Tensor out;  // layout.total_words int64 words, uninitialized
+};
+
+inline PackCall pack_call(
+    const wire::HeaderValues& header, const c10::SymInt& num_slots, int64_t rank, int64_t world_size,
+    const at::TensorOptions& options) {
+  const auto L = wire::make_layout(capacity_for(num_slots), world_size);
+  return {header, L, num_slots.maybe_as_int().value_or(0), rank,
+          at::empty({L.total_words}, options.dtype(at::kLong))};
+}
+
+// What a decode kernel needs: the layout, the policy code and the outputs.
+struct DecodeCall {
+  wire::Layout layout;
+  int64_t num_slots;
+  int64_t policy;
+  at::Tensor decision;  // num_slots bools, uninitialized
+  at::Tensor report;    // report_words int64 words, uninitialized: decode writes every word
+};
+
+inline DecodeCall decode_call(
+    int64_t num_slots, int64_t world_size, int64_t policy, const at::TensorOptions& options) {
+  return {wire::make_layout(wire::capacity_for(num_slots), world_size), num_slots, policy,
+          at::empty({num_slots}, options.dtype(at::kBool)),
+          at::empty({wire::report_words(num_slots, world_size)}, options.dtype(at::kLong))};
+}
+
+// The device part of each op: fill the outputs of a checked call.
+using PackKernel = at::Tensor (*)(
+    const PackCall&, const at::Tensor& votes, const at::Tensor& stages, const at::Tensor& targets);
+using DecodeKernel = std::tuple<at::Tensor, at::Tensor> (*)(const DecodeCall&, const at::Tensor& reduced);
+
+// The registered pack and decode of one device: the checks every device runs,
+// then that device's kernel. A device file registers pack_op<its type, its
+// kernel>, so the checks and sizes are written once, here.
+template <c10::DeviceType kDevice, PackKernel kKernel>
+at::Tensor pack_op(
+    const at::Tensor& votes, const at::Tensor& stages, const at::Tensor& targets, int64_t seq,
+    int64_t site, c10::string_view policy, int64_t rank, int64_t world_size, int64_t poison) {
+  const auto header = checked_pack_header(
+      votes, stages, targets, seq, site, std::string(policy), rank, world_size, poison);
+  TORCH_CHECK_VALUE(
+      votes.device().type() == kDevice, "esper_gate.pack: ", kDevice, " kernel got votes on ",
+      votes.device());
+  return kKernel(pack_call(header, votes.sym_numel(), rank, world_size, votes.options()), votes, stages, targets);
+}
+
+template <c10::DeviceType kDevice, DecodeKernel kKernel>
+std::tuple<at::Tensor, at::Tensor> decode_op(
+    const at::Tensor& reduced, int64_t num_slots, int64_t world_size, c10::string_view policy) {
+  const std::string op = "esper_gate.decode";
+  check_decode_inputs(op, reduced, num_slots, world_size);
+  const int64_t p = parse_policy(op, std::string(policy));
+  TORCH_CHECK_VALUE(
+      reduced.device().type() == kDevice, op, ": ", kDevice, " kernel got reduced on ", reduced.device());
+  return kKernel(decode_call(num_slots, world_size, p, reduced.options()), reduced);
+}
+
+// CPU kernels (csrc/cpu/gate_kernels.cpp); the C++ tests call them directly.
 at::Tensor pack_cpu(
-    const at::Tensor& votes, const at::Tensor& stages, const at::Tensor& targets,
-    const wire::HeaderValues& header, int64_t rank, int64_t world_size);
-std::tuple<at::Tensor, at::Tensor> decode_cpu(
-    const at::Tensor& reduced, int64_t num_slots, int64_t world_size, int64_t policy);
+    const PackCall& call, const at::Tensor& votes, const at::Tensor& stages, const at::Tensor& targets);
+std::tuple<at::Tensor, at::Tensor> decode_cpu(const DecodeCall& call, const at::Tensor& reduced);
 
 }  // namespace esper_gate

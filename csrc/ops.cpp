@@ -1,4 +1,5 @@
-// Schema of the esper_gate ops and the device-independent `sync`.
+// Schema of the esper_gate ops, their Meta kernels and the device-independent
+// `sync`.
 //
 // One sync, from Python to the result:
 //   GateSync.__call__                      esper_gate/gate_sync.py (inputs -> tensors, the call's
@@ -8,12 +9,14 @@
 //   -> all_reduce SUM on the named group   sync_impl below
 //   -> decode (decisions + report)         csrc/{cpu,cuda}/gate_kernels -> wire::decode_buffer (wire/decode.h)
 //   -> GateConsensus                       esper_gate/consensus.py, from the report parsed by esper_gate/report.py
-// wire_constants() exports the C++ constants for the test that checks the
-// Python mirror (esper_gate/wire.py) against them.
+// wire_constants() and wire_sizes() (csrc/wire_constants.cpp) give Python the
+// constants and the per-call sizes, so esper_gate/wire.py computes no layout.
 //
-// pack and decode have one kernel per device (csrc/cpu, csrc/cuda); sync is
-// written once: pack through the dispatcher (so the tensors' device picks the
-// kernel), one all_reduce on the process group named by the caller, decode.
+// pack and decode have one kernel per device (csrc/cpu, csrc/cuda, and Meta
+// here), each behind the same checks and output sizes (pack_op / decode_op in
+// esper_gate.h). sync is written once and registered once: pack through the
+// dispatcher (so the tensors' device picks the kernel, and pack's checks run
+// once), one all_reduce on the process group named by the caller, decode.
 // Nothing here waits on the host for CUDA tensors: ProcessGroupNCCL runs the
 // all_reduce on its own stream and work->wait() only makes the current stream
 // wait for it.
@@ -47,6 +50,27 @@ std::tuple<at::Tensor, at::Tensor> call_decode(
   return op.call(reduced, num_slots, world_size, policy);
 }
 
+// sync's argument checks are pack's, run once by the pack kernel that sync
+// calls; an error from them names the op the caller called. The fake kernel
+// of sync (esper_gate/ops.py) renames the same way.
+std::string as_sync_message(const std::string& msg) {
+  static const std::string pack = "esper_gate.pack:";
+  if (msg.compare(0, pack.size(), pack) != 0) return msg;
+  return "esper_gate.sync:" + msg.substr(pack.size());
+}
+
+at::Tensor pack_for_sync(
+    const at::Tensor& votes, const at::Tensor& stages, const at::Tensor& targets, int64_t seq,
+    int64_t site, const std::string& policy, int64_t rank, int64_t world_size, int64_t poison) {
+  try {
+    return call_pack(votes, stages, targets, seq, site, policy, rank, world_size, poison);
+  } catch (const c10::TypeError& e) {
+    TORCH_CHECK_TYPE(false, as_sync_message(e.msg()));
+  } catch (const c10::ValueError& e) {
+    TORCH_CHECK_VALUE(false, as_sync_message(e.msg()));
+  }
+}
+
 c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const std::string& group_name) {
   try {
     return c10d::resolve_process_group(group_name);
@@ -61,16 +85,11 @@ c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const std::string& group_na
 std::tuple<at::Tensor, at::Tensor> sync_impl(
     const at::Tensor& votes, const at::Tensor& stages, const at::Tensor& targets, int64_t seq,
     int64_t site, c10::string_view policy_view, c10::string_view group_view, int64_t poison) {
-  const std::string op = "esper_gate.sync";
   const std::string policy(policy_view);
-  check_pack_inputs(op, votes, stages, targets, poison);
-  parse_policy(op, policy);
   auto group = resolve_group(std::string(group_view));
-  const int64_t rank = group->getRank();
   const int64_t world_size = group->getSize();
-  check_world(op, rank, world_size);
-
-  at::Tensor buffer = call_pack(votes, stages, targets, seq, site, policy, rank, world_size, poison);
+  at::Tensor buffer =
+      pack_for_sync(votes, stages, targets, seq, site, policy, group->getRank(), world_size, poison);
   std::vector<at::Tensor> tensors{buffer};
   c10d::AllreduceOptions opts;
   opts.reduceOp = c10d::ReduceOp(c10d::ReduceOp::SUM);
@@ -79,9 +98,26 @@ std::tuple<at::Tensor, at::Tensor> sync_impl(
   return call_decode(buffer, votes.numel(), world_size, policy);
 }
 
+// Meta kernels: what FakeTensorMode, torch.compile and calls with meta
+// tensors run. They are pack_op/decode_op like every device's, so they refuse
+// what the CPU and CUDA kernels refuse, with the same messages, and return
+// outputs sized by the same layout; only the kernel launch is left out.
+at::Tensor pack_meta(
+    const PackCall& call, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  return call.out;
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_meta(const DecodeCall& call, const at::Tensor&) {
+  return {call.decision, call.report};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(esper_gate, m) {
+  // sync's fake kernel needs the process group's world size, so it is written
+  // in Python; a FakeTensorMode call before that module is imported is told
+  // to import it.
+  m.set_python_module("esper_gate.ops");
   m.def(
       "pack(Tensor votes, Tensor stages, Tensor targets, int seq, int site, str policy, "
       "int rank, int world_size, int poison=0) -> Tensor",
@@ -94,13 +130,20 @@ TORCH_LIBRARY(esper_gate, m) {
       "str group_name, int poison=0) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   m.def("wire_constants() -> str");
+  m.def("wire_sizes(int num_slots, int world_size) -> str");
 }
 
-TORCH_LIBRARY_IMPL(esper_gate, CPU, m) {
-  m.impl("sync", &sync_impl);
+TORCH_LIBRARY_IMPL(esper_gate, Meta, m) {
+  m.impl("pack", &pack_op<c10::DeviceType::Meta, &pack_meta>);
+  m.impl("decode", &decode_op<c10::DeviceType::Meta, &decode_meta>);
 }
 
-TORCH_LIBRARY_IMPL(esper_gate, CUDA, m) {
+// One kernel for every device: pack and decode through the dispatcher pick
+// the device. CompositeExplicitAutograd rather than CompositeImplicitAutograd,
+// because sync has a fake kernel of its own (register_fake refuses an op with
+// a CompositeImplicitAutograd kernel) and must not be decomposed in a trace:
+// its collective is one node of the graph.
+TORCH_LIBRARY_IMPL(esper_gate, CompositeExplicitAutograd, m) {
   m.impl("sync", &sync_impl);
 }
 

@@ -1,12 +1,18 @@
-// esper_gate::wire_constants() -> str: every constant of the wire format and
-// the report as the C++ side defines them, as JSON whose keys are the names in
-// esper_gate/wire.py. tests/test_wire.py compares the two, so the Python
-// mirror (fake kernels, report parser) cannot drift from the kernels.
+// What Python reads of the wire format from C++, as JSON:
+//   esper_gate::wire_constants() -> str: every constant of the wire format and
+//     the report, keyed by the names in esper_gate/wire.py. tests/test_wire.py
+//     compares the two, so the constants the report parser uses cannot drift
+//     from the kernels.
+//   esper_gate::wire_sizes(num_slots, world_size) -> str: the buffer layout
+//     (wire::make_layout) and the report's size and section offsets
+//     (wire/report.h) for one call, which esper_gate/wire.py serves to Python
+//     instead of computing them a second time.
 #include <torch/library.h>
 
 #include <sstream>
 #include <string>
 
+#include "esper_gate.h"
 #include "wire/layout.h"
 #include "wire/limits.h"
 #include "wire/pack.h"
@@ -98,12 +104,32 @@ std::string wire_constants() {
   return j.str();
 }
 
+std::string wire_sizes(int64_t num_slots, int64_t world_size) {
+  const std::string op = "esper_gate.wire_sizes";
+  check_slot_count(op, num_slots);
+  check_world(op, 0, world_size);
+  const auto L = wire::make_layout(wire::capacity_for(num_slots), world_size);
+  JsonObject j;
+  // Keys are the fields of wire.Layout, then the report's.
+  j.add("capacity", L.capacity).add("world", L.world).add("record_bits", L.record_bits)
+      .add("counter_width", L.counter_width).add("counters_per_word", L.counters_per_word)
+      .add("counts_offset", L.counts_offset).add("counts_words", L.counts_words)
+      .add("root_offset", L.root_offset).add("root_words", L.root_words)
+      .add("lanes_offset", L.lanes_offset).add("lanes_words", L.lanes_words)
+      .add("total_words", L.total_words).add("exact", L.exact ? 1 : 0);
+  j.add("report_words", wire::report_words(num_slots, world_size))
+      .add("ranks_offset", wire::ranks_offset(num_slots))
+      .add("slot_ranks_offset", wire::slot_ranks_offset(num_slots, world_size));
+  return j.str();
+}
+
 }  // namespace
 
 // No tensor arguments, so one kernel serves every device (a call without
-// tensors dispatches to the composite kernel); it needs no fake.
+// tensors dispatches to the composite kernel); they need no fake.
 TORCH_LIBRARY_IMPL(esper_gate, CompositeImplicitAutograd, m) {
   m.impl("wire_constants", &wire_constants);
+  m.impl("wire_sizes", &wire_sizes);
 }
 
 }  // namespace esper_gate

@@ -1,9 +1,12 @@
-"""Python mirror of the wire-format constants in ``csrc/wire/`` (limits.h,
-layout.h, pack.h, report.h).
+"""The wire format as Python sees it: the constants of ``csrc/wire/``
+(limits.h, layout.h, pack.h, report.h) and the sizes the extension computes.
 
-The fake (meta) implementations need buffer and report sizes and the limits
-the real kernels check (slots, world, policies, reason codes) without running
-a kernel, and the report parser needs the word indices.
+The report parser and the wrappers need the word indices, flags and limits,
+so they are written here as constants. Sizes and offsets that depend on the
+call (``layout``, ``buffer_words``, ``report_words``, ``ranks_offset``,
+``slot_ranks_offset``) are not computed here: the op
+``torch.ops.esper_gate.wire_sizes`` returns what ``wire::make_layout`` and
+``csrc/wire/report.h`` compute for the kernels.
 
 What ``tests/test_wire.py`` checks against the C++ side: every constant the
 op ``torch.ops.esper_gate.wire_constants()`` exports is compared by name with
@@ -12,12 +15,15 @@ offset and width, record and slot bits, fixed words, report layout words and
 indices, flags, status bits, slot-entry shifts and mask), and every upper-case
 constant here is either among them or listed there as Python-only (the
 caller's reason codes, which must lie in REASON_CALLER_MIN..REASON_MAX, and
-tables derived from the checked ones). ``layout``/``buffer_words`` and
-``report_words`` are checked against the sizes the real pack and decode ops
-return, up to MAX_WORLD ranks.
+tables derived from the checked ones). The sizes served here are checked
+against the independent arithmetic of ``tests/reference.py`` and the sizes
+the real pack and decode ops return, up to MAX_WORLD ranks.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 from dataclasses import dataclass
 
 MAX_SLOTS = 1024
@@ -41,7 +47,6 @@ REASON_CALLER_MIN = 16  # codes from here up are declared by the caller, not fou
 REASON_DTYPE = 16
 REASON_SHAPE = 17
 REASON_DEVICE = 18
-REASON_OTHER = 19
 REASON_MAX = 31  # the largest code the 5-bit field holds; pack refuses a larger poison
 REASON_TEXT = {
     REASON_NONE: "no error",
@@ -52,7 +57,6 @@ REASON_TEXT = {
     REASON_DTYPE: "a tensor of the wrong dtype",
     REASON_SHAPE: "tensors of the wrong shape or length",
     REASON_DEVICE: "a tensor on the wrong device",
-    REASON_OTHER: "input the wrapper could not use",
 }
 
 # Record header fields: (name, bit offset, bit width).
@@ -137,16 +141,18 @@ def slot_entry_target(entry: int) -> int:
     return entry & SLOT_ENTRY_ID_MASK
 
 
-def capacity_for(num_slots: int) -> int:
-    """Slot capacity of the buffer: the next power of two >= num_slots."""
-    c = 1
-    while c < num_slots:
-        c <<= 1
-    return c
-
+# ---- sizes and offsets, from the extension -----------------------------------
+#
+# The buffer layout and the report's size and offsets are computed by the C++
+# that the kernels use (wire::make_layout, wire::report_words and the report
+# offsets), through the op esper_gate::wire_sizes; nothing here recomputes
+# them. The values depend only on (num_slots, world) and are read on host
+# paths (report parsing, buffer allocation), hence the cache.
 
 @dataclass(frozen=True)
 class Layout:
+    """The packed buffer of one call, as ``wire::Layout`` (csrc/wire/layout.h)."""
+
     capacity: int
     world: int
     record_bits: int
@@ -159,42 +165,43 @@ class Layout:
     lanes_offset: int
     lanes_words: int
     total_words: int
+    exact: bool
 
-    @property
-    def exact(self) -> bool:
-        return self.world <= MAX_EXACT_WORLD
+
+@functools.lru_cache(maxsize=4096)
+def _sizes(num_slots: int, world: int) -> dict:
+    import torch
+
+    return json.loads(torch.ops.esper_gate.wire_sizes(num_slots, world))
 
 
 def layout(num_slots: int, world: int) -> Layout:
     """The packed-buffer layout for ``num_slots`` slots and ``world`` ranks."""
-    cap = capacity_for(num_slots)
-    record_bits = HEADER_BITS + SLOT_BITS * cap
-    cw = world.bit_length()
-    cpw = BITS_PER_WORD // cw
-    counts_words = -(-record_bits // cpw)
-    root_offset = FIXED_WORDS + counts_words
-    root_words = -(-record_bits // BITS_PER_WORD)
-    lanes_offset = root_offset + root_words
-    lanes_words = -(-world * record_bits // BITS_PER_WORD) if world <= MAX_EXACT_WORLD else 0
-    return Layout(cap, world, record_bits, cw, cpw, FIXED_WORDS, counts_words, root_offset,
-                  root_words, lanes_offset, lanes_words, lanes_offset + lanes_words)
+    fields = {f.name: _sizes(num_slots, world)[f.name] for f in dataclasses.fields(Layout)}
+    fields["exact"] = bool(fields["exact"])
+    return Layout(**fields)
+
+
+def capacity_for(num_slots: int) -> int:
+    """Slot capacity of the buffer: the next power of two >= num_slots."""
+    return _sizes(num_slots, 1)["capacity"]
 
 
 def buffer_words(num_slots: int, world: int) -> int:
     """Number of int64 elements the one all_reduce carries."""
-    return layout(num_slots, world).total_words
+    return _sizes(num_slots, world)["total_words"]
 
 
 def report_words(num_slots: int, world: int) -> int:
-    n = GLOBAL_WORDS + SLOT_WORDS * num_slots
-    if world <= MAX_EXACT_WORLD:
-        n += RANK_WORDS * world + num_slots * world
-    return n
+    """Number of int64 elements of the report decode returns."""
+    return _sizes(num_slots, world)["report_words"]
 
 
 def ranks_offset(num_slots: int) -> int:
-    return GLOBAL_WORDS + SLOT_WORDS * num_slots
+    """Where the RANKS section of the report starts (present only when exact)."""
+    return _sizes(num_slots, 1)["ranks_offset"]
 
 
 def slot_ranks_offset(num_slots: int, world: int) -> int:
-    return ranks_offset(num_slots) + RANK_WORDS * world
+    """Where the SLOT_RANKS section of the report starts (present only when exact)."""
+    return _sizes(num_slots, world)["slot_ranks_offset"]

@@ -12,6 +12,35 @@ from typing import Sequence
 from esper_gate import wire
 
 
+def capacity_for(num_slots: int) -> int:
+    """Slot capacity of the buffer: the next power of two >= num_slots."""
+    c = 1
+    while c < num_slots:
+        c <<= 1
+    return c
+
+
+def buffer_words(num_slots: int, world: int) -> int:
+    """Words of the packed buffer, from docs/wire-format.md's arithmetic:
+    three fixed words, then COUNTS (one bit_length(W)-bit counter per record
+    bit), ROOT (the record) and, up to MAX_EXACT_WORLD ranks, LANES (every
+    rank's record, back to back)."""
+    record_bits = wire.HEADER_BITS + wire.SLOT_BITS * capacity_for(num_slots)
+    counters_per_word = wire.BITS_PER_WORD // world.bit_length()
+    words = wire.FIXED_WORDS + -(-record_bits // counters_per_word) + -(-record_bits // wire.BITS_PER_WORD)
+    if world <= wire.MAX_EXACT_WORLD:
+        words += -(-world * record_bits // wire.BITS_PER_WORD)
+    return words
+
+
+def report_words(num_slots: int, world: int) -> int:
+    """Words of the report: what expected() builds, counted."""
+    words = wire.GLOBAL_WORDS + wire.SLOT_WORDS * num_slots
+    if world <= wire.MAX_EXACT_WORLD:
+        words += wire.RANK_WORDS * world + num_slots * world
+    return words
+
+
 @dataclass
 class RankInput:
     """One rank's arguments to ``sync``. Values may be out of range (poison)."""
@@ -99,7 +128,7 @@ def expected(inputs: Sequence[RankInput], *, view: int = 0) -> tuple[list[bool],
     me = inputs[view]
     num_slots = len(me.votes)
     policy = me.policy
-    capacity = wire.capacity_for(num_slots)
+    capacity = capacity_for(num_slots)
     records = [_record(inp, world, capacity) for inp in inputs]
     exact = world <= wire.MAX_EXACT_WORLD
 

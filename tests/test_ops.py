@@ -5,7 +5,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import esper_gate
 from esper_gate import wire
-from reference import RankInput, expected
+from reference import RankInput, buffer_words, expected
 
 
 def _inputs(n=4, device="cpu"):
@@ -77,10 +77,12 @@ def test_compile_fullgraph_pack_decode():
 #
 # One table of malformed calls runs three ways: on CPU tensors (the C++
 # checks in csrc/esper_gate.h), under FakeTensorMode (what torch.compile
-# traces with) and on meta tensors (the Meta dispatch key, which runs the fake
-# kernel for real). All three must refuse each call with the same exception
-# type and message; a fake that accepts what the kernel refuses traces a
-# broken graph, and a meta call that slips through returns memory nobody
+# traces with) and on meta tensors (the Meta dispatch key). pack and decode
+# reach the same C++ checks through their Meta kernels, and sync's Python
+# fake calls those, so the table proves there is one source of the checks:
+# each call is refused with the same exception type and message in every
+# mode. A fake that accepted what the kernel refuses would trace a broken
+# graph, and a meta call that slipped through would return memory nobody
 # filled.
 
 MODES = ("real", "fake", "meta")
@@ -109,7 +111,7 @@ def _sync_args(device, group_name, **kw):
 
 def _decode_args(device, group_name, reduced=None, slots=4, world=2, policy="unanimous"):
     if reduced is None:
-        reduced = torch.zeros(wire.buffer_words(4, 2), dtype=torch.int64, device=device)
+        reduced = torch.zeros(buffer_words(4, 2), dtype=torch.int64, device=device)
     elif callable(reduced):
         reduced = reduced(device)
     return (reduced, slots, world, policy)
@@ -162,15 +164,15 @@ _DECODE_CASES = [
     ("reduced 2-D", dict(reduced=lambda d: torch.zeros(2, 3, dtype=torch.int64, device=d)), ValueError,
      r"expected reduced to be a 1-D tensor, got 2-D \(shape \[2, 3\]\)"),
     ("reduced not contiguous",
-     dict(reduced=lambda d: torch.zeros(2 * wire.buffer_words(4, 2), dtype=torch.int64, device=d)[::2]),
+     dict(reduced=lambda d: torch.zeros(2 * buffer_words(4, 2), dtype=torch.int64, device=d)[::2]),
      ValueError, r"expected reduced to be contiguous, got strides \[2\]"),
-    ("reduced int32", dict(reduced=lambda d: torch.zeros(wire.buffer_words(4, 2), dtype=torch.int32, device=d)),
+    ("reduced int32", dict(reduced=lambda d: torch.zeros(buffer_words(4, 2), dtype=torch.int32, device=d)),
      TypeError, "expected reduced of dtype torch.int64, got Int"),
     ("wrong buffer length", dict(reduced=lambda d: torch.zeros(3, dtype=torch.int64, device=d)), ValueError,
-     f"expected a reduced buffer of {wire.buffer_words(4, 2)} words for 4 slots and world_size 2, got 3"),
+     f"expected a reduced buffer of {buffer_words(4, 2)} words for 4 slots and world_size 2, got 3"),
     ("buffer for another world", dict(world=3), ValueError,
-     f"expected a reduced buffer of {wire.buffer_words(4, 3)} words for 4 slots and world_size 3, "
-     f"got {wire.buffer_words(4, 2)}"),
+     f"expected a reduced buffer of {buffer_words(4, 3)} words for 4 slots and world_size 3, "
+     f"got {buffer_words(4, 2)}"),
     ("unknown policy", dict(policy="rank1"), ValueError, "unknown policy 'rank1', expected one of"),
     ("world 0", dict(world=0), ValueError, f"world_size must be in 1..{wire.MAX_WORLD}, got 0"),
     (f"world {wire.MAX_WORLD + 1}", dict(world=wire.MAX_WORLD + 1), ValueError,
@@ -235,11 +237,31 @@ def test_sync_under_fake_tensor_mode_gives_shapes(one_rank_group):
     assert report.shape == (wire.report_words(4, 1),) and report.dtype == torch.int64
 
 
+def test_pack_and_decode_fakes_are_the_cpp_meta_kernels():
+    """The checks and sizes of pack and decode under FakeTensorMode and meta
+    are the C++ ones: a Meta kernel is registered from C++, and no Python
+    fake exists that could differ from it. sync keeps a Python fake (it needs
+    the group's world size), which calls those Meta kernels."""
+    from torch._library.simple_registry import singleton
+    for op in ("pack", "decode"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"esper_gate::{op}", "Meta")
+        meta = [line for line in torch._C._dispatch_dump(f"esper_gate::{op}").splitlines()
+                if line.startswith("Meta:")]
+        assert len(meta) == 1 and "csrc/ops.cpp" in meta[0], meta
+        assert singleton.find(f"esper_gate::{op}").fake_impl.kernel is None
+    assert singleton.find("esper_gate::sync").fake_impl.kernel is not None
+    # sync has one kernel for every device, and no Python copy of its group lookup.
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("esper_gate::sync", "CompositeExplicitAutograd")
+    for key in ("CPU", "CUDA"):
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key("esper_gate::sync", key)
+    assert not hasattr(esper_gate.ops, "_resolve_group")
+
+
 def test_pack_and_decode_on_meta_propagate_shapes():
     """Meta's usual meaning holds for the ops that involve no other rank."""
     votes, stages, targets = _inputs(device="meta")
     buf = esper_gate.pack(votes, stages, targets, 1, 2, "any", 2, 3)
-    assert buf.device.type == "meta" and buf.shape == (wire.buffer_words(4, 3),)
+    assert buf.device.type == "meta" and buf.shape == (buffer_words(4, 3),)
     decision, report = esper_gate.decode(buf, 4, 3, "any")
     assert decision.device.type == "meta" and decision.shape == (4,)
     assert report.shape == (wire.report_words(4, 3),)

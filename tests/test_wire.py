@@ -1,4 +1,6 @@
-"""The Python mirror of the wire layout agrees with the C++ ops."""
+"""wire.py's constants agree with the C++ ones, and the sizes the extension
+serves (wire.layout, buffer_words, report_words, report offsets) agree with
+the independent oracle in tests/reference.py and with what the ops return."""
 import json
 import pathlib
 
@@ -7,6 +9,7 @@ import torch
 
 import esper_gate
 from esper_gate import wire
+import reference
 from reference import RankInput, expected
 from simulate import decode_view, reduce_all
 
@@ -15,7 +18,7 @@ DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "wire-format.md
 # Constants of wire.py that the C++ side has no counterpart for: the caller's
 # own reason codes (checked below to lie in the caller's range) and tables
 # derived from checked constants (checked below against their source).
-PYTHON_ONLY = {"REASON_DTYPE", "REASON_SHAPE", "REASON_DEVICE", "REASON_OTHER", "REASON_TEXT",
+PYTHON_ONLY = {"REASON_DTYPE", "REASON_SHAPE", "REASON_DEVICE", "REASON_TEXT",
                "POLICY_CODES", "HEADER_FIELD_WIDTH"}
 
 
@@ -41,7 +44,7 @@ def test_every_constant_matches_cpp():
 
 def test_python_only_constants_follow_the_checked_ones():
     cpp = _cpp_constants()
-    for name in ("REASON_DTYPE", "REASON_SHAPE", "REASON_DEVICE", "REASON_OTHER"):
+    for name in ("REASON_DTYPE", "REASON_SHAPE", "REASON_DEVICE"):
         code = getattr(wire, name)
         assert cpp["REASON_CALLER_MIN"] <= code <= cpp["REASON_MAX"], f"wire.{name} = {code} is no caller code"
     assert wire.HEADER_FIELD_WIDTH == {n: w for n, _o, w in cpp["HEADER_FIELDS"]}
@@ -136,10 +139,35 @@ def test_buffer_and_report_sizes_match_cpp(slots, world):
     ones = torch.ones(slots, dtype=torch.bool)
     ids = torch.zeros(slots, dtype=torch.int64)
     buf = esper_gate.pack(ones, ids, ids, 0, 0, "unanimous", world - 1, world)
-    assert buf.dtype == torch.int64 and buf.shape == (wire.buffer_words(slots, world),)
+    words = reference.buffer_words(slots, world)
+    assert buf.dtype == torch.int64 and buf.shape == (words,)
+    assert wire.buffer_words(slots, world) == wire.layout(slots, world).total_words == words
     decision, report = esper_gate.decode(buf * world, slots, world, "unanimous")
     assert decision.shape == (slots,) and decision.dtype == torch.bool
-    assert report.shape == (wire.report_words(slots, world),)
+    assert report.shape == (reference.report_words(slots, world),)
+    assert wire.report_words(slots, world) == reference.report_words(slots, world)
+    assert wire.capacity_for(slots) == wire.layout(slots, world).capacity == reference.capacity_for(slots)
+
+
+@pytest.mark.parametrize("world", [1, 3, wire.MAX_EXACT_WORLD])
+def test_report_offsets_are_where_the_reference_puts_each_rank(world):
+    """RANKS and SLOT_RANKS start where the oracle's report has each rank's
+    header and slot entries (distinct per rank, so an offset off by one word
+    or one rank shows)."""
+    slots = 3
+    inputs = [RankInput([r % 2, 1, 0], [r % 64, 5, 6], [7, (r + 1) % 64, 8], seq=9, site=11)
+              for r in range(world)]
+    _, rep = expected(inputs)
+    assert len(rep) == wire.report_words(slots, world)
+    ranks, slot_ranks = wire.ranks_offset(slots), wire.slot_ranks_offset(slots, world)
+    assert slot_ranks == ranks + wire.RANK_WORDS * world
+    names = [name for name, _offset, _width in wire.HEADER_FIELDS]
+    seq_at, world_at = names.index("seq"), names.index("world")
+    for r, inp in enumerate(inputs):
+        row = rep[ranks + wire.RANK_WORDS * r:][:wire.RANK_WORDS]
+        assert row[seq_at] == 9 and row[world_at] == world
+        for s in range(slots):
+            assert rep[slot_ranks + s * world + r] == wire.slot_entry(inp.votes[s], inp.stages[s], inp.targets[s])
 
 
 def test_buffer_size_depends_only_on_capacity_and_world():
@@ -151,8 +179,25 @@ def test_buffer_size_depends_only_on_capacity_and_world():
 
 
 def test_lanes_only_up_to_64_ranks():
-    assert wire.layout(16, 64).lanes_words > 0
-    assert wire.layout(16, 65).lanes_words == 0
+    assert wire.layout(16, 64).lanes_words > 0 and wire.layout(16, 64).exact
+    assert wire.layout(16, 65).lanes_words == 0 and not wire.layout(16, 65).exact
+
+
+def test_layout_sections_follow_one_another():
+    for slots, world in [(1, 1), (16, 64), (100, 65), (1024, wire.MAX_WORLD)]:
+        L = wire.layout(slots, world)
+        assert L.counts_offset == wire.FIXED_WORDS
+        assert L.root_offset == L.counts_offset + L.counts_words
+        assert L.lanes_offset == L.root_offset + L.root_words
+        assert L.total_words == L.lanes_offset + L.lanes_words
+        assert L.record_bits == wire.HEADER_BITS + wire.SLOT_BITS * L.capacity
+
+
+def test_sizes_refuse_what_the_kernels_refuse():
+    with pytest.raises(ValueError, match="esper_gate.wire_sizes: world_size must be in 1..65536, got 0"):
+        wire.buffer_words(4, 0)
+    with pytest.raises(ValueError, match="esper_gate.wire_sizes: expected 1..1024 slots, got 1025"):
+        wire.report_words(1025, 2)
 
 
 def test_reason_max_matches_cpp():

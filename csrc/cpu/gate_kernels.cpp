@@ -14,64 +14,35 @@
 namespace esper_gate {
 
 at::Tensor pack_cpu(
-    const at::Tensor& votes, const at::Tensor& stages, const at::Tensor& targets,
-    const wire::HeaderValues& header, int64_t rank, int64_t world_size) {
-  const int64_t n = votes.numel();
-  const auto L = wire::make_layout(wire::capacity_for(n), world_size);
-  std::vector<uint32_t> records(static_cast<size_t>(n));
+    const PackCall& call, const at::Tensor& votes, const at::Tensor& stages, const at::Tensor& targets) {
+  std::vector<uint32_t> records(static_cast<size_t>(call.num_slots));
   wire::PackShared shared;
-  at::Tensor out = at::empty({L.total_words}, votes.options().dtype(at::kLong));
   const int64_t* st = stages.const_data_ptr<int64_t>();
   const int64_t* tg = targets.const_data_ptr<int64_t>();
-  int64_t* o = out.mutable_data_ptr<int64_t>();
+  int64_t* o = call.out.mutable_data_ptr<int64_t>();
   if (votes.scalar_type() == at::kBool) {
     wire::pack_buffer(
-        wire::SerialLoop{}, reinterpret_cast<const uint8_t*>(votes.const_data_ptr<bool>()), st, tg, n,
-        header, L, rank, records.data(), &shared, o);
+        wire::SerialLoop{}, reinterpret_cast<const uint8_t*>(votes.const_data_ptr<bool>()), st, tg,
+        call.num_slots, call.header, call.layout, call.rank, records.data(), &shared, o);
   } else {
     wire::pack_buffer(
-        wire::SerialLoop{}, votes.const_data_ptr<int64_t>(), st, tg, n, header, L, rank, records.data(),
-        &shared, o);
+        wire::SerialLoop{}, votes.const_data_ptr<int64_t>(), st, tg, call.num_slots, call.header,
+        call.layout, call.rank, records.data(), &shared, o);
   }
-  return out;
+  return call.out;
 }
 
-std::tuple<at::Tensor, at::Tensor> decode_cpu(
-    const at::Tensor& reduced, int64_t num_slots, int64_t world_size, int64_t policy) {
-  const auto L = wire::make_layout(wire::capacity_for(num_slots), world_size);
-  at::Tensor decision = at::empty({num_slots}, reduced.options().dtype(at::kBool));
-  at::Tensor report = at::zeros({wire::report_words(num_slots, world_size)}, reduced.options());
+std::tuple<at::Tensor, at::Tensor> decode_cpu(const DecodeCall& call, const at::Tensor& reduced) {
   wire::DecodeShared shared;
   wire::decode_buffer(
-      wire::SerialLoop{}, reduced.const_data_ptr<int64_t>(), L, num_slots, policy,
-      decision.mutable_data_ptr<bool>(), report.mutable_data_ptr<int64_t>(), &shared);
-  return {decision, report};
+      wire::SerialLoop{}, reduced.const_data_ptr<int64_t>(), call.layout, call.num_slots, call.policy,
+      call.decision.mutable_data_ptr<bool>(), call.report.mutable_data_ptr<int64_t>(), &shared);
+  return {call.decision, call.report};
 }
-
-namespace {
-
-at::Tensor pack_cpu_op(
-    const at::Tensor& votes, const at::Tensor& stages, const at::Tensor& targets, int64_t seq,
-    int64_t site, c10::string_view policy, int64_t rank, int64_t world_size, int64_t poison) {
-  const auto header =
-      checked_pack_header(votes, stages, targets, seq, site, std::string(policy), rank, world_size, poison);
-  TORCH_CHECK_VALUE(votes.is_cpu(), "esper_gate.pack: CPU kernel got votes on ", votes.device());
-  return pack_cpu(votes, stages, targets, header, rank, world_size);
-}
-
-std::tuple<at::Tensor, at::Tensor> decode_cpu_op(
-    const at::Tensor& reduced, int64_t num_slots, int64_t world_size, c10::string_view policy) {
-  const std::string op = "esper_gate.decode";
-  check_decode_inputs(op, reduced, num_slots, world_size);
-  const int64_t p = parse_policy(op, std::string(policy));
-  return decode_cpu(reduced, num_slots, world_size, p);
-}
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(esper_gate, CPU, m) {
-  m.impl("pack", &pack_cpu_op);
-  m.impl("decode", &decode_cpu_op);
+  m.impl("pack", &pack_op<c10::DeviceType::CPU, &pack_cpu>);
+  m.impl("decode", &decode_op<c10::DeviceType::CPU, &decode_cpu>);
 }
 
 }  // namespace esper_gate

@@ -48,53 +48,39 @@ __global__ void decode_kernel(
   wire::decode_buffer(BlockLoop{}, buf, L, num_slots, policy, decision, rep, &shared);
 }
 
-at::Tensor pack_cuda_op(
-    const at::Tensor& votes, const at::Tensor& stages, const at::Tensor& targets, int64_t seq,
-    int64_t site, c10::string_view policy, int64_t rank, int64_t world_size, int64_t poison) {
-  const auto header =
-      checked_pack_header(votes, stages, targets, seq, site, std::string(policy), rank, world_size, poison);
-  TORCH_CHECK_VALUE(votes.is_cuda(), "esper_gate.pack: CUDA kernel got votes on ", votes.device());
+at::Tensor pack_cuda(
+    const PackCall& call, const at::Tensor& votes, const at::Tensor& stages, const at::Tensor& targets) {
   const c10::cuda::CUDAGuard guard(votes.device());
-  const int64_t n = votes.numel();
-  const auto L = wire::make_layout(wire::capacity_for(n), world_size);
-  at::Tensor out = at::empty({L.total_words}, votes.options().dtype(at::kLong));
   auto stream = c10::cuda::getCurrentCUDAStream();
+  int64_t* out = call.out.mutable_data_ptr<int64_t>();
   if (votes.scalar_type() == at::kBool) {
     pack_kernel<uint8_t><<<1, kThreads, 0, stream>>>(
         reinterpret_cast<const uint8_t*>(votes.const_data_ptr<bool>()), stages.const_data_ptr<int64_t>(),
-        targets.const_data_ptr<int64_t>(), n, header, L, rank, out.mutable_data_ptr<int64_t>());
+        targets.const_data_ptr<int64_t>(), call.num_slots, call.header, call.layout, call.rank, out);
   } else {
     pack_kernel<int64_t><<<1, kThreads, 0, stream>>>(
         votes.const_data_ptr<int64_t>(), stages.const_data_ptr<int64_t>(),
-        targets.const_data_ptr<int64_t>(), n, header, L, rank, out.mutable_data_ptr<int64_t>());
+        targets.const_data_ptr<int64_t>(), call.num_slots, call.header, call.layout, call.rank, out);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return call.out;
 }
 
-std::tuple<at::Tensor, at::Tensor> decode_cuda_op(
-    const at::Tensor& reduced, int64_t num_slots, int64_t world_size, c10::string_view policy) {
-  const std::string op = "esper_gate.decode";
-  check_decode_inputs(op, reduced, num_slots, world_size);
-  const int64_t p = parse_policy(op, std::string(policy));
-  TORCH_CHECK_VALUE(reduced.is_cuda(), op, ": CUDA kernel got reduced on ", reduced.device());
+std::tuple<at::Tensor, at::Tensor> decode_cuda(const DecodeCall& call, const at::Tensor& reduced) {
   const c10::cuda::CUDAGuard guard(reduced.device());
-  const auto L = wire::make_layout(wire::capacity_for(num_slots), world_size);
-  at::Tensor decision = at::empty({num_slots}, reduced.options().dtype(at::kBool));
-  at::Tensor report = at::empty({wire::report_words(num_slots, world_size)}, reduced.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
   decode_kernel<<<1, kThreads, 0, stream>>>(
-      reduced.const_data_ptr<int64_t>(), L, num_slots, p, decision.mutable_data_ptr<bool>(),
-      report.mutable_data_ptr<int64_t>());
+      reduced.const_data_ptr<int64_t>(), call.layout, call.num_slots, call.policy,
+      call.decision.mutable_data_ptr<bool>(), call.report.mutable_data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {decision, report};
+  return {call.decision, call.report};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(esper_gate, CUDA, m) {
-  m.impl("pack", &pack_cuda_op);
-  m.impl("decode", &decode_cuda_op);
+  m.impl("pack", &pack_op<c10::DeviceType::CUDA, &pack_cuda>);
+  m.impl("decode", &decode_op<c10::DeviceType::CUDA, &decode_cuda>);
 }
 
 }  // namespace esper_gate

@@ -28,12 +28,6 @@ EG_HD uint64_t lane_bit(const int64_t* buf, const Layout& L, int64_t rank, int64
   return (word >> (g % kBitsPerWord)) & 1u;
 }
 
-EG_HD uint64_t root_field(const int64_t* buf, const Layout& L, int64_t off, int64_t width) {
-  uint64_t v = 0;
-  for (int64_t b = 0; b < width; ++b) v |= root_bit(buf, L, off + b) << b;
-  return v;
-}
-
 EG_HD uint64_t lane_field(const int64_t* buf, const Layout& L, int64_t rank, int64_t off, int64_t width) {
   uint64_t v = 0;
   for (int64_t b = 0; b < width; ++b) v |= lane_bit(buf, L, rank, off + b) << b;

@@ -84,7 +84,8 @@ TEST_CASE(cpu_kernels_match_the_oracle) {
           static_cast<int64_t>(in.header.seq), static_cast<int64_t>(in.header.site), sc.policy,
           sc.num_slots, sc.world, 0);
       const at::Tensor packed = esper_gate::pack_cpu(
-          votes, long_tensor(in.stages), long_tensor(in.targets), header, r, sc.world);
+          esper_gate::pack_call(header, sc.num_slots, r, sc.world, votes.options()), votes,
+          long_tensor(in.stages), long_tensor(in.targets));
       CONTEXT("rank " << r);
       EXPECT_EQ(packed.scalar_type(), at::kLong);
       const std::vector<int64_t> want = oracle::buffer(in, r, sc.world);
@@ -97,7 +98,8 @@ TEST_CASE(cpu_kernels_match_the_oracle) {
     }
     const oracle::Expected want = oracle::decode(inputs, sc.num_slots, sc.policy);
     at::Tensor decision, report;
-    std::tie(decision, report) = esper_gate::decode_cpu(sum, sc.num_slots, sc.world, sc.policy);
+    std::tie(decision, report) = esper_gate::decode_cpu(
+        esper_gate::decode_call(sc.num_slots, sc.world, sc.policy, sum.options()), sum);
     EXPECT_EQ(decision.scalar_type(), at::kBool);
     EXPECT_EQ(report.scalar_type(), at::kLong);
     const std::vector<int64_t> got_report = to_vector(report);
