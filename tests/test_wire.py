@@ -111,7 +111,7 @@ def _scale_inputs(world: int, case: str) -> list:
 
 
 @pytest.mark.parametrize("case", ["diverged", "poisoned"])
-@pytest.mark.parametrize("world", [1025, 4096, wire.MAX_WORLD])
+@pytest.mark.parametrize("world", [1025, 4096, pytest.param(wire.MAX_WORLD, marks=pytest.mark.slow)])
 def test_scale_simulation_matches_reference(world, case):
     """Past the lanes (W > 64) up to the limit: every simulated rank packs with
     the real op, the buffers are summed as the all_reduce would, and decode
