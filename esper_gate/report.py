@@ -55,6 +55,18 @@ def ranks_text(ranks: Sequence[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ",".join(parts)
 
 
+def bits_text(noun: str, all_and: int, any_or: int, hex_width: int = 0) -> str:
+    """'stages share bits 0b001 and use no bits outside 0b111': what above 64 ranks
+    the AND and OR of every rank's value say. They are not a range: stages 3 and 5
+    give AND 1 and OR 7. ``hex_width``: print in hex with this many digits."""
+    if hex_width:
+        a, o = f"{all_and:#0{hex_width + 2}x}", f"{any_or:#0{hex_width + 2}x}"
+    else:
+        width = max(any_or.bit_length(), all_and.bit_length(), 1)
+        a, o = f"{all_and:#0{width + 2}b}", f"{any_or:#0{width + 2}b}"
+    return f"{noun} share bits {a} and use no bits outside {o}"
+
+
 @dataclass
 class SlotVotes:
     """How the ranks voted in one slot and what they held there, for every slot.
@@ -105,7 +117,7 @@ class SlotDivergence:
     rank0_stage: int
     rank0_target: int
     ranks_differing: int             # exact when `exact`, else a lower bound
-    stage_range: tuple[int, int]     # (AND, OR) of all stages: bounds of every value
+    stage_range: tuple[int, int]     # (AND, OR) of every rank's stage: bits all share, bits any uses
     target_range: tuple[int, int]
     vocabulary: Vocabulary = field(default_factory=lambda: DEFAULT_VOCABULARY, repr=False, compare=False)
 
@@ -120,9 +132,8 @@ class SlotDivergence:
             return "; ".join(f"{ranks_text(h.ranks)} {'holds' if len(h.ranks) == 1 else 'hold'} "
                              f"{self.vocabulary.holding(h.stage, h.target)}" for h in self.holdings)
         return (f"rank 0 holds {self.vocabulary.holding(self.rank0_stage, self.rank0_target)}; "
-                f"at least {self.ranks_differing} rank(s) differ; stages within "
-                f"{self.stage_range[0]}..{self.stage_range[1]}, targets within "
-                f"{self.target_range[0]}..{self.target_range[1]}")
+                f"at least {self.ranks_differing} rank(s) differ; {bits_text('stages', *self.stage_range)}, "
+                f"{bits_text('targets', *self.target_range)}")
 
 
 @dataclass
@@ -186,9 +197,11 @@ class DivergenceReport:
                     groups.setdefault(value, []).append(rc.rank)
                 detail = "; ".join(f"{ranks_text(r)} at {attr[name]} {v}" for v, r in groups.items())
             else:
-                s = self.field_summaries.get(name, {})
-                detail = (f"rank 0 has {s.get('root')}, at least {s.get('differ_lb')} rank(s) differ "
-                          f"(values within {s.get('and')}..{s.get('or')})")
+                s = self.field_summaries[name]
+                hex_width = 8 if name == "site" else 0
+                root = f"{s['root']:#010x}" if hex_width else s["root"]
+                detail = (f"rank 0 has {root}, at least {s['differ_lb']} rank(s) differ "
+                          f"({bits_text('values', s['and'], s['or'], hex_width)})")
             lines.append(f"{attr[name]} mismatch: {detail}")
         return lines
 

@@ -126,8 +126,9 @@ def test_above_64_ranks_a_call_mismatch_is_told_from_the_counts():
     rep = parse_report(simulate(inputs)[1], ["r0c0"], vocabulary=VOCABULARY)
     assert kasmina._call_mismatch_note(rep, 9, ["r0c0"]) == (
         "ddp_divergence: ranks are at different gate calls: call mismatch: rank 0 has 5, at least 1 rank(s) "
-        "differ (values within 4..5); slot r0c0 (#0): rank 0 holds TRAINING -> G2; at least 1 rank(s) differ; "
-        "stages within 0..7, targets within 2..3; no rank transitions slot r0c0")
+        "differ (values share bits 0b100 and use no bits outside 0b101); slot r0c0 (#0): rank 0 holds "
+        "TRAINING -> G2; at least 1 rank(s) differ; stages share bits 0b000 and use no bits outside 0b111, "
+        "targets share bits 0b10 and use no bits outside 0b11; no rank transitions slot r0c0")
 
 
 # ---- real ranks (gloo) ----------------------------------------------------------------------

@@ -69,6 +69,28 @@ def test_above_64_ranks_a_lone_poisoned_rank_0_is_named():
     assert "  bad input from rank 0: " in str(rep)
 
 
+def test_above_64_ranks_the_and_and_or_of_a_slot_are_printed_as_bits_not_a_range():
+    # stages 3 and 5: AND 1, OR 7; no rank holds 1 or 7, so "within 1..7" would mislead
+    inputs = [RankInput([1], [3], [2]) for _ in range(69)] + [RankInput([1], [5], [2])]
+    [sd] = parse_report(simulate(inputs)[1]).diverged_slots
+    assert sd.stage_range == (1, 7)
+    assert sd.holdings_text() == ("rank 0 holds stage 3 -> target 2; at least 1 rank(s) differ; "
+                                  "stages share bits 0b001 and use no bits outside 0b111, "
+                                  "targets share bits 0b10 and use no bits outside 0b10")
+    assert "within" not in str(parse_report(simulate(inputs)[1]))
+
+
+def test_above_64_ranks_header_mismatches_are_printed_as_bits_not_a_range():
+    inputs = [RankInput([1], [3], [2], seq=6, site=0x30) for _ in range(69)] + [RankInput([1], [3], [2], seq=3,
+                                                                                          site=0x11)]
+    rep = parse_report(simulate(inputs)[1])
+    assert rep.mismatch_lines() == [
+        "call mismatch: rank 0 has 6, at least 1 rank(s) differ (values share bits 0b010 and use no bits "
+        "outside 0b111)",
+        "site/slot-layout fingerprint mismatch: rank 0 has 0x00000030, at least 1 rank(s) differ (values share "
+        "bits 0x00000010 and use no bits outside 0x00000031)"]
+
+
 def test_above_64_ranks_only_the_counts_arrive():
     world = 65
     inputs = [RankInput([r != 3], [3], [2]) for r in range(world)]
