@@ -38,6 +38,10 @@ class Vocabulary:
 
 DEFAULT_VOCABULARY = Vocabulary()
 
+# Above 64 ranks the report holds one reason, the lone poisoned rank's; with
+# several poisoned ranks only their count arrives.
+NO_REASON_TEXT = "reason not carried above 64 ranks"
+
 
 def ranks_text(ranks: Sequence[int]) -> str:
     """'rank 3', 'ranks 0-2,5' or 'no rank': a set of ranks as the error messages name them."""
@@ -216,7 +220,7 @@ class DivergenceReport:
                 for r in self.poisoned_ranks:
                     lines.append(f"  bad input from rank {r}: {self.poison_reasons.get(r, 'unknown reason')}")
             else:
-                lines.append(f"  bad input from {self.poisoned_count} rank(s)")
+                lines.append(f"  bad input from {self.poisoned_count} rank(s) ({NO_REASON_TEXT})")
         if self.corrupt:
             lines.append("  the reduced buffer is inconsistent (a rank sent a corrupt or foreign buffer)")
         for sd in self.diverged_slots:
@@ -265,7 +269,11 @@ def parse_report(report: Sequence[int], slot_names: Sequence[str] | None = None,
                 poisoned_ranks.append(k)
                 reasons[k] = wire.REASON_TEXT.get(reason, f"reason code {reason}")
     elif g[wire.G_POISONED_RANK] >= 0:
-        poisoned_ranks = [g[wire.G_POISONED_RANK]]
+        # Only a poisoned rank sends a nonzero reason, so with one poisoned rank
+        # the OR of the reason field is its code, exactly.
+        lone, reason = g[wire.G_POISONED_RANK], summaries["reason"]["or"]
+        poisoned_ranks = [lone]
+        reasons[lone] = wire.REASON_TEXT.get(reason, f"reason code {reason}") if reason else NO_REASON_TEXT
 
     slots: list[SlotVotes] = []
     diverged = []

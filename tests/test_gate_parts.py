@@ -314,3 +314,12 @@ def test_each_poisoned_rank_learns_its_own_reason(world):
             res.raise_if_diverged()
         assert reason in str(info.value), (view, str(info.value))
         assert res.host_decisions() == [False] * N
+
+
+def test_above_64_ranks_the_peers_learn_a_lone_poisoned_ranks_reason():
+    inputs = [RankInput([1] * N, [3] * N, [2] * N, seq=1, site=9) for _ in range(70)]
+    inputs[66].stages = [3, 64, 3, 3]
+    with pytest.raises(esper_gate.GatePeerInputError) as info:
+        _result(inputs, view=1).raise_if_diverged()
+    assert "rank 66 passed bad input (rank 66: a stage id outside 0..63)" in str(info.value)
+    assert info.value.ranks == [66] and info.value.reasons == {66: "a stage id outside 0..63"}

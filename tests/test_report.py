@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from esper_gate import wire
 from esper_gate.esper import VOCABULARY
-from esper_gate.report import DivergenceReport, SlotDivergence, Vocabulary, parse_report, ranks_text
+from esper_gate.report import (NO_REASON_TEXT, DivergenceReport, SlotDivergence, Vocabulary, parse_report,
+                               ranks_text)
 from reference import RankInput
 from simulate import simulate
 
@@ -89,6 +92,29 @@ def test_above_64_ranks_header_mismatches_are_printed_as_bits_not_a_range():
         "outside 0b111)",
         "site/slot-layout fingerprint mismatch: rank 0 has 0x00000030, at least 1 rank(s) differ (values share "
         "bits 0x00000010 and use no bits outside 0x00000031)"]
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (dict(votes=[7]), wire.REASON_VOTE), (dict(stages=[64]), wire.REASON_STAGE),
+    (dict(targets=[99]), wire.REASON_TARGET), (dict(site=2**32), wire.REASON_SITE),
+    (dict(poison=wire.REASON_SHAPE), wire.REASON_SHAPE), (dict(poison=wire.REASON_MAX), wire.REASON_MAX)])
+def test_above_64_ranks_a_lone_poisoned_rank_arrives_with_its_reason(bad, reason):
+    world, lone = 70, 66
+    inputs = [RankInput([1], [3], [2], site=9) for _ in range(world)]
+    inputs[lone] = dataclasses.replace(inputs[lone], **bad)
+    rep = parse_report(simulate(inputs, view=1)[1])
+    assert not rep.exact and rep.poisoned_ranks == [lone]
+    text = wire.REASON_TEXT.get(reason, f"reason code {reason}")
+    assert rep.poison_reasons == {lone: text}
+    assert f"  bad input from rank {lone}: {text}" in str(rep).splitlines()
+
+
+def test_above_64_ranks_several_poisoned_ranks_are_counted_and_their_reasons_not_guessed():
+    inputs = [RankInput([1], [3], [2]) for _ in range(70)]
+    inputs[3], inputs[68] = RankInput([1], [64], [2]), RankInput([5], [3], [2])
+    rep = parse_report(simulate(inputs, view=1)[1])
+    assert rep.poisoned_ranks == [] and rep.poison_reasons == {} and rep.poisoned_count == 2
+    assert f"  bad input from 2 rank(s) ({NO_REASON_TEXT})" in str(rep).splitlines()
 
 
 def test_above_64_ranks_only_the_counts_arrive():
