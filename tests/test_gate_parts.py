@@ -21,6 +21,7 @@ from esper_gate._inputs import prepare
 from esper_gate._latch import FailureLatch
 from esper_gate._watcher import WATCH_POLL_S, Watcher
 from esper_gate.consensus import GateConsensus, GateView
+from esper_gate.report import MAX_TEXT_CHARS, MAX_TEXT_GROUPS, MAX_TEXT_SLOTS
 from reference import RankInput
 from simulate import simulate
 
@@ -28,8 +29,8 @@ N = 4
 CPU = torch.device("cpu")
 
 
-def _prepare(votes, stages, targets, site=None, device=CPU):
-    return prepare(votes, stages, targets, site, num_slots=N, device=device, default_site=77,
+def _prepare(votes, stages, targets, site=None, device=CPU, num_slots=N):
+    return prepare(votes, stages, targets, site, num_slots=num_slots, device=device, default_site=77,
                    call="esper_gate call 3 on rank 1")
 
 
@@ -290,10 +291,11 @@ def test_a_rebuild_meets_a_late_rank_on_every_rank_whenever_it_arrives():
 def _result(inputs, view, policy="unanimous"):
     decision, report, _ = simulate(inputs, view=view)
     mine = inputs[view]
+    n = len(mine.votes)
     prepared = _prepare(torch.tensor(mine.votes), torch.tensor(mine.stages), torch.tensor(mine.targets),
-                        site=mine.site)
+                        site=mine.site, num_slots=n)
     return GateConsensus(1, torch.tensor(decision), torch.tensor(report),
-                         gate=GateView(view, policy, [str(i) for i in range(N)]), prepared=prepared)
+                         gate=GateView(view, policy, [str(i) for i in range(n)]), prepared=prepared)
 
 
 @pytest.mark.parametrize("world", [3, 70])
@@ -323,3 +325,31 @@ def test_above_64_ranks_the_peers_learn_a_lone_poisoned_ranks_reason():
         _result(inputs, view=1).raise_if_diverged()
     assert "rank 66 passed bad input (rank 66: a stage id outside 0..63)" in str(info.value)
     assert info.value.ranks == [66] and info.value.reasons == {66: "a stage id outside 0..63"}
+
+
+def test_the_error_of_64_ranks_all_diverged_in_1024_slots_is_bounded_and_keeps_the_whole_report():
+    world, slots = 64, 1024
+    inputs = [RankInput([1] * slots, [(r + s) % 64 for s in range(slots)], [r % 64] * slots, seq=1, site=9)
+              for r in range(world)]
+    with pytest.raises(esper_gate.GateDivergenceError) as info:
+        _result(inputs, view=5).raise_if_diverged()
+    message = str(info.value)
+    assert len(message.encode()) < MAX_TEXT_CHARS, len(message.encode())
+    assert f"… and {slots - MAX_TEXT_SLOTS} more diverged slot(s)" in message
+    assert len(info.value.report.diverged_slots) == slots
+
+
+def test_the_peers_error_groups_bad_input_by_reason_and_bounds_it():
+    # ranks 1-3 send bad stages, ranks 4-9 each declare a reason of their own
+    inputs = [RankInput([1] * N, [3] * N, [2] * N, seq=1, site=9) for _ in range(10)]
+    for r in range(1, 4):
+        inputs[r].stages = [3, 64, 3, 3]
+    for r in range(4, 10):
+        inputs[r].poison = 16 + r
+    with pytest.raises(esper_gate.GatePeerInputError) as info:
+        _result(inputs, view=0).raise_if_diverged()
+    message = str(info.value)
+    assert message.startswith("esper_gate call 1: ranks 1-9 passed bad input (ranks 1-3: a stage id outside "
+                              "0..63; rank 4: reason code 20; rank 5: reason code 21; "
+                              f"… and {7 - MAX_TEXT_GROUPS} more reason(s)); no slot was transitioned")
+    assert info.value.ranks == list(range(1, 10)) and len(info.value.reasons) == 9
