@@ -71,6 +71,16 @@ def bad_values_text(call: str, reason: str | None) -> str:
             f"(votes must be 0/1, stage and target ids 0..{wire.MAX_ID})")
 
 
+def _index(x) -> int:
+    """``operator.index``, and numpy's bool as a Python bool reads (numpy.bool_ has no __index__)."""
+    try:
+        return operator.index(x)
+    except TypeError:
+        if type(x).__module__ == "numpy" and getattr(getattr(x, "dtype", None), "kind", None) == "b":
+            return int(x)
+        raise
+
+
 def _coerce(name: str, value, num_slots: int, device: torch.device, problems: list):
     """A 1-D int64 (or bool votes) tensor on ``device``, a list of ints to be
     copied there, or None after noting the problem."""
@@ -92,8 +102,18 @@ def _coerce(name: str, value, num_slots: int, device: torch.device, problems: li
                                                 f"an integer dtype, got {t.dtype}"))
             return None
         return t.to(torch.int64).contiguous()
+    if type(value).__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "tolist"):
+        # a numpy array is read as a list, with its shape and dtype checked as a tensor's are
+        if value.ndim != 1 or value.shape[0] != n:
+            problems.append((wire.REASON_SHAPE, f"{name} must have shape [{n}], got {list(value.shape)}"))
+            return None
+        if value.dtype.kind not in ("biu" if name == "votes" else "iu"):
+            problems.append((wire.REASON_DTYPE, f"{name} must be {'bool or ' if name == 'votes' else ''}"
+                                                f"an integer dtype, got numpy {value.dtype}"))
+            return None
+        value = value.tolist()
     try:
-        items = [operator.index(x) for x in value]
+        items = [_index(x) for x in value]
     except TypeError as e:
         kind = type(value).__name__
         problems.append((wire.REASON_DTYPE, f"{name} must be a tensor or a sequence of ints, got {kind} ({e})"))

@@ -93,6 +93,31 @@ def test_tensors_the_op_takes_pass_through_untouched():
     assert p.votes.tolist() == [1, 0, 1, 1] and p.stages.dtype == torch.int64 and p.site == 5
 
 
+def test_numpy_arrays_and_scalars_are_read_like_lists():
+    np = pytest.importorskip("numpy")
+    p = _prepare(np.array([True, False, True, True]), np.array([3, 3, 4, 3], dtype=np.int32),
+                 np.array([4, 4, 4, 4], dtype=np.uint8))
+    assert p.problem is None and p.poison == 0
+    assert p.votes.tolist() == [1, 0, 1, 1] and p.stages.tolist() == [3, 3, 4, 3] and p.targets.tolist() == [4] * N
+    # numpy's bool has no __index__, unlike Python's
+    p = _prepare([np.bool_(True), np.bool_(False), np.int64(1), 1], [np.int64(3)] * N, GOOD[2])
+    assert p.problem is None and p.votes.tolist() == [1, 0, 1, 1] and p.stages.tolist() == [3] * N
+
+
+@pytest.mark.parametrize("which, make, code, words", [
+    ("stages", lambda np: np.ones(N, dtype=bool), wire.REASON_DTYPE, "stages must be an integer dtype, got numpy bool"),
+    ("votes", lambda np: np.ones(N), wire.REASON_DTYPE, "votes must be bool or an integer dtype, got numpy float64"),
+    ("votes", lambda np: np.ones((2, 2), dtype=bool), wire.REASON_SHAPE, "votes must have shape [4], got [2, 2]"),
+    ("targets", lambda np: np.int64(4), wire.REASON_SHAPE, "targets must have shape [4], got []")],
+    ids=["bool-stages", "float-votes", "2d", "scalar"])
+def test_numpy_arrays_are_checked_as_tensors_are(which, make, code, words):
+    np = pytest.importorskip("numpy")
+    args = dict(zip(("votes", "stages", "targets"), GOOD))
+    args[which] = make(np)
+    p = _prepare(**args)
+    assert p.poison == code and words in p.problem, p.problem
+
+
 # ---- the failure latch -------------------------------------------------------------
 
 def test_the_first_failure_wins_and_is_delivered_once():
