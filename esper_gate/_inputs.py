@@ -8,6 +8,7 @@ it in the same call, and the text is raised on this rank afterwards.
 from __future__ import annotations
 
 import datetime
+import json
 import operator
 import zlib
 from typing import NamedTuple, Sequence
@@ -37,8 +38,12 @@ class Prepared(NamedTuple):
 
 
 def site_fingerprint(num_slots: int, slot_names: Sequence[str] | None, tag: str = "") -> int:
-    """A 32-bit fingerprint of the slot layout (stable across processes)."""
-    text = f"{tag}|{num_slots}|" + "\x1f".join(slot_names or [])
+    """A 32-bit fingerprint of the slot layout (stable across processes).
+
+    The layout is encoded as a JSON list, so no name can pass for a separator:
+    ['a\x1fb', 'c'] and ['a', 'b\x1fc'] are different layouts.
+    """
+    text = json.dumps([tag, num_slots, list(slot_names or [])])
     return zlib.crc32(text.encode("utf-8")) & UINT32
 
 

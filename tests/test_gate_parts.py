@@ -17,7 +17,7 @@ import esper_gate
 from esper_gate import wire
 from esper_gate._diagnosis import DEAD_RANK_GRACE_S, SETTLE_S, Diagnosis
 from esper_gate._group import Rendezvous
-from esper_gate._inputs import prepare
+from esper_gate._inputs import prepare, site_fingerprint
 from esper_gate._latch import FailureLatch
 from esper_gate._watcher import WATCH_POLL_S, Watcher
 from esper_gate.consensus import GateConsensus, GateView
@@ -116,6 +116,14 @@ def test_numpy_arrays_are_checked_as_tensors_are(which, make, code, words):
     args[which] = make(np)
     p = _prepare(**args)
     assert p.poison == code and words in p.problem, p.problem
+
+
+def test_the_layout_fingerprint_tells_apart_names_that_a_separator_would_join_alike():
+    layouts = [["a\x1fb", "c"], ["a", "b\x1fc"], ["a|b", "c"], ["a", "b|c"], ['a", "b', "c"], ["a", 'b", "c']]
+    assert len({site_fingerprint(2, names) for names in layouts}) == len(layouts)
+    assert site_fingerprint(2, ["a", "b"], tag="x|2") != site_fingerprint(2, ["a", "b"], tag="x")
+    assert site_fingerprint(2, ["r0c0", "r0c1"]) == site_fingerprint(2, ("r0c0", "r0c1"))
+    assert 0 <= site_fingerprint(2, None) <= 0xFFFFFFFF
 
 
 # ---- the failure latch -------------------------------------------------------------
