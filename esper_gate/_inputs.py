@@ -18,7 +18,8 @@ import torch
 from . import wire
 from .errors import GateInputError
 
-__all__ = ["Prepared", "prepare", "check_settings", "as_timedelta", "site_fingerprint", "bad_values_text", "UINT32"]
+__all__ = ["Prepared", "prepare", "check_settings", "as_timedelta", "site_fingerprint",
+           "bad_values_text", "MAX_TIMEOUT_S", "UINT32"]
 
 UINT32 = 0xFFFFFFFF
 
@@ -47,13 +48,31 @@ def site_fingerprint(num_slots: int, slot_names: Sequence[str] | None, tag: str 
     return zlib.crc32(text.encode("utf-8")) & UINT32
 
 
+# The longest timeout a gate takes: one week. Longer ones break below us. The
+# process-group timeout travels to c10d and gloo as a count of milliseconds,
+# which overflows past 2**31 ms (24.8 days), and on NCCL the gate group's
+# timeout is twice the gate's (_group.gate_group_timeout), so its watchdog
+# needs the gate's below 12.4 days. Past that, construction hung with every
+# rank present (9e9 s, 1e11 s, timedelta(days=10**5)) or gloo refused the
+# group with "Invalid timeout" (1e13 s, timedelta.max). A week leaves margin.
+MAX_TIMEOUT_S = 7 * 24 * 3600
+
+
 def as_timedelta(timeout) -> datetime.timedelta:
-    """A positive timeout (a timedelta or seconds) as a timedelta."""
-    if isinstance(timeout, datetime.timedelta) and timeout.total_seconds() > 0:
+    """A timeout of more than 0 and at most MAX_TIMEOUT_S (a timedelta or seconds) as a
+    timedelta; below timedelta's resolution, one microsecond."""
+    if isinstance(timeout, datetime.timedelta):
+        seconds = timeout.total_seconds()
+    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        seconds = timeout
+    else:
+        raise GateInputError(f"timeout must be a positive datetime.timedelta or number of seconds, got {timeout!r}")
+    if not 0 < seconds <= MAX_TIMEOUT_S:  # also nan
+        raise GateInputError(f"timeout must be more than 0 s and at most MAX_TIMEOUT_S = {MAX_TIMEOUT_S} s "
+                             f"(one week), got {timeout!r}")
+    if isinstance(timeout, datetime.timedelta):
         return timeout
-    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0:
-        return datetime.timedelta(seconds=float(timeout))
-    raise GateInputError(f"timeout must be a positive datetime.timedelta or number of seconds, got {timeout!r}")
+    return max(datetime.timedelta(seconds=float(seconds)), datetime.timedelta(microseconds=1))
 
 
 def check_settings(num_slots, policy, slot_names) -> list[str]:

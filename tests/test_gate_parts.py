@@ -17,7 +17,7 @@ import esper_gate
 from esper_gate import wire
 from esper_gate._diagnosis import DEAD_RANK_GRACE_S, SETTLE_S, Diagnosis
 from esper_gate._group import Rendezvous
-from esper_gate._inputs import prepare, site_fingerprint
+from esper_gate._inputs import MAX_TIMEOUT_S, as_timedelta, prepare, site_fingerprint
 from esper_gate._latch import FailureLatch
 from esper_gate._watcher import WATCH_POLL_S, Watcher
 from esper_gate.consensus import GateConsensus, GateView
@@ -124,6 +124,39 @@ def test_the_layout_fingerprint_tells_apart_names_that_a_separator_would_join_al
     assert site_fingerprint(2, ["a", "b"], tag="x|2") != site_fingerprint(2, ["a", "b"], tag="x")
     assert site_fingerprint(2, ["r0c0", "r0c1"]) == site_fingerprint(2, ("r0c0", "r0c1"))
     assert 0 <= site_fingerprint(2, None) <= 0xFFFFFFFF
+
+
+# Too long for the backends (a hang at construction, or gloo's "Invalid timeout"), or no length at all.
+BAD_TIMEOUTS = [9e9, 1e11, datetime.timedelta(days=10**5), 1e13, datetime.timedelta.max, float("inf"),
+                float("nan"), 10**400, MAX_TIMEOUT_S + 1, datetime.timedelta(seconds=MAX_TIMEOUT_S, microseconds=1),
+                0, -1, float("-inf"), datetime.timedelta(0), -datetime.timedelta(seconds=1)]
+
+
+@pytest.mark.parametrize("timeout", BAD_TIMEOUTS, ids=repr)
+def test_a_timeout_beyond_a_week_or_not_positive_is_bad_input_naming_it_and_the_maximum(timeout):
+    with pytest.raises(esper_gate.GateInputError) as info:
+        as_timedelta(timeout)
+    assert str(info.value) == (f"timeout must be more than 0 s and at most MAX_TIMEOUT_S = {MAX_TIMEOUT_S} s "
+                               f"(one week), got {timeout!r}")
+
+
+def test_a_gate_refuses_an_infinite_timeout_before_building_anything():
+    with pytest.raises(esper_gate.GateInputError, match="at most MAX_TIMEOUT_S = 604800 s"):
+        esper_gate.GateSync(N, timeout=float("inf"))
+
+
+@pytest.mark.parametrize("timeout, expected", [
+    (MAX_TIMEOUT_S, datetime.timedelta(weeks=1)), (datetime.timedelta(weeks=1), datetime.timedelta(weeks=1)),
+    (3, datetime.timedelta(seconds=3)), (0.5, datetime.timedelta(milliseconds=500)),
+    (1e-9, datetime.timedelta(microseconds=1))], ids=repr)
+def test_a_timeout_up_to_a_week_is_taken_and_a_tiny_one_stays_positive(timeout, expected):
+    assert as_timedelta(timeout) == expected
+
+
+@pytest.mark.parametrize("timeout", ["3", None, True, [3]], ids=repr)
+def test_a_timeout_that_is_no_duration_is_bad_input(timeout):
+    with pytest.raises(esper_gate.GateInputError, match="timeout must be a positive datetime.timedelta or number"):
+        as_timedelta(timeout)
 
 
 # ---- the failure latch -------------------------------------------------------------
