@@ -18,7 +18,7 @@ import torch
 from . import wire
 from .errors import GateInputError
 
-__all__ = ["Prepared", "prepare", "check_settings", "as_timedelta", "site_fingerprint",
+__all__ = ["Prepared", "prepare", "check_settings", "as_timedelta", "timeout_text", "site_fingerprint",
            "bad_values_text", "MAX_TIMEOUT_S", "UINT32"]
 
 UINT32 = 0xFFFFFFFF
@@ -73,6 +73,13 @@ def as_timedelta(timeout) -> datetime.timedelta:
     if isinstance(timeout, datetime.timedelta):
         return timeout
     return max(datetime.timedelta(seconds=float(seconds)), datetime.timedelta(microseconds=1))
+
+
+def timeout_text(timeout) -> str:
+    """'3 s', '0.5 s', '1e-06 s', '604800 s': a timeout (a timedelta or seconds) as
+    messages print it. str(timedelta) would print '0:00:00' for anything below a second."""
+    seconds = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else float(timeout)
+    return f"{seconds:.3g} s" if abs(seconds) < 1000 else f"{seconds:.0f} s"
 
 
 def check_settings(num_slots, policy, slot_names) -> list[str]:

@@ -17,7 +17,7 @@ import esper_gate
 from esper_gate import wire
 from esper_gate._diagnosis import DEAD_RANK_GRACE_S, SETTLE_S, Diagnosis
 from esper_gate._group import Rendezvous
-from esper_gate._inputs import MAX_TIMEOUT_S, as_timedelta, prepare, site_fingerprint
+from esper_gate._inputs import MAX_TIMEOUT_S, as_timedelta, prepare, site_fingerprint, timeout_text
 from esper_gate._latch import FailureLatch
 from esper_gate._watcher import WATCH_POLL_S, Watcher
 from esper_gate.consensus import GateConsensus, GateView
@@ -159,6 +159,14 @@ def test_a_timeout_that_is_no_duration_is_bad_input(timeout):
         as_timedelta(timeout)
 
 
+@pytest.mark.parametrize("timeout, text", [
+    (datetime.timedelta(seconds=3), "3 s"), (0.5, "0.5 s"), (as_timedelta(1e-9), "1e-06 s"), (1e-9, "1e-09 s"),
+    (datetime.timedelta(minutes=1), "60 s"), (2 / 3, "0.667 s"), (999.4, "999 s"),
+    (datetime.timedelta(weeks=1), "604800 s")], ids=repr)
+def test_a_timeout_prints_in_seconds_with_three_significant_digits(timeout, text):
+    assert timeout_text(timeout) == text
+
+
 # ---- the failure latch -------------------------------------------------------------
 
 def test_the_first_failure_wins_and_is_delivered_once():
@@ -212,7 +220,7 @@ def test_a_rank_that_never_entered_the_call_is_named_with_its_last_completed_cal
     err = _diagnosis(beats).diagnose(5, TimeoutError("stuck"), completed_here=4)
     assert isinstance(err, esper_gate.GateTimeoutError)
     assert err.missing_ranks == [2] and err.last_completed[2] == 4 and err.call == 5
-    assert "rank 2 did not arrive" in str(err) and "TimeoutError: stuck" in str(err)
+    assert "rank 2 did not arrive (waited up to 3 s)" in str(err) and "TimeoutError: stuck" in str(err)
     assert beats.slept == [SETTLE_S]
 
 
@@ -338,6 +346,12 @@ def test_ranks_that_gave_up_are_named_to_a_rank_that_comes_later():
     """The late rank must not pair with the keys the others left behind."""
     out = _meet_in_threads({0: (0, 1), 1: (0, 1), 2: (0.5, 1)}, 0.3, dist.HashStore())
     assert out == {0: [("timeout", [2])], 1: [("timeout", [2])], 2: [("timeout", [0, 1])]}
+
+
+def test_a_rank_that_never_came_is_named_with_the_timeout_in_seconds():
+    rv = Rendezvous("pg0", 0, 2, as_timedelta(0.05), dist.HashStore(), {})
+    with pytest.raises(esper_gate.GateTimeoutError, match=r"rank 1 did not arrive within 0\.05 s \(every rank"):
+        rv.meet({"rank_of_sender": 0})
 
 
 def test_a_rebuild_meets_a_late_rank_on_every_rank_whenever_it_arrives():
