@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from ._inputs import timeout_text
 from .errors import GateError, GateTimeoutError
 from .report import ranks_text
 
@@ -81,7 +82,7 @@ class Diagnosis:
         if missing:
             done = ", ".join(f"rank {r}: {last[r]}" for r in missing)
             return GateTimeoutError(
-                f"{what}: {ranks_text(missing)} did not arrive (waited up to {self.timeout}); last call "
+                f"{what}: {ranks_text(missing)} did not arrive (waited up to {timeout_text(self.timeout)}); last call "
                 f"completed: {done}. No rank applied a transition for this call. Collective error: "
                 f"{short(exc)}", missing, last, call=seq)
         return GateError(f"{what} failed in the collective: {short(exc)}")

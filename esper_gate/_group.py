@@ -20,6 +20,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ._inputs import timeout_text
 from .errors import GateConfigError, GateTimeoutError
 from .report import ranks_text
 
@@ -172,7 +173,7 @@ class Rendezvous:
     def _timeout_error(self, missing: list[int]) -> GateTimeoutError:
         who = ranks_text(missing) if missing else "a rank"
         return GateTimeoutError(
-            f"GateSync construction: {who} did not arrive within {self.timeout} (every rank of the group "
+            f"GateSync construction: {who} did not arrive within {timeout_text(self.timeout)} (every rank of the group "
             f"must construct GateSync; the gate was never reached there). No collective was issued; build "
             f"a new GateSync on every rank to retry.", missing, {r: -1 for r in missing}, call=0)
 

@@ -8,6 +8,7 @@ it in the same call, and the text is raised on this rank afterwards.
 from __future__ import annotations
 
 import datetime
+import json
 import operator
 import zlib
 from typing import NamedTuple, Sequence
@@ -17,7 +18,8 @@ import torch
 from . import wire
 from .errors import GateInputError
 
-__all__ = ["Prepared", "prepare", "check_settings", "as_timedelta", "site_fingerprint", "bad_values_text", "UINT32"]
+__all__ = ["Prepared", "prepare", "check_settings", "as_timedelta", "timeout_text", "site_fingerprint",
+           "bad_values_text", "MAX_TIMEOUT_S", "UINT32"]
 
 UINT32 = 0xFFFFFFFF
 
@@ -37,18 +39,47 @@ class Prepared(NamedTuple):
 
 
 def site_fingerprint(num_slots: int, slot_names: Sequence[str] | None, tag: str = "") -> int:
-    """A 32-bit fingerprint of the slot layout (stable across processes)."""
-    text = f"{tag}|{num_slots}|" + "\x1f".join(slot_names or [])
+    """A 32-bit fingerprint of the slot layout (stable across processes).
+
+    The layout is encoded as a JSON list, so no name can pass for a separator:
+    ['a\x1fb', 'c'] and ['a', 'b\x1fc'] are different layouts.
+    """
+    text = json.dumps([tag, num_slots, list(slot_names or [])])
     return zlib.crc32(text.encode("utf-8")) & UINT32
 
 
+# The longest timeout a gate takes: one week. Longer ones break below us. The
+# process-group timeout travels to c10d and gloo as a count of milliseconds,
+# which overflows past 2**31 ms (24.8 days), and on NCCL the gate group's
+# timeout is twice the gate's (_group.gate_group_timeout), so its watchdog
+# needs the gate's below 12.4 days. Past that, construction hung with every
+# rank present (9e9 s, 1e11 s, timedelta(days=10**5)) or gloo refused the
+# group with "Invalid timeout" (1e13 s, timedelta.max). A week leaves margin.
+MAX_TIMEOUT_S = 7 * 24 * 3600
+
+
 def as_timedelta(timeout) -> datetime.timedelta:
-    """A positive timeout (a timedelta or seconds) as a timedelta."""
-    if isinstance(timeout, datetime.timedelta) and timeout.total_seconds() > 0:
+    """A timeout of more than 0 and at most MAX_TIMEOUT_S (a timedelta or seconds) as a
+    timedelta; below timedelta's resolution, one microsecond."""
+    if isinstance(timeout, datetime.timedelta):
+        seconds = timeout.total_seconds()
+    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        seconds = timeout
+    else:
+        raise GateInputError(f"timeout must be a positive datetime.timedelta or number of seconds, got {timeout!r}")
+    if not 0 < seconds <= MAX_TIMEOUT_S:  # also nan
+        raise GateInputError(f"timeout must be more than 0 s and at most MAX_TIMEOUT_S = {MAX_TIMEOUT_S} s "
+                             f"(one week), got {timeout!r}")
+    if isinstance(timeout, datetime.timedelta):
         return timeout
-    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0:
-        return datetime.timedelta(seconds=float(timeout))
-    raise GateInputError(f"timeout must be a positive datetime.timedelta or number of seconds, got {timeout!r}")
+    return max(datetime.timedelta(seconds=float(seconds)), datetime.timedelta(microseconds=1))
+
+
+def timeout_text(timeout) -> str:
+    """'3 s', '0.5 s', '1e-06 s', '604800 s': a timeout (a timedelta or seconds) as
+    messages print it. str(timedelta) would print '0:00:00' for anything below a second."""
+    seconds = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else float(timeout)
+    return f"{seconds:.3g} s" if abs(seconds) < 1000 else f"{seconds:.0f} s"
 
 
 def check_settings(num_slots, policy, slot_names) -> list[str]:
@@ -69,6 +100,16 @@ def bad_values_text(call: str, reason: str | None) -> str:
     """This rank's message for input the kernels found bad (``call``: "esper_gate call 3 on rank 1")."""
     return (f"{call}: bad input: {reason or 'unknown reason'} "
             f"(votes must be 0/1, stage and target ids 0..{wire.MAX_ID})")
+
+
+def _index(x) -> int:
+    """``operator.index``, and numpy's bool as a Python bool reads (numpy.bool_ has no __index__)."""
+    try:
+        return operator.index(x)
+    except TypeError:
+        if type(x).__module__ == "numpy" and getattr(getattr(x, "dtype", None), "kind", None) == "b":
+            return int(x)
+        raise
 
 
 def _coerce(name: str, value, num_slots: int, device: torch.device, problems: list):
@@ -92,8 +133,18 @@ def _coerce(name: str, value, num_slots: int, device: torch.device, problems: li
                                                 f"an integer dtype, got {t.dtype}"))
             return None
         return t.to(torch.int64).contiguous()
+    if type(value).__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "tolist"):
+        # a numpy array is read as a list, with its shape and dtype checked as a tensor's are
+        if value.ndim != 1 or value.shape[0] != n:
+            problems.append((wire.REASON_SHAPE, f"{name} must have shape [{n}], got {list(value.shape)}"))
+            return None
+        if value.dtype.kind not in ("biu" if name == "votes" else "iu"):
+            problems.append((wire.REASON_DTYPE, f"{name} must be {'bool or ' if name == 'votes' else ''}"
+                                                f"an integer dtype, got numpy {value.dtype}"))
+            return None
+        value = value.tolist()
     try:
-        items = [operator.index(x) for x in value]
+        items = [_index(x) for x in value]
     except TypeError as e:
         kind = type(value).__name__
         problems.append((wire.REASON_DTYPE, f"{name} must be a tensor or a sequence of ints, got {kind} ({e})"))

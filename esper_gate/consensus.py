@@ -10,7 +10,7 @@ from . import ops, wire
 from ._inputs import Prepared, bad_values_text
 from ._latch import FailureLatch
 from .errors import GateDivergenceError, GateInputError, GatePeerInputError
-from .report import DivergenceReport, Vocabulary, parse_report, ranks_text
+from .report import MAX_TEXT_GROUPS, DivergenceReport, Vocabulary, bounded_text, parse_report, ranks_text
 
 __all__ = ["GateConsensus", "GateView"]
 
@@ -136,10 +136,15 @@ class GateConsensus:
                     raise GateInputError(bad_values_text(where, reason))
             others = [r for r in rep.poisoned_ranks if r != me]
             who = ranks_text(others) if others else f"{rep.poisoned_count} rank(s)"
-            why = "; ".join(f"rank {r}: {rep.poison_reasons.get(r, 'unknown reason')}" for r in others)
-            raise GatePeerInputError(
+            groups = [(reason, [r for r in ranks if r != me]) for reason, ranks in rep.poison_groups()]
+            groups = [(reason, ranks) for reason, ranks in groups if ranks]
+            named = [f"{ranks_text(ranks)}: {reason}" for reason, ranks in groups[:MAX_TEXT_GROUPS]]
+            if len(groups) > MAX_TEXT_GROUPS:
+                named.append(f"… and {len(groups) - MAX_TEXT_GROUPS} more reason(s)")
+            why = "; ".join(named)
+            raise GatePeerInputError(bounded_text(
                 f"esper_gate call {self.seq}: {who} passed bad input"
-                f"{f' ({why})' if why else ''}; no slot was transitioned on any rank",
+                f"{f' ({why})' if why else ''}; no slot was transitioned on any rank"),
                 others, rep.poison_reasons, rep)
         if not rep.header_ok or rep.corrupt:
             raise GateDivergenceError(str(rep), rep)

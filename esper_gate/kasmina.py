@@ -36,7 +36,7 @@ from ._inputs import as_timedelta
 from .errors import GateDivergenceError, GateInputError
 from .esper import VOCABULARY, SeedStage
 from .gate_sync import GateSync, site_fingerprint
-from .report import DivergenceReport, SlotDivergence, SlotVotes, ranks_text
+from .report import MAX_TEXT_SLOTS, DivergenceReport, SlotDivergence, SlotVotes, bounded_text, ranks_text
 
 __all__ = ["sync_gate_decision", "sync_gate_decisions", "cached_gate_sync", "clear_cache",
            "VETO_CHECK", "DIVERGENCE_CHECK", "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S"]
@@ -145,7 +145,10 @@ def _call_mismatch_note(rep: DivergenceReport, my_site: int, slot_ids: Sequence[
     single = len(slot_ids) == 1
     where = f"slot {slot_ids[0]}" if single else f"this layout of {len(slot_ids)} slots"
     if not rep.rank_calls:  # more than 64 ranks: only summaries are exact
-        detail = "; ".join(rep.mismatch_lines() + [sd.describe() for sd in rep.diverged_slots])
+        slots = [sd.describe() for sd in rep.diverged_slots[:MAX_TEXT_SLOTS]]
+        if len(rep.diverged_slots) > MAX_TEXT_SLOTS:
+            slots.append(f"… and {len(rep.diverged_slots) - MAX_TEXT_SLOTS} more diverged slot(s)")
+        detail = "; ".join(rep.mismatch_lines() + slots)
     else:
         # every rank's (stage, target) still arrives when the calls differ
         held: dict[int, str] = {}
@@ -163,7 +166,7 @@ def _call_mismatch_note(rep: DivergenceReport, my_site: int, slot_ids: Sequence[
             call = f"gate call {seq}" + ("" if same_site else f", site {site:#010x}")
             parts.append(f"{ranks_text(ranks)} at {what}{state} ({call})")
         detail = "; ".join(parts)
-    return f"{DIVERGENCE_CHECK}: ranks are at different gate calls: {detail}; no rank transitions {where}"
+    return bounded_text(f"{DIVERGENCE_CHECK}: ranks are at different gate calls: {detail}; no rank transitions {where}")
 
 
 def _slot_divergence_note(sd: SlotDivergence | None, slot_id: str) -> str:

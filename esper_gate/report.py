@@ -38,6 +38,21 @@ class Vocabulary:
 
 DEFAULT_VOCABULARY = Vocabulary()
 
+# Above 64 ranks the report holds one reason, the lone poisoned rank's; with
+# several poisoned ranks only their count arrives.
+NO_REASON_TEXT = "reason not carried above 64 ranks"
+
+# Report text (str(report), describe(), holdings_text(), mismatch_lines() and
+# the error messages built from them) goes to logs and exceptions, read by
+# people; to_dict() is the data and keeps everything. Unbounded, 64 ranks x
+# 1,024 slots all diverged printed 2.4 MB. So the text names the first few of
+# each list and counts the rest, and a whole text is cut at MAX_TEXT_CHARS
+# whatever the caller's names: at any world size and slot count a report's
+# text, and an error message made from it, stays under 8 KB of ASCII.
+MAX_TEXT_SLOTS = 8      # diverged slots str(report) describes
+MAX_TEXT_GROUPS = 3     # groups of ranks named per slot, per header field, and bad-input reasons
+MAX_TEXT_CHARS = 8000   # the cap on a whole text
+
 
 def ranks_text(ranks: Sequence[int]) -> str:
     """'rank 3', 'ranks 0-2,5' or 'no rank': a set of ranks as the error messages name them."""
@@ -53,6 +68,34 @@ def ranks_text(ranks: Sequence[int]) -> str:
         if r is not None:
             start = prev = r
     return ("rank " if len(ranks) == 1 else "ranks ") + ",".join(parts)
+
+
+def bits_text(noun: str, all_and: int, any_or: int, hex_width: int = 0) -> str:
+    """'stages share bits 0b001 and use no bits outside 0b111': what above 64 ranks
+    the AND and OR of every rank's value say. They are not a range: stages 3 and 5
+    give AND 1 and OR 7. ``hex_width``: print in hex with this many digits."""
+    if hex_width:
+        a, o = f"{all_and:#0{hex_width + 2}x}", f"{any_or:#0{hex_width + 2}x}"
+    else:
+        width = max(any_or.bit_length(), all_and.bit_length(), 1)
+        a, o = f"{all_and:#0{width + 2}b}", f"{any_or:#0{width + 2}b}"
+    return f"{noun} share bits {a} and use no bits outside {o}"
+
+
+def bounded_text(text: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """``text`` cut to at most ``limit`` characters (at a line end when one is near),
+    ending with how many characters were left out."""
+    if len(text) <= limit:
+        return text
+    room = limit - 80  # for the note, whose count has at most 20 digits
+    cut = text.rfind("\n", room // 2, room)
+    cut = cut if cut > 0 else room
+    return f"{text[:cut]}\n… and {len(text) - cut} more characters (the report's to_dict() has it all)"
+
+
+def _more(shown: int, total: int, what: str, ranks: int) -> list[str]:
+    """['… and 5 more holding(s) on 12 rank(s)'] for what a text leaves out, or []."""
+    return [f"… and {total - shown} more {what} on {ranks} rank(s)"] if total > shown else []
 
 
 @dataclass
@@ -105,24 +148,29 @@ class SlotDivergence:
     rank0_stage: int
     rank0_target: int
     ranks_differing: int             # exact when `exact`, else a lower bound
-    stage_range: tuple[int, int]     # (AND, OR) of all stages: bounds of every value
+    stage_range: tuple[int, int]     # (AND, OR) of every rank's stage: bits all share, bits any uses
     target_range: tuple[int, int]
     vocabulary: Vocabulary = field(default_factory=lambda: DEFAULT_VOCABULARY, repr=False, compare=False)
 
-    def describe(self) -> str:
+    def describe(self, limit: int | None = MAX_TEXT_GROUPS) -> str:
         """'slot r0c1 (#1): ' and what the ranks hold there (see ``holdings_text``)."""
-        return f"slot {self.name} (#{self.slot}): {self.holdings_text()}"
+        return f"slot {self.name} (#{self.slot}): {self.holdings_text(limit)}"
 
-    def holdings_text(self) -> str:
+    def holdings_text(self, limit: int | None = MAX_TEXT_GROUPS) -> str:
         """'ranks 0-1 hold stage 3 -> target 2; rank 2 holds stage 4 -> target 3' (in the
-        vocabulary's names), or above 64 ranks, rank 0's state and the bounds of everyone's."""
+        vocabulary's names), or above 64 ranks, rank 0's state and the bits everyone's
+        share and use (``bits_text``). The ``limit`` largest groups of ranks are named
+        and the rest counted ("… and 5 more holding(s) on 9 rank(s)"); None names all."""
         if self.exact:
-            return "; ".join(f"{ranks_text(h.ranks)} {'holds' if len(h.ranks) == 1 else 'hold'} "
-                             f"{self.vocabulary.holding(h.stage, h.target)}" for h in self.holdings)
+            shown = self.holdings if limit is None else self.holdings[:limit]
+            rest = self.holdings[len(shown):]
+            return "; ".join([f"{ranks_text(h.ranks)} {'holds' if len(h.ranks) == 1 else 'hold'} "
+                              f"{self.vocabulary.holding(h.stage, h.target)}" for h in shown]
+                             + _more(len(shown), len(self.holdings), "holding(s)",
+                                     sum(len(h.ranks) for h in rest)))
         return (f"rank 0 holds {self.vocabulary.holding(self.rank0_stage, self.rank0_target)}; "
-                f"at least {self.ranks_differing} rank(s) differ; stages within "
-                f"{self.stage_range[0]}..{self.stage_range[1]}, targets within "
-                f"{self.target_range[0]}..{self.target_range[1]}")
+                f"at least {self.ranks_differing} rank(s) differ; {bits_text('stages', *self.stage_range)}, "
+                f"{bits_text('targets', *self.target_range)}")
 
 
 @dataclass
@@ -171,9 +219,17 @@ class DivergenceReport:
         out["vocabulary"] = self.vocabulary.to_dict()
         return out
 
-    def mismatch_lines(self) -> list[str]:
+    def poison_groups(self) -> list[tuple[str, list[int]]]:
+        """The named poisoned ranks grouped by reason: [(reason text, ranks)], by first rank."""
+        groups: dict[str, list[int]] = {}
+        for r in self.poisoned_ranks:
+            groups.setdefault(self.poison_reasons.get(r, "unknown reason"), []).append(r)
+        return list(groups.items())
+
+    def mismatch_lines(self, limit: int | None = MAX_TEXT_GROUPS) -> list[str]:
         """One line per header field the ranks disagree on ("call mismatch: ranks 0-1
-        at call 5; rank 2 at call 4"); empty when every rank was at the same call."""
+        at call 5; rank 2 at call 4"); empty when every rank was at the same call.
+        A line names the first ``limit`` values and counts the rest; None names all."""
         lines = []
         attr = {"seq": "call", "site": "site/slot-layout fingerprint", "policy": "policy",
                 "slots": "slot count", "world": "world size"}
@@ -184,15 +240,27 @@ class DivergenceReport:
                     value = {"seq": rc.seq, "site": f"{rc.site:#010x}", "policy": rc.policy,
                              "slots": rc.num_slots, "world": rc.world}[name]
                     groups.setdefault(value, []).append(rc.rank)
-                detail = "; ".join(f"{ranks_text(r)} at {attr[name]} {v}" for v, r in groups.items())
+                items = list(groups.items())
+                shown = items if limit is None else items[:limit]
+                detail = "; ".join([f"{ranks_text(r)} at {attr[name]} {v}" for v, r in shown]
+                                   + _more(len(shown), len(items), "value(s)",
+                                           sum(len(r) for _v, r in items[len(shown):])))
             else:
-                s = self.field_summaries.get(name, {})
-                detail = (f"rank 0 has {s.get('root')}, at least {s.get('differ_lb')} rank(s) differ "
-                          f"(values within {s.get('and')}..{s.get('or')})")
+                s = self.field_summaries[name]
+                hex_width = 8 if name == "site" else 0
+                root = f"{s['root']:#010x}" if hex_width else s["root"]
+                detail = (f"rank 0 has {root}, at least {s['differ_lb']} rank(s) differ "
+                          f"({bits_text('values', s['and'], s['or'], hex_width)})")
             lines.append(f"{attr[name]} mismatch: {detail}")
         return lines
 
     def __str__(self) -> str:
+        """What the ranks disagree on, bounded: the first MAX_TEXT_SLOTS diverged
+        slots and MAX_TEXT_GROUPS groups of ranks in each list, with counts of
+        the rest, and at most MAX_TEXT_CHARS characters in all."""
+        return bounded_text(self._text())
+
+    def _text(self) -> str:
         if self.ok:
             return (f"esper_gate call {self.call}: all {self.world} ranks agree on {self.num_slots} "
                     f"slot(s); {self.decided_count} passed")
@@ -200,14 +268,19 @@ class DivergenceReport:
         lines += ["  " + ln for ln in self.mismatch_lines()]
         if self.poisoned_count:
             if self.poisoned_ranks:
-                for r in self.poisoned_ranks:
-                    lines.append(f"  bad input from rank {r}: {self.poison_reasons.get(r, 'unknown reason')}")
+                groups = self.poison_groups()
+                lines += [f"  bad input from {ranks_text(ranks)}: {reason}"
+                          for reason, ranks in groups[:MAX_TEXT_GROUPS]]
+                lines += ["  " + ln for ln in _more(min(len(groups), MAX_TEXT_GROUPS), len(groups), "reason(s)",
+                                                    sum(len(r) for _w, r in groups[MAX_TEXT_GROUPS:]))]
             else:
-                lines.append(f"  bad input from {self.poisoned_count} rank(s)")
+                lines.append(f"  bad input from {self.poisoned_count} rank(s) ({NO_REASON_TEXT})")
         if self.corrupt:
             lines.append("  the reduced buffer is inconsistent (a rank sent a corrupt or foreign buffer)")
-        for sd in self.diverged_slots:
-            lines.append("  " + sd.describe())
+        lines += ["  " + sd.describe() for sd in self.diverged_slots[:MAX_TEXT_SLOTS]]
+        if len(self.diverged_slots) > MAX_TEXT_SLOTS:
+            lines.append(f"  … and {len(self.diverged_slots) - MAX_TEXT_SLOTS} more diverged slot(s) "
+                         f"(the report's diverged_slots has them all)")
         if self.header_ok and not self.corrupt:
             lines.append(f"  {self.diverged_count} slot(s) diverged and were not transitioned; "
                          f"{self.decided_count} passed")
@@ -252,7 +325,11 @@ def parse_report(report: Sequence[int], slot_names: Sequence[str] | None = None,
                 poisoned_ranks.append(k)
                 reasons[k] = wire.REASON_TEXT.get(reason, f"reason code {reason}")
     elif g[wire.G_POISONED_RANK] >= 0:
-        poisoned_ranks = [g[wire.G_POISONED_RANK]]
+        # Only a poisoned rank sends a nonzero reason, so with one poisoned rank
+        # the OR of the reason field is its code, exactly.
+        lone, reason = g[wire.G_POISONED_RANK], summaries["reason"]["or"]
+        poisoned_ranks = [lone]
+        reasons[lone] = wire.REASON_TEXT.get(reason, f"reason code {reason}") if reason else NO_REASON_TEXT
 
     slots: list[SlotVotes] = []
     diverged = []

@@ -17,10 +17,11 @@ import esper_gate
 from esper_gate import wire
 from esper_gate._diagnosis import DEAD_RANK_GRACE_S, SETTLE_S, Diagnosis
 from esper_gate._group import Rendezvous
-from esper_gate._inputs import prepare
+from esper_gate._inputs import MAX_TIMEOUT_S, as_timedelta, prepare, site_fingerprint, timeout_text
 from esper_gate._latch import FailureLatch
 from esper_gate._watcher import WATCH_POLL_S, Watcher
 from esper_gate.consensus import GateConsensus, GateView
+from esper_gate.report import MAX_TEXT_CHARS, MAX_TEXT_GROUPS, MAX_TEXT_SLOTS
 from reference import RankInput
 from simulate import simulate
 
@@ -28,8 +29,8 @@ N = 4
 CPU = torch.device("cpu")
 
 
-def _prepare(votes, stages, targets, site=None, device=CPU):
-    return prepare(votes, stages, targets, site, num_slots=N, device=device, default_site=77,
+def _prepare(votes, stages, targets, site=None, device=CPU, num_slots=N):
+    return prepare(votes, stages, targets, site, num_slots=num_slots, device=device, default_site=77,
                    call="esper_gate call 3 on rank 1")
 
 
@@ -92,6 +93,80 @@ def test_tensors_the_op_takes_pass_through_untouched():
     assert p.votes.tolist() == [1, 0, 1, 1] and p.stages.dtype == torch.int64 and p.site == 5
 
 
+def test_numpy_arrays_and_scalars_are_read_like_lists():
+    np = pytest.importorskip("numpy")
+    p = _prepare(np.array([True, False, True, True]), np.array([3, 3, 4, 3], dtype=np.int32),
+                 np.array([4, 4, 4, 4], dtype=np.uint8))
+    assert p.problem is None and p.poison == 0
+    assert p.votes.tolist() == [1, 0, 1, 1] and p.stages.tolist() == [3, 3, 4, 3] and p.targets.tolist() == [4] * N
+    # numpy's bool has no __index__, unlike Python's
+    p = _prepare([np.bool_(True), np.bool_(False), np.int64(1), 1], [np.int64(3)] * N, GOOD[2])
+    assert p.problem is None and p.votes.tolist() == [1, 0, 1, 1] and p.stages.tolist() == [3] * N
+
+
+@pytest.mark.parametrize("which, make, code, words", [
+    ("stages", lambda np: np.ones(N, dtype=bool), wire.REASON_DTYPE, "stages must be an integer dtype, got numpy bool"),
+    ("votes", lambda np: np.ones(N), wire.REASON_DTYPE, "votes must be bool or an integer dtype, got numpy float64"),
+    ("votes", lambda np: np.ones((2, 2), dtype=bool), wire.REASON_SHAPE, "votes must have shape [4], got [2, 2]"),
+    ("targets", lambda np: np.int64(4), wire.REASON_SHAPE, "targets must have shape [4], got []")],
+    ids=["bool-stages", "float-votes", "2d", "scalar"])
+def test_numpy_arrays_are_checked_as_tensors_are(which, make, code, words):
+    np = pytest.importorskip("numpy")
+    args = dict(zip(("votes", "stages", "targets"), GOOD))
+    args[which] = make(np)
+    p = _prepare(**args)
+    assert p.poison == code and words in p.problem, p.problem
+
+
+def test_the_layout_fingerprint_tells_apart_names_that_a_separator_would_join_alike():
+    layouts = [["a\x1fb", "c"], ["a", "b\x1fc"], ["a|b", "c"], ["a", "b|c"], ['a", "b', "c"], ["a", 'b", "c']]
+    assert len({site_fingerprint(2, names) for names in layouts}) == len(layouts)
+    assert site_fingerprint(2, ["a", "b"], tag="x|2") != site_fingerprint(2, ["a", "b"], tag="x")
+    assert site_fingerprint(2, ["r0c0", "r0c1"]) == site_fingerprint(2, ("r0c0", "r0c1"))
+    assert 0 <= site_fingerprint(2, None) <= 0xFFFFFFFF
+
+
+# Too long for the backends (a hang at construction, or gloo's "Invalid timeout"), or no length at all.
+BAD_TIMEOUTS = [9e9, 1e11, datetime.timedelta(days=10**5), 1e13, datetime.timedelta.max, float("inf"),
+                float("nan"), 10**400, MAX_TIMEOUT_S + 1, datetime.timedelta(seconds=MAX_TIMEOUT_S, microseconds=1),
+                0, -1, float("-inf"), datetime.timedelta(0), -datetime.timedelta(seconds=1)]
+
+
+@pytest.mark.parametrize("timeout", BAD_TIMEOUTS, ids=repr)
+def test_a_timeout_beyond_a_week_or_not_positive_is_bad_input_naming_it_and_the_maximum(timeout):
+    with pytest.raises(esper_gate.GateInputError) as info:
+        as_timedelta(timeout)
+    assert str(info.value) == (f"timeout must be more than 0 s and at most MAX_TIMEOUT_S = {MAX_TIMEOUT_S} s "
+                               f"(one week), got {timeout!r}")
+
+
+def test_a_gate_refuses_an_infinite_timeout_before_building_anything():
+    with pytest.raises(esper_gate.GateInputError, match="at most MAX_TIMEOUT_S = 604800 s"):
+        esper_gate.GateSync(N, timeout=float("inf"))
+
+
+@pytest.mark.parametrize("timeout, expected", [
+    (MAX_TIMEOUT_S, datetime.timedelta(weeks=1)), (datetime.timedelta(weeks=1), datetime.timedelta(weeks=1)),
+    (3, datetime.timedelta(seconds=3)), (0.5, datetime.timedelta(milliseconds=500)),
+    (1e-9, datetime.timedelta(microseconds=1))], ids=repr)
+def test_a_timeout_up_to_a_week_is_taken_and_a_tiny_one_stays_positive(timeout, expected):
+    assert as_timedelta(timeout) == expected
+
+
+@pytest.mark.parametrize("timeout", ["3", None, True, [3]], ids=repr)
+def test_a_timeout_that_is_no_duration_is_bad_input(timeout):
+    with pytest.raises(esper_gate.GateInputError, match="timeout must be a positive datetime.timedelta or number"):
+        as_timedelta(timeout)
+
+
+@pytest.mark.parametrize("timeout, text", [
+    (datetime.timedelta(seconds=3), "3 s"), (0.5, "0.5 s"), (as_timedelta(1e-9), "1e-06 s"), (1e-9, "1e-09 s"),
+    (datetime.timedelta(minutes=1), "60 s"), (2 / 3, "0.667 s"), (999.4, "999 s"),
+    (datetime.timedelta(weeks=1), "604800 s")], ids=repr)
+def test_a_timeout_prints_in_seconds_with_three_significant_digits(timeout, text):
+    assert timeout_text(timeout) == text
+
+
 # ---- the failure latch -------------------------------------------------------------
 
 def test_the_first_failure_wins_and_is_delivered_once():
@@ -145,7 +220,7 @@ def test_a_rank_that_never_entered_the_call_is_named_with_its_last_completed_cal
     err = _diagnosis(beats).diagnose(5, TimeoutError("stuck"), completed_here=4)
     assert isinstance(err, esper_gate.GateTimeoutError)
     assert err.missing_ranks == [2] and err.last_completed[2] == 4 and err.call == 5
-    assert "rank 2 did not arrive" in str(err) and "TimeoutError: stuck" in str(err)
+    assert "rank 2 did not arrive (waited up to 3 s)" in str(err) and "TimeoutError: stuck" in str(err)
     assert beats.slept == [SETTLE_S]
 
 
@@ -273,6 +348,12 @@ def test_ranks_that_gave_up_are_named_to_a_rank_that_comes_later():
     assert out == {0: [("timeout", [2])], 1: [("timeout", [2])], 2: [("timeout", [0, 1])]}
 
 
+def test_a_rank_that_never_came_is_named_with_the_timeout_in_seconds():
+    rv = Rendezvous("pg0", 0, 2, as_timedelta(0.05), dist.HashStore(), {})
+    with pytest.raises(esper_gate.GateTimeoutError, match=r"rank 1 did not arrive within 0\.05 s \(every rank"):
+        rv.meet({"rank_of_sender": 0})
+
+
 def test_a_rebuild_meets_a_late_rank_on_every_rank_whenever_it_arrives():
     """Arrivals around the first attempt's deadline: one verdict per attempt, and the
     rebuild meets, for every arrival time."""
@@ -290,10 +371,11 @@ def test_a_rebuild_meets_a_late_rank_on_every_rank_whenever_it_arrives():
 def _result(inputs, view, policy="unanimous"):
     decision, report, _ = simulate(inputs, view=view)
     mine = inputs[view]
+    n = len(mine.votes)
     prepared = _prepare(torch.tensor(mine.votes), torch.tensor(mine.stages), torch.tensor(mine.targets),
-                        site=mine.site)
+                        site=mine.site, num_slots=n)
     return GateConsensus(1, torch.tensor(decision), torch.tensor(report),
-                         gate=GateView(view, policy, [str(i) for i in range(N)]), prepared=prepared)
+                         gate=GateView(view, policy, [str(i) for i in range(n)]), prepared=prepared)
 
 
 @pytest.mark.parametrize("world", [3, 70])
@@ -314,3 +396,40 @@ def test_each_poisoned_rank_learns_its_own_reason(world):
             res.raise_if_diverged()
         assert reason in str(info.value), (view, str(info.value))
         assert res.host_decisions() == [False] * N
+
+
+def test_above_64_ranks_the_peers_learn_a_lone_poisoned_ranks_reason():
+    inputs = [RankInput([1] * N, [3] * N, [2] * N, seq=1, site=9) for _ in range(70)]
+    inputs[66].stages = [3, 64, 3, 3]
+    with pytest.raises(esper_gate.GatePeerInputError) as info:
+        _result(inputs, view=1).raise_if_diverged()
+    assert "rank 66 passed bad input (rank 66: a stage id outside 0..63)" in str(info.value)
+    assert info.value.ranks == [66] and info.value.reasons == {66: "a stage id outside 0..63"}
+
+
+def test_the_error_of_64_ranks_all_diverged_in_1024_slots_is_bounded_and_keeps_the_whole_report():
+    world, slots = 64, 1024
+    inputs = [RankInput([1] * slots, [(r + s) % 64 for s in range(slots)], [r % 64] * slots, seq=1, site=9)
+              for r in range(world)]
+    with pytest.raises(esper_gate.GateDivergenceError) as info:
+        _result(inputs, view=5).raise_if_diverged()
+    message = str(info.value)
+    assert len(message.encode()) < MAX_TEXT_CHARS, len(message.encode())
+    assert f"… and {slots - MAX_TEXT_SLOTS} more diverged slot(s)" in message
+    assert len(info.value.report.diverged_slots) == slots
+
+
+def test_the_peers_error_groups_bad_input_by_reason_and_bounds_it():
+    # ranks 1-3 send bad stages, ranks 4-9 each declare a reason of their own
+    inputs = [RankInput([1] * N, [3] * N, [2] * N, seq=1, site=9) for _ in range(10)]
+    for r in range(1, 4):
+        inputs[r].stages = [3, 64, 3, 3]
+    for r in range(4, 10):
+        inputs[r].poison = 16 + r
+    with pytest.raises(esper_gate.GatePeerInputError) as info:
+        _result(inputs, view=0).raise_if_diverged()
+    message = str(info.value)
+    assert message.startswith("esper_gate call 1: ranks 1-9 passed bad input (ranks 1-3: a stage id outside "
+                              "0..63; rank 4: reason code 20; rank 5: reason code 21; "
+                              f"… and {7 - MAX_TEXT_GROUPS} more reason(s)); no slot was transitioned")
+    assert info.value.ranks == list(range(1, 10)) and len(info.value.reasons) == 9

@@ -126,8 +126,24 @@ def test_above_64_ranks_a_call_mismatch_is_told_from_the_counts():
     rep = parse_report(simulate(inputs)[1], ["r0c0"], vocabulary=VOCABULARY)
     assert kasmina._call_mismatch_note(rep, 9, ["r0c0"]) == (
         "ddp_divergence: ranks are at different gate calls: call mismatch: rank 0 has 5, at least 1 rank(s) "
-        "differ (values within 4..5); slot r0c0 (#0): rank 0 holds TRAINING -> G2; at least 1 rank(s) differ; "
-        "stages within 0..7, targets within 2..3; no rank transitions slot r0c0")
+        "differ (values share bits 0b100 and use no bits outside 0b101); slot r0c0 (#0): rank 0 holds "
+        "TRAINING -> G2; at least 1 rank(s) differ; stages share bits 0b000 and use no bits outside 0b111, "
+        "targets share bits 0b10 and use no bits outside 0b11; no rank transitions slot r0c0")
+
+
+def test_above_64_ranks_a_call_mismatch_note_names_the_first_diverged_slots_and_counts_the_rest():
+    from esper_gate import kasmina
+    from esper_gate.report import MAX_TEXT_CHARS, MAX_TEXT_SLOTS, parse_report
+    from reference import RankInput
+    from simulate import simulate
+
+    slots = 1024
+    inputs = [RankInput([1] * slots, [3] * slots, [2] * slots, seq=5, site=9) for _ in range(69)]
+    inputs.append(RankInput([1] * slots, [4] * slots, [3] * slots, seq=4, site=9))
+    ids = [str(s) for s in range(slots)]
+    note = kasmina._call_mismatch_note(parse_report(simulate(inputs)[1], ids), 9, ids)
+    assert len(note) < MAX_TEXT_CHARS and note.count("; slot ") == MAX_TEXT_SLOTS
+    assert f"… and {slots - MAX_TEXT_SLOTS} more diverged slot(s); no rank transitions this layout" in note
 
 
 # ---- real ranks (gloo) ----------------------------------------------------------------------

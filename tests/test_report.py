@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from esper_gate import wire
 from esper_gate.esper import VOCABULARY
-from esper_gate.report import DivergenceReport, SlotDivergence, Vocabulary, parse_report, ranks_text
+from esper_gate.report import (MAX_TEXT_CHARS, MAX_TEXT_GROUPS, MAX_TEXT_SLOTS, NO_REASON_TEXT, DivergenceReport,
+                               SlotDivergence, Vocabulary, bounded_text, parse_report, ranks_text)
 from reference import RankInput
 from simulate import simulate
 
@@ -67,6 +70,51 @@ def test_above_64_ranks_a_lone_poisoned_rank_0_is_named():
     assert not rep.exact and rep.poisoned_count == 1
     assert rep.poisoned_ranks == [0]
     assert "  bad input from rank 0: " in str(rep)
+
+
+def test_above_64_ranks_the_and_and_or_of_a_slot_are_printed_as_bits_not_a_range():
+    # stages 3 and 5: AND 1, OR 7; no rank holds 1 or 7, so "within 1..7" would mislead
+    inputs = [RankInput([1], [3], [2]) for _ in range(69)] + [RankInput([1], [5], [2])]
+    [sd] = parse_report(simulate(inputs)[1]).diverged_slots
+    assert sd.stage_range == (1, 7)
+    assert sd.holdings_text() == ("rank 0 holds stage 3 -> target 2; at least 1 rank(s) differ; "
+                                  "stages share bits 0b001 and use no bits outside 0b111, "
+                                  "targets share bits 0b10 and use no bits outside 0b10")
+    assert "within" not in str(parse_report(simulate(inputs)[1]))
+
+
+def test_above_64_ranks_header_mismatches_are_printed_as_bits_not_a_range():
+    inputs = [RankInput([1], [3], [2], seq=6, site=0x30) for _ in range(69)] + [RankInput([1], [3], [2], seq=3,
+                                                                                          site=0x11)]
+    rep = parse_report(simulate(inputs)[1])
+    assert rep.mismatch_lines() == [
+        "call mismatch: rank 0 has 6, at least 1 rank(s) differ (values share bits 0b010 and use no bits "
+        "outside 0b111)",
+        "site/slot-layout fingerprint mismatch: rank 0 has 0x00000030, at least 1 rank(s) differ (values share "
+        "bits 0x00000010 and use no bits outside 0x00000031)"]
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (dict(votes=[7]), wire.REASON_VOTE), (dict(stages=[64]), wire.REASON_STAGE),
+    (dict(targets=[99]), wire.REASON_TARGET), (dict(site=2**32), wire.REASON_SITE),
+    (dict(poison=wire.REASON_SHAPE), wire.REASON_SHAPE), (dict(poison=wire.REASON_MAX), wire.REASON_MAX)])
+def test_above_64_ranks_a_lone_poisoned_rank_arrives_with_its_reason(bad, reason):
+    world, lone = 70, 66
+    inputs = [RankInput([1], [3], [2], site=9) for _ in range(world)]
+    inputs[lone] = dataclasses.replace(inputs[lone], **bad)
+    rep = parse_report(simulate(inputs, view=1)[1])
+    assert not rep.exact and rep.poisoned_ranks == [lone]
+    text = wire.REASON_TEXT.get(reason, f"reason code {reason}")
+    assert rep.poison_reasons == {lone: text}
+    assert f"  bad input from rank {lone}: {text}" in str(rep).splitlines()
+
+
+def test_above_64_ranks_several_poisoned_ranks_are_counted_and_their_reasons_not_guessed():
+    inputs = [RankInput([1], [3], [2]) for _ in range(70)]
+    inputs[3], inputs[68] = RankInput([1], [64], [2]), RankInput([5], [3], [2])
+    rep = parse_report(simulate(inputs, view=1)[1])
+    assert rep.poisoned_ranks == [] and rep.poison_reasons == {} and rep.poisoned_count == 2
+    assert f"  bad input from 2 rank(s) ({NO_REASON_TEXT})" in str(rep).splitlines()
 
 
 def test_above_64_ranks_only_the_counts_arrive():
@@ -152,6 +200,81 @@ def test_to_dict_holds_every_field_and_is_json_able():
     assert out["vocabulary"] == {"stages": {"3": "warm"}, "targets": {"2": "boil"}}
     assert sd["holdings"] == [{"stage": 3, "target": 2, "ranks": [0], "votes_passed": [0]},
                               {"stage": 4, "target": 2, "ranks": [1], "votes_passed": []}]
+
+
+def all_diverged(world: int, slots: int, **kw) -> list[RankInput]:
+    """Every rank at a different stage and target in every slot: the longest report there is."""
+    return [RankInput([1] * slots, [(r + s) % 64 for s in range(slots)], [r % 64] * slots, **kw)
+            for r in range(world)]
+
+
+def _assert_bounded_and_complete(rep: DivergenceReport, world: int, slots: int):
+    text = str(rep)
+    assert len(text.encode()) < MAX_TEXT_CHARS <= 8192, len(text.encode())
+    assert f"  … and {slots - MAX_TEXT_SLOTS} more diverged slot(s)" in text
+    assert text.count("  slot ") == MAX_TEXT_SLOTS
+    assert text.endswith(f"{slots} slot(s) diverged and were not transitioned; 0 passed")
+    # the data keeps everything
+    out = rep.to_dict()
+    assert len(out["diverged_slots"]) == slots == rep.diverged_count
+    if rep.exact:
+        assert all(len(sd["holdings"]) == world for sd in out["diverged_slots"])
+    return text
+
+
+def test_a_report_of_64_ranks_all_diverged_in_1024_slots_is_bounded_text_and_complete_data():
+    world, slots = 64, 1024
+    rep = parse_report(simulate(all_diverged(world, slots))[1], [f"r{s // 8}c{s % 8}" for s in range(slots)])
+    text = _assert_bounded_and_complete(rep, world, slots)
+    left = world - MAX_TEXT_GROUPS
+    assert (f"  slot r0c0 (#0): rank 0 holds stage 0 -> target 0; rank 1 holds stage 1 -> target 1; "
+            f"rank 2 holds stage 2 -> target 2; … and {left} more holding(s) on {left} rank(s)") in text.splitlines()
+    # asked for, every holding is named
+    assert rep.diverged_slots[0].holdings_text(None).count(" holds ") == world
+
+
+def test_a_report_above_64_ranks_all_diverged_in_1024_slots_is_bounded_text_and_complete_data():
+    _assert_bounded_and_complete(parse_report(simulate(all_diverged(70, 1024))[1]), 70, 1024)
+
+
+@pytest.mark.slow
+def test_a_report_of_65536_ranks_all_diverged_in_1024_slots_is_bounded_text():
+    _assert_bounded_and_complete(parse_report(simulate(all_diverged(wire.MAX_WORLD, 1024))[1]),
+                                 wire.MAX_WORLD, 1024)
+
+
+def test_header_mismatches_name_the_first_values_and_count_the_rest():
+    world = 64
+    rep = parse_report(simulate([RankInput([1], [3], [2], seq=5, site=r) for r in range(world)])[1])
+    [line] = rep.mismatch_lines()
+    left = world - MAX_TEXT_GROUPS
+    assert line == ("site/slot-layout fingerprint mismatch: rank 0 at site/slot-layout fingerprint 0x00000000; "
+                    "rank 1 at site/slot-layout fingerprint 0x00000001; rank 2 at site/slot-layout fingerprint "
+                    f"0x00000002; … and {left} more value(s) on {left} rank(s)")
+    assert len(rep.mismatch_lines(None)[0].split("; ")) == world
+
+
+def test_bad_input_is_grouped_by_reason_and_the_reasons_bounded():
+    # ranks 0-3 send bad stages, ranks 4-9 each declare another reason of their own
+    inputs = [RankInput([1], [64 if r < 4 else 3], [2], poison=0 if r < 4 else 16 + r) for r in range(10)]
+    rep = parse_report(simulate(inputs)[1])
+    assert rep.poison_groups()[0] == ("a stage id outside 0..63", [0, 1, 2, 3])
+    lines = str(rep).splitlines()
+    assert "  bad input from ranks 0-3: a stage id outside 0..63" in lines
+    assert "  bad input from rank 4: reason code 20" in lines
+    assert "  bad input from rank 9: reason code 25" not in lines
+    assert f"  … and {7 - MAX_TEXT_GROUPS} more reason(s) on {7 - MAX_TEXT_GROUPS} rank(s)" in lines
+
+
+def test_a_text_is_cut_at_the_bound_whatever_the_callers_names_and_says_how_much_is_left_out():
+    long_names = Vocabulary(stages={s: "S" * 3000 for s in range(64)})
+    rep = parse_report(simulate(all_diverged(4, 16))[1], vocabulary=long_names)
+    text = str(rep)
+    assert len(text) <= MAX_TEXT_CHARS
+    whole = len(rep._text())
+    kept = text.rsplit("\n", 1)[0]
+    assert text.endswith(f"… and {whole - len(kept)} more characters (the report's to_dict() has it all)")
+    assert bounded_text("short") == "short"
 
 
 def test_ranks_text():
