@@ -26,7 +26,7 @@ import torch.distributed as dist
 from . import wire
 from ._diagnosis import BOUND_S, Diagnosis, short
 from ._group import Rendezvous, config_error, gate_group_timeout, new_gate_group, parent_group, self_timing
-from ._inputs import as_timedelta, check_settings, prepare, site_fingerprint
+from ._inputs import as_timedelta, check_settings, prepare, site_fingerprint, timeout_text
 from ._latch import FailureLatch
 from ._transport import C10dTransport, LocalTransport
 from ._watcher import Call, Watcher
@@ -137,10 +137,10 @@ class GateSync:
         make the call's results say no, abort the stuck collective."""
         seq = call.seq
         try:
-            err = self._diagnosis.diagnose(seq, TimeoutError(
-                f"call {seq} did not complete within {self.timeout} of being made"), self._watcher.completed)
+            late = TimeoutError(f"call {seq} did not complete within {timeout_text(self.timeout)} of being made")
+            err = self._diagnosis.diagnose(seq, late, self._watcher.completed)
         except Exception as e:  # noqa: BLE001 - the verdict must come out whatever happens
-            err = GateError(f"esper_gate call {seq} did not complete within {self.timeout} ({short(e)})")
+            err = GateError(f"esper_gate call {seq} did not complete within {timeout_text(self.timeout)} ({short(e)})")
         if self._watcher.is_completed(call):
             # The last rank arrived while the diagnosis gave its heartbeat time
             # to land: the collective finished, on every rank, so nothing failed.
