@@ -47,8 +47,11 @@ class Diagnosis:
     """
 
     def __init__(self, read_heartbeats: Callable[[int], Beats], rank: int, world: int,
-                 store_host: int | None, timeout, sleep: Callable[[float], None] = time.sleep):
+                 store_host: int | None, timeout, sleep: Callable[[float], None] = time.sleep,
+                 read_whereabouts: Callable | None = None, gate_index: int = 0):
         self._read = read_heartbeats
+        self._read_where = read_whereabouts
+        self.gate_index = gate_index
         self.rank = rank
         self.world = world
         self.store_host = store_host
@@ -81,11 +84,28 @@ class Diagnosis:
         what = "GateSync construction" if seq == 0 else f"esper_gate call {seq}"
         if missing:
             done = ", ".join(f"rank {r}: {last[r]}" for r in missing)
+            elsewhere = self._elsewhere(missing)
+            absent = [r for r in missing if r not in elsewhere]
+            parts = [f"rank {r} is waiting in gate #{g} of this group (its call {c} there), not in this gate "
+                     f"(#{self.gate_index}; were the gates built in a different order on different ranks?)"
+                     for r, (g, c) in sorted(elsewhere.items())[:3]]
+            if absent:
+                parts.insert(0, f"{ranks_text(absent)} did not arrive (waited up to {timeout_text(self.timeout)})")
             return GateTimeoutError(
-                f"{what}: {ranks_text(missing)} did not arrive (waited up to {timeout_text(self.timeout)}); last call "
-                f"completed: {done}. No rank applied a transition for this call. Collective error: "
-                f"{short(exc)}", missing, last, call=seq)
+                f"{what}: {'; '.join(parts)}. Last call completed: {done}. No rank applied a transition for this "
+                f"call. Collective error: {short(exc)}", missing, last, call=seq)
         return GateError(f"{what} failed in the collective: {short(exc)}")
+
+    def _elsewhere(self, missing: list[int]) -> dict[int, tuple[int, int]]:
+        """{rank: (gate, call)} for missing ranks whose last call was in another gate on the
+        same parent group (gates built in different orders on different ranks)."""
+        if self._read_where is None:
+            return {}
+        try:
+            where = self._read_where(missing)
+        except Exception:  # noqa: BLE001 - a hint only; a dead store is named elsewhere
+            return {}
+        return {r: w for r, w in where.items() if w is not None and w[0] != self.gate_index}
 
     def store_gone(self, seq: int, store_exc: BaseException, exc: BaseException) -> GateTimeoutError:
         host = self.store_host

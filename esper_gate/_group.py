@@ -12,6 +12,7 @@ rebuild on the other ranks meets it, or its own deadline names them.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -19,6 +20,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from ._inputs import timeout_text
 from .errors import GateConfigError, GateTimeoutError
@@ -66,10 +68,31 @@ def gate_group_timeout(timeout: datetime.timedelta, self_timing: bool) -> dateti
     return timeout if self_timing else timeout + max(_GROUP_TIMEOUT_MARGIN, timeout)
 
 
-def new_gate_group(ranks: list[int], backend: str, device: torch.device, timeout: datetime.timedelta):
-    """The dedicated process group of a gate (every rank in ``ranks`` calls this)."""
+@contextlib.contextmanager
+def _named(name: str):
+    """new_group() calls inside name their group ``name``.
+
+    With use_local_synchronization=True, new_group derives a group's name from
+    per-process state that only members advance (torch 2.14: _world.group_count,
+    bumped after the non-members have returned; 2.13: len(_world.pg_names)), so
+    after a gate on a subgroup the ranks would name the next group differently
+    and meet on different store prefixes (a raw DistStoreError, or a hang). A
+    gate's group is named from its rendezvous instead, which every member
+    shares and which never repeats, and that state is left as it was.
+    """
+    original = c10d._process_group_name
+    c10d._process_group_name = lambda ranks, use_hashed_name: name
+    try:
+        yield
+    finally:
+        c10d._process_group_name = original
+
+
+def new_gate_group(ranks: list[int], backend: str, device: torch.device, timeout: datetime.timedelta, name: str):
+    """The dedicated process group ``name`` of a gate (every rank in ``ranks`` calls this)."""
     if backend != "nccl":
-        return dist.new_group(ranks=ranks, backend=backend, timeout=timeout, use_local_synchronization=True)
+        with _named(name):
+            return dist.new_group(ranks=ranks, backend=backend, timeout=timeout, use_local_synchronization=True)
     # * A high-priority stream comes from its own per-device pool, apart
     #   from the one every default-priority group and torch.cuda.Stream()
     #   draw from (c10/cuda/CUDAStream.h); docs/integrating-esper.md says
@@ -86,8 +109,9 @@ def new_gate_group(ranks: list[int], backend: str, device: torch.device, timeout
     saved = os.environ.get(_NCCL_ERROR_HANDLING)
     os.environ[_NCCL_ERROR_HANDLING] = "2"
     try:
-        return dist.new_group(ranks=ranks, backend="nccl", timeout=timeout, use_local_synchronization=True,
-                              pg_options=opts, device_id=device)
+        with _named(name):
+            return dist.new_group(ranks=ranks, backend="nccl", timeout=timeout, use_local_synchronization=True,
+                                  pg_options=opts, device_id=device)
     finally:
         if saved is None:
             os.environ.pop(_NCCL_ERROR_HANDLING, None)
@@ -128,7 +152,9 @@ class Rendezvous:
         self._counts = counts if counts is not None else Rendezvous._built
         self._parent_name = parent_name
         self._built_count = self._counts.get(parent_name, 0)
-        self._base = dist.PrefixStore(f"{STORE_PREFIX}/{self._parent_name}/{self._built_count}/", base_store)
+        # shared by every gate on the parent group; each gate's keys live under its index
+        self.parent_store = dist.PrefixStore(f"{STORE_PREFIX}/{self._parent_name}/", base_store)
+        self._base = dist.PrefixStore(f"{self._built_count}/", self.parent_store)
         self.rank, self.world, self.timeout = rank, world, timeout
         self.store = None
         self._epoch: int | None = None
@@ -176,6 +202,16 @@ class Rendezvous:
             f"GateSync construction: {who} did not arrive within {timeout_text(self.timeout)} (every rank of the group "
             f"must construct GateSync; the gate was never reached there). No collective was issued; build "
             f"a new GateSync on every rank to retry.", missing, {r: -1 for r in missing}, call=0)
+
+    @property
+    def index(self) -> int:
+        """This gate's place among the gates built on the parent group (the same on every rank)."""
+        return self._built_count
+
+    @property
+    def group_name(self) -> str:
+        """A name for the gate's group: the same on every member, never used before on this store."""
+        return f"esper_gate.{self._parent_name}.{self._built_count}.{self._epoch}"
 
     def abandon(self) -> None:
         """After the group could not be built on this rank: the next attempt meets on a new epoch."""

@@ -72,6 +72,8 @@ class C10dTransport:
     def failed(self) -> bool:
         """Whether the backend reports an error on the group (NCCL's watchdog aborted it).
         False when it cannot tell."""
+        if self.group is None:
+            return False
         try:
             from torch._C._distributed_c10d import ErrorType
 
@@ -96,7 +98,7 @@ class C10dTransport:
 
     def abort(self) -> None:
         """Stop a stuck collective (nothing to do where the backend times out by itself)."""
-        if self.self_timing:
+        if self.self_timing or self.group is None:
             return
         try:
             self.group.abort()
@@ -104,9 +106,11 @@ class C10dTransport:
             log.exception("esper_gate: aborting the gate's process group failed")
 
     def close(self) -> None:
-        """Tear the group down after a construction that failed on this rank."""
-        self.abort()
+        """Free the group: its threads, sockets and communicator (its name is never reused)."""
+        group, self.group = self.group, None
+        if group is None:
+            return
         try:
-            dist.destroy_process_group(self.group)
-        except Exception:  # noqa: BLE001
+            dist.destroy_process_group(group)
+        except Exception:  # noqa: BLE001 - already gone with the job's teardown
             pass

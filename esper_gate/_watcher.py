@@ -38,10 +38,15 @@ class Watcher:
       call completed after all) clears it, so one deadline fires once.
     """
 
-    def __init__(self, store, rank: int, on_expired, group_failed=None):
+    def __init__(self, store, rank: int, on_expired, group_failed=None, whereabouts=None):
         self._group_failed = group_failed
         self._store = store
         self._key = f"hb/{rank}"
+        # (store shared by every gate on the parent group, this gate's index there):
+        # each call entered is also published as "where/<rank>" = "gate,seq", so a
+        # diagnosis can tell a rank that is in another gate from one that is absent.
+        self._where = whereabouts
+        self._where_key = f"where/{rank}"
         self.entered = 0
         self.completed = 0
         self.inflight: collections.deque[Call] = collections.deque()
@@ -56,6 +61,7 @@ class Watcher:
         # that a dead store costs exactly one failed request.
         self._store_lock = threading.Lock()
         self._stop = threading.Event()
+        self._written = (0, 0)
         self._written = self._write()
         self._last_write = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"esper_gate-watch-{rank}", daemon=True)
@@ -92,6 +98,9 @@ class Watcher:
     def _write(self) -> tuple[int, int]:
         state = (self.entered, self.completed)
         self._beat += 1
+        if self._where is not None and state[0] != self._written[0]:
+            store, gate = self._where
+            store.set(self._where_key, f"{gate},{state[0]}")
         self._store.set(self._key, f"{state[0]},{state[1]},{self._beat}")
         return state
 
@@ -150,6 +159,23 @@ class Watcher:
             except Exception as e:
                 self.store_error = e
                 raise
+
+    def read_whereabouts(self, ranks) -> dict[int, tuple[int, int] | None]:
+        """For each rank, (gate index, call) of the last call it entered in any gate on the
+        parent group, or None; raises the store's error."""
+        out: dict[int, tuple[int, int] | None] = {r: None for r in ranks}
+        if self._where is None:
+            return out
+        store = self._where[0]
+        with self._store_lock:
+            if self.store_error is not None:
+                raise self.store_error
+            for r in ranks:
+                key = f"where/{r}"
+                if store.check([key]):
+                    gate, seq = (int(x) for x in store.get(key).decode().split(","))
+                    out[r] = (gate, seq)
+        return out
 
     def close(self) -> None:
         self._stop.set()

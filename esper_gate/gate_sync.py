@@ -101,13 +101,16 @@ class GateSync:
         mine = {"num_slots": self.num_slots, "policy": self.policy, "site": self.site, "world": self.world_size}
         self._config_error = config_error(rendezvous.meet(mine), mine, self.rank)
         watcher = Watcher(rendezvous.store, self.rank, self._expire,
-                          (lambda: self._transport.failed()) if self.device.type == "cuda" else None)
+                          (lambda: self._transport.failed()) if self.device.type == "cuda" else None,
+                          whereabouts=(rendezvous.parent_store, rendezvous.index))
         self._watcher = watcher
         self._diagnosis = Diagnosis(watcher.read_heartbeats, self.rank, self.world_size,
-                                    self.ranks.index(0) if 0 in self.ranks else None, self.timeout)
+                                    self.ranks.index(0) if 0 in self.ranks else None, self.timeout,
+                                    read_whereabouts=watcher.read_whereabouts, gate_index=rendezvous.index)
         try:
             group = new_gate_group(self.ranks, self.backend, self.device,
-                                   gate_group_timeout(self.timeout, self_timing(self.backend, self.device)))
+                                   gate_group_timeout(self.timeout, self_timing(self.backend, self.device)),
+                                   rendezvous.group_name)
             self._transport = C10dTransport(group, self.backend, self.device)
             if self._config_error is None:  # ranks with other slot counts would all_reduce other sizes
                 self._warm_up()
@@ -115,6 +118,7 @@ class GateSync:
             rendezvous.abandon()
             watcher.close()
             self._watcher = None
+            self._transport.abort()
             self._transport.close()
             if self.latch.error is not None:
                 raise self.latch.error from e
@@ -190,11 +194,11 @@ class GateSync:
         a GateInputError there and a GatePeerInputError on the others, in the
         same call.
         """
+        if self.distributed and self._watcher is None:
+            raise GateError("this GateSync was closed; build a new one on every rank")
         self.latch.check_usable()
         if self._config_error is not None:
             raise self._config_error
-        if self.distributed and self._watcher is None:
-            raise GateError("this GateSync was closed; build a new one on every rank")
         prepared = prepare(votes, stages, targets, site, num_slots=self.num_slots, device=self.device,
                            default_site=self.site, call=f"esper_gate call {self._seq + 1} on rank {self.rank}")
         self._seq += 1
@@ -209,12 +213,20 @@ class GateSync:
 
     @property
     def group(self):
-        """The dedicated process group gate traffic runs on (None when local)."""
+        """The dedicated process group gate traffic runs on (None when local). ``close()``
+        frees it: it is not yours to destroy, and after close there is none."""
+        if self.distributed and self._watcher is None:
+            raise GateError("this GateSync was closed, and close() freed its process group")
         return getattr(self._transport, "group", None)
 
     @property
     def group_name(self) -> str | None:
         return self._transport.name
+
+    @property
+    def index(self) -> int:
+        """This gate's place among the gates built on its group, as errors name it ("gate #3")."""
+        return self._diagnosis.gate_index if self.distributed else 0
 
     @property
     def calls(self) -> int:
@@ -227,10 +239,12 @@ class GateSync:
         return self.latch.error
 
     def close(self) -> None:
-        """Stop the watcher thread (the dedicated group stays until the job's teardown)."""
+        """Stop the watcher thread and free the dedicated group (its threads and sockets).
+        Every rank closes its own; later calls raise, and a new GateSync works as before."""
         if self._watcher is not None:
             self._watcher.close()
             self._watcher = None
+        self._transport.close()
 
     def __repr__(self) -> str:
         return (f"GateSync(num_slots={self.num_slots}, policy={self.policy!r}, rank={self.rank}, "

@@ -214,7 +214,7 @@ def _gate_stream_ranks(rank, world):
     torch.cuda.set_device(dev)
     # A one-rank GateSync decides locally and builds no group, so build the
     # group it would build, with the same options.
-    gate_group = new_gate_group([0], "nccl", dev, datetime.timedelta(seconds=60))
+    gate_group = new_gate_group([0], "nccl", dev, datetime.timedelta(seconds=60), "esper_gate.test")
     x = torch.arange(64, dtype=torch.float32, device=dev)
     out = torch.empty_like(x)
 

@@ -332,3 +332,127 @@ def test_local_mode_issues_no_collective():
         gs([0, 1, 0], [3, 3], [4, 4, 4])
     with pytest.raises(esper_gate.GateInputError, match="stage id outside 0..63"):
         gs([0, 1, 0], [3, 3, 64], [4, 4, 4])
+
+
+# ---- groups that come and go ---------------------------------------------------------
+
+def _lifecycle_main(rank, world):
+    """Gates on subgroups, the user's own local-sync groups and gates built in opposite
+    orders must not change how later gates are named or paired."""
+    import torch.distributed as dist
+
+    import esper_gate
+
+    def world_gate():
+        gs = _gs(2)
+        try:
+            return gs([1, 1], [3, 3], [4, 4]).decisions.tolist()
+        finally:
+            gs.close()
+
+    out = {}
+    sub = dist.new_group([1, 2])  # every rank calls it: a plain subgroup
+    if rank in (1, 2):
+        sub_gate = _gs(2, group=sub)
+        out["sub"] = sub_gate([1, 0], [3, 3], [4, 4]).decisions.tolist()
+        sub_gate.close()
+    out["after_sub"] = [world_gate(), world_gate()]
+    if rank in (1, 2):  # the user's own group, made on its members only
+        dist.new_group([1, 2], use_local_synchronization=True)
+    out["after_local"] = world_gate()
+    # two gates with the same settings, built in opposite orders on rank 0 and the others
+    first, second = _gs(2), _gs(2)
+    mine = first if rank == 0 else second
+    name, text, e = _outcome(mine, [1, 1], [3, 3], [4, 4])
+    out["order"] = {"error": name, "text": text, "missing": getattr(e, "missing_ranks", None),
+                    "index": mine.index}
+    first.close()
+    second.close()
+    with pytest.raises(esper_gate.GateError, match="closed"):
+        first([1, 1], [3, 3], [4, 4])
+    with pytest.raises(esper_gate.GateError, match="close\\(\\) freed its process group"):
+        first.group  # noqa: B018 - the property is what is tested
+    out["after_order"] = world_gate()
+    return out
+
+
+def test_gates_on_subgroups_and_in_other_orders_leave_later_gates_working():
+    results = values(spawn_ranks(_lifecycle_main, 3, timeout=90))
+    for rank, res in enumerate(results):
+        if rank in (1, 2):
+            assert res["sub"] == [True, False]
+        assert res["after_sub"] == [[True, True], [True, True]]
+        assert res["after_local"] == [True, True]
+        assert res["after_order"] == [True, True]
+        order = res["order"]
+        assert order["error"] == "GateTimeoutError", order
+        others = [1, 2] if rank == 0 else [0]
+        assert order["missing"] == others, order
+        for r in others:
+            gate = results[r]["order"]["index"]
+            assert gate != order["index"]
+            assert f"rank {r} is waiting in gate #{gate} of this group" in order["text"], order
+        assert "built in a different order" in order["text"] and "did not arrive" not in order["text"]
+
+
+_CYCLES_RANK = r'''
+import os, sys
+import torch.distributed as dist
+import esper_gate
+rank, world, port, n = (int(x) for x in sys.argv[1:5])
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def counts():
+    return len(os.listdir("/proc/self/task")), len(os.listdir("/proc/self/fd"))
+def cycle():
+    gs = esper_gate.GateSync(2, timeout=20)
+    assert gs([1, 1], [3, 3], [4, 4]).decisions.tolist() == [True, True]
+    gs.close()
+cycle()  # the first one loads what stays loaded
+before = counts()
+for _ in range(n):
+    cycle()
+print("counts", *before, *counts(), flush=True)
+print("done", flush=True)
+'''
+
+
+def _construct_and_close(n):
+    """n construct/close cycles on 2 ranks: (threads and fds before and after, per rank),
+    and seconds from each rank's last line to its exit."""
+    import subprocess
+    import sys
+
+    from esper_gate._spawn import free_port
+
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", _CYCLES_RANK, str(r), "2", str(port), str(n)],
+                              stdout=subprocess.PIPE, text=True) for r in range(2)]
+    counts, exit_s = [], []
+    try:
+        for p in procs:
+            for line in p.stdout:
+                if line.startswith("counts"):
+                    counts.append(tuple(int(x) for x in line.split()[1:]))
+                elif line.startswith("done"):
+                    done = time.monotonic()
+                    break
+            p.wait(timeout=60)
+            exit_s.append(time.monotonic() - done)
+    finally:
+        for p in procs:
+            p.kill()
+    return counts, exit_s
+
+
+@pytest.mark.parametrize("n", [50, pytest.param(500, marks=pytest.mark.slow)])
+@pytest.mark.timeout(300)
+def test_close_frees_the_gates_group_threads_and_fds(n):
+    counts, exit_s = _construct_and_close(n)
+    print(f"\n{n} construct/close cycles on 2 ranks: threads, fds before/after {counts}; "
+          f"exit took {', '.join(f'{s:.2f}' for s in exit_s)} s")
+    assert len(counts) == 2
+    for threads, fds, threads_after, fds_after in counts:
+        assert (threads_after, fds_after) == (threads, fds)
+    # Leaked groups made exit wait on their threads (3.5 s after 200 cycles); a
+    # generous bound, so that a loaded machine cannot fail it.
+    assert max(exit_s) < 5
