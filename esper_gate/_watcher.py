@@ -38,7 +38,7 @@ class Watcher:
       call completed after all) clears it, so one deadline fires once.
     """
 
-    def __init__(self, store, rank: int, on_expired, group_failed=None, whereabouts=None):
+    def __init__(self, store, rank: int, on_expired, group_failed=None, whereabouts=None, prune=False):
         self._group_failed = group_failed
         self._store = store
         self._key = f"hb/{rank}"
@@ -47,6 +47,9 @@ class Watcher:
         # diagnosis can tell a rank that is in another gate from one that is absent.
         self._where = whereabouts
         self._where_key = f"where/{rank}"
+        # One rank deletes the verdicts of calls every rank is past (see _verdict.py).
+        self._prune = prune
+        self._pruned = 0
         self.entered = 0
         self.completed = 0
         self.inflight: collections.deque[Call] = collections.deque()
@@ -75,8 +78,15 @@ class Watcher:
 
     def end_host(self, seq: int) -> None:
         """A call whose collective finished on the host (CPU tensors)."""
-        self.completed = seq
-        self.inflight.popleft()
+        self.completed = max(self.completed, seq)
+        if self.inflight and self.inflight[0].seq == seq:
+            self.inflight.popleft()
+        else:
+            self.forget(seq)
+
+    def forget(self, seq: int) -> None:
+        """Call ``seq`` failed in its caller's thread: it is no longer watched."""
+        self.inflight = collections.deque(c for c in self.inflight if c.seq != seq)
 
     def is_completed(self, call: Call) -> bool:
         """Whether ``call`` finished on every rank: its event fired on a group that did not
@@ -102,6 +112,10 @@ class Watcher:
             store, gate = self._where
             store.set(self._where_key, f"{gate},{state[0]}")
         self._store.set(self._key, f"{state[0]},{state[1]},{self._beat}")
+        # Every rank entered the call this rank completed, so all are past the one before it.
+        while self._prune and self._pruned < state[1] - 1:
+            self._pruned += 1
+            self._store.delete_key(f"v/{self._pruned}")
         return state
 
     def _advance_gpu(self) -> None:
@@ -149,16 +163,32 @@ class Watcher:
             except Exception as e:  # noqa: BLE001
                 self.store_error = e
 
-    def read_heartbeats(self, world: int) -> dict[int, tuple[int, int, int] | None]:
-        """Every rank's heartbeat; raises the store's error, the first time or again."""
+    def store_request(self, request):
+        """``request(store)`` in turn with this watcher's own requests; raises the store's
+        error, the first time or again (a dead store costs one failed request)."""
         with self._store_lock:
             if self.store_error is not None:
                 raise self.store_error
             try:
-                return read_heartbeats(self._store, world)
+                return request(self._store)
             except Exception as e:
                 self.store_error = e
                 raise
+
+    def read_heartbeats(self, world: int) -> dict[int, tuple[int, int, int] | None]:
+        """Every rank's heartbeat; raises the store's error."""
+        return self.store_request(lambda store: read_heartbeats(store, world))
+
+    def settle(self, call: Call, extend_s: float) -> None:
+        """Another rank completed ``call``: stop failing it. A host call is done (its
+        caller was interrupted after the collective returned); a GPU call gets until
+        ``extend_s`` from now for its event to fire."""
+        if call.event is None:
+            if self.inflight and self.inflight[0] is call:
+                self.end_host(call.seq)
+        else:
+            call.deadline = time.monotonic() + extend_s
+        self.resume()
 
     def read_whereabouts(self, ranks) -> dict[int, tuple[int, int] | None]:
         """For each rank, (gate index, call) of the last call it entered in any gate on the

@@ -39,19 +39,23 @@ class GateConsensus:
         latch: the gate's failure latch; a read of a failed call raises its failure.
         prepared: this rank's inputs as sent (to name this rank's own bad input).
         ready: a CUDA event recorded after the call, or None on the host.
+        verdict: the gate's Verdict, when the call's shared outcome is still to be
+            read (CUDA): the first host read confirms it, and raises a failure
+            that a peer decided first.
     """
 
-    __slots__ = ("seq", "decisions", "_gate", "_latch", "_prepared", "_ready", "_report_tensor", "_report",
-                 "_report_words", "_diverged")
+    __slots__ = ("seq", "decisions", "_gate", "_latch", "_prepared", "_ready", "_verdict", "_report_tensor",
+                 "_report", "_report_words", "_diverged")
 
     def __init__(self, seq: int, decisions: torch.Tensor, report: torch.Tensor, *, gate: GateView,
-                 latch: FailureLatch | None = None, prepared: Prepared | None = None, ready=None):
+                 latch: FailureLatch | None = None, prepared: Prepared | None = None, ready=None, verdict=None):
         self.seq = seq
         self.decisions = decisions
         self._gate = gate
         self._latch = latch if latch is not None else FailureLatch()
         self._prepared = prepared
         self._ready = ready
+        self._verdict = verdict  # confirmed at the first host read (None: confirmed already, or local)
         self._report_tensor = report
         self._report: DivergenceReport | None = None
         self._report_words: list[int] | None = None
@@ -80,6 +84,9 @@ class GateConsensus:
                 if time.monotonic() - start > 0.005:
                     time.sleep(0.0002)
         self._latch.raise_for(self.seq)
+        if self._verdict is not None:
+            self._verdict.confirm(self.seq, self._latch)
+            self._verdict = None
 
     def report_words(self) -> list[int]:
         """The raw report as host ints (layout in esper_gate.wire; one copy, on first use)."""

@@ -29,13 +29,18 @@ from ._group import Rendezvous, config_error, gate_group_timeout, new_gate_group
 from ._inputs import as_timedelta, check_settings, prepare, site_fingerprint, timeout_text
 from ._latch import FailureLatch
 from ._transport import C10dTransport, LocalTransport
+from ._verdict import Verdict
 from ._watcher import Call, Watcher
 from .consensus import GateConsensus, GateView
-from .errors import GateConfigError, GateError, GateInputError
+from .errors import GateConfigError, GateError, GateInputError, GateTimeoutError
 
 __all__ = ["GateSync", "GateConsensus", "site_fingerprint"]
 
 log = logging.getLogger("esper_gate")
+
+# What the op raises before its collective: structural checks, an unknown
+# (destroyed) group, no memory. Errors of the collective itself are others.
+_LOCAL_FAILURES = (ValueError, TypeError, torch.OutOfMemoryError)
 
 
 class GateSync:
@@ -75,6 +80,7 @@ class GateSync:
         self._config_error: GateConfigError | None = None
         self._watcher: Watcher | None = None
         self._transport = LocalTransport()
+        self._verdict: Verdict | None = None
         parent = parent_group(group)
         self.distributed = parent is not None
         if parent is None:
@@ -102,8 +108,9 @@ class GateSync:
         self._config_error = config_error(rendezvous.meet(mine), mine, self.rank)
         watcher = Watcher(rendezvous.store, self.rank, self._expire,
                           (lambda: self._transport.failed()) if self.device.type == "cuda" else None,
-                          whereabouts=(rendezvous.parent_store, rendezvous.index))
+                          whereabouts=(rendezvous.parent_store, rendezvous.index), prune=self.rank == 0)
         self._watcher = watcher
+        self._verdict = Verdict(watcher.store_request)
         self._diagnosis = Diagnosis(watcher.read_heartbeats, self.rank, self.world_size,
                                     self.ranks.index(0) if 0 in self.ranks else None, self.timeout,
                                     read_whereabouts=watcher.read_whereabouts, gate_index=rendezvous.index)
@@ -150,18 +157,37 @@ class GateSync:
             # to land: the collective finished, on every rank, so nothing failed.
             self._watcher.resume()
             return
-        err = self.latch.record(seq, err)
+        shared = self._verdict.failed(seq, err)
+        if shared is None:
+            # A peer's collective completed the call (this rank's copy is on its
+            # way, or its caller was interrupted after the collective returned).
+            self._watcher.settle(call, self.timeout.total_seconds())
+            return
+        err = self.latch.record(seq, shared)
         self._transport.invalidate()
         self._transport.abort()
         log.error("%s", err)
 
     def _failed_in_call(self, seq: int, exc: BaseException) -> GateError:
-        """The collective raised in the caller's thread: the watcher's verdict
-        when it made one (its abort raised this), else a diagnosis here."""
+        """The op raised in the caller's thread: the call's shared verdict (the
+        watcher's, when its abort raised this), else this rank's diagnosis."""
         if self._watcher.expired:
             self.latch.wait(BOUND_S)
         if self.latch.error is None:
-            self.latch.record(seq, self._diagnosis.diagnose(seq, exc, self._watcher.completed))
+            if isinstance(exc, _LOCAL_FAILURES):
+                # Raised before the collective (the group is gone, no memory):
+                # peers are waiting for this rank, which is the one to name.
+                err = GateTimeoutError(
+                    f"esper_gate call {seq}: rank {self.rank} did not arrive at the collective: its op failed "
+                    f"before it ({short(exc)}). No rank applied a transition for this call.", [self.rank],
+                    {self.rank: self._watcher.completed}, call=seq)
+            else:
+                err = self._diagnosis.diagnose(seq, exc, self._watcher.completed)
+            shared = self._verdict.failed(seq, err)
+            self.latch.record(seq, shared if shared is not None else GateError(
+                f"esper_gate call {seq} completed on the other ranks, which apply its decisions, but failed on "
+                f"rank {self.rank} ({short(exc)}); this rank has none to apply"))
+        self._watcher.forget(seq)
         return self.latch.deliver()
 
     # ---- calls ----------------------------------------------------------
@@ -173,15 +199,23 @@ class GateSync:
             call = self._watcher.begin(seq, time.monotonic() + self.timeout.total_seconds())
             try:
                 decision, report = self._transport.sync(prepared, seq, self.policy)
+                if decision.is_cuda:
+                    ready = call.event = torch.cuda.Event()
+                    ready.record()
+                else:
+                    self._watcher.end_host(seq)
             except Exception as e:
                 raise self._failed_in_call(seq, e) from e
-            if decision.is_cuda:
-                ready = call.event = torch.cuda.Event()
-                ready.record()
-            else:
-                self._watcher.end_host(seq)
+            except BaseException:
+                # Ctrl-C lands between bytecodes, so after the op returned: the
+                # collective completed on every rank; only this caller stops.
+                self._watcher.forget(seq)
+                raise
+            if ready is None:
+                self._verdict.confirm(seq, self.latch)
         view = GateView(self.rank, self.policy, self.slot_names, self.vocabulary)
-        return GateConsensus(seq, decision, report, gate=view, latch=self.latch, prepared=prepared, ready=ready)
+        return GateConsensus(seq, decision, report, gate=view, latch=self.latch, prepared=prepared, ready=ready,
+                             verdict=self._verdict if ready is not None else None)
 
     def __call__(self, votes, stages, targets, *, site: int | None = None) -> GateConsensus:
         """One sync of all slots. Every rank of the group must call it, in the same order.

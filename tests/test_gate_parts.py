@@ -433,3 +433,52 @@ def test_the_peers_error_groups_bad_input_by_reason_and_bounds_it():
                               "0..63; rank 4: reason code 20; rank 5: reason code 21; "
                               f"… and {7 - MAX_TEXT_GROUPS} more reason(s)); no slot was transitioned")
     assert info.value.ranks == list(range(1, 10)) and len(info.value.reasons) == 9
+
+
+# ---- the verdict -------------------------------------------------------------------
+
+def _verdict(store=None):
+    from esper_gate._verdict import Verdict
+
+    store = store if store is not None else dist.HashStore()
+    return Verdict(lambda request: request(store)), store
+
+
+def test_the_first_rank_to_decide_a_call_decides_it_for_every_rank():
+    mine, store = _verdict()
+    peer, _ = _verdict(store)
+    late = esper_gate.GateTimeoutError("esper_gate call 4: rank 2 did not arrive", [2], {0: 3, 2: 3}, call=4)
+    shared = mine.failed(4, late)
+    assert shared is not late and type(shared) is esper_gate.GateTimeoutError
+    assert (str(shared), shared.missing_ranks, shared.last_completed, shared.call) == (
+        str(late), [2], {0: 3, 2: 3}, 4)
+    # a peer whose collective completed afterwards adopts the failure
+    adopted = peer.completed(4)
+    assert (type(adopted), str(adopted), adopted.missing_ranks) == (esper_gate.GateTimeoutError, str(late), [2])
+    # a later failure, with another diagnosis, gets the first one
+    assert str(peer.failed(4, esper_gate.GateError("another story"))) == str(late)
+    # a call that completed first stands: a rank past its deadline does not fail it
+    assert peer.completed(5) is None and mine.completed(5) is None
+    assert mine.failed(5, late) is None
+
+
+def test_a_read_of_a_call_a_peer_failed_raises_that_failure_and_latches_it():
+    mine, store = _verdict()
+    peer, _ = _verdict(store)
+    peer.failed(7, esper_gate.GateError("decided by a peer"))
+    latch = FailureLatch()
+    mine.confirm(6, latch)
+    with pytest.raises(esper_gate.GateError, match="decided by a peer"):
+        mine.confirm(7, latch)
+    assert latch.seq == 7 and latch.failed_at(8)
+
+
+def test_without_a_store_a_completed_call_stands_and_a_failure_is_this_ranks_own():
+    from esper_gate._verdict import Verdict
+
+    def dead(request):
+        raise ConnectionError("Connection reset by peer")
+
+    verdict = Verdict(dead)
+    mine = esper_gate.GateError("mine")
+    assert verdict.completed(3) is None and verdict.failed(3, mine) is mine
