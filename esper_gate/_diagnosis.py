@@ -24,6 +24,10 @@ DEAD_RANK_GRACE_S = 2.5
 # Longest a diagnosis takes (settle, the dead-rank grace, store round trips):
 # a caller whose collective failed waits this long at most for the verdict.
 BOUND_S = SETTLE_S + DEAD_RANK_GRACE_S + 2.0
+# A rank is named late when it says it has waited this much less than this
+# rank's wait minus the timeout: more than its heartbeat can be stale
+# (_watcher.LONG_CALL_POLL_S) plus a store round trip and a poll.
+LATE_SLACK_S = 0.15
 
 Beats = dict  # rank -> (entered, completed, beat) or None (never written)
 
@@ -48,9 +52,11 @@ class Diagnosis:
 
     def __init__(self, read_heartbeats: Callable[[int], Beats], rank: int, world: int,
                  store_host: int | None, timeout, sleep: Callable[[float], None] = time.sleep,
-                 read_whereabouts: Callable | None = None, gate_index: int = 0):
+                 read_whereabouts: Callable | None = None, gate_index: int = 0,
+                 clock: Callable[[], float] = time.monotonic):
         self._read = read_heartbeats
         self._read_where = read_whereabouts
+        self._clock = clock
         self.gate_index = gate_index
         self.rank = rank
         self.world = world
@@ -61,9 +67,25 @@ class Diagnosis:
     def _absent(self, beats: Beats, seq: int) -> list[int]:
         return [r for r, b in beats.items() if r != self.rank and (b is None or b[0] < seq)]
 
-    def diagnose(self, seq: int, exc: BaseException, completed_here: int) -> GateError:
+    def _late(self, beats: Beats, seq: int, waited_s: float | None) -> dict[int, float]:
+        """{rank: seconds} for ranks that entered call ``seq`` after this rank's deadline,
+        by how long each says it has waited there (``waited_s``: this rank's own wait)."""
+        if waited_s is None:
+            return {}
+        timeout_s = self.timeout.total_seconds()
+        late = {}
+        for r, b in beats.items():
+            if r == self.rank or b is None or b[0] != seq or len(b) < 4 or b[3] < 0:
+                continue
+            lateness = waited_s - timeout_s - b[3] / 1000
+            if lateness > LATE_SLACK_S:
+                late[r] = lateness
+        return late
+
+    def diagnose(self, seq: int, exc: BaseException, completed_here: int, started: float | None = None) -> GateError:
         """The error for call ``seq`` whose collective failed with ``exc``;
-        ``completed_here``: the last call this rank saw complete (every rank took part in it)."""
+        ``completed_here``: the last call this rank saw complete (every rank took part in
+        it); ``started``: when this rank made the call (``clock`` time), to tell late ranks."""
         try:
             beats = self._read(self.world)
             missing = self._absent(beats, seq)
@@ -71,6 +93,9 @@ class Diagnosis:
                 self._sleep(SETTLE_S)
                 beats = self._read(self.world)
                 missing = self._absent(beats, seq)
+            late = {} if missing else self._late(beats, seq, None if started is None else self._clock() - started)
+            if late:
+                return self._late_error(seq, late, beats, completed_here, exc)
             if not missing:
                 # every rank arrived: name those whose heartbeat stopped (dead or frozen)
                 self._sleep(DEAD_RANK_GRACE_S)
@@ -106,6 +131,14 @@ class Diagnosis:
         except Exception:  # noqa: BLE001 - a hint only; a dead store is named elsewhere
             return {}
         return {r: w for r, w in where.items() if w is not None and w[0] != self.gate_index}
+
+    def _late_error(self, seq, late, beats, completed_here, exc) -> GateTimeoutError:
+        ranks = sorted(late)
+        last = {r: max(b[1] if b is not None else -1, completed_here) for r, b in beats.items()}
+        return GateTimeoutError(
+            f"esper_gate call {seq}: {ranks_text(ranks)} arrived too late: after this rank had waited "
+            f"{timeout_text(self.timeout)}. No rank applied a transition for this call. Collective error: "
+            f"{short(exc)}", ranks, last, call=seq)
 
     def store_gone(self, seq: int, store_exc: BaseException, exc: BaseException) -> GateTimeoutError:
         host = self.store_host

@@ -13,23 +13,32 @@ import time
 HEARTBEAT_INTERVAL_S = 1.0
 # How often the watcher looks at deadlines, GPU completion and its heartbeat.
 WATCH_POLL_S = 0.05
+# A call that waits longer than this is republished every LONG_CALL_POLL_S
+# (a healthy call takes milliseconds, so only stuck ones cost store writes).
+LONG_CALL_S = 0.5
+LONG_CALL_POLL_S = 0.1
 
 
 class Call:
-    __slots__ = ("seq", "deadline", "event")
+    __slots__ = ("seq", "deadline", "event", "started")
 
     def __init__(self, seq: int, deadline: float):
         self.seq = seq
         self.deadline = deadline
         self.event = None  # CUDA: recorded after the op is enqueued
+        self.started = time.monotonic()
 
 
 class Watcher:
     """This rank's background thread for one GateSync.
 
-    * Publishes ``entered,completed,beat`` under ``hb/<rank>`` in the store:
-      at once when a call starts or completes, and at least once per
-      HEARTBEAT_INTERVAL_S, so peers can tell a live rank from a dead one.
+    * Publishes ``entered,completed,beat,waited_ms`` under ``hb/<rank>`` in the
+      store: at once when a call starts or completes, at least once per
+      HEARTBEAT_INTERVAL_S, so peers can tell a live rank from a dead one, and
+      every LONG_CALL_POLL_S while a call has been waiting longer than
+      LONG_CALL_S, so a diagnosis can tell when each rank entered it
+      (``waited_ms``: how long this rank has waited in its last call, -1 when
+      that call completed).
     * On CUDA, a call is completed when its event has fired on the GPU, not
       when it was enqueued.
     * When the oldest unfinished call passes its deadline, calls
@@ -51,6 +60,7 @@ class Watcher:
         self._prune = prune
         self._pruned = 0
         self.entered = 0
+        self._entered_at = time.monotonic()
         self.completed = 0
         self.inflight: collections.deque[Call] = collections.deque()
         self.expired = False
@@ -74,6 +84,7 @@ class Watcher:
         call = Call(seq, deadline)
         self.inflight.append(call)
         self.entered = seq
+        self._entered_at = time.monotonic()
         return call
 
     def end_host(self, seq: int) -> None:
@@ -111,7 +122,8 @@ class Watcher:
         if self._where is not None and state[0] != self._written[0]:
             store, gate = self._where
             store.set(self._where_key, f"{gate},{state[0]}")
-        self._store.set(self._key, f"{state[0]},{state[1]},{self._beat}")
+        waited_ms = int((time.monotonic() - self._entered_at) * 1000) if state[0] > state[1] else -1
+        self._store.set(self._key, f"{state[0]},{state[1]},{self._beat},{waited_ms}")
         # Every rank entered the call this rank completed, so all are past the one before it.
         while self._prune and self._pruned < state[1] - 1:
             self._pruned += 1
@@ -153,7 +165,9 @@ class Watcher:
             now = time.monotonic()
             if self.store_error is not None:
                 continue
-            if (self.entered, self.completed) == self._written and now - self._last_write < HEARTBEAT_INTERVAL_S:
+            waiting = self.entered > self.completed and now - self._entered_at > LONG_CALL_S
+            due = LONG_CALL_POLL_S if waiting else HEARTBEAT_INTERVAL_S
+            if (self.entered, self.completed) == self._written and now - self._last_write < due:
                 continue
             try:
                 with self._store_lock:
@@ -175,7 +189,7 @@ class Watcher:
                 self.store_error = e
                 raise
 
-    def read_heartbeats(self, world: int) -> dict[int, tuple[int, int, int] | None]:
+    def read_heartbeats(self, world: int) -> dict[int, tuple[int, ...] | None]:
         """Every rank's heartbeat; raises the store's error."""
         return self.store_request(lambda store: read_heartbeats(store, world))
 
@@ -213,14 +227,13 @@ class Watcher:
             self._thread.join(timeout=2 * HEARTBEAT_INTERVAL_S)
 
 
-def read_heartbeats(store, world: int) -> dict[int, tuple[int, int, int] | None]:
+def read_heartbeats(store, world: int) -> dict[int, tuple[int, ...] | None]:
     """Every rank's last heartbeat (None: never written). Store errors propagate."""
-    out: dict[int, tuple[int, int, int] | None] = {}
+    out: dict[int, tuple[int, ...] | None] = {}
     for r in range(world):
         key = f"hb/{r}"
         if not store.check([key]):
             out[r] = None
             continue
-        e, c, b = (int(x) for x in store.get(key).decode().split(","))
-        out[r] = (e, c, b)
+        out[r] = tuple(int(x) for x in store.get(key).decode().split(","))
     return out

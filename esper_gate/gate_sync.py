@@ -149,7 +149,7 @@ class GateSync:
         seq = call.seq
         try:
             late = TimeoutError(f"call {seq} did not complete within {timeout_text(self.timeout)} of being made")
-            err = self._diagnosis.diagnose(seq, late, self._watcher.completed)
+            err = self._diagnosis.diagnose(seq, late, self._watcher.completed, call.started)
         except Exception as e:  # noqa: BLE001 - the verdict must come out whatever happens
             err = GateError(f"esper_gate call {seq} did not complete within {timeout_text(self.timeout)} ({short(e)})")
         if self._watcher.is_completed(call):
@@ -168,9 +168,10 @@ class GateSync:
         self._transport.abort()
         log.error("%s", err)
 
-    def _failed_in_call(self, seq: int, exc: BaseException) -> GateError:
+    def _failed_in_call(self, call: Call, exc: BaseException) -> GateError:
         """The op raised in the caller's thread: the call's shared verdict (the
         watcher's, when its abort raised this), else this rank's diagnosis."""
+        seq = call.seq
         if self._watcher.expired:
             self.latch.wait(BOUND_S)
         if self.latch.error is None:
@@ -182,7 +183,7 @@ class GateSync:
                     f"before it ({short(exc)}). No rank applied a transition for this call.", [self.rank],
                     {self.rank: self._watcher.completed}, call=seq)
             else:
-                err = self._diagnosis.diagnose(seq, exc, self._watcher.completed)
+                err = self._diagnosis.diagnose(seq, exc, self._watcher.completed, call.started)
             shared = self._verdict.failed(seq, err)
             self.latch.record(seq, shared if shared is not None else GateError(
                 f"esper_gate call {seq} completed on the other ranks, which apply its decisions, but failed on "
@@ -205,7 +206,7 @@ class GateSync:
                 else:
                     self._watcher.end_host(seq)
             except Exception as e:
-                raise self._failed_in_call(seq, e) from e
+                raise self._failed_in_call(call, e) from e
             except BaseException:
                 # Ctrl-C lands between bytecodes, so after the op returned: the
                 # collective completed on every rank; only this caller stops.

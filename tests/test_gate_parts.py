@@ -482,3 +482,22 @@ def test_without_a_store_a_completed_call_stands_and_a_failure_is_this_ranks_own
     verdict = Verdict(dead)
     mine = esper_gate.GateError("mine")
     assert verdict.completed(3) is None and verdict.failed(3, mine) is mine
+
+
+def test_a_rank_that_entered_after_the_deadline_is_named_late():
+    """Every rank entered, so none is missing; the one that says it has waited much
+    less than this rank's wait past the timeout came after the deadline."""
+    # this rank has waited 3.6 s with a 3 s timeout: rank 2 entered 0.4 s after its deadline
+    beats = _Beats({0: (5, 4, 9, 3600), 1: (5, 4, 9, 3550), 2: (5, 4, 9, 200)})
+    diagnosis = Diagnosis(beats.read, 0, 3, 0, datetime.timedelta(seconds=3), sleep=beats.sleep,
+                          clock=lambda: 103.6)
+    err = diagnosis.diagnose(5, RuntimeError("gloo timeout"), completed_here=4, started=100.0)
+    assert isinstance(err, esper_gate.GateTimeoutError) and err.missing_ranks == [2], str(err)
+    assert "rank 2 arrived too late: after this rank had waited 3 s" in str(err)
+    # within the slack of a heartbeat's age, nobody is late: the dead-rank check follows
+    beats = _Beats({0: (5, 4, 9, 3600), 1: (5, 4, 9, 3550), 2: (5, 4, 9, 500)},
+                   {0: (5, 4, 12, 6100), 1: (5, 4, 12, 6050), 2: (5, 4, 12, 3000)})
+    diagnosis = Diagnosis(beats.read, 0, 3, 0, datetime.timedelta(seconds=3), sleep=beats.sleep,
+                          clock=lambda: 103.6)
+    err = diagnosis.diagnose(5, RuntimeError("gloo timeout"), completed_here=4, started=100.0)
+    assert type(err) is esper_gate.GateError

@@ -97,7 +97,7 @@ def _scenarios_main(rank, world, backend, names):
     return out
 
 
-def _check(results, name):
+def _check(results, name, backend="abortable"):
     outs = [r[name] for r in results]
     if name == "interrupt":
         assert outs[1]["outcome"] == ("interrupted",), outs
@@ -114,7 +114,8 @@ def _check(results, name):
             assert o["after"] == ("applied", [True, True, False, True]) and o["failure"] is None, outs
     if name in ("well_before", "just_before"):
         assert first == ("applied", [True, True, False, True])
-    if name in ("split", "well_after"):
+    if name in ("split", "well_after") or (name == "just_after" and backend == "gloo"):
+        # (on the double a rank just past the deadline completes the pending collective instead)
         assert first[:3] == ("raised", "GateTimeoutError", [2]), first
     if name == "local_failure":
         assert first[:3] == ("raised", "GateTimeoutError", [1]), first
@@ -145,4 +146,4 @@ def test_one_verdict_per_call_in_every_timing_band(backend):
     names = SLOW + (FAST if backend == "gloo" else [])
     results = values(spawn_ranks(_scenarios_main, 3, backend, names, timeout=230))
     for name in names:
-        _check(results, name)
+        _check(results, name, backend)
