@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+import torch
+
 from ._inputs import timeout_text
 from .errors import GateError, GateTimeoutError
 from .report import ranks_text
@@ -28,6 +30,10 @@ BOUND_S = SETTLE_S + DEAD_RANK_GRACE_S + 2.0
 # rank's wait minus the timeout: more than its heartbeat can be stale
 # (_watcher.LONG_CALL_POLL_S) plus a store round trip and a poll.
 LATE_SLACK_S = 0.15
+
+# What the op raises before its collective: structural checks, an unknown
+# (destroyed) group, no memory. Errors of the collective itself are others.
+LOCAL_FAILURES = (ValueError, TypeError, torch.OutOfMemoryError)
 
 Beats = dict  # rank -> (entered, completed, beat) or None (never written)
 
@@ -86,6 +92,12 @@ class Diagnosis:
         """The error for call ``seq`` whose collective failed with ``exc``;
         ``completed_here``: the last call this rank saw complete (every rank took part in
         it); ``started``: when this rank made the call (``clock`` time), to tell late ranks."""
+        if isinstance(exc, LOCAL_FAILURES):
+            # Raised before the collective: the peers are waiting for this rank.
+            return GateTimeoutError(
+                f"esper_gate call {seq}: rank {self.rank} did not arrive at the collective: its op failed "
+                f"before it ({short(exc)}). No rank applied a transition for this call.", [self.rank],
+                {self.rank: completed_here}, call=seq)
         try:
             beats = self._read(self.world)
             missing = self._absent(beats, seq)

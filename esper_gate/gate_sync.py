@@ -10,6 +10,8 @@ A façade over parts with one job each:
 * ``_watcher.Watcher``: heartbeats, GPU completion and deadlines, on a
   thread of its own (a call only appends to a deque and sets an int);
 * ``_diagnosis.Diagnosis``: which ranks a failed call names, from heartbeats;
+* ``_verdict.Verdict``: each call's one outcome, shared through the store,
+  so every rank applies the call or raises the same error;
 * ``_latch.FailureLatch``: the gate's first failure, raised by later calls
   and by every read of the failed call's results (``consensus.GateConsensus``).
 """
@@ -32,15 +34,11 @@ from ._transport import C10dTransport, LocalTransport
 from ._verdict import Verdict
 from ._watcher import Call, Watcher
 from .consensus import GateConsensus, GateView
-from .errors import GateConfigError, GateError, GateInputError, GateTimeoutError
+from .errors import GateConfigError, GateError, GateInputError
 
 __all__ = ["GateSync", "GateConsensus", "site_fingerprint"]
 
 log = logging.getLogger("esper_gate")
-
-# What the op raises before its collective: structural checks, an unknown
-# (destroyed) group, no memory. Errors of the collective itself are others.
-_LOCAL_FAILURES = (ValueError, TypeError, torch.OutOfMemoryError)
 
 
 class GateSync:
@@ -175,15 +173,7 @@ class GateSync:
         if self._watcher.expired:
             self.latch.wait(BOUND_S)
         if self.latch.error is None:
-            if isinstance(exc, _LOCAL_FAILURES):
-                # Raised before the collective (the group is gone, no memory):
-                # peers are waiting for this rank, which is the one to name.
-                err = GateTimeoutError(
-                    f"esper_gate call {seq}: rank {self.rank} did not arrive at the collective: its op failed "
-                    f"before it ({short(exc)}). No rank applied a transition for this call.", [self.rank],
-                    {self.rank: self._watcher.completed}, call=seq)
-            else:
-                err = self._diagnosis.diagnose(seq, exc, self._watcher.completed, call.started)
+            err = self._diagnosis.diagnose(seq, exc, self._watcher.completed, call.started)
             shared = self._verdict.failed(seq, err)
             self.latch.record(seq, shared if shared is not None else GateError(
                 f"esper_gate call {seq} completed on the other ranks, which apply its decisions, but failed on "

@@ -501,3 +501,13 @@ def test_a_rank_that_entered_after_the_deadline_is_named_late():
                           clock=lambda: 103.6)
     err = diagnosis.diagnose(5, RuntimeError("gloo timeout"), completed_here=4, started=100.0)
     assert type(err) is esper_gate.GateError
+
+
+@pytest.mark.parametrize("exc", [ValueError("esper_gate.sync: unknown process group name 'x'"),
+                                 torch.OutOfMemoryError("CUDA out of memory")], ids=["no group", "no memory"])
+def test_an_op_that_failed_before_its_collective_names_its_own_rank_at_once(exc):
+    beats = _Beats({0: (5, 4, 9), 1: (5, 4, 9), 2: (5, 4, 9)})
+    err = _diagnosis(beats, rank=1).diagnose(5, exc, completed_here=4)
+    assert isinstance(err, esper_gate.GateTimeoutError) and err.missing_ranks == [1] and err.call == 5
+    assert "rank 1 did not arrive at the collective: its op failed before it" in str(err)
+    assert beats.reads == 0 and beats.slept == [], "nothing to wait for: the failure is this rank's"
