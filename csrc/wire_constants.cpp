@@ -80,7 +80,8 @@ std::string wire_constants() {
       .add("FIXED_WORDS", kFixedWords).add("WORD_PRESENCE", kWordPresence)
       .add("WORD_RANK_SUM", kWordRankSum).add("WORD_POISON_RANK", kWordPoisonRank);
   // report layout
-  j.add("GLOBAL_WORDS", kGlobalWords).add("SLOT_WORDS", kSlotWords).add("RANK_WORDS", kRankWords);
+  j.add("GLOBAL_WORDS", kGlobalWords).add("SLOT_WORDS", kSlotWords).add("RANK_WORDS", kRankWords)
+      .add("REPORT_REASON_WORDS", kReportReasonWords);
   j.add("G_FLAGS", kGFlags).add("G_PRESENCE", kGPresence).add("G_POISON_COUNT", kGPoisonCount)
       .add("G_POISONED_RANK", kGPoisonedRank).add("G_WORLD", kGWorld).add("G_SLOTS", kGSlots)
       .add("G_CAPACITY", kGCapacity).add("G_DIVERGED", kGDivergedSlots).add("G_DECIDED", kGDecidedSlots)
@@ -116,10 +117,12 @@ std::string wire_sizes(int64_t num_slots, int64_t world_size) {
       .add("counts_offset", L.counts_offset).add("counts_words", L.counts_words)
       .add("root_offset", L.root_offset).add("root_words", L.root_words)
       .add("lanes_offset", L.lanes_offset).add("lanes_words", L.lanes_words)
+      .add("reasons_offset", L.reasons_offset).add("reasons_words", L.reasons_words)
       .add("total_words", L.total_words).add("exact", L.exact ? 1 : 0);
   j.add("report_words", wire::report_words(num_slots, world_size))
       .add("ranks_offset", wire::ranks_offset(num_slots))
-      .add("slot_ranks_offset", wire::slot_ranks_offset(num_slots, world_size));
+      .add("slot_ranks_offset", wire::slot_ranks_offset(num_slots, world_size))
+      .add("reason_counts_offset", wire::reason_counts_offset(num_slots, world_size));
   return j.str();
 }
 

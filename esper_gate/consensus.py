@@ -110,9 +110,10 @@ class GateConsensus:
     def _own_poison_reason(self) -> str | None:
         """Why the kernels refuse this rank's input (None: they don't).
 
-        Above 64 ranks the reduced buffer holds only a count of poisoned
-        ranks, so a rank learns its own reason by packing and decoding its
-        input as a world of one, with the same kernels; only on the error path.
+        Above 64 ranks the reduced buffer counts several poisoned ranks per
+        reason but names none of them, so a rank learns its own reason by
+        packing and decoding its input as a world of one, with the same
+        kernels; only on the error path.
         """
         p, policy = self._prepared, self._gate.policy
         buf = ops.pack(p.votes, p.stages, p.targets, self.seq, p.site, policy, 0, 1, p.poison)
@@ -148,7 +149,8 @@ class GateConsensus:
             named = [f"{ranks_text(ranks)}: {reason}" for reason, ranks in groups[:MAX_TEXT_GROUPS]]
             if len(groups) > MAX_TEXT_GROUPS:
                 named.append(f"… and {len(groups) - MAX_TEXT_GROUPS} more reason(s)")
-            why = "; ".join(named)
+            # Above 64 ranks several poisoned ranks go unnamed; their reasons arrive counted.
+            why = "; ".join(named) if groups else rep.reason_counts_text()
             raise GatePeerInputError(bounded_text(
                 f"esper_gate call {self.seq}: {who} passed bad input"
                 f"{f' ({why})' if why else ''}; no slot was transitioned on any rank"),

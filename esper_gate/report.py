@@ -38,9 +38,11 @@ class Vocabulary:
 
 DEFAULT_VOCABULARY = Vocabulary()
 
-# Above 64 ranks the report holds one reason, the lone poisoned rank's; with
-# several poisoned ranks only their count arrives.
-NO_REASON_TEXT = "reason not carried above 64 ranks"
+# Every report counts the poisoned ranks per reason (reason_counts), at any
+# world size; above 64 ranks it names a poisoned rank only when it is alone.
+# This text stands in for reasons that did not arrive, which only a buffer
+# that honest ranks cannot have sent (also marked corrupt) leaves.
+NO_REASON_TEXT = "reason not received"
 
 # Report text (str(report), describe(), holdings_text(), mismatch_lines() and
 # the error messages built from them) goes to logs and exceptions, read by
@@ -68,6 +70,11 @@ def ranks_text(ranks: Sequence[int]) -> str:
         if r is not None:
             start = prev = r
     return ("rank " if len(ranks) == 1 else "ranks ") + ",".join(parts)
+
+
+def reason_text(code: int) -> str:
+    """'a stage id outside 0..63', or 'reason code 20' for a code with no text: one reason as reports name it."""
+    return wire.REASON_TEXT.get(code, f"reason code {code}")
 
 
 def bits_text(noun: str, all_and: int, any_or: int, hex_width: int = 0) -> str:
@@ -204,6 +211,9 @@ class DivergenceReport:
     decided_count: int
     diverged_count: int
     slots: list[SlotVotes] = field(default_factory=list)  # every slot, in order
+    # reason text -> poisoned ranks with that reason, at every world size (the
+    # ranks themselves are named in poison_reasons up to 64 ranks, or when alone)
+    reason_counts: dict[str, int] = field(default_factory=dict)
     vocabulary: Vocabulary = field(default_factory=lambda: DEFAULT_VOCABULARY, repr=False, compare=False)
 
     @property
@@ -225,6 +235,15 @@ class DivergenceReport:
         for r in self.poisoned_ranks:
             groups.setdefault(self.poison_reasons.get(r, "unknown reason"), []).append(r)
         return list(groups.items())
+
+    def reason_counts_text(self, limit: int | None = MAX_TEXT_GROUPS) -> str:
+        """'2 with a stage id outside 0..63, 1 with reason code 20': the poisoned ranks
+        counted per reason, most ranks first; the first ``limit`` reasons are given and
+        the rest counted ("… and 3 more reason(s) on 4 rank(s)"); None gives all."""
+        items = sorted(self.reason_counts.items(), key=lambda kv: -kv[1])
+        shown = items if limit is None else items[:limit]
+        return ", ".join([f"{n} with {reason}" for reason, n in shown]
+                         + _more(len(shown), len(items), "reason(s)", sum(n for _r, n in items[len(shown):])))
 
     def mismatch_lines(self, limit: int | None = MAX_TEXT_GROUPS) -> list[str]:
         """One line per header field the ranks disagree on ("call mismatch: ranks 0-1
@@ -273,6 +292,8 @@ class DivergenceReport:
                           for reason, ranks in groups[:MAX_TEXT_GROUPS]]
                 lines += ["  " + ln for ln in _more(min(len(groups), MAX_TEXT_GROUPS), len(groups), "reason(s)",
                                                     sum(len(r) for _w, r in groups[MAX_TEXT_GROUPS:]))]
+            elif self.reason_counts:
+                lines.append(f"  bad input from {self.poisoned_count} rank(s): {self.reason_counts_text()}")
             else:
                 lines.append(f"  bad input from {self.poisoned_count} rank(s) ({NO_REASON_TEXT})")
         if self.corrupt:
@@ -293,6 +314,9 @@ def parse_report(report: Sequence[int], slot_names: Sequence[str] | None = None,
                  call: int | None = None, vocabulary: Vocabulary | None = None) -> DivergenceReport:
     """Build a DivergenceReport from the report tensor's values (a list of ints).
 
+    Poisoned ranks: up to 64 ranks every one is named with its reason
+    (``poison_reasons``); above 64 only a lone one is. ``reason_counts`` counts
+    them per reason at every world size.
     ``vocabulary`` names the stage and target ids in the report's text.
     """
     vocabulary = vocabulary if vocabulary is not None else DEFAULT_VOCABULARY
@@ -323,13 +347,16 @@ def parse_report(report: Sequence[int], slot_names: Sequence[str] | None = None,
             rank_calls.append(RankCall(k, seq, site, pname, slots, wld, bool(poison), reason))
             if poison:
                 poisoned_ranks.append(k)
-                reasons[k] = wire.REASON_TEXT.get(reason, f"reason code {reason}")
+                reasons[k] = reason_text(reason)
     elif g[wire.G_POISONED_RANK] >= 0:
         # Only a poisoned rank sends a nonzero reason, so with one poisoned rank
         # the OR of the reason field is its code, exactly.
         lone, reason = g[wire.G_POISONED_RANK], summaries["reason"]["or"]
         poisoned_ranks = [lone]
-        reasons[lone] = wire.REASON_TEXT.get(reason, f"reason code {reason}") if reason else NO_REASON_TEXT
+        reasons[lone] = reason_text(reason) if reason else NO_REASON_TEXT
+    rc_off = wire.reason_counts_offset(num_slots, world)
+    reason_counts = {reason_text(code): r[rc_off + code - 1] for code in range(1, wire.REPORT_REASON_WORDS + 1)
+                     if r[rc_off + code - 1] > 0}
 
     slots: list[SlotVotes] = []
     diverged = []
@@ -367,4 +394,4 @@ def parse_report(report: Sequence[int], slot_names: Sequence[str] | None = None,
         poisoned_ranks=poisoned_ranks, poison_reasons=reasons, poisoned_count=g[wire.G_POISON_COUNT],
         corrupt=bool(flags & wire.FLAG_CORRUPT), rank_calls=rank_calls, field_summaries=summaries,
         diverged_slots=diverged, decided_count=g[wire.G_DECIDED], diverged_count=g[wire.G_DIVERGED],
-        slots=slots, vocabulary=vocabulary)
+        slots=slots, reason_counts=reason_counts, vocabulary=vocabulary)

@@ -4,7 +4,7 @@
 The report parser and the wrappers need the word indices, flags and limits,
 so they are written here as constants. Sizes and offsets that depend on the
 call (``layout``, ``buffer_words``, ``report_words``, ``ranks_offset``,
-``slot_ranks_offset``) are not computed here: the op
+``slot_ranks_offset``, ``reason_counts_offset``) are not computed here: the op
 ``torch.ops.esper_gate.wire_sizes`` returns what ``wire::make_layout`` and
 ``csrc/wire/report.h`` compute for the kernels.
 
@@ -84,6 +84,9 @@ FIXED_WORDS = 3
 GLOBAL_WORDS = 48
 SLOT_WORDS = 12
 RANK_WORDS = 8
+# REASON_COUNTS, the report's last section: word code - 1 holds how many ranks
+# were poisoned for reason code 1..REASON_MAX, at every world size.
+REPORT_REASON_WORDS = REASON_MAX
 G_FLAGS, G_PRESENCE, G_POISON_COUNT, G_POISONED_RANK = 0, 1, 2, 3
 G_WORLD, G_SLOTS, G_CAPACITY, G_DIVERGED, G_DECIDED, G_POLICY = 4, 5, 6, 7, 8, 9
 G_FIELD_BASE, G_FIELD_STRIDE = 10, 5
@@ -164,6 +167,8 @@ class Layout:
     root_words: int
     lanes_offset: int
     lanes_words: int
+    reasons_offset: int
+    reasons_words: int
     total_words: int
     exact: bool
 
@@ -205,3 +210,8 @@ def ranks_offset(num_slots: int) -> int:
 def slot_ranks_offset(num_slots: int, world: int) -> int:
     """Where the SLOT_RANKS section of the report starts (present only when exact)."""
     return _sizes(num_slots, world)["slot_ranks_offset"]
+
+
+def reason_counts_offset(num_slots: int, world: int) -> int:
+    """Where the REASON_COUNTS section of the report starts (present at every world size)."""
+    return _sizes(num_slots, world)["reason_counts_offset"]

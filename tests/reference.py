@@ -23,14 +23,15 @@ def capacity_for(num_slots: int) -> int:
 def buffer_words(num_slots: int, world: int) -> int:
     """Words of the packed buffer, from docs/wire-format.md's arithmetic:
     three fixed words, then COUNTS (one bit_length(W)-bit counter per record
-    bit), ROOT (the record) and, up to MAX_EXACT_WORLD ranks, LANES (every
-    rank's record, back to back)."""
+    bit), ROOT (the record), up to MAX_EXACT_WORLD ranks LANES (every rank's
+    record, back to back), and REASONS (one counter as wide as COUNTS' per
+    reason code 1..REASON_MAX)."""
     record_bits = wire.HEADER_BITS + wire.SLOT_BITS * capacity_for(num_slots)
     counters_per_word = wire.BITS_PER_WORD // world.bit_length()
     words = wire.FIXED_WORDS + -(-record_bits // counters_per_word) + -(-record_bits // wire.BITS_PER_WORD)
     if world <= wire.MAX_EXACT_WORLD:
         words += -(-world * record_bits // wire.BITS_PER_WORD)
-    return words
+    return words + -(-wire.REASON_MAX // counters_per_word)
 
 
 def report_words(num_slots: int, world: int) -> int:
@@ -38,7 +39,7 @@ def report_words(num_slots: int, world: int) -> int:
     words = wire.GLOBAL_WORDS + wire.SLOT_WORDS * num_slots
     if world <= wire.MAX_EXACT_WORLD:
         words += wire.RANK_WORDS * world + num_slots * world
-    return words
+    return words + wire.REASON_MAX  # how many ranks sent each reason code 1..REASON_MAX
 
 
 @dataclass
@@ -216,4 +217,5 @@ def expected(inputs: Sequence[RankInput], *, view: int = 0) -> tuple[list[bool],
             h = rec.header
             report += [h["seq"], h["site"], h["policy"], h["slots"], h["world"], h["poison"], h["reason"], 0]
         report += slot_ranks
+    report += [sum(1 for rec in records if rec.header["reason"] == code) for code in range(1, wire.REASON_MAX + 1)]
     return decisions, report

@@ -407,6 +407,20 @@ def test_above_64_ranks_the_peers_learn_a_lone_poisoned_ranks_reason():
     assert info.value.ranks == [66] and info.value.reasons == {66: "a stage id outside 0..63"}
 
 
+@pytest.mark.parametrize("world", [70, 1024])
+def test_above_64_ranks_the_peers_learn_every_reason_with_its_count(world):
+    inputs = [RankInput([1] * N, [3] * N, [2] * N, seq=1, site=9) for _ in range(world)]
+    inputs[5].stages = [3, 64, 3, 3]
+    inputs[66].stages = [64, 3, 3, 3]
+    inputs[world - 1].poison = wire.REASON_SHAPE
+    with pytest.raises(esper_gate.GatePeerInputError) as info:
+        _result(inputs, view=1).raise_if_diverged()
+    assert str(info.value) == ("esper_gate call 1: 3 rank(s) passed bad input (2 with a stage id outside 0..63, "
+                               "1 with tensors of the wrong shape or length); no slot was transitioned on any rank")
+    assert info.value.ranks == [] and info.value.report.reason_counts == {
+        "a stage id outside 0..63": 2, "tensors of the wrong shape or length": 1}
+
+
 def test_the_error_of_64_ranks_all_diverged_in_1024_slots_is_bounded_and_keeps_the_whole_report():
     world, slots = 64, 1024
     inputs = [RankInput([1] * slots, [(r + s) % 64 for s in range(slots)], [r % 64] * slots, seq=1, site=9)

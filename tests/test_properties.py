@@ -212,6 +212,12 @@ def check_view_report(inputs: list[RankInput], view: int, rep, decision: list[bo
         lone = {poisoned[0]: wire.REASON_TEXT.get(reasons[poisoned[0]] & 31, f"reason code {reasons[poisoned[0]] & 31}")
                 } if len(poisoned) == 1 else {}
         assert rep.rank_calls == [] and rep.poison_reasons == lone
+    # Every view counts every poisoned rank under its reason, at every world size.
+    counts: dict[str, int] = {}
+    for r in poisoned:
+        text = wire.REASON_TEXT.get(reasons[r] & 31, f"reason code {reasons[r] & 31}")
+        counts[text] = counts.get(text, 0) + 1
+    assert rep.reason_counts == counts
     assert rep.header_ok == header_ok
 
     keys = [[_slot_key(inp, s) for inp in inputs] for s in range(n)]
@@ -336,9 +342,9 @@ def test_majority_at_half_and_half_plus_one(world):
     pytest.param(65536, (3, 65535), marks=pytest.mark.slow), pytest.param(65536, (40000,), marks=pytest.mark.slow)])
 def test_poisoned_ranks_reported_alike_from_every_view(world, bad):
     """Up to 64 ranks the lanes name every poisoned rank and its reason. Past
-    64 the wire only counts them and names one when it is alone, so two
-    poisoned ranks come back as poisoned_count 2 with no rank named, on the
-    poisoned ranks' own views as well as on their peers'."""
+    64 the wire names one only when it is alone, so two poisoned ranks come
+    back as poisoned_count 2 with no rank named but each reason counted, on
+    the poisoned ranks' own views as well as on their peers'."""
     inputs = [RankInput([1, 0], [3, 3], [2, 2], seq=5, site=11, policy="any") for _ in range(world)]
     inputs[bad[0]].stages[1] = 64          # a bad value: REASON_STAGE
     if len(bad) > 1:

@@ -15,7 +15,7 @@ from esper_gate.esper import VOCABULARY
 from esper_gate.report import (MAX_TEXT_CHARS, MAX_TEXT_GROUPS, MAX_TEXT_SLOTS, NO_REASON_TEXT, DivergenceReport,
                                SlotDivergence, Vocabulary, bounded_text, parse_report, ranks_text)
 from reference import RankInput
-from simulate import simulate
+from simulate import decode_view, reduce_all, simulate
 
 
 def test_slot_entry_helpers_read_what_the_decode_kernel_writes():
@@ -109,11 +109,73 @@ def test_above_64_ranks_a_lone_poisoned_rank_arrives_with_its_reason(bad, reason
     assert f"  bad input from rank {lone}: {text}" in str(rep).splitlines()
 
 
-def test_above_64_ranks_several_poisoned_ranks_are_counted_and_their_reasons_not_guessed():
-    inputs = [RankInput([1], [3], [2]) for _ in range(70)]
-    inputs[3], inputs[68] = RankInput([1], [64], [2]), RankInput([5], [3], [2])
+def _poisoned_world(world: int, three: bool) -> tuple[list, dict, str]:
+    """Two ranks poisoned for different reasons (a bad stage, a bad vote), or three
+    (rank 0 also declaring REASON_SHAPE); the reason counts and the text line
+    every view must show."""
+    inputs = [RankInput([1], [3], [2]) for _ in range(world)]
+    inputs[3], inputs[world - 2] = RankInput([1], [64], [2]), RankInput([5], [3], [2])
+    counts = {"a vote that is neither 0 nor 1": 1, "a stage id outside 0..63": 1}
+    line = "  bad input from 2 rank(s): 1 with a vote that is neither 0 nor 1, 1 with a stage id outside 0..63"
+    if three:
+        inputs[0] = RankInput([1], [3], [2], poison=wire.REASON_SHAPE)
+        counts["tensors of the wrong shape or length"] = 1
+        line = ("  bad input from 3 rank(s): 1 with a vote that is neither 0 nor 1, 1 with a stage id outside "
+                "0..63, 1 with tensors of the wrong shape or length")
+    return inputs, counts, line
+
+
+@pytest.mark.parametrize("three", [False, True], ids=["two", "three"])
+@pytest.mark.parametrize("world", [70, 1024, pytest.param(wire.MAX_WORLD, marks=pytest.mark.slow)])
+def test_above_64_ranks_every_view_counts_every_reason(world, three):
+    """Several poisoned ranks past the lanes go unnamed, but every view, the
+    poisoned ranks' own as well as their peers', learns each reason and how
+    many ranks sent it."""
+    inputs, counts, line = _poisoned_world(world, three)
+    reduced = reduce_all(inputs)
+    for view in (0, 1, 3, world - 2, world - 1):
+        _decision, report = decode_view(reduced, inputs, view)
+        rep = parse_report(report)
+        assert not rep.exact and not rep.corrupt and rep.poisoned_count == sum(counts.values())
+        assert rep.poisoned_ranks == [] and rep.poison_reasons == {}
+        assert rep.reason_counts == counts, f"view of rank {view}"
+        assert line in str(rep).splitlines(), str(rep)
+        assert rep.to_dict()["reason_counts"] == counts
+
+
+@pytest.mark.parametrize("world", [6, 64])
+def test_up_to_64_ranks_the_reason_counts_agree_with_the_named_ranks(world):
+    inputs, counts, _line = _poisoned_world(world, True)
     rep = parse_report(simulate(inputs, view=1)[1])
-    assert rep.poisoned_ranks == [] and rep.poison_reasons == {} and rep.poisoned_count == 2
+    assert rep.exact and rep.poisoned_ranks == [0, 3, world - 2] and rep.reason_counts == counts
+    named: dict = {}
+    for reason in rep.poison_reasons.values():
+        named[reason] = named.get(reason, 0) + 1
+    assert rep.reason_counts == named and sum(named.values()) == rep.poisoned_count
+
+
+def test_the_reasons_counted_in_a_text_are_bounded():
+    # seven reasons on eight ranks past the lanes: the three most common are given, the rest counted
+    world = 70
+    inputs = [RankInput([1], [3], [2]) for _ in range(world)]
+    for r, code in enumerate((20, 21, 21, 22, 23, 24, 25, 26)):
+        inputs[10 + r] = RankInput([1], [3], [2], poison=code)
+    rep = parse_report(simulate(inputs, view=1)[1])
+    assert len(rep.reason_counts) == 7 and rep.reason_counts["reason code 21"] == 2
+    assert rep.reason_counts_text() == ("2 with reason code 21, 1 with reason code 20, 1 with reason code 22, "
+                                        f"… and {7 - MAX_TEXT_GROUPS} more reason(s) on 4 rank(s)")
+    assert len(rep.reason_counts_text(None).split(", ")) == 7
+
+
+def test_reason_counts_that_do_not_add_up_leave_no_reason_and_a_corrupt_report():
+    # the REASONS section cleared: poison bits say 2 ranks, the counts say none
+    world = 70
+    inputs, _counts, _line = _poisoned_world(world, False)
+    reduced = reduce_all(inputs)
+    L = wire.layout(1, world)
+    reduced[L.reasons_offset:L.reasons_offset + L.reasons_words] = 0
+    rep = parse_report(decode_view(reduced, inputs, 1)[1])
+    assert rep.corrupt and rep.poisoned_count == 2 and rep.reason_counts == {}
     assert f"  bad input from 2 rank(s) ({NO_REASON_TEXT})" in str(rep).splitlines()
 
 

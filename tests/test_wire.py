@@ -161,6 +161,7 @@ def test_report_offsets_are_where_the_reference_puts_each_rank(world):
     assert len(rep) == wire.report_words(slots, world)
     ranks, slot_ranks = wire.ranks_offset(slots), wire.slot_ranks_offset(slots, world)
     assert slot_ranks == ranks + wire.RANK_WORDS * world
+    assert wire.reason_counts_offset(slots, world) == len(rep) - wire.REPORT_REASON_WORDS
     names = [name for name, _offset, _width in wire.HEADER_FIELDS]
     seq_at, world_at = names.index("seq"), names.index("world")
     for r, inp in enumerate(inputs):
@@ -189,7 +190,9 @@ def test_layout_sections_follow_one_another():
         assert L.counts_offset == wire.FIXED_WORDS
         assert L.root_offset == L.counts_offset + L.counts_words
         assert L.lanes_offset == L.root_offset + L.root_words
-        assert L.total_words == L.lanes_offset + L.lanes_words
+        assert L.reasons_offset == L.lanes_offset + L.lanes_words
+        assert L.reasons_words == -(-wire.REASON_MAX // L.counters_per_word)
+        assert L.total_words == L.reasons_offset + L.reasons_words
         assert L.record_bits == wire.HEADER_BITS + wire.SLOT_BITS * L.capacity
 
 

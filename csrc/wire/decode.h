@@ -23,10 +23,28 @@ EG_HD bool policy_passes(int64_t policy, uint64_t votes, uint64_t root_vote, uin
   }
 }
 
-// Fills GLOBAL except the slot counts and the corrupt bit that slots add.
-// Returns true when the header is consistent: every rank present once, none
-// poisoned, and all at the same (seq, site, policy, slots, world).
-EG_HD bool decode_global(const int64_t* buf, const Layout& L, int64_t num_slots, int64_t policy, int64_t* g) {
+// Copies the REASONS counters into REASON_COUNTS. Returns false when honest
+// ranks cannot have sent them: a counter above the world size, or counts
+// that do not add up to the number of poisoned ranks.
+EG_HD bool decode_reason_counts(const int64_t* buf, const Layout& L, int64_t poison_count, int64_t* out) {
+  const uint64_t W = static_cast<uint64_t>(L.world);
+  bool sane = true;
+  uint64_t total = 0;
+  for (int64_t code = 1; code <= kReasonMax; ++code) {
+    const uint64_t c = reason_counter_at(buf, L, code);
+    out[code - 1] = static_cast<int64_t>(c);
+    if (c > W) sane = false;
+    total += c;
+  }
+  return sane && total == static_cast<uint64_t>(poison_count);
+}
+
+// Fills GLOBAL and REASON_COUNTS (reason_counts: kReportReasonWords words),
+// except the slot counts and the corrupt bit that slots add. Returns true
+// when the header is consistent: every rank present once, none poisoned, and
+// all at the same (seq, site, policy, slots, world).
+EG_HD bool decode_global(
+    const int64_t* buf, const Layout& L, int64_t num_slots, int64_t policy, int64_t* g, int64_t* reason_counts) {
   for (int64_t k = 0; k < kGlobalWords; ++k) g[k] = 0;
   const int64_t W = L.world;
   const int64_t presence = buf[kWordPresence];
@@ -74,6 +92,7 @@ EG_HD bool decode_global(const int64_t* buf, const Layout& L, int64_t num_slots,
   }
   const int64_t poison_count = static_cast<int64_t>(counter_at(buf, L, field_offset(kFieldPoison)));
   const bool reason_nonzero = g[kGFieldBase + kGFieldStride * kFieldReason + kFOr] != 0;
+  if (!decode_reason_counts(buf, L, poison_count, reason_counts)) corrupt = true;
   const bool poisoned = poison_count != 0 || poison_sum != 0 || reason_nonzero;
   if (poisoned) flags |= kFlagPoisoned;
   if (corrupt) flags |= kFlagCorrupt;
@@ -180,7 +199,7 @@ struct DecodeShared {
   int decided;
 };
 
-// The one decode sequence: global, then per slot, finish, the corrupt flag,
+// The one decode sequence: global (with the reason counts), then per slot, finish, the corrupt flag,
 // then per rank. Each step needs the one before it complete on every worker,
 // hence the syncs. rep has report_words(num_slots, L.world) words; decision
 // num_slots entries (bool or uint8_t). Loop is a policy from loops.h.
@@ -190,7 +209,8 @@ EG_HD void decode_buffer(
     DecisionT* decision, int64_t* rep, DecodeShared* sh) {
   const int64_t world = L.world;
   if (loop.leader()) {
-    sh->header_ok = decode_global(buf, L, num_slots, policy, rep) ? 1 : 0;
+    sh->header_ok =
+        decode_global(buf, L, num_slots, policy, rep, rep + reason_counts_offset(num_slots, world)) ? 1 : 0;
     sh->any_corrupt = 0;
     sh->diverged = 0;
     sh->decided = 0;

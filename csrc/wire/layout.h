@@ -1,5 +1,5 @@
 // Where each bit lives: the record (header fields, then 13 bits per slot) and
-// the packed buffer built from it (fixed words, COUNTS, ROOT, LANES).
+// the packed buffer built from it (fixed words, COUNTS, ROOT, LANES, REASONS).
 //
 // Every rank writes a *record* into a buffer of int64 words, and the buffer is
 // all-reduced once with SUM. Three sections make one SUM give everything:
@@ -12,6 +12,10 @@
 //   * LANES (only for W <= kMaxExactWorld): every rank's record at its own bit
 //     offset; the bits are disjoint, so SUM is an OR and the result is an
 //     exact gather of all records, which names every rank's stage and target.
+//   * REASONS: one counter per reason code 1..kReasonMax, to which a poisoned
+//     rank adds 1, so every rank learns every reason with its number of ranks
+//     at any world size, also past the lanes (the reason field's counters give
+//     only the OR of the codes).
 // Three fixed words (presence, rank-id sum, poisoned-rank sum) detect missing,
 // duplicated and poisoned contributions. Nothing read from the wire is ever
 // used as an index: all offsets derive from (capacity, world) known locally.
@@ -114,6 +118,7 @@ struct Layout {
   int64_t counts_offset, counts_words;
   int64_t root_offset, root_words;
   int64_t lanes_offset, lanes_words;  // lanes_words == 0 when world > kMaxExactWorld
+  int64_t reasons_offset, reasons_words;  // kReasonMax counters, counter_width bits each
   int64_t total_words;
   bool exact;                 // lanes present
 };
@@ -149,8 +154,18 @@ EG_HD Layout make_layout(int64_t capacity, int64_t world) {
   L.lanes_offset = L.root_offset + L.root_words;
   L.exact = world <= kMaxExactWorld;
   L.lanes_words = L.exact ? ceil_div(world * L.record_bits, kBitsPerWord) : 0;
-  L.total_words = L.lanes_offset + L.lanes_words;
+  L.reasons_offset = L.lanes_offset + L.lanes_words;
+  L.reasons_words = ceil_div(kReasonMax, L.counters_per_word);
+  L.total_words = L.reasons_offset + L.reasons_words;
   return L;
+}
+
+// Reason code `code` (1..kReasonMax) counts in REASONS at this word and shift.
+EG_HD int64_t reason_counter_word(const Layout& L, int64_t code) {
+  return L.reasons_offset + (code - 1) / L.counters_per_word;
+}
+EG_HD int64_t reason_counter_shift(const Layout& L, int64_t code) {
+  return ((code - 1) % L.counters_per_word) * L.counter_width;
 }
 
 }  // namespace wire

@@ -59,6 +59,15 @@ EG_HD HeaderBits encode_header(const HeaderValues& h) {
   return out;
 }
 
+// The poison bit and the reason code of an encoded header.
+static_assert(kPoisonOffset >= 64 && kReasonOffset >= 64, "poison and reason sit in the high half");
+EG_HD uint64_t header_poison(const HeaderBits& h) {
+  return (h.hi >> (kPoisonOffset - 64)) & field_mask(kFieldPoison);
+}
+EG_HD uint64_t header_reason(const HeaderBits& h) {
+  return (h.hi >> (kReasonOffset - 64)) & field_mask(kFieldReason);
+}
+
 // A vote as the kernels read it. Bool votes are read as bytes and any
 // non-zero byte is a yes, as torch treats bool storage (a uint8 tensor viewed
 // as bool may hold 2); reading such a byte through `bool` is undefined.
@@ -122,7 +131,7 @@ EG_HD int64_t pack_word(
     }
     return static_cast<int64_t>(v);
   }
-  if (w < L.total_words) {
+  if (w < L.reasons_offset) {
     const int64_t lo = (w - L.lanes_offset) * kBitsPerWord;
     const int64_t hi = lo + kBitsPerWord;
     const int64_t mine_lo = rank * L.record_bits;
@@ -133,6 +142,13 @@ EG_HD int64_t pack_word(
       v |= record_bit(h, slot_records, num_slots, g - mine_lo) << (g - lo);
     }
     return static_cast<int64_t>(v);
+  }
+  if (w < L.total_words) {
+    // The reason as the header carries it, so REASONS and the reason field
+    // never disagree; a rank whose poison bit is clear counts under no reason.
+    const int64_t code = static_cast<int64_t>(header_reason(h));
+    if (header_poison(h) == 0 || code == kReasonNone || reason_counter_word(L, code) != w) return 0;
+    return static_cast<int64_t>(uint64_t{1} << reason_counter_shift(L, code));
   }
   return 0;
 }

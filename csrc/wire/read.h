@@ -21,6 +21,13 @@ EG_HD uint64_t root_bit(const int64_t* buf, const Layout& L, int64_t i) {
   return (word >> (i % kBitsPerWord)) & 1u;
 }
 
+// How many ranks were poisoned for reason code `code` (1..kReasonMax).
+EG_HD uint64_t reason_counter_at(const int64_t* buf, const Layout& L, int64_t code) {
+  const uint64_t word = static_cast<uint64_t>(buf[reason_counter_word(L, code)]);
+  const uint64_t mask = (uint64_t{1} << L.counter_width) - 1;
+  return (word >> reason_counter_shift(L, code)) & mask;
+}
+
 // Only valid when L.exact.
 EG_HD uint64_t lane_bit(const int64_t* buf, const Layout& L, int64_t rank, int64_t i) {
   const int64_t g = rank * L.record_bits + i;

@@ -2,7 +2,8 @@
 // slot entry and where each section starts. esper_gate/report.py reads it.
 //
 // report = [GLOBAL (kGlobalWords) | SLOTS (kSlotWords x S) |
-//           RANKS (kRankWords x W) and SLOT_RANKS (S x W), both only when exact]
+//           RANKS (kRankWords x W) and SLOT_RANKS (S x W), both only when exact |
+//           REASON_COUNTS (kReportReasonWords)]
 #pragma once
 
 #include <cstdint>
@@ -16,6 +17,9 @@ namespace wire {
 constexpr int64_t kGlobalWords = 48;
 constexpr int64_t kSlotWords = 12;
 constexpr int64_t kRankWords = 8;
+// REASON_COUNTS: word code - 1 holds how many ranks were poisoned for reason
+// code 1..kReasonMax, at every world size.
+constexpr int64_t kReportReasonWords = kReasonMax;
 
 // GLOBAL word indices.
 constexpr int64_t kGFlags = 0;
@@ -84,10 +88,15 @@ EG_HD int64_t slot_entry(uint64_t vote, uint64_t stage, uint64_t target) {
                               (target & kSlotEntryIdMask));
 }
 
-EG_HD int64_t report_words(int64_t num_slots, int64_t world) {
+// REASON_COUNTS comes last, after the sections only exact reports have.
+EG_HD int64_t reason_counts_offset(int64_t num_slots, int64_t world) {
   int64_t n = kGlobalWords + kSlotWords * num_slots;
   if (world <= kMaxExactWorld) n += kRankWords * world + num_slots * world;
   return n;
+}
+
+EG_HD int64_t report_words(int64_t num_slots, int64_t world) {
+  return reason_counts_offset(num_slots, world) + kReportReasonWords;
 }
 
 EG_HD int64_t slots_offset() { return kGlobalWords; }

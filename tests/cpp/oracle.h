@@ -27,6 +27,7 @@ constexpr int kFields = 7;
 constexpr int kWidth[kFields] = {32, 32, 2, 11, 17, 1, 5};
 constexpr int kWorldField = 4;
 constexpr int kHeaderBits = 100;
+constexpr int kReasonCodes = 31;  // codes 1..31 of the 5-bit reason field
 constexpr int kSlotBits = 13;  // vote, then 6 bits of stage, then 6 of target
 // A per-rank slot entry of the exact report: vote, stage, target from the top.
 constexpr int kEntryVoteShift = 12;
@@ -103,7 +104,9 @@ inline std::vector<int> record_bits(const Record& r) {
 // Rank `rank`'s contribution to the all_reduce: presence, rank id + 1,
 // poisoned rank id + 1, then COUNTS (a bit_length(W)-bit counter per record
 // bit, as many per word as fit in 63 bits), ROOT (rank 0's record, 63 bits
-// per word) and, up to 64 ranks, LANES (rank r's record at bit r * R).
+// per word), up to 64 ranks LANES (rank r's record at bit r * R), and REASONS
+// (a counter like COUNTS' for each reason code 1..31, where a rank whose
+// poison bit is set adds 1 under its reason).
 inline std::vector<int64_t> buffer(const RankInput& in, int64_t rank, int64_t world) {
   const Record rec = record(in, capacity(static_cast<int64_t>(in.votes.size())));
   const std::vector<int> bits = record_bits(rec);
@@ -111,7 +114,12 @@ inline std::vector<int64_t> buffer(const RankInput& in, int64_t rank, int64_t wo
   const int64_t cw = bits_for(world), per_word = 63 / cw;
   const int64_t counts = (R + per_word - 1) / per_word, root = (R + 62) / 63;
   const int64_t lanes = world <= 64 ? (world * R + 62) / 63 : 0;
-  std::vector<uint64_t> out(static_cast<size_t>(3 + counts + root + lanes), 0);
+  const int64_t reasons = (kReasonCodes + per_word - 1) / per_word;
+  std::vector<uint64_t> out(static_cast<size_t>(3 + counts + root + lanes + reasons), 0);
+  const uint64_t code = rec.header[6];
+  if (rec.header[5] && code != 0) {
+    out[3 + counts + root + lanes + (code - 1) / per_word] |= uint64_t{1} << (((code - 1) % per_word) * cw);
+  }
   out[0] = 1;
   out[1] = static_cast<uint64_t>(rank + 1);
   // As declared, like the kernel: a poison flag of 2 counts as poisoned here
@@ -168,8 +176,8 @@ inline Expected decode(const std::vector<RankInput>& inputs, int64_t num_slots, 
 
   const int64_t slot_words = 12, rank_words = 8;
   Expected e;
-  e.report.assign(static_cast<size_t>(48 + slot_words * num_slots +
-                                      (exact ? rank_words * W + num_slots * W : 0)), 0);
+  const int64_t reason_counts = 48 + slot_words * num_slots + (exact ? rank_words * W + num_slots * W : 0);
+  e.report.assign(static_cast<size_t>(reason_counts + kReasonCodes), 0);
   int64_t* g = e.report.data();
 
   // Header fields: mismatches, and the values everyone agreed on that are not ours.
@@ -199,6 +207,7 @@ inline Expected decode(const std::vector<RankInput>& inputs, int64_t num_slots, 
   for (int64_t r = 0; r < W; ++r) {
     if (recs[r].header[5]) poisoned.push_back(r);
     any_reason = any_reason || recs[r].header[6] != 0;
+    if (recs[r].header[5] && recs[r].header[6] != 0) ++g[reason_counts + recs[r].header[6] - 1];
   }
   const bool is_poisoned = !poisoned.empty() || any_reason;
   if (is_poisoned) flags |= wire::kFlagPoisoned;

@@ -115,18 +115,20 @@ TEST_CASE(counter_width_holds_the_world_size) {
 }
 
 TEST_CASE(layout_sections_follow_each_other) {
-  // Worked by hand: {capacity, world, counts words, root words, lanes words, total}.
-  const int64_t known[][6] = {
-      {1, 1, 2, 2, 2, 9},          {4, 4, 8, 3, 10, 24},        {1, 65, 13, 2, 0, 18},
-      {8, 3, 7, 4, 10, 24},        {2, 100, 14, 2, 0, 19},      {1024, 64, 1491, 213, 13625, 15332},
-      {1024, 1024, 2683, 213, 0, 2899}, {1, 65536, 38, 2, 0, 43}, {1024, 65536, 4471, 213, 0, 4687}};
+  // Worked by hand: {capacity, world, counts words, root words, lanes words,
+  // reasons words (31 counters, as many per word as COUNTS has), total}.
+  const int64_t known[][7] = {
+      {1, 1, 2, 2, 2, 1, 10},          {4, 4, 8, 3, 10, 2, 26},        {1, 65, 13, 2, 0, 4, 22},
+      {8, 3, 7, 4, 10, 1, 25},         {2, 100, 14, 2, 0, 4, 23},      {1024, 64, 1491, 213, 13625, 4, 15336},
+      {1024, 1024, 2683, 213, 0, 7, 2906}, {1, 65536, 38, 2, 0, 11, 54}, {1024, 65536, 4471, 213, 0, 11, 4698}};
   for (const auto& k : known) {
     CONTEXT("capacity " << k[0] << ", world " << k[1]);
     const wire::Layout L = wire::make_layout(k[0], k[1]);
     EXPECT_EQ(L.counts_words, k[2]);
     EXPECT_EQ(L.root_words, k[3]);
     EXPECT_EQ(L.lanes_words, k[4]);
-    EXPECT_EQ(L.total_words, k[5]);
+    EXPECT_EQ(L.reasons_words, k[5]);
+    EXPECT_EQ(L.total_words, k[6]);
   }
   for (int64_t cap = 1; cap <= wire::kMaxSlots; cap *= 2) {
     for (int64_t w : kWorlds) {
@@ -142,7 +144,9 @@ TEST_CASE(layout_sections_follow_each_other) {
       EXPECT_EQ(L.lanes_offset, L.root_offset + L.root_words);
       EXPECT_EQ(L.exact, w <= 64);
       EXPECT_EQ(L.lanes_words, w <= 64 ? ceil_div(w * L.record_bits, 63) : 0);
-      EXPECT_EQ(L.total_words, 3 + L.counts_words + L.root_words + L.lanes_words);
+      EXPECT_EQ(L.reasons_offset, L.lanes_offset + L.lanes_words);
+      EXPECT_EQ(L.reasons_words, ceil_div(int64_t{wire::kReasonMax}, L.counters_per_word));
+      EXPECT_EQ(L.total_words, 3 + L.counts_words + L.root_words + L.lanes_words + L.reasons_words);
     }
   }
 }
@@ -152,7 +156,8 @@ TEST_CASE(report_layout) {
     for (int64_t w : kWorlds) {
       CONTEXT("slots " << s << ", world " << w);
       const int64_t exact_part = w <= 64 ? wire::kRankWords * w + s * w : 0;
-      EXPECT_EQ(wire::report_words(s, w), 48 + 12 * s + exact_part);
+      EXPECT_EQ(wire::report_words(s, w), 48 + 12 * s + exact_part + 31);
+      EXPECT_EQ(wire::reason_counts_offset(s, w), 48 + 12 * s + exact_part);
       EXPECT_EQ(wire::slots_offset(), 48);
       EXPECT_EQ(wire::ranks_offset(s), 48 + 12 * s);
       EXPECT_EQ(wire::slot_ranks_offset(s, w), 48 + 12 * s + 8 * w);
@@ -295,6 +300,18 @@ TEST_CASE(pack_word_puts_each_section_in_place) {
         EXPECT_EQ(wire::counter_at(buf.data(), L, i), bit);
         EXPECT_EQ(wire::root_bit(buf.data(), L, i), rank == 0 ? bit : 0);
       }
+      // An unpoisoned rank counts under no reason; poisoned, it counts once
+      // under the reason its header carries.
+      for (int64_t code = 1; code <= wire::kReasonMax; ++code) {
+        EXPECT_EQ(wire::reason_counter_at(buf.data(), L, code), 0u);
+      }
+      RankInput bad = in;
+      bad.header = header_values(41, 0xC0FFEE, wire::kMajority, n, world, wire::kReasonCallerMin + 5);
+      const std::vector<int64_t> poisoned = pack_rank(bad, rank, world);
+      for (int64_t code = 1; code <= wire::kReasonMax; ++code) {
+        CONTEXT("reason " << code);
+        EXPECT_EQ(wire::reason_counter_at(poisoned.data(), L, code), code == wire::kReasonCallerMin + 5 ? 1u : 0u);
+      }
       if (L.exact) {
         // Only this rank's lane is non-zero, and it holds the record.
         for (int64_t r = 0; r < world; ++r) {
@@ -328,10 +345,14 @@ TEST_CASE(all_ones_records_sum_without_overflow) {
         const uint64_t want = i < used_bits ? static_cast<uint64_t>(world) : 0;
         if (!EXPECT_EQ(wire::counter_at(sum.data(), L, i), want)) break;
       }
+      for (int64_t code = 1; code <= wire::kReasonMax; ++code) {
+        EXPECT_EQ(wire::reason_counter_at(sum.data(), L, code), code == wire::kReasonMax ? uint64_t(world) : 0u);
+      }
       const Decoded d = decode_all(sum, n, world, wire::kAny);
       EXPECT(!d.flag(wire::kFlagCorrupt));
       EXPECT(d.flag(wire::kFlagPoisoned));
       EXPECT_EQ(d.global(wire::kGPoisonCount), world);
+      EXPECT_EQ(d.reason_count(wire::kReasonMax), world);
       for (int f = 0; f < wire::kNumHeaderFields; ++f) {
         CONTEXT("field " << f);
         const int64_t mask = (int64_t{1} << wire::field_width(f)) - 1;
@@ -689,6 +710,63 @@ TEST_CASE(two_poisoned_ranks_are_counted_not_named) {
   }
 }
 
+TEST_CASE(every_reason_reaches_every_rank_at_any_world) {
+  // Three ranks poisoned for three reasons, two of them for the same one past
+  // the lanes too: REASON_COUNTS counts each reason on every view.
+  for (int64_t world : {3, 64, 65, 1024, 65536}) {
+    const int64_t a = 0, b = world / 2, c = world - 1;
+    std::vector<RankInput> inputs = agreeing_ranks(2, world, wire::kAny);
+    inputs[a].stages[1] = 64;
+    inputs[b].header = header_values(41, 0xC0FFEE, wire::kAny, 2, world, wire::kReasonCallerMin + 4);
+    inputs[c].votes[0] = 3;
+    const std::vector<int64_t> sum = reduce_ranks(inputs, world);
+    for (int64_t view : {a, b, c}) {
+      CONTEXT("world " << world << ", view of rank " << view);
+      const Decoded d = decode_all(sum, 2, world, wire::kAny);
+      EXPECT(!d.flag(wire::kFlagCorrupt));
+      EXPECT_EQ(d.global(wire::kGPoisonCount), 3);
+      for (int64_t code = 1; code <= wire::kReasonMax; ++code) {
+        CONTEXT("reason " << code);
+        const int64_t want = code == wire::kReasonStage || code == wire::kReasonVote ||
+                             code == wire::kReasonCallerMin + 4;
+        EXPECT_EQ(d.reason_count(code), want);
+      }
+    }
+  }
+}
+
+TEST_CASE(reason_counts_that_honest_ranks_cannot_send_are_corrupt) {
+  for (int64_t world : {5, 100}) {
+    CONTEXT("world " << world);
+    std::vector<RankInput> inputs = agreeing_ranks(2, world, wire::kAny);
+    inputs[1].stages[0] = 99;
+    const std::vector<int64_t> good = reduce_ranks(inputs, world);
+    const wire::Layout L = wire::make_layout(2, world);
+    EXPECT(!decode_all(good, 2, world, wire::kAny).flag(wire::kFlagCorrupt));
+    auto add = [&](std::vector<int64_t>* buf, int64_t code, int64_t n) {
+      (*buf)[wire::reason_counter_word(L, code)] += n * (int64_t{1} << wire::reason_counter_shift(L, code));
+    };
+    // A second rank counted under a reason, but only one poison bit: the
+    // counts do not add up to the poisoned ranks.
+    std::vector<int64_t> buf = good;
+    add(&buf, wire::kReasonVote, 1);
+    Decoded d = decode_all(buf, 2, world, wire::kAny);
+    EXPECT(d.flag(wire::kFlagCorrupt) && !d.flag(wire::kFlagHeaderOk));
+    check_nothing_decided(d);
+    // The poisoned rank's count moved out of its counter: none left.
+    buf = good;
+    add(&buf, wire::kReasonStage, -1);
+    d = decode_all(buf, 2, world, wire::kAny);
+    EXPECT(d.flag(wire::kFlagCorrupt));
+    // A counter above the world size.
+    buf = good;
+    add(&buf, wire::kReasonMax, world + 1);
+    d = decode_all(buf, 2, world, wire::kAny);
+    EXPECT(d.flag(wire::kFlagCorrupt));
+    EXPECT_EQ(d.reason_count(wire::kReasonMax), world + 1);
+  }
+}
+
 TEST_CASE(a_reason_without_the_poison_bit_still_poisons) {
   std::vector<RankInput> inputs = agreeing_ranks(2, 3, wire::kAny);
   inputs[1].header.reason = wire::kReasonCallerMin + 3;
@@ -696,6 +774,8 @@ TEST_CASE(a_reason_without_the_poison_bit_still_poisons) {
   EXPECT(d.flag(wire::kFlagPoisoned));
   EXPECT_EQ(d.global(wire::kGPoisonCount), 0);
   EXPECT_EQ(d.global(wire::kGPoisonedRank), -1);
+  EXPECT_EQ(d.reason_count(wire::kReasonCallerMin + 3), 0);  // counted only with the poison bit
+  EXPECT(!d.flag(wire::kFlagCorrupt));
   check_nothing_decided(d);
 }
 

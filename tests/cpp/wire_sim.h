@@ -138,6 +138,10 @@ struct Decoded {
   const int64_t* rank(int64_t r) const {
     return report.data() + wire::ranks_offset(num_slots) + wire::kRankWords * r;
   }
+  // Ranks poisoned for reason `code` (1..kReasonMax), from REASON_COUNTS.
+  int64_t reason_count(int64_t code) const {
+    return report[wire::reason_counts_offset(num_slots, world) + code - 1];
+  }
   int64_t slot_rank(int64_t s, int64_t r) const {
     return report[wire::slot_ranks_offset(num_slots, world) + s * world + r];
   }
