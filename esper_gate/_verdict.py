@@ -58,6 +58,20 @@ class Verdict:
         except Exception:  # noqa: BLE001 - the store's host is gone; its death is named elsewhere
             return None
 
+    def peek(self, seq: int) -> tuple[bool, GateError | None]:
+        """(decided, failure) of call ``seq`` without deciding it: a rank past its
+        deadline adopts a verdict already made instead of diagnosing anew."""
+        def read(store):
+            key = f"v/{seq}"
+            return store.get(key).decode() if store.check([key]) else None
+        try:
+            got = self._request(read)
+        except Exception:  # noqa: BLE001 - no store: nothing decided that this rank can see
+            return False, None
+        if got is None:
+            return False, None
+        return True, (None if got == OK else _decode(got))
+
     def confirm(self, seq: int, latch) -> None:
         """Before call ``seq``'s decisions are read on the host: raise its failure if it
         failed here or on a peer (latching it), else return."""

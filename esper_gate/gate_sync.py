@@ -145,6 +145,10 @@ class GateSync:
         """The watcher's deadline for ``call`` passed: name the missing ranks,
         make the call's results say no, abort the stuck collective."""
         seq = call.seq
+        decided, failure = self._verdict.peek(seq)
+        if decided:
+            self._settle_or_fail(call, failure)
+            return
         try:
             late = TimeoutError(f"call {seq} did not complete within {timeout_text(self.timeout)} of being made")
             err = self._diagnosis.diagnose(seq, late, self._watcher.completed, call.started)
@@ -155,13 +159,16 @@ class GateSync:
             # to land: the collective finished, on every rank, so nothing failed.
             self._watcher.resume()
             return
-        shared = self._verdict.failed(seq, err)
-        if shared is None:
+        self._settle_or_fail(call, self._verdict.failed(seq, err))
+
+    def _settle_or_fail(self, call: Call, failure: GateError | None) -> None:
+        """Act on the call's shared verdict: ``failure``, or None when a peer completed it."""
+        if failure is None:
             # A peer's collective completed the call (this rank's copy is on its
             # way, or its caller was interrupted after the collective returned).
             self._watcher.settle(call, self.timeout.total_seconds())
             return
-        err = self.latch.record(seq, shared)
+        err = self.latch.record(call.seq, failure)
         self._transport.invalidate()
         self._transport.abort()
         log.error("%s", err)
@@ -173,8 +180,10 @@ class GateSync:
         if self._watcher.expired:
             self.latch.wait(BOUND_S)
         if self.latch.error is None:
-            err = self._diagnosis.diagnose(seq, exc, self._watcher.completed, call.started)
-            shared = self._verdict.failed(seq, err)
+            decided, shared = self._verdict.peek(seq)
+            if not decided:
+                err = self._diagnosis.diagnose(seq, exc, self._watcher.completed, call.started)
+                shared = self._verdict.failed(seq, err)
             self.latch.record(seq, shared if shared is not None else GateError(
                 f"esper_gate call {seq} completed on the other ranks, which apply its decisions, but failed on "
                 f"rank {self.rank} ({short(exc)}); this rank has none to apply"))

@@ -1,11 +1,23 @@
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+# torch.compile's on-disk cache (default /tmp/torchinductor_$USER, shared by every
+# checkout and run on the machine) does not key on a custom op's output sizes: a
+# graph compiled against an older build of the ops would be replayed with the
+# old sizes. Each test session compiles into a cache of its own.
+_INDUCTOR_CACHE = tempfile.mkdtemp(prefix="esper_gate_inductor_")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = _INDUCTOR_CACHE
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_INDUCTOR_CACHE, ignore_errors=True)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

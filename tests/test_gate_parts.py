@@ -525,3 +525,14 @@ def test_an_op_that_failed_before_its_collective_names_its_own_rank_at_once(exc)
     assert isinstance(err, esper_gate.GateTimeoutError) and err.missing_ranks == [1] and err.call == 5
     assert "rank 1 did not arrive at the collective: its op failed before it" in str(err)
     assert beats.reads == 0 and beats.slept == [], "nothing to wait for: the failure is this rank's"
+
+
+def test_a_rank_past_its_deadline_adopts_a_verdict_already_made():
+    mine, store = _verdict()
+    peer, _ = _verdict(store)
+    assert mine.peek(3) == (False, None)
+    peer.failed(3, esper_gate.GateTimeoutError("rank 1 did not arrive at the collective", [1], {}, call=3))
+    decided, failure = mine.peek(3)
+    assert decided and failure.missing_ranks == [1] and "did not arrive at the collective" in str(failure)
+    peer.completed(4)
+    assert mine.peek(4) == (True, None)

@@ -77,9 +77,11 @@ def _scenario(rank, world, backend, name):
     else:
         time.sleep(LATE.get(name, {}).get(rank, 0.0))
     outcome, elapsed = _outcome(lambda: gs(*args))
-    # Past every deadline a watcher could still act on: nothing may change.
-    time.sleep(T + 1)
-    after = None if outcome[0] == "raised" else _outcome(lambda: gs(*args))[0]
+    after = None
+    if outcome[0] != "raised":
+        # Past every deadline a watcher could still act on: nothing may change.
+        time.sleep(T + 1)
+        after = _outcome(lambda: gs(*args))[0]
     return {"outcome": outcome, "elapsed": elapsed, "after": after,
             "failure": None if gs.failure is None else str(gs.failure)}
 
