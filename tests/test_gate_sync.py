@@ -16,7 +16,7 @@ from esper_gate._spawn import spawn_ranks, values
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(120)]
 
-TIMEOUT_S = 3.0
+TIMEOUT_S = 2.0
 
 
 def _gs(num_slots=4, **kw):

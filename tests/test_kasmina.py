@@ -12,7 +12,7 @@ import pytest
 from esper_gate.esper import GateLevel, SeedStage
 from esper_gate._spawn import spawn_ranks, values
 
-TIMEOUT_S = 3.0
+TIMEOUT_S = 2.0
 
 
 # ---- stand-ins for Esper's SeedState, SeedSlot, GateResult (its enums are esper_gate.esper's) ----
