@@ -34,6 +34,11 @@ def _decode(text: str) -> GateError:
     return GateError(v["text"])
 
 
+# Verdicts live in a ring of keys, each holding "<call>:<outcome>", so the store
+# keeps a fixed number of them and nobody has to delete old ones.
+RING = 1024
+
+
 class Verdict:
     """The shared outcome of each call of one gate.
 
@@ -46,8 +51,17 @@ class Verdict:
         self._request = request
 
     def _decide(self, seq: int, mine: str) -> GateError | None:
-        got = self._request(lambda store: store.compare_set(f"v/{seq}", "", mine)).decode()
-        return None if got == OK else _decode(got)
+        def decide(store):
+            key, want = f"v/{seq % RING}", f"{seq}:"
+            seen = ""  # an empty key, or a call from earlier around the ring
+            while True:
+                got = store.compare_set(key, seen, want + mine).decode()
+                if got.startswith(want) or got == want + mine:
+                    return got[len(want):]
+                # A missing key answers with the value expected: then expect it empty.
+                seen = "" if got == seen else got
+        outcome = self._request(decide)
+        return None if outcome == OK else _decode(outcome)
 
     def completed(self, seq: int) -> GateError | None:
         """This rank's collective completed: None if the call stands, else the failure a
@@ -62,8 +76,9 @@ class Verdict:
         """(decided, failure) of call ``seq`` without deciding it: a rank past its
         deadline adopts a verdict already made instead of diagnosing anew."""
         def read(store):
-            key = f"v/{seq}"
-            return store.get(key).decode() if store.check([key]) else None
+            key, want = f"v/{seq % RING}", f"{seq}:"
+            got = store.get(key).decode() if store.check([key]) else ""
+            return got[len(want):] if got.startswith(want) else None
         try:
             got = self._request(read)
         except Exception:  # noqa: BLE001 - no store: nothing decided that this rank can see

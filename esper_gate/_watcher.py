@@ -47,7 +47,7 @@ class Watcher:
       call completed after all) clears it, so one deadline fires once.
     """
 
-    def __init__(self, store, rank: int, on_expired, group_failed=None, whereabouts=None, prune=False):
+    def __init__(self, store, rank: int, on_expired, group_failed=None, whereabouts=None):
         self._group_failed = group_failed
         self._store = store
         self._key = f"hb/{rank}"
@@ -56,9 +56,6 @@ class Watcher:
         # diagnosis can tell a rank that is in another gate from one that is absent.
         self._where = whereabouts
         self._where_key = f"where/{rank}"
-        # One rank deletes the verdicts of calls every rank is past (see _verdict.py).
-        self._prune = prune
-        self._pruned = 0
         self.entered = 0
         self._entered_at = time.monotonic()
         self.completed = 0
@@ -124,10 +121,6 @@ class Watcher:
             store.set(self._where_key, f"{gate},{state[0]}")
         waited_ms = int((time.monotonic() - self._entered_at) * 1000) if state[0] > state[1] else -1
         self._store.set(self._key, f"{state[0]},{state[1]},{self._beat},{waited_ms}")
-        # Every rank entered the call this rank completed, so all are past the one before it.
-        while self._prune and self._pruned < state[1] - 1:
-            self._pruned += 1
-            self._store.delete_key(f"v/{self._pruned}")
         return state
 
     def _advance_gpu(self) -> None:

@@ -128,7 +128,7 @@ class GateConsensus:
         if self._report is None and not self._report_tensor.is_cuda:
             # On the host the flags word says it without parsing the report.
             self._latch.raise_for(self.seq)
-            if int(self._report_tensor[wire.G_FLAGS]) & wire.FLAG_HEADER_OK:
+            if int(self._report_tensor.numpy()[wire.G_FLAGS]) & wire.FLAG_HEADER_OK:  # numpy: no 0-d tensor
                 return self
         rep = self.report()
         me = self._gate.rank

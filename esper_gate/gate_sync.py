@@ -106,7 +106,7 @@ class GateSync:
         self._config_error = config_error(rendezvous.meet(mine), mine, self.rank)
         watcher = Watcher(rendezvous.store, self.rank, self._expire,
                           (lambda: self._transport.failed()) if self.device.type == "cuda" else None,
-                          whereabouts=(rendezvous.parent_store, rendezvous.index), prune=self.rank == 0)
+                          whereabouts=(rendezvous.parent_store, rendezvous.index))
         self._watcher = watcher
         self._verdict = Verdict(watcher.store_request)
         self._diagnosis = Diagnosis(watcher.read_heartbeats, self.rank, self.world_size,

@@ -536,3 +536,20 @@ def test_a_rank_past_its_deadline_adopts_a_verdict_already_made():
     assert decided and failure.missing_ranks == [1] and "did not arrive at the collective" in str(failure)
     peer.completed(4)
     assert mine.peek(4) == (True, None)
+
+
+def test_verdicts_go_around_a_ring_of_keys_without_mixing_calls():
+    from esper_gate._verdict import RING
+
+    mine, store = _verdict()
+    peer, _ = _verdict(store)
+    assert mine.completed(2) is None
+    # the same key, one lap later: an earlier call's "ok" is not this call's verdict
+    assert mine.peek(2 + RING) == (False, None)
+    assert peer.failed(2 + RING, esper_gate.GateError("late")) is not None
+    assert str(mine.completed(2 + RING)) == "late"
+    assert mine.peek(2) == (False, None), "overwritten by the next lap"
+    tcp = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=datetime.timedelta(seconds=5))
+    on_tcp, _ = _verdict(dist.PrefixStore("g/", tcp))
+    assert on_tcp.completed(7) is None and on_tcp.completed(7 + RING) is None
+    assert on_tcp.peek(7 + RING) == (True, None)
