@@ -93,7 +93,7 @@ class Watcher:
             self.forget(seq)
 
     def forget(self, seq: int) -> None:
-        """Call ``seq`` failed in its caller's thread: it is no longer watched."""
+        """Stop watching call ``seq`` (it failed in its caller's thread, or completed out of order)."""
         self.inflight = collections.deque(c for c in self.inflight if c.seq != seq)
 
     def is_completed(self, call: Call) -> bool:
