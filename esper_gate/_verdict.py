@@ -56,7 +56,7 @@ class Verdict:
             seen = ""  # an empty key, or a call from earlier around the ring
             while True:
                 got = store.compare_set(key, seen, want + mine).decode()
-                if got.startswith(want) or got == want + mine:
+                if got.startswith(want):  # decided: by this request or a peer's
                     return got[len(want):]
                 # A missing key answers with the value expected: then expect it empty.
                 seen = "" if got == seen else got
