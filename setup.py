@@ -25,6 +25,9 @@ DEFAULT_ARCHS = "8.0;9.0+PTX"
 LIMITED_API_TAG, LIMITED_API_HEX = "cp310", "0x030A0000"
 SOURCES = ["csrc/ops.cpp", "csrc/python_module.cpp", "csrc/wire_constants.cpp", "csrc/cpu/gate_kernels.cpp"]
 CUDA_SOURCES = ["csrc/cuda/gate_kernels.cu"]
+# The gate's own NCCL communicator (CUDA build only): compiled against the nccl.h of torch's
+# nvidia-nccl wheel, never linked; it finds the libnccl.so.2 torch loaded at run time.
+NCCL_SOURCES = ["csrc/nccl/nccl_comm.cpp"]
 # Commands that compile; the others (sdist, egg_info, dist_info, --version...) only need metadata.
 BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "bdist_egg", "bdist", "install", "develop",
                   "editable_wheel"}
@@ -138,7 +141,36 @@ def choose_build(torch, cpp_extension):
     return False, why, home, nvcc
 
 
-def build_info_text(torch, with_cuda, archs, nvcc):
+def find_nccl_include(torch):
+    """(the include dir of the nccl.h that torch's NCCL wheel ships, its version), or (None, why not).
+
+    torch's CUDA wheels depend on nvidia-nccl-cu*, installed next to torch as
+    ``nvidia/nccl/{include,lib}``; that header is the one of the library torch
+    loads. Looked up beside torch first, then wherever ``nvidia.nccl`` imports from.
+    """
+    import importlib.util
+    import re
+
+    candidates = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__))),
+                           "nvidia", "nccl", "include")]
+    try:
+        spec = importlib.util.find_spec("nvidia.nccl")
+        candidates += [os.path.join(p, "include") for p in (spec.submodule_search_locations or [])] if spec else []
+    except (ImportError, ValueError):
+        pass
+    for inc in candidates:
+        header = os.path.join(inc, "nccl.h")
+        if os.path.exists(header):
+            with open(header) as f:
+                text = f.read()
+            parts = [re.search(rf"#define NCCL_{k}\s+(\d+)", text) for k in ("MAJOR", "MINOR", "PATCH")]
+            version = ".".join(m.group(1) for m in parts) if all(parts) else "unknown"
+            return inc, version
+    return None, (f"no nccl.h in {' or '.join(dict.fromkeys(candidates))} (torch's nvidia-nccl wheel is not "
+                  f"installed), so the gate's own NCCL communicator is not built")
+
+
+def build_info_text(torch, with_cuda, archs, nvcc, nccl=None):
     info = {
         "version": "0.1.0",
         "torch_version": torch.__version__,
@@ -146,6 +178,8 @@ def build_info_text(torch, with_cuda, archs, nvcc):
         "build": "cuda" if with_cuda else "cpu",
         "cuda_archs": archs if with_cuda else None,
         "nvcc": nvcc_version(nvcc) if with_cuda else None,
+        # "2.30.7 (<include dir>)" when csrc/nccl was built, else why it was not.
+        "nccl": nccl,
         "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
         "abi": f"abi3 (CPython >= {LIMITED_API_TAG[2]}.{LIMITED_API_TAG[3:]})",
         "python": sys.version.split()[0],
@@ -162,7 +196,7 @@ def extensions_and_build_ext():
             f"settings are chosen and printed when the extension is built")
         from setuptools.command.build_ext import build_ext
 
-        return [Extension("esper_gate._C", SOURCES + CUDA_SOURCES, py_limited_api=True)], build_ext
+        return [Extension("esper_gate._C", SOURCES + CUDA_SOURCES + NCCL_SOURCES, py_limited_api=True)], build_ext
 
     torch = import_torch_for_build()
     from torch.utils import cpp_extension
@@ -172,12 +206,23 @@ def extensions_and_build_ext():
     sources = list(SOURCES)
     cxx_flags = ["-O2", f"-DPy_LIMITED_API={LIMITED_API_HEX}"]
     archs = None
+    nccl = "none: a CPU-only build"
+    include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         archs = os.environ.get("ESPER_GATE_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         say(f"CUDA archs: {archs}; nvcc: {nvcc_version(nvcc)}")
         sources += CUDA_SOURCES
-    info_text = build_info_text(torch, with_cuda, archs, nvcc)
+        nccl_include, nccl_version = find_nccl_include(torch)
+        if nccl_include:
+            nccl = f"{nccl_version} ({nccl_include})"
+            sources += NCCL_SOURCES
+            include_dirs.append(nccl_include)
+            say(f"the gate's own NCCL communicator: built against nccl.h {nccl}, not linked")
+        else:
+            nccl = f"none: {nccl_version}"
+            say(f"the gate's own NCCL communicator: skipped, {nccl_version}")
+    info_text = build_info_text(torch, with_cuda, archs, nvcc, nccl)
     say(f"torch {torch.__version__} at {os.path.dirname(torch.__file__)} (cxx11 abi "
         f"{bool(torch._C._GLIBCXX_USE_CXX11_ABI)}), wheel tag {LIMITED_API_TAG}-abi3 "
         f"(Py_LIMITED_API={LIMITED_API_HEX}), MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}, "
@@ -210,7 +255,9 @@ def extensions_and_build_ext():
                     os.remove(path)
                     say(f"removed {path}, left by an earlier build")
 
-    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], py_limited_api=True)
+    # -ldl: dl_iterate_phdr/dlopen/dlsym of csrc/nccl (in libc itself since glibc 2.34).
+    kwargs = dict(include_dirs=include_dirs, py_limited_api=True,
+                  extra_link_args=["-ldl"] if with_cuda else [])
     if with_cuda:
         ext = cpp_extension.CUDAExtension(
             "esper_gate._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O2", "-lineinfo"]},

@@ -6,8 +6,8 @@ import os
 import sys
 
 
-INFO_KEYS = ("version", "build", "torch_version", "torch_cuda", "cuda_archs", "nvcc", "cxx11_abi", "abi",
-             "python", "built_at")
+INFO_KEYS = ("version", "build", "torch_version", "torch_cuda", "cuda_archs", "nvcc", "nccl", "cxx11_abi",
+             "abi", "python", "built_at")
 
 
 def cmd_info(_args) -> int:
@@ -47,6 +47,8 @@ def cmd_info(_args) -> int:
         print(f"  {'ops':14s} none: there is no native library (esper_gate/_C) in {pkg_dir}")
     else:
         print(f"  {'ops':14s} not loaded: {library} was not built for this torch")
+    for line in nccl_lines():
+        print(f"  {line}")
     if found:
         print("\nMISMATCH: " + "; ".join(found))
         print(f"fix: {build_info.REBUILD_HINT}")
@@ -55,6 +57,23 @@ def cmd_info(_args) -> int:
         print(f"\nPROBLEM: {problem}")
         return 1
     return 0
+
+
+def nccl_lines() -> list[str]:
+    """The NCCL library the gate's own communicator would use, or why there is none."""
+    from esper_gate import _nccl
+
+    try:
+        info = _nccl.library_info()
+    except Exception as e:  # noqa: BLE001 - info reports, it does not fail on this
+        return [f"{'gate NCCL':14s} unknown: {type(e).__name__}: {e}"]
+    torch_nccl = ".".join(map(str, info["torch_version"])) if info["torch_version"] else "none"
+    lines = [f"{'torch NCCL':14s} {torch_nccl}"]
+    if info["path"]:
+        lines.append(f"{'gate NCCL':14s} {info['path']} (version {'.'.join(map(str, info['version']))}, "
+                     f"header {'.'.join(map(str, info['header_version']))})")
+    lines.append(f"{'gate NCCL use':14s} " + ("yes" if info["usable"] else f"no: {info['why']}"))
+    return lines
 
 
 COMMANDS = {

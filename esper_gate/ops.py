@@ -92,3 +92,26 @@ def _sync_fake(votes, stages, targets, seq, site, policy, group_name, poison=0):
         f"tensor has no data to all_reduce, so the gate cannot be decided (pass tensors on the "
         f"gate's device)"))
     return torch.ops.esper_gate.decode.default(buffer, votes.shape[0], world, policy)
+
+
+# ---- side effects -------------------------------------------------------------
+#
+# A sync is a collective: every peer waits for this rank's contribution, so a
+# traced graph must keep the call even when nothing reads its outputs. The
+# schema is functional (no mutated argument), which FX's dead-code
+# elimination (torch.fx.Node.is_impure, Graph.eliminate_dead_code, run by
+# Dynamo, AOTAutograd and Inductor) would treat as removable;
+# torch.fx.node.has_side_effect marks it impure. The NCCL all_reduce op
+# mutates its buffer, which already keeps it, and is marked too.
+def _mark_side_effects() -> None:
+    import torch.fx.node
+
+    ops = torch.ops.esper_gate
+    for name in ("sync", "nccl_all_reduce_"):
+        if hasattr(ops, name):
+            packet = getattr(ops, name)
+            torch.fx.node.has_side_effect(packet)
+            torch.fx.node.has_side_effect(packet.default)
+
+
+_mark_side_effects()

@@ -5,6 +5,7 @@
 // shared memory with no second launch and no host round trip.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -51,6 +52,14 @@ __global__ void decode_kernel(
 at::Tensor pack_cuda(
     const PackCall& call, const at::Tensor& votes, const at::Tensor& stages, const at::Tensor& targets) {
   const c10::cuda::CUDAGuard guard(votes.device());
+  // seq and site are kernel arguments: a captured pack would put the call
+  // number of the capture into every replay, and the peers would see one
+  // call repeated (a stale call number, or a divergence that is not one).
+  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              "esper_gate.pack: refused while the current CUDA stream is capturing a CUDA graph: the call "
+              "number (seq) is a kernel argument, so every replay of the graph would resend the call number "
+              "of the capture. Call the gate (esper_gate.sync / GateSync) outside the captured region, "
+              "e.g. before torch.cuda.graph or between two graphs.");
   auto stream = c10::cuda::getCurrentCUDAStream();
   int64_t* out = call.out.mutable_data_ptr<int64_t>();
   if (votes.scalar_type() == at::kBool) {

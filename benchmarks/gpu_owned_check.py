@@ -1,0 +1,402 @@
+"""GPU-only checks of the gate's own NCCL communicator (esper_gate/_nccl.py), one PASS/FAIL line each.
+
+    python benchmarks/gpu_owned_check.py [--cycles 100] [--only NAME ...]
+
+Run by benchmarks/gpu_check.sh (step `owned_nccl`). Each case runs in a
+process of its own, spawned from here, under a deadline, so a hang or a crash
+is one FAIL line with a figure, not the end of the run. Exit 0: all PASS;
+1: a FAIL; 3: no GPU visible to torch (every case SKIPPED).
+
+One GPU: NCCL cannot put two ranks of a communicator on one device, so a
+"peer that never calls" is a world of 2 whose rank 1 never initializes; the
+rank under test then has an init that stays pending (the bootstrap waits
+for rank 1), and its abort is what is measured.
+
+Cases:
+  init_timeout_abort   world 2, rank 1 never joins: init pending for 1 s, abort within 2 s
+  stuck_abort_then_new world 2, both ranks on the one GPU in two processes (if NCCL allows it), rank 1
+                       never calls: rank 0's all_reduce is stuck, abort from another thread within 2 s;
+                       if NCCL refuses two ranks on one GPU, the init-pending variant (all_reduce_
+                       refused, abort within 2 s). Then a new world-1 communicator all-reduces correctly
+  one_context          nvidia-smi --query-compute-apps shows one context, of this process, on the
+                       gate's device, after init, all_reduce, abort and mapped words (another thread
+                       polls state() and aborts: no context on GPU 0 from them)
+  cycles               N init/abort cycles (world 2, pending) and N world-1 init/all_reduce/destroy:
+                       fds, threads and GPU memory do not grow
+  graph_capture        a user's global-mode torch.cuda.graph capture on its own stream while a gate
+                       all_reduce is in flight and another thread polls state(): the capture succeeds
+  capture_refused      esper_gate.pack/sync and nccl all_reduce_ under capture raise the clear error
+  sync_debug           torch.cuda.set_sync_debug_mode("error") around all_reduce_ and state()
+  mapped_words         a kernel-side write through .device is read on .host with no CUDA call
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+CASES = ("init_timeout_abort", "stuck_abort_then_new", "one_context", "cycles", "graph_capture",
+         "capture_refused", "sync_debug", "mapped_words")
+
+
+def _device():
+    import torch
+
+    torch.cuda.set_device(0)
+    return torch.device("cuda", 0)
+
+
+def _world1_comm(nccl, dev, wait_s=30.0):
+    comm = nccl.NcclComm(nccl.unique_id(), 0, 1, dev)
+    t0 = time.monotonic()
+    while (s := comm.state()) == "pending" and time.monotonic() - t0 < wait_s:
+        time.sleep(0.001)
+    if s != "ready":
+        raise RuntimeError(f"world-1 init did not become ready in {wait_s}s: {s}")
+    return comm
+
+
+def case_init_timeout_abort(args):
+    from esper_gate import _nccl
+
+    dev = _device()
+    comm = _nccl.NcclComm(_nccl.unique_id(), 0, 2, dev)
+    t0 = time.monotonic()
+    states = set()
+    while time.monotonic() - t0 < 1.0:
+        states.add(comm.state())
+        time.sleep(0.01)
+    t1 = time.monotonic()
+    comm.abort()
+    abort_s = time.monotonic() - t1
+    after = comm.state()
+    comm.close()
+    ok = states == {"pending"} and abort_s < 2.0 and after == "aborted"
+    return ok, f"states during 1 s {sorted(states)}, abort {abort_s * 1000:.0f} ms, then {after!r}"
+
+
+def _silent_peer(uid, ready, release):
+    """Rank 1 of a world of 2 on the same GPU: initializes, then never calls."""
+    from esper_gate import _nccl
+
+    comm = _nccl.NcclComm(uid, 1, 2, _device())
+    t0 = time.monotonic()
+    while (s := comm.state()) == "pending" and time.monotonic() - t0 < 30:
+        time.sleep(0.001)
+    ready.put(s)
+    release.wait(60)
+    comm.abort()
+    comm.close()
+
+
+def case_stuck_abort_then_new(args):
+    import torch
+
+    from esper_gate import _nccl
+
+    dev = _device()
+    uid = _nccl.unique_id()
+    ctx = mp.get_context("spawn")
+    ready, release = ctx.Queue(), ctx.Event()
+    peer = ctx.Process(target=_silent_peer, args=(uid, ready, release), daemon=True)
+    peer.start()
+    comm = _nccl.NcclComm(uid, 0, 2, dev)
+    t0 = time.monotonic()
+    while (mine := comm.state()) == "pending" and time.monotonic() - t0 < 30:
+        time.sleep(0.001)
+    try:
+        theirs = ready.get(timeout=30)
+    except queue.Empty:
+        theirs = "no answer"
+    buf = torch.ones(64, dtype=torch.int64, device=dev)
+    if mine == "ready" and theirs == "ready":
+        # two ranks on one GPU: a real all_reduce that the peer never joins
+        how = "two processes on one GPU"
+        done = threading.Event()
+        err = []
+
+        def start():
+            try:
+                comm.all_reduce_(buf, enqueue_timeout_s=30)
+            except RuntimeError as e:
+                err.append(str(e))
+            done.set()
+
+        threading.Thread(target=start, daemon=True).start()
+        time.sleep(1.0)
+        stuck = not torch.cuda.current_stream().query() or not done.is_set()
+    else:
+        # NCCL refused a second rank on this GPU: the peer never initializes, so the
+        # all_reduce is refused (never run unmatched) and the init stays pending
+        how = f"one GPU per rank refused (rank 0 {mine!r}, rank 1 {theirs!r}): init-pending variant"
+        try:
+            comm.all_reduce_(buf)
+            stuck = False
+        except RuntimeError as e:
+            stuck = "not ready" in str(e) or "failed" in str(e)
+    t1 = time.monotonic()
+    finished = threading.Event()
+    threading.Thread(target=lambda: (comm.abort(), finished.set()), daemon=True).start()
+    aborted = finished.wait(10)
+    abort_s = time.monotonic() - t1
+    torch.cuda.synchronize()  # the aborted kernel has ended
+    release.set()
+    peer.join(15)
+    if peer.is_alive():
+        peer.kill()
+    comm.close()
+    new = _world1_comm(_nccl, dev)
+    x = torch.arange(8, dtype=torch.int64, device=dev)
+    new.all_reduce_(x)
+    good = x.tolist() == list(range(8))
+    end = new.destroy()
+    new.close()
+    ok = stuck and aborted and abort_s < 2.0 and good and end == "destroyed"
+    return ok, (f"{how}: stuck {stuck}; abort from another thread {abort_s * 1000:.0f} ms; a new world-1 "
+                f"comm all_reduce {'correct' if good else 'WRONG'}, {end}")
+
+
+def _contexts():
+    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory,gpu_uuid", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=30).stdout
+    return [line.split(", ") for line in out.strip().splitlines() if line.strip()]
+
+
+def case_one_context(args):
+    import torch
+
+    from esper_gate import _nccl
+
+    dev = _device()
+    comm = _world1_comm(_nccl, dev)
+    x = torch.ones(4, dtype=torch.int64, device=dev)
+    comm.all_reduce_(x)
+    words = _nccl.MappedWords(4, dev)
+    stuck = _nccl.NcclComm(_nccl.unique_id(), 0, 2, dev)
+    # another thread polls and aborts, as the gate's deadline thread does
+    t = threading.Thread(target=lambda: ([stuck.state() for _ in range(100)], stuck.abort()))
+    t.start()
+    t.join(10)
+    torch.cuda.synchronize()
+    mine = [c for c in _contexts() if int(c[0]) == os.getpid()]
+    comm.destroy()
+    comm.close()
+    stuck.close()
+    del words
+    ok = len(mine) == 1
+    return ok, f"{len(mine)} compute context(s) of this process: {mine}"
+
+
+def _fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def case_cycles(args):
+    import torch
+
+    from esper_gate import _nccl
+
+    dev = _device()
+    n = args.cycles
+
+    def one_cycle():
+        c = _nccl.NcclComm(_nccl.unique_id(), 0, 2, dev)
+        c.abort()
+        c.close()
+        w = _world1_comm(_nccl, dev)
+        x = torch.ones(16, dtype=torch.int64, device=dev)
+        w.all_reduce_(x)
+        w.destroy()
+        w.close()
+
+    for _ in range(3):  # warm up: NCCL's and CUDA's one-time state
+        one_cycle()
+    torch.cuda.synchronize()
+    before = (_fds(), threading.active_count(), len(os.listdir("/proc/self/task")),
+              torch.cuda.mem_get_info(dev)[0])
+    t0 = time.monotonic()
+    for _ in range(n):
+        one_cycle()
+    torch.cuda.synchronize()
+    took = time.monotonic() - t0
+    time.sleep(0.5)
+    after = (_fds(), threading.active_count(), len(os.listdir("/proc/self/task")),
+             torch.cuda.mem_get_info(dev)[0])
+    fd_growth, task_growth = after[0] - before[0], after[2] - before[2]
+    mem_growth = (before[3] - after[3]) / 2**20
+    # a few fds or threads of slack for NCCL's lazily started helpers; none per cycle
+    ok = fd_growth <= 4 and task_growth <= 4 and mem_growth < 64
+    return ok, (f"{n} cycles in {took:.1f} s: fds {before[0]}->{after[0]}, OS threads {before[2]}->{after[2]}, "
+                f"GPU free memory {mem_growth:+.1f} MiB used")
+
+
+def case_graph_capture(args):
+    import torch
+
+    from esper_gate import _nccl
+
+    dev = _device()
+    comm = _world1_comm(_nccl, dev)
+    khz = getattr(torch.cuda.get_device_properties(dev), "clock_rate", 0) or 2_000_000
+    stop = threading.Event()
+    polls = [0]
+
+    def poll():
+        while not stop.is_set():
+            comm.state()
+            polls[0] += 1
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    buf = torch.ones(1024, dtype=torch.int64, device=dev)
+    torch.cuda._sleep(int(0.2 * khz * 1000))  # the all_reduce stays queued behind ~200 ms of spin
+    comm.all_reduce_(buf)
+    a = torch.zeros(1024, device=dev)
+    user = torch.cuda.Stream()
+    g = torch.cuda.CUDAGraph()
+    captured = "ok"
+    try:
+        with torch.cuda.stream(user):
+            with torch.cuda.graph(g, stream=user):  # capture_error_mode defaults to "global"
+                a.add_(1.0)
+    except RuntimeError as e:
+        captured = f"capture failed: {e}"
+    in_flight = not torch.cuda.current_stream().query()
+    stop.set()
+    poller.join(5)
+    g.replay()
+    torch.cuda.synchronize()
+    good = buf[0].item() == 1 and a[0].item() == 1.0
+    comm.destroy()
+    comm.close()
+    ok = captured == "ok" and good
+    return ok, (f"global-mode capture {captured} while the all_reduce was "
+                f"{'in flight' if in_flight else 'already done (spin too short)'}; {polls[0]} state() polls "
+                f"meanwhile; replay {'correct' if good else 'WRONG'}")
+
+
+def case_capture_refused(args):
+    import torch
+
+    import esper_gate
+    from esper_gate import _nccl
+
+    dev = _device()
+    comm = _world1_comm(_nccl, dev)
+    votes = torch.tensor([True, False], device=dev)
+    stages = torch.tensor([3, 4], device=dev)
+    said = {}
+    buf = torch.ones(8, dtype=torch.int64, device=dev)
+    for what, fn in (("pack", lambda: esper_gate.pack(votes, stages, stages, 1, 7, "unanimous", 0, 1)),
+                     ("all_reduce_", lambda: comm.all_reduce_(buf))):
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        try:
+            with torch.cuda.graph(g, stream=s):
+                fn()
+            said[what] = "captured"
+        except RuntimeError as e:
+            said[what] = str(e)
+    torch.cuda.synchronize()
+    comm.destroy()
+    comm.close()
+    ok = ("resend the call number" in said["pack"] and "replay would resend" in said["all_reduce_"])
+    return ok, "; ".join(f"{k}: {v[:100]}" for k, v in said.items())
+
+
+def case_sync_debug(args):
+    import torch
+
+    from esper_gate import _nccl
+
+    dev = _device()
+    comm = _world1_comm(_nccl, dev)
+    buf = torch.ones(8, dtype=torch.int64, device=dev)
+    torch.cuda.set_sync_debug_mode("error")
+    err = None
+    t0 = time.perf_counter()
+    try:
+        for _ in range(10):
+            comm.all_reduce_(buf)
+            comm.state()
+    except RuntimeError as e:
+        err = str(e)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    host_us = (time.perf_counter() - t0) / 10 * 1e6
+    torch.cuda.synchronize()
+    comm.destroy()
+    comm.close()
+    return err is None, f"10 all_reduce_ + state(): {'no sync' if err is None else err}, {host_us:.0f} us each on the host"
+
+
+def case_mapped_words(args):
+    import torch
+
+    from esper_gate import _nccl
+
+    dev = _device()
+    w = _nccl.MappedWords(4, dev)
+    w.host[0] = 7  # host write, no CUDA call
+    w.device[1].fill_(w.device[0] + 5)  # a kernel reads it and writes another word
+    torch.cuda.synchronize()
+    ok = w.host.tolist()[:2] == [7, 12] and w.device.device == dev and not w.host.is_cuda
+    return ok, f"host view after the kernel: {w.host.tolist()}"
+
+
+def _run_case(name, args, out):
+    try:
+        ok, figure = globals()[f"case_{name}"](args)
+        out.put((name, ok, figure))
+    except BaseException as e:  # noqa: BLE001
+        out.put((name, False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cycles", type=int, default=100)
+    p.add_argument("--only", nargs="*", choices=CASES)
+    p.add_argument("--case-timeout", type=float, default=60.0)
+    args = p.parse_args(argv)
+    import torch
+
+    cases = args.only or list(CASES)
+    if not torch.cuda.is_available():
+        for name in cases:
+            print(f"SKIPPED {name}: no GPU visible to torch", flush=True)
+        return 3
+    from esper_gate import _nccl
+
+    info = _nccl.library_info()
+    print(f"NCCL: {info['path']} {info['version']} (torch {info['torch_version']}), usable {info['usable']} "
+          f"{info['why']}", flush=True)
+    ctx = mp.get_context("spawn")
+    failed = 0
+    for name in cases:
+        out = ctx.Queue()
+        proc = ctx.Process(target=_run_case, args=(name, args, out))
+        t0 = time.monotonic()
+        proc.start()
+        try:
+            _, ok, figure = out.get(timeout=args.case_timeout)
+        except queue.Empty:
+            ok, figure = False, f"no result within {args.case_timeout:.0f} s (hang or crash, exit {proc.exitcode})"
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+        elif proc.exitcode not in (0, None) and ok:
+            ok, figure = False, f"{figure}; but the process exited {proc.exitcode}"
+        failed += not ok
+        print(f"{'PASS' if ok else 'FAIL'} {name} ({time.monotonic() - t0:.1f}s): {figure}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The gate's own NCCL library and communicator (esper_gate/_nccl.py, csrc/nccl), without a GPU.
+
+What a machine without a GPU can settle: the library found is the one torch
+loaded, its version check and the message of a mismatch or a second copy, a
+unique id made and carried to every rank by the store, the ncclConfig_t that
+init passes, and clear errors (not crashes) for a communicator or mapped words
+without a GPU. The GPU cases are in benchmarks/gpu_owned_check.py. In a
+CPU-only build these tests skip with the reason, except the one that checks
+that reason.
+"""
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import esper_gate
+from esper_gate import _nccl
+from esper_gate._spawn import spawn_ranks, values
+from esper_gate.errors import GateConfigError
+
+INFO = _nccl.library_info()
+needs_nccl = pytest.mark.skipif(not INFO["usable"], reason=f"no usable NCCL: {INFO['why']}")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(esper_gate.__file__)))
+
+
+def mapped_nccl_paths():
+    """Realpaths of every libnccl.so* mapped into this process, read from /proc/self/maps."""
+    paths = set()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and os.path.basename(parts[5]).startswith("libnccl.so"):
+                paths.add(os.path.realpath(parts[5]))
+    return paths
+
+
+@pytest.mark.skipif(esper_gate.BUILD_INFO.get("build") == "cuda" and INFO["usable"],
+                    reason="a build with NCCL: the reason for its absence is not shown")
+def test_without_nccl_every_entry_says_why():
+    assert not INFO["usable"] and INFO["why"]
+    with pytest.raises(GateConfigError, match="cannot use NCCL: " + INFO["why"][:30]):
+        _nccl.check_library()
+    with pytest.raises(GateConfigError, match="cannot use NCCL"):
+        _nccl.unique_id()
+
+
+@needs_nccl
+def test_library_is_the_one_torch_loaded():
+    info = _nccl.check_library()
+    maps = mapped_nccl_paths()
+    assert maps == {info["path"]}, (maps, info)
+    assert info["copies"] == [info["path"]]
+    assert info["version"] == tuple(torch.cuda.nccl.version())
+    assert info["header_version"] <= info["version"]
+    # the library of torch's nvidia-nccl wheel, beside this torch
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    assert info["path"] == os.path.realpath(os.path.join(site, "nvidia", "nccl", "lib", "libnccl.so.2"))
+
+
+@needs_nccl
+def test_a_version_other_than_torchs_is_refused_naming_both():
+    wrong = (2, 1, 9)
+    info = _nccl.library_info(expected_version=wrong)
+    assert not info["usable"]
+    loaded = ".".join(map(str, INFO["version"]))
+    for part in (INFO["path"], f"version {loaded}", "reports NCCL 2.1.9", torch.__version__,
+                 os.path.dirname(torch.__file__)):
+        assert part in info["why"], (part, info["why"])
+    with pytest.raises(GateConfigError, match="cannot use NCCL: the NCCL loaded in this process"):
+        _nccl.check_library(expected_version=wrong)
+    assert _nccl.check_library(expected_version=INFO["version"])["usable"]
+
+
+@needs_nccl
+@pytest.mark.timeout(120)
+def test_a_second_copy_is_refused_naming_both(tmp_path):
+    copy = tmp_path / "libnccl.so.2"
+    shutil.copyfile(INFO["path"], copy)
+    code = textwrap.dedent(f"""
+        import ctypes, os
+        import esper_gate
+        from esper_gate import _nccl
+        from esper_gate.errors import GateConfigError
+        assert _nccl.library_info()["usable"]
+        ctypes.CDLL({str(copy)!r}, mode=os.RTLD_NOW | os.RTLD_LOCAL)
+        info = _nccl.library_info()
+        print("WHY", info["why"])
+        print("COPIES", sorted(info["copies"]))
+        try:
+            _nccl.unique_id()
+        except GateConfigError as e:
+            print("REFUSED", e)
+    """)
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT)
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=100)
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = p.stdout
+    version = _nccl.version_code(INFO["version"])
+    assert f"2 copies of NCCL are loaded in this process: {INFO['path']} (version code {version}) and " \
+           f"{copy} (version code {version})" in out, out
+    assert f"COPIES {sorted([INFO['path'], str(copy)])}" in out
+    assert "REFUSED esper_gate cannot use NCCL: 2 copies of NCCL" in out
+
+
+@needs_nccl
+def test_unique_ids_are_128_bytes_and_new_each_time():
+    a, b = _nccl.unique_id(), _nccl.unique_id()
+    assert isinstance(a, bytes) and len(a) == _nccl.UNIQUE_ID_BYTES == 128
+    assert len(b) == 128 and a != b
+
+
+def _unique_id_through_store(rank, world):
+    import torch.distributed as dist
+
+    from esper_gate import _nccl
+
+    store = dist.distributed_c10d._get_default_store()
+    if rank == 0:
+        store.set("esper_gate/test/nccl_uid", _nccl.unique_id())
+    store.wait(["esper_gate/test/nccl_uid"])
+    return store.get("esper_gate/test/nccl_uid")
+
+
+@needs_nccl
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_unique_id_reaches_every_rank_through_the_store():
+    got = values(spawn_ranks(_unique_id_through_store, 3, timeout=100))
+    assert len(got) == 3 and len(got[0]) == 128
+    assert got[1] == got[0] and got[2] == got[0]
+
+
+class ConfigV23000(ctypes.Structure):
+    # ncclConfig_v23000 of nccl.h (NCCL 2.30.7), written out field by field as an oracle for sizeof.
+    _fields_ = [("size", ctypes.c_size_t), ("magic", ctypes.c_uint), ("version", ctypes.c_uint)] + \
+        [(n, ctypes.c_int) for n in ("blocking", "cgaClusterSize", "minCTAs", "maxCTAs")] + \
+        [("netName", ctypes.c_char_p), ("splitShare", ctypes.c_int), ("trafficClass", ctypes.c_int),
+         ("commName", ctypes.c_char_p)] + \
+        [(n, ctypes.c_int) for n in ("collnetEnable", "CTAPolicy", "shrinkShare", "nvlsCTAs",
+                                     "nChannelsPerNetPeer", "nvlinkCentricSched", "graphUsageMode",
+                                     "numRmaCtx", "maxP2pPeers", "graphStreamOrdering")]
+
+
+@needs_nccl
+def test_config_is_filled_for_the_loaded_version():
+    c = _nccl.config_probe()
+    assert c["magic"] == 0xCAFEBEEF  # NCCL_API_MAGIC
+    assert c["version"] == c["header_version"] == _nccl.version_code(INFO["header_version"])
+    assert c["version"] <= _nccl.version_code(INFO["version"]), "the library is older than the config it gets"
+    assert c["blocking"] == 0, "init must be non-blocking"
+    assert c["commName"] == "esper_gate"
+    undef = -(2 ** 31)  # NCCL_CONFIG_UNDEF_INT: NCCL's default
+    assert c["undef_int"] == undef
+    for field in ("cgaClusterSize", "minCTAs", "maxCTAs", "splitShare", "trafficClass", "collnetEnable",
+                  "CTAPolicy", "shrinkShare", "nvlsCTAs"):
+        assert c[field] == undef, field
+    if INFO["header_version"] == (2, 30, 7):
+        assert c["size"] == ctypes.sizeof(ConfigV23000)
+
+
+@needs_nccl
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_a_communicator_without_a_gpu_is_a_clear_error():
+    uid = _nccl.unique_id()
+    with pytest.raises(GateConfigError, match=r"NcclComm: no CUDA device is visible to this process .*cuda:0"):
+        _nccl.NcclComm(uid, 0, 1, torch.device("cuda", 0))
+    with pytest.raises(GateConfigError, match=r"MappedWords: no CUDA device is visible"):
+        _nccl.MappedWords(2, "cuda:0")
+    # the C++ check behind the Python one
+    with pytest.raises(RuntimeError, match="no CUDA device is usable in this process"):
+        torch.ops.esper_gate.nccl_comm_init(torch.frombuffer(bytearray(uid), dtype=torch.uint8), 0, 1, 0)
+
+
+@needs_nccl
+@pytest.mark.parametrize("args, says", [
+    ((b"x" * 7, 0, 1, "cuda:0"), "unique_id must be the 128 bytes of unique_id(), got 7 bytes"),
+    ((b"x" * 128, 2, 2, "cuda:0"), "rank 2 is not in a world of 2"),
+    ((b"x" * 128, 0, 1, "cpu"), "needs a CUDA device, got cpu"),
+])
+def test_bad_communicator_arguments_name_the_value(args, says):
+    with pytest.raises((ValueError, GateConfigError), match=says.replace("(", r"\(").replace(")", r"\)")):
+        _nccl.NcclComm(*args)
+
+
+def test_info_command_names_the_nccl_library():
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT)
+    p = subprocess.run([sys.executable, "-m", "esper_gate", "info"], cwd=PKG_PARENT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "torch NCCL" in p.stdout
+    if INFO["usable"]:
+        assert f"gate NCCL      {INFO['path']} (version {'.'.join(map(str, INFO['version']))}" in p.stdout
+        assert "gate NCCL use  yes" in p.stdout
+    else:
+        assert f"gate NCCL use  no: {INFO['why']}" in p.stdout
