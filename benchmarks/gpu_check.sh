@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_check.sh OUT_DIR
 #
 # On a machine with an NVIDIA GPU and this repository checked out, it
+# Knob GPU_CHECK_NCCL_CYCLES (default 100): init/abort cycles of the owned_nccl step.
+#
 #   1. records the machine (nvidia-smi, torch, nvcc)                  env.log
 #   2. builds the extension in place for the local GPU's arch          build.log
 #      (ESPER_GATE_FORCE_CUDA=1, ESPER_GATE_CUDA_ARCHS=<capability>)
@@ -14,6 +16,13 @@
 #      rank; 2-4 ranks on the one GPU through gloo with CUDA tensors and a
 #      divergence; no host sync inside the op (returns while a queued spin
 #      kernel runs); capture + replay in a CUDA graph; torch.compile
+#   4b. the gate's own NCCL communicator: tests/test_nccl_lib.py and    nccl_lib.log
+#      tests/test_graph_safety.py, then benchmarks/gpu_owned_check.py: owned_nccl.log
+#      init that times out then aborts, a stuck all_reduce aborted
+#      within 2 s and a new communicator after it, one CUDA context
+#      per process, 100 init/abort cycles without growth, a user's
+#      global-mode capture while a gate all_reduce is in flight,
+#      capture refused with the clear error, set_sync_debug_mode("error")
 #   5. runs the benchmark's NCCL rows with one rank (per-slot unanimous
 #      with .item(), rank-0 broadcast, bare floor, esper_gate, raw op) and
 #      the host-side enqueue time of one sync                          bench.log, bench/bench.{md,json,png}
@@ -23,7 +32,8 @@
 # and prints a PASS/FAIL/SKIPPED line per step (also in summary.txt).
 #
 # Every step has a timeout and the whole run a budget (GPU_CHECK_BUDGET_S,
-# default 450 s), so it ends in under 8 minutes. Exit status: 0 every step
+# default 290 s), so it ends in under 5 minutes; the benchmarks, last, are
+# skipped when too little of the budget is left for them. Exit status: 0 every step
 # passed; 1 a step failed or timed out; 3 no GPU is visible to torch: the GPU
 # steps are SKIPPED (the CPU tests and a quick gloo benchmark still run, so the
 # script itself can be tried anywhere).
@@ -43,7 +53,7 @@ mkdir -p "$1" || exit 2
 OUT=$(cd "$1" && pwd)
 cd "$ROOT" || exit 2
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-450}
+BUDGET=${GPU_CHECK_BUDGET_S:-290}
 START=$SECONDS
 # The in-place build lives in the source tree; spawned ranks inherit this.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -168,7 +178,7 @@ if [ "$GPU" = 1 ]; then
   if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
     skip build "GPU_CHECK_SKIP_BUILD=1: using the build that is there"
   else
-    step build 240 build || BUILD_OK=0
+    step build 180 build || BUILD_OK=0
   fi
   step info 60 check_build || BUILD_OK=0
 else
@@ -192,17 +202,35 @@ EOF
 }
 export -f cuda_tests
 if [ "$GPU" = 1 ] && [ "$BUILD_OK" = 1 ]; then
-  step test_cuda 200 cuda_tests
+  step test_cuda 120 cuda_tests
 elif [ "$GPU" = 1 ]; then
   record test_cuda FAIL 0 "not run: no usable CUDA build"
 else
   skip test_cuda "no GPU"
 fi
 
-# ---- 5. benchmark --------------------------------------------------------------
+# ---- 4b. the gate's own NCCL communicator ---------------------------------------------
 if [ "$GPU" = 1 ] && [ "$BUILD_OK" = 1 ]; then
+  step nccl_lib 60 "$PY" -m pytest tests/test_nccl_lib.py tests/test_graph_safety.py -q -rs -p no:cacheprovider
+  # One PASS/FAIL line per case, each with its figure, also in owned_nccl.log.
+  step owned_nccl 150 "$PY" benchmarks/gpu_owned_check.py --cycles "${GPU_CHECK_NCCL_CYCLES:-100}"
+  grep -E '^(PASS|FAIL|SKIPPED) ' "$OUT/owned_nccl.log" | sed 's/^/    /'
+else
+  skip nccl_lib "no GPU or no CUDA build"
+  skip owned_nccl "no GPU or no CUDA build"
+  # The script itself still runs: it must say SKIPPED for every case and exit 3.
+  owned_dry() { "$PY" benchmarks/gpu_owned_check.py; [ $? -eq 3 ]; }
+  export -f owned_dry
+  step owned_nccl_dry 60 owned_dry
+fi
+
+# ---- 5. benchmark --------------------------------------------------------------
+# 90 s for the benchmark and 135 s for steps 6 and 7 after it
+if [ "$GPU" = 1 ] && [ "$BUILD_OK" = 1 ] && [ $((BUDGET - (SECONDS - START))) -lt 225 ]; then
+  skip bench "optional, and less than 225 s of the budget is left (the benchmark and the steps after it)"
+elif [ "$GPU" = 1 ] && [ "$BUILD_OK" = 1 ]; then
   # NCCL with one rank: NCCL cannot put two ranks on one GPU.
-  step bench 150 "$PY" benchmarks/bench_sync.py --backend nccl --budget 3 --out "$OUT/bench"
+  step bench 90 "$PY" benchmarks/bench_sync.py --backend nccl --budget 3 --out "$OUT/bench"
 elif [ "$GPU" = 1 ]; then
   record bench FAIL 0 "not run: no usable CUDA build"
 else
@@ -242,13 +270,13 @@ dist.destroy_process_group()
 print("torch.compile(fullgraph=True) of esper_gate.sync on CUDA/NCCL matches eager:", got[0].tolist())
 EOF
 if [ "$GPU" = 1 ] && [ "$BUILD_OK" = 1 ]; then
-  step compile_sync_nccl 120 "$PY" "$OUT/compile_sync_nccl.py"
+  step compile_sync_nccl 60 "$PY" "$OUT/compile_sync_nccl.py"
 else
   skip compile_sync_nccl "no GPU or no CUDA build"
 fi
 
 # ---- 7. CPU subset ---------------------------------------------------------------
-step cpu_tests 90 "$PY" -m pytest tests/test_ops.py tests/test_wire.py -q -p no:cacheprovider
+step cpu_tests 60 "$PY" -m pytest tests/test_ops.py tests/test_wire.py -q -p no:cacheprovider
 
 # ---- 8. the gloo sweep on this machine's CPUs (last: the least important) ------------
 if [ "$GPU" = 1 ] && [ $((BUDGET - (SECONDS - START))) -lt 100 ]; then
