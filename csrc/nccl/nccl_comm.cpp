@@ -539,7 +539,15 @@ void all_reduce_(at::Tensor& buf, int64_t handle, double enqueue_timeout_s) {
 // every rank. Abort alone ends the stuck kernel (it polls NCCL's abort flag)
 // and frees the communicator in one call, from any thread.
 void comm_abort(int64_t handle) {
-  auto c = lookup(handle);
+  std::shared_ptr<Comm> c;
+  {
+    // A handle released meanwhile (close() on another thread) was aborted or
+    // destroyed by that release: nothing is left to abort.
+    std::lock_guard<std::mutex> lock(registry_mu);
+    auto it = registry.find(handle);
+    if (it == registry.end()) return;
+    c = it->second;
+  }
   const NcclApi& nccl = api();
   CudaScope scope(c->device);
   std::lock_guard<std::mutex> lock(c->mu);
