@@ -345,6 +345,20 @@ c10::cuda::CUDAStream gate_stream(int device) {
 
 enum class Life { Live, Aborted, Destroyed };
 
+// Runs f with `device` current and restores the previous device, throwing
+// nothing: destructors call it, possibly late in the process's exit, when the
+// CUDA runtime may already be unloading (a c10::cuda::CUDAGuard would throw
+// there, and a throw from a destructor terminates the process).
+template <typename F>
+void on_device_quietly(int device, F&& f) {
+  int previous = -1;
+  if (cudaGetDevice(&previous) == cudaSuccess && cudaSetDevice(device) == cudaSuccess) {
+    f();
+    cudaSetDevice(previous);
+  }
+  (void)cudaGetLastError();
+}
+
 struct Comm {
   // Every NCCL call on `comm` holds `mu`. Each such call returns promptly:
   // the communicator is non-blocking, so init, all_reduce and finalize return
@@ -360,19 +374,21 @@ struct Comm {
 
   ~Comm() {
     // Only events here: the communicator itself was aborted or destroyed by
-    // an explicit call (an NCCL call from a destructor could run at exit,
-    // after NCCL's own teardown). cudaEventDestroy of an event still pending
-    // returns at once; its resources go when it completes.
-    if (caller_done || gate_done) {
-      c10::cuda::CUDAGuard g(static_cast<c10::DeviceIndex>(device));
+    // an explicit call (an NCCL call from a destructor could run after NCCL's
+    // own teardown). cudaEventDestroy of an event still pending returns at
+    // once; its resources go when it completes.
+    on_device_quietly(device, [this] {
       if (caller_done) cudaEventDestroy(caller_done);
       if (gate_done) cudaEventDestroy(gate_done);
-    }
+    });
   }
 };
 
-std::mutex registry_mu;
-std::unordered_map<int64_t, std::shared_ptr<Comm>> registry;
+// Never destroyed: a communicator still registered at exit is left to the
+// process's end, not destroyed by a static destructor after CUDA's teardown.
+std::mutex& registry_mu = *new std::mutex;
+std::unordered_map<int64_t, std::shared_ptr<Comm>>& registry =
+    *new std::unordered_map<int64_t, std::shared_ptr<Comm>>;
 int64_t next_handle = 1;
 
 std::shared_ptr<Comm> lookup(int64_t handle) {
@@ -618,10 +634,7 @@ struct MappedBlock {
   void* host = nullptr;
   int device = 0;
   ~MappedBlock() {
-    if (host) {
-      c10::cuda::CUDAGuard g(static_cast<c10::DeviceIndex>(device));
-      cudaFreeHost(host);
-    }
+    if (host) on_device_quietly(device, [this] { cudaFreeHost(host); });
   }
 };
 
