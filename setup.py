@@ -151,8 +151,11 @@ def find_nccl_include(torch):
     import importlib.util
     import re
 
-    candidates = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__))),
-                           "nvidia", "nccl", "include")]
+    import glob
+
+    nvidia = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__))), "nvidia")
+    candidates = [os.path.join(nvidia, "nccl", "include")] + sorted(
+        os.path.dirname(h) for h in glob.glob(os.path.join(nvidia, "*", "include", "nccl.h")))
     try:
         spec = importlib.util.find_spec("nvidia.nccl")
         candidates += [os.path.join(p, "include") for p in (spec.submodule_search_locations or [])] if spec else []

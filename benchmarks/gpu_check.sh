@@ -213,7 +213,7 @@ fi
 if [ "$GPU" = 1 ] && [ "$BUILD_OK" = 1 ]; then
   step nccl_lib 60 "$PY" -m pytest tests/test_nccl_lib.py tests/test_graph_safety.py -q -rs -p no:cacheprovider
   # One PASS/FAIL line per case, each with its figure, also in owned_nccl.log.
-  step owned_nccl 150 "$PY" benchmarks/gpu_owned_check.py --cycles "${GPU_CHECK_NCCL_CYCLES:-100}"
+  step owned_nccl 200 "$PY" benchmarks/gpu_owned_check.py --cycles "${GPU_CHECK_NCCL_CYCLES:-100}"
   grep -E '^(PASS|FAIL|SKIPPED) ' "$OUT/owned_nccl.log" | sed 's/^/    /'
 else
   skip nccl_lib "no GPU or no CUDA build"

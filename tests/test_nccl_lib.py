@@ -59,8 +59,8 @@ def test_library_is_the_one_torch_loaded():
     assert info["version"] == tuple(torch.cuda.nccl.version())
     assert info["header_version"] <= info["version"]
     # the library of torch's nvidia-nccl wheel, beside this torch
-    site = os.path.dirname(os.path.dirname(torch.__file__))
-    assert info["path"] == os.path.realpath(os.path.join(site, "nvidia", "nccl", "lib", "libnccl.so.2"))
+    nvidia = os.path.realpath(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia"))
+    assert info["path"].startswith(nvidia + os.sep), (info["path"], nvidia)
 
 
 @needs_nccl
@@ -155,11 +155,13 @@ def test_config_is_filled_for_the_loaded_version():
     assert c["version"] == c["header_version"] == _nccl.version_code(INFO["header_version"])
     assert c["version"] <= _nccl.version_code(INFO["version"]), "the library is older than the config it gets"
     assert c["blocking"] == 0, "init must be non-blocking"
-    assert c["commName"] == "esper_gate"
     undef = -(2 ** 31)  # NCCL_CONFIG_UNDEF_INT: NCCL's default
     assert c["undef_int"] == undef
-    for field in ("cgaClusterSize", "minCTAs", "maxCTAs", "splitShare", "trafficClass", "collnetEnable",
-                  "CTAPolicy", "shrinkShare", "nvlsCTAs"):
+    fields = ["cgaClusterSize", "minCTAs", "maxCTAs", "splitShare"]
+    if INFO["header_version"] >= (2, 27, 0):  # ncclConfig_v22700
+        fields += ["trafficClass", "collnetEnable", "CTAPolicy", "shrinkShare", "nvlsCTAs"]
+        assert c["commName"] == "esper_gate"
+    for field in fields:
         assert c[field] == undef, field
     if INFO["header_version"] == (2, 30, 7):
         assert c["size"] == ctypes.sizeof(ConfigV23000)

@@ -261,7 +261,9 @@ at::Tensor unique_id() {
 ncclConfig_t gate_config() {
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
   config.blocking = 0;
-  config.commName = "esper_gate";
+#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 27, 0)  // ncclConfig_v22700 has commName (and the fields below)
+  config.commName = "esper_gate";  // names the communicator in NCCL's logs
+#endif
   return config;
 }
 
@@ -276,12 +278,14 @@ std::string config_probe() {
   j.num("minCTAs", c.minCTAs);
   j.num("maxCTAs", c.maxCTAs);
   j.num("splitShare", c.splitShare);
+#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 27, 0)
   j.num("trafficClass", c.trafficClass);
   j.str("commName", c.commName ? c.commName : "");
   j.num("collnetEnable", c.collnetEnable);
   j.num("CTAPolicy", c.CTAPolicy);
   j.num("shrinkShare", c.shrinkShare);
   j.num("nvlsCTAs", c.nvlsCTAs);
+#endif
   j.num("undef_int", NCCL_CONFIG_UNDEF_INT);
   j.num("header_version", NCCL_VERSION_CODE);
   return j.done();
