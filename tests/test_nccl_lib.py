@@ -202,3 +202,42 @@ def test_info_command_names_the_nccl_library():
         assert "gate NCCL use  yes" in p.stdout
     else:
         assert f"gate NCCL use  no: {INFO['why']}" in p.stdout
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is visible")
+
+
+@needs_nccl
+@needs_gpu
+@pytest.mark.timeout(60)
+def test_world_of_one_all_reduces_in_place_and_ends_cleanly():
+    import time
+
+    dev = torch.device("cuda", 0)
+    comm = _nccl.NcclComm(_nccl.unique_id(), 0, 1, dev)
+    t0 = time.monotonic()
+    while comm.state() == "pending" and time.monotonic() - t0 < 30:
+        time.sleep(0.001)
+    assert comm.state() == "ready"
+    x = torch.arange(5, dtype=torch.int64, device=dev) * 3
+    assert comm.all_reduce_(x) is x
+    assert x.tolist() == [0, 3, 6, 9, 12]
+    with pytest.raises(RuntimeError, match="contiguous int64"):
+        comm.all_reduce_(torch.ones(3, device=dev))
+    assert comm.destroy() == "destroyed" and comm.state() == "destroyed"
+    comm.close()
+    comm.close()
+    with pytest.raises(GateConfigError, match="closed"):
+        comm.state()
+
+
+@needs_nccl
+@needs_gpu
+def test_mapped_words_are_one_memory_seen_from_host_and_device():
+    w = _nccl.MappedWords(3, "cuda:0")
+    assert w.host.device.type == "cpu" and w.device.device == torch.device("cuda", 0)
+    assert w.host.tolist() == [0, 0, 0]
+    w.host[0] = 41
+    w.device[1:2].copy_(w.device[0:1] + 1)  # a kernel reads the host's write and writes back
+    torch.cuda.synchronize()
+    assert w.host.tolist() == [41, 42, 0]
