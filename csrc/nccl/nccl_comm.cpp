@@ -373,6 +373,7 @@ struct Comm {
   ncclComm_t comm = nullptr;
   int device = 0, rank = 0, world = 0;
   Life life = Life::Live;
+  std::atomic<bool> aborting{false};  // set by abort before it takes `mu`
   cudaEvent_t caller_done = nullptr;  // recorded on the caller's stream, waited on by the gate stream
   cudaEvent_t gate_done = nullptr;    // recorded on the gate stream, waited on by the caller's stream
 
@@ -457,6 +458,7 @@ int64_t comm_init(const at::Tensor& id, int64_t rank, int64_t world, int64_t dev
 std::string comm_state(int64_t handle) {
   auto c = lookup(handle);
   const NcclApi& nccl = api();
+  if (c->aborting.load()) return "aborted";  // without waiting for the abort to finish
   std::lock_guard<std::mutex> lock(c->mu);
   if (c->life == Life::Aborted) return "aborted";
   if (c->life == Life::Destroyed) return "destroyed";
@@ -483,6 +485,8 @@ void all_reduce_(at::Tensor& buf, int64_t handle, double enqueue_timeout_s) {
               "a replay would resend the captured call number. Call the gate outside graph capture.");
   c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(c->device));
   c10::cuda::CUDAStream gate = gate_stream(c->device);
+  TORCH_CHECK(!c->aborting.load(), "esper_gate NCCL: the communicator (rank ", c->rank, " of ", c->world,
+              ") was aborted; build a new one");
   {
     std::lock_guard<std::mutex> lock(c->mu);
     TORCH_CHECK(c->life == Life::Live, "esper_gate NCCL: the communicator (rank ", c->rank, " of ", c->world,
@@ -517,6 +521,8 @@ void all_reduce_(at::Tensor& buf, int64_t handle, double enqueue_timeout_s) {
   // ends this wait; the GIL is released by torch.ops' call.
   auto start = std::chrono::steady_clock::now();
   for (;;) {
+    TORCH_CHECK(!c->aborting.load(), "esper_gate NCCL: the communicator (rank ", c->rank, " of ", c->world,
+                ") was aborted while its all_reduce was being enqueued");
     {
       std::lock_guard<std::mutex> lock(c->mu);
       TORCH_CHECK(c->life == Life::Live, "esper_gate NCCL: the communicator (rank ", c->rank, " of ",
@@ -556,8 +562,15 @@ void all_reduce_(at::Tensor& buf, int64_t handle, double enqueue_timeout_s) {
 // Shrink needs the survivors to agree on excludeRanksList, which is the
 // diagnosis that runs only after the abort, and the gate has no use for a
 // smaller communicator: a failed gate is unusable and a new one is built on
-// every rank. Abort alone ends the stuck kernel (it polls NCCL's abort flag)
-// and frees the communicator in one call, from any thread.
+// every rank. Abort alone "aborts any operations that might still be running
+// on the device" and frees the communicator, in one call. The header says
+// nothing of threads; what makes it safe from the deadline's thread here is
+// that every other call on this communicator is non-blocking and holds `mu`
+// only for that call, so abort gets the lock promptly, and it is the last
+// NCCL call on the handle (life becomes Aborted under the same lock).
+// When another call holds the lock, `aborting` is set before waiting for it,
+// so state() and a waiting all_reduce_ see the abort at once instead of
+// queueing behind it.
 void comm_abort(int64_t handle) {
   std::shared_ptr<Comm> c;
   {
@@ -570,8 +583,16 @@ void comm_abort(int64_t handle) {
   }
   const NcclApi& nccl = api();
   CudaScope scope(c->device);
-  std::lock_guard<std::mutex> lock(c->mu);
-  if (c->life != Life::Live) return;
+  std::unique_lock<std::mutex> lock(c->mu, std::try_to_lock);
+  if (!lock.owns_lock()) {
+    c->aborting.store(true);
+    lock.lock();
+  }
+  if (c->life != Life::Live) {
+    c->aborting.store(false);  // destroyed meanwhile: state() says so
+    return;
+  }
+  c->aborting.store(true);
   c->life = Life::Aborted;
   ncclComm_t comm = c->comm;
   c->comm = nullptr;
