@@ -25,9 +25,10 @@ Cases:
                        fds, OS threads and GPU memory do not grow (each phase measured on its own: a
                        leak of the unique id's bootstrap root, which waits for a rank that never
                        comes, shows in the first)
-  graph_capture        a user's global-mode torch.cuda.graph capture on its own stream while a gate
-                       all_reduce is in flight and another thread polls state(): the capture succeeds
-  capture_refused      esper_gate.pack/sync and nccl all_reduce_ under capture raise the clear error
+  graph_capture        a user's global-mode torch.cuda.graph capture while another thread issues a gate
+                       all_reduce (queued behind a spin, so in flight) and a third polls state(): the
+                       capture succeeds and replays correctly
+  capture_refused      esper_gate.pack and nccl all_reduce_ under capture raise the clear error
   sync_debug           torch.cuda.set_sync_debug_mode("error") around all_reduce_ and state()
   mapped_words         a kernel-side write through .device is read on .host with no CUDA call
 """
@@ -254,41 +255,61 @@ def case_graph_capture(args):
     dev = _device()
     comm = _world1_comm(_nccl, dev)
     khz = getattr(torch.cuda.get_device_properties(dev), "clock_rate", 0) or 2_000_000
-    stop = threading.Event()
+    stop, capture_on, issued, finish = (threading.Event() for _ in range(4))
     polls = [0]
+    errors = []
 
-    def poll():
+    def poll():  # the gate's watcher: state() only, no CUDA call
         while not stop.is_set():
             comm.state()
             polls[0] += 1
 
+    buf = torch.ones(1024, dtype=torch.int64, device=dev)  # allocated before: no cudaMalloc during capture
+    gate_caller = torch.cuda.Stream()
+
+    def gate_call():  # a gate call made by another thread while the user captures
+        try:
+            torch.cuda.set_device(dev)
+            with torch.cuda.stream(gate_caller):
+                capture_on.wait(10)
+                torch.cuda._sleep(int(0.3 * khz * 1000))  # the all_reduce stays queued behind ~300 ms
+                comm.all_reduce_(buf)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(repr(e))
+        issued.set()
+        finish.wait(10)
+
     poller = threading.Thread(target=poll, daemon=True)
+    caller = threading.Thread(target=gate_call, daemon=True)
     poller.start()
-    buf = torch.ones(1024, dtype=torch.int64, device=dev)
-    torch.cuda._sleep(int(0.2 * khz * 1000))  # the all_reduce stays queued behind ~200 ms of spin
-    comm.all_reduce_(buf)
+    caller.start()
     a = torch.zeros(1024, device=dev)
     user = torch.cuda.Stream()
     g = torch.cuda.CUDAGraph()
     captured = "ok"
     try:
-        with torch.cuda.stream(user):
-            with torch.cuda.graph(g, stream=user):  # capture_error_mode defaults to "global"
-                a.add_(1.0)
+        # torch.cuda.graph synchronizes before capture_begin, so the gate call starts inside
+        with torch.cuda.graph(g, stream=user):  # capture_error_mode defaults to "global"
+            capture_on.set()
+            issued.wait(10)
+            a.add_(1.0)
     except RuntimeError as e:
         captured = f"capture failed: {e}"
-    in_flight = not torch.cuda.current_stream().query()
+    in_flight = not gate_caller.query()
+    finish.set()
     stop.set()
     poller.join(5)
+    caller.join(5)
     g.replay()
     torch.cuda.synchronize()
     good = buf[0].item() == 1 and a[0].item() == 1.0
     comm.destroy()
     comm.close()
-    ok = captured == "ok" and good
-    return ok, (f"global-mode capture {captured} while the all_reduce was "
-                f"{'in flight' if in_flight else 'already done (spin too short)'}; {polls[0]} state() polls "
-                f"meanwhile; replay {'correct' if good else 'WRONG'}")
+    ok = captured == "ok" and good and not errors
+    return ok, (f"global-mode capture {captured} while another thread issued a gate all_reduce "
+                f"({'still in flight after the capture' if in_flight else 'done before the capture ended'}"
+                f"{', error ' + errors[0] if errors else ''}) and {polls[0]} state() polls; "
+                f"replay {'correct' if good else 'WRONG'}")
 
 
 def case_capture_refused(args):
