@@ -80,7 +80,7 @@ class Watcher:
         # that a dead store costs exactly one failed request.
         self._store_lock = threading.Lock()
         self._stop = threading.Event()
-        self._written = (0, 0)
+        self._written = (-1, 0)  # so the first write also says "in this gate" (call 0: its construction)
         self._written = self._write()
         self._last_write = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"esper_gate-watch-{rank}", daemon=True)
