@@ -373,3 +373,27 @@ def test_every_present_rank_names_the_skipped_rank_when_the_store_host_exits_aft
     assert "hosts the job's store" not in r1["outcome"][3]
     assert r1["elapsed"] < BOUND_S
     print(f"\n[{kind}] rank 1 named rank {SKIPPER} after {r1['elapsed']:.2f} s")
+
+
+# ---- in-process: construction settings ----------------------------------------------
+
+def test_two_local_ranks_on_one_gpu_are_named_with_the_host_and_the_device():
+    from esper_gate._group import config_error, shared_devices
+
+    mine = {"num_slots": 4, "policy": "unanimous", "site": 1, "world": 3}
+    configs = {0: {**mine, "host": "n1", "device": "cuda:0 (GPU a)"},
+               1: {**mine, "host": "n1", "device": "cuda:1 (GPU b)"},
+               2: {**mine, "host": "n1", "device": "cuda:0 (GPU a)"}}
+    # where ranks run is not a setting they must share
+    assert config_error(configs, mine, 0) is None
+    err = shared_devices(configs)
+    assert isinstance(err, esper_gate.GateConfigError)
+    assert "ranks 0 and 2 are both on cuda:0 (GPU a) of host n1" in str(err)
+    configs[2]["host"] = "n2"   # the same index on another host is another GPU
+    assert shared_devices(configs) is None
+    assert shared_devices({0: {"host": "n1"}, 1: {"host": "n1"}}) is None   # CPU gates
+
+
+def test_an_unknown_transport_is_refused_naming_it():
+    with pytest.raises(esper_gate.GateInputError, match="transport must be None, 'owned' or 'c10d', got 'nccl2'"):
+        esper_gate.GateSync(4, transport="nccl2")
