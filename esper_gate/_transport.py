@@ -67,6 +67,12 @@ def mapped_words(device: torch.device, nccl=None):
     return words
 
 
+def _broken(state: str) -> bool:
+    """An NcclComm state that no call can succeed on: "error: <NCCL's text>" (ncclCommGetAsyncError),
+    "aborted" or "destroyed" ("pending" is an init or enqueue in progress)."""
+    return state.startswith("error") or state in ("aborted", "destroyed")
+
+
 class LocalTransport:
     """A world of one: pack and decode here, no collective."""
 
@@ -248,7 +254,7 @@ class OwnedTransport:
             state = self.comm.state()
             if state == "ready":
                 return
-            if state.startswith("error"):
+            if _broken(state):
                 self.abort()
                 raise GateError(f"GateSync construction: the gate's communicator failed to initialize on rank "
                                 f"{self.rank} ({state}); build a new GateSync on every rank to retry")
@@ -287,7 +293,7 @@ class OwnedTransport:
         if self.comm is None:
             return False
         try:
-            return self.comm.state().startswith("error")
+            return _broken(self.comm.state())
         except Exception:  # noqa: BLE001
             return True
 

@@ -10,8 +10,9 @@ It fails the way NCCL does, so the owned transport's failure path runs in CI:
   the others' (then sums). A peer that never calls leaves it waiting: nothing
   in here times out by itself;
 * ``abort()`` makes a waiting ``all_reduce_`` raise at once, and ``state()``
-  report an error, as ncclCommAbort and ncclCommGetAsyncError do; so does a
-  store request that fails (the store's host died, as a broken connection).
+  say "aborted", as _nccl.NcclComm does after ncclCommAbort; a store request
+  that fails (the store's host died: a broken connection) makes ``state()``
+  report "error: ..." (ncclCommGetAsyncError) and the collective raise.
 
 GateSync takes it as ``GateSync(..., _owned=owned_double)``; spawned ranks
 import it by name (tests/ is on their path).
@@ -87,7 +88,7 @@ class NcclComm:
 
     def state(self) -> str:
         if self._aborted.is_set():
-            return "error: aborted"
+            return "aborted"
         if self._error is not None:
             return f"error: {self._error}"
         if not self._ready:
