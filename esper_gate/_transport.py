@@ -277,6 +277,13 @@ class OwnedTransport:
         if self._aborted:
             raise GateError(f"the gate's communicator on rank {self.rank} was aborted; build a new GateSync on every "
                             f"rank")
+        if self.device.type != "cuda":
+            return self._sync(p, seq, policy)
+        # Every kernel on the gate device's current stream, whatever this thread's current device is.
+        with torch.cuda.device(self.device):
+            return self._sync(p, seq, policy)
+
+    def _sync(self, p: Prepared, seq: int, policy: str):
         buf = ops.pack(p.votes, p.stages, p.targets, seq, p.site, policy, self.rank, self.world, p.poison)
         self.comm.all_reduce_(buf)  # CUDA: enqueued (ncclAllReduce, SUM, int64); CPU double: blocks
         decision, report = ops.decode(buf, p.votes.shape[0], self.world, policy)
