@@ -269,6 +269,7 @@ def _faults_main(rank, world, scenarios):
             if rank == fault and name == "sigstop":
                 os.kill(os.getpid(), signal.SIGSTOP)   # rank 0 resumes it, after its own error
             res["outcome"], res["elapsed"] = _one_call(gs)
+            res["then"] = _one_call(gs)[0]   # the communicator was aborted: the gate says it is unusable
             if rank == 0 and name == "sigstop":
                 time.sleep(0.5)
                 os.kill(int(store.get(f"pid/{fault}")), signal.SIGCONT)
@@ -302,6 +303,7 @@ def _check_faults(results, world, scenarios):
         for r, o in outs.items():
             if o["outcome"] != "skipped":
                 assert o["elapsed"] < BOUND_S, (name, r, o["elapsed"])
+                assert o["then"][0] == "raised" and "unusable" in o["then"][3], (name, r, o["then"])
         if name == "sigstop":
             # the frozen rank, resumed, raises the very same verdict (naming itself)
             assert tuple(outs[1]["outcome"]) == tuple(outs[0]["outcome"])
