@@ -10,6 +10,7 @@ as failed, which is that case working.) Without GPUs, as a dry run:
 
     python benchmarks/fault_matrix.py --spawn 3 --backend gloo
     python benchmarks/fault_matrix.py --spawn 3 --backend abortable   # fails like NCCL
+    python benchmarks/fault_matrix.py --spawn 3 --backend owned-double   # the gate's own communicator, as a CPU double
 
 Cases, each on a fresh GateSync over 4 slots; the last rank misbehaves:
     agree       nobody: every rank sees decisions [T, T, T, T]
@@ -71,7 +72,12 @@ def run_case(case: str, rank: int, world: int, timeout_s: float, backend: str | 
     import esper_gate
 
     last = world - 1
-    gs = esper_gate.GateSync(SLOTS, timeout=timeout_s, backend=backend, device=device)
+    if backend == "owned-double":
+        import owned_double  # tests/owned_double.py: the owned NCCL communicator's CPU double
+
+        gs = esper_gate.GateSync(SLOTS, timeout=timeout_s, device=device, _owned=owned_double)
+    else:
+        gs = esper_gate.GateSync(SLOTS, timeout=timeout_s, backend=backend, device=device)
     ok = [1] * SLOTS, [3] * SLOTS, [4] * SLOTS
     gs(*ok).host_decisions()  # call 1: everyone
     votes, stages, targets = ok
@@ -98,8 +104,9 @@ def rank_main(rank: int, world: int, timeout_s: float, backend: str | None, case
     import torch.distributed as dist
     from torch.distributed.distributed_c10d import _get_default_store
 
-    if backend == "abortable":
+    if backend in ("abortable", "owned-double"):
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    if backend == "abortable":
         import nccl_like
 
         nccl_like.register()
@@ -137,7 +144,7 @@ def _spawned(rank, world, timeout_s, backend, cases):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backend", choices=("nccl", "gloo", "abortable"), default=None,
+    ap.add_argument("--backend", choices=("nccl", "gloo", "abortable", "owned-double"), default=None,
                     help="backend of the gate's group (default: nccl with GPUs, else gloo)")
     ap.add_argument("--timeout", type=float, default=5.0, help="GateSync timeout in seconds (default 5)")
     ap.add_argument("--spawn", type=int, default=0, metavar="N",

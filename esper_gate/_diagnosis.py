@@ -101,11 +101,17 @@ class Diagnosis:
         try:
             beats = self._read(self.world)
             missing = self._absent(beats, seq)
+            absent_first = missing
             if missing:
                 self._sleep(SETTLE_S)
                 beats = self._read(self.world)
                 missing = self._absent(beats, seq)
             late = {} if missing else self._late(beats, seq, None if started is None else self._clock() - started)
+            if not missing and not late:
+                # Absent after this rank's deadline, then done with the call within the
+                # settling time: it came after the deadline (its collective may even have
+                # completed against this rank's contribution, after the call was failed).
+                late = {r: 0.0 for r in absent_first if beats[r] is not None and beats[r][1] >= seq}
             if late:
                 return self._late_error(seq, late, beats, completed_here, exc)
             if not missing:

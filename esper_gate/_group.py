@@ -27,7 +27,7 @@ from .errors import GateConfigError, GateTimeoutError
 from .report import ranks_text
 
 __all__ = ["parent_group", "config_error", "device_backend", "gate_group_timeout", "new_gate_group", "Rendezvous",
-           "SELF_TIMING_BACKENDS", "self_timing"]
+           "SELF_TIMING_BACKENDS", "self_timing", "shared_devices"]
 
 STORE_PREFIX = "esper_gate"
 # gloo raises in the caller's thread when its timeout passes and leaves the
@@ -88,9 +88,60 @@ def _named(name: str):
         c10d._process_group_name = original
 
 
+@contextlib.contextmanager
+def _no_split():
+    """new_group() calls inside create their communicator from scratch, never by
+    ncclCommSplit of the default group's.
+
+    torch 2.14 (distributed_c10d.py, _new_process_group_helper): when the
+    default group was created with ``device_id`` (``bound_device_id``), a new
+    NCCL group is split from it (``_get_split_source``), and "we will need to
+    call ncclCommSplit on *all* ranks in this new group's parent group, even
+    those not in the new group"; with use_local_synchronization=True the
+    non-members never call new_group, so a subgroup gate would hang in its
+    construction. Without a split source the group makes its own communicator,
+    and non-members need do nothing.
+    """
+    original = c10d._get_split_source
+    c10d._get_split_source = lambda pg: None
+    try:
+        yield
+    finally:
+        c10d._get_split_source = original
+
+
+# ProcessGroupNCCL reads these in its constructor (torch 2.14.1,
+# ProcessGroupNCCL.hpp:70-78 names them; the constructor reads them with
+# getCvarInt/getCvarBool), so they apply to the gate's group only when set
+# around its creation, and the user's groups keep their own:
+# * TORCH_NCCL_ASYNC_ERROR_HANDLING=2 (CleanUpOnly): an error on gate traffic
+#   aborts the gate's communicators instead of ending the process (3, the
+#   default, is SkipCleanUp: the watchdog throws and the process dies);
+# * TORCH_NCCL_DUMP_ON_TIMEOUT=0: this group's watchdog does not write the
+#   global "exception_dump" signal on an error, which the default group's
+#   heartbeat monitor would take as the cue to dump and kill the process.
+_FALLBACK_ENV = {_NCCL_ERROR_HANDLING: "2", "TORCH_NCCL_DUMP_ON_TIMEOUT": "0"}
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def new_gate_group(ranks: list[int], backend: str, device: torch.device, timeout: datetime.timedelta, name: str):
-    """The dedicated process group ``name`` of a gate (every rank in ``ranks`` calls this)."""
-    if backend != "nccl":
+    """The dedicated process group ``name`` of a gate (every rank in ``ranks`` calls this).
+    CUDA gates use their own communicator (_transport.OwnedTransport); this makes the c10d
+    group of CPU gates and of the opt-in ProcessGroupNCCL fallback (``transport="c10d"``)."""
+    if "nccl" not in device_backend(backend, device.type):
         with _named(name):
             return dist.new_group(ranks=ranks, backend=backend, timeout=timeout, use_local_synchronization=True)
     # * A high-priority stream comes from its own per-device pool, apart
@@ -99,30 +150,39 @@ def new_gate_group(ranks: list[int], backend: str, device: torch.device, timeout
     #   what that guarantees.
     # * device_id makes new_group create the communicator now, while every
     #   rank has just met at the rendezvous (distributed_c10d.py, 2.14:
-    #   _new_process_group_helper -> eager_connect_single_device).
-    # * ProcessGroupNCCL reads TORCH_NCCL_ASYNC_ERROR_HANDLING in its
-    #   constructor (ProcessGroupNCCL.hpp:67-72, 165-179). With the default
-    #   3, an error NCCL sees on gate traffic (a peer's socket closing)
-    #   ends the process; 2 aborts the gate's communicator instead, and
-    #   GateSync turns that into a named error.
+    #   _new_process_group_helper -> eager_connect_single_device); with
+    #   _no_split() it is a communicator of the gate's ranks only.
     opts = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
-    saved = os.environ.get(_NCCL_ERROR_HANDLING)
-    os.environ[_NCCL_ERROR_HANDLING] = "2"
-    try:
-        with _named(name):
-            return dist.new_group(ranks=ranks, backend="nccl", timeout=timeout, use_local_synchronization=True,
-                                  pg_options=opts, device_id=device)
-    finally:
-        if saved is None:
-            os.environ.pop(_NCCL_ERROR_HANDLING, None)
-        else:
-            os.environ[_NCCL_ERROR_HANDLING] = saved
+    with _env(_FALLBACK_ENV), _named(name), _no_split():
+        return dist.new_group(ranks=ranks, backend="nccl", timeout=timeout, use_local_synchronization=True,
+                              pg_options=opts, device_id=device)
+
+
+def shared_devices(configs: dict[int, dict]) -> GateConfigError | None:
+    """Two ranks of a CUDA gate on one GPU of one host (NCCL refuses, or hangs): the
+    error naming both ranks, the host and the device. ``configs[r]["host"]`` and
+    ``["device"]`` come from the rendezvous (the device as its UUID where known)."""
+    seen: dict[tuple[str, str], int] = {}
+    for r, c in sorted(configs.items()):
+        where = (c.get("host"), c.get("device"))
+        if where[1] is None or not str(where[1]).startswith("cuda"):
+            continue
+        if where in seen:
+            return GateConfigError(
+                f"GateSync: ranks {seen[where]} and {r} are both on {where[1]} of host {where[0]}; each rank of a "
+                f"CUDA gate needs a GPU of its own (call torch.cuda.set_device(local_rank) before building the gate, "
+                f"or pass device=)", configs)
+        seen[where] = r
+    return None
 
 
 def config_error(configs: dict[int, dict], mine: dict, rank: int) -> GateConfigError | None:
     """The error every call of a gate raises when ranks built it with other settings
     (no collective is issued then: ranks with other slot counts would all_reduce other sizes)."""
-    if all(c == mine for c in configs.values()):
+    # where each rank runs differs by design; shared_devices() checks it
+    def settings(c):
+        return {k: v for k, v in c.items() if k not in ("host", "device")}
+    if all(settings(c) == settings(mine) for c in configs.values()):
         return None
     lines = [f"rank {r}: num_slots={c['num_slots']}, policy={c['policy']}, slot layout "
              f"fingerprint={c['site']:#010x}" for r, c in sorted(configs.items())]

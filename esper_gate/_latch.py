@@ -18,7 +18,10 @@ class FailureLatch:
     gate is unusable and chain it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, before_delivery=None) -> None:
+        # Called once, in the caller's thread, before the failure is first raised
+        # (the store's host waits there for the present ranks to read the verdict).
+        self.before_delivery = before_delivery
         self._lock = threading.Lock()
         self._set = threading.Event()
         self._error: GateError | None = None
@@ -53,13 +56,22 @@ class FailureLatch:
     def raise_for(self, seq: int) -> None:
         """Raise the failure if call ``seq``'s results are void (it failed, or an earlier call did)."""
         if self.failed_at(seq):
-            self._delivered = True
+            self._first_delivery()
             raise self._error
 
     def deliver(self) -> GateError:
         """The failure, counted as delivered to the caller (the caller raises it)."""
-        self._delivered = True
+        self._first_delivery()
         return self._error
+
+    def _first_delivery(self) -> None:
+        with self._lock:
+            first, self._delivered = not self._delivered, True
+        if first and self.before_delivery is not None:
+            try:
+                self.before_delivery(self._seq, self._error)
+            except Exception:  # noqa: BLE001 - a courtesy to the peers; the failure is raised regardless
+                pass
 
     def check_usable(self) -> None:
         """At the start of a call: raise the failure the first time nobody has seen it, then
@@ -67,7 +79,7 @@ class FailureLatch:
         if self._error is None:
             return
         if not self._delivered:
-            self._delivered = True
+            self._first_delivery()
             raise self._error
         raise GateError(f"this GateSync is unusable after call {self._seq} failed; build a new one on every "
                         f"rank. The failure: {self._error}") from self._error

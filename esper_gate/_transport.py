@@ -1,26 +1,76 @@
 """Transports: how one gate call's packed buffer meets the other ranks.
 
-A transport runs the whole op for a prepared call and returns
-``(decisions, report)``; it can say whether its backend saw an error, abort
-a stuck collective, and be torn down. ``C10dTransport`` runs
-``torch.ops.esper_gate.sync`` on the gate's dedicated c10d process group
-(gloo, NCCL, or a test backend registered with c10d); ``LocalTransport`` is
-a world of one, with no collective.
+What a gate needs from a transport (``Transport`` below says it as a
+protocol): run a prepared call's pack, collective and decode and return
+``(decisions, report)``; say, with no CUDA call, how far its calls have
+completed and whether the communicator failed; make a call's decisions read
+false with no CUDA call (``invalidate``); abort a stuck collective; be
+closed.
+
+* ``OwnedTransport``: the gate's own communicator (the NCCL communicator of
+  ``esper_gate._nccl``, or a test double with its interface), used for every
+  CUDA gate. No c10d work, watchdog or heartbeat monitor is involved.
+* ``C10dTransport``: ``torch.ops.esper_gate.sync`` on a dedicated c10d group:
+  gloo for CPU gates, and ProcessGroupNCCL only as the opt-in fallback
+  (``GateSync(transport="c10d")``).
+* ``LocalTransport``: a world of one, no collective.
 """
 from __future__ import annotations
 
+import datetime
 import logging
+import time
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
 from . import ops
 from ._group import self_timing
-from ._inputs import Prepared
+from ._inputs import Prepared, timeout_text
+from .errors import GateError, GateTimeoutError
+from .report import ranks_text
 
-__all__ = ["C10dTransport", "LocalTransport"]
+__all__ = ["Transport", "C10dTransport", "LocalTransport", "OwnedTransport", "mapped_words"]
 
 log = logging.getLogger("esper_gate")
+
+# The two host-mapped words of a CUDA gate (MappedWords): decode's decisions are
+# and-ed with VALID on the device, and the last completed call is written to
+# DONE on the device after decode; the host reads and writes both with no CUDA call.
+VALID, DONE = 0, 1
+# How often construction polls a non-blocking communicator's state.
+INIT_POLL_S = 0.005
+
+
+class Transport(Protocol):
+    name: str | None
+    self_timing: bool  # raises in the caller at its own timeout (gloo): abort is a no-op
+
+    def sync(self, p: Prepared, seq: int, policy: str) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def completed_seq(self) -> int | None: ...   # last call completed on the device; None: unknown
+    def failed(self) -> bool: ...                # the communicator reports an error (no CUDA call)
+    def invalidate(self) -> None: ...            # decisions read false from here on (no CUDA call)
+    def revalidate(self) -> None: ...            # undo invalidate (a peer completed the call)
+    def abort(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def mapped_words(device: torch.device, nccl=None):
+    """Two host-mapped int64 words on ``device`` (VALID = 1, DONE = 0), from ``_nccl.MappedWords``
+    (or ``nccl``'s, a test double), for the transports of CUDA gates."""
+    if nccl is None:
+        from . import _nccl as nccl  # built with the CUDA extension only
+    words = nccl.MappedWords(2, device)
+    words.host[VALID] = 1
+    words.host[DONE] = 0
+    return words
+
+
+def _broken(state: str) -> bool:
+    """An NcclComm state that no call can succeed on: "error: <NCCL's text>" (ncclCommGetAsyncError),
+    "aborted" or "destroyed" ("pending" is an init or enqueue in progress)."""
+    return state.startswith("error") or state in ("aborted", "destroyed")
 
 
 class LocalTransport:
@@ -33,10 +83,16 @@ class LocalTransport:
         buf = ops.pack(p.votes, p.stages, p.targets, seq, p.site, policy, 0, 1, p.poison)
         return ops.decode(buf, p.votes.shape[0], 1, policy)
 
+    def completed_seq(self) -> int | None:
+        return None
+
     def failed(self) -> bool:
         return False
 
     def invalidate(self) -> None:
+        pass
+
+    def revalidate(self) -> None:
         pass
 
     def abort(self) -> None:
@@ -49,29 +105,41 @@ class LocalTransport:
 class C10dTransport:
     """Gate calls on a dedicated c10d process group.
 
-    On CUDA every call's decisions are and-ed with a device flag that
-    ``invalidate`` clears, so a call aborted at its deadline reads as all
-    false on the device, whoever reads it and whenever.
+    On CUDA (the ProcessGroupNCCL fallback) every call's decisions are and-ed
+    with a host-mapped word that ``invalidate`` clears from the host (no CUDA
+    call, so nothing waits behind a stuck stream), and the call number is
+    written to a second mapped word after decode, which the watcher reads
+    instead of querying a CUDA event.
     """
 
-    def __init__(self, group, backend: str, device: torch.device):
+    def __init__(self, group, backend: str, device: torch.device, words=None):
         self.group = group
         self.name = group.group_name
         self.device = device
         # gloo raises in the caller at its own timeout; other backends must be aborted.
         self.self_timing = self_timing(backend, device)
-        self._valid = torch.ones(1, dtype=torch.bool, device=device) if device.type == "cuda" else None
+        self._words = words if words is not None or device.type != "cuda" else mapped_words(device)
 
     def sync(self, p: Prepared, seq: int, policy: str):
-        decision, report = torch.ops.esper_gate.sync.default(
-            p.votes, p.stages, p.targets, seq, p.site, policy, self.name, p.poison)
-        if self._valid is not None:
-            decision.logical_and_(self._valid)
+        if self._words is None:
+            return torch.ops.esper_gate.sync.default(p.votes, p.stages, p.targets, seq, p.site, policy, self.name,
+                                                     p.poison)
+        # The gate device's current stream, whatever the thread's current device is
+        # (ProcessGroupNCCL orders its stream after the caller's current stream).
+        with torch.cuda.device(self.device):
+            decision, report = torch.ops.esper_gate.sync.default(
+                p.votes, p.stages, p.targets, seq, p.site, policy, self.name, p.poison)
+            decision.logical_and_(self._words.device[VALID])
+            self._words.device[DONE].fill_(seq)
         return decision, report
+
+    def completed_seq(self) -> int | None:
+        return None if self._words is None else int(self._words.host[DONE])
 
     def failed(self) -> bool:
         """Whether the backend reports an error on the group (NCCL's watchdog aborted it).
-        False when it cannot tell."""
+        ProcessGroupNCCL::getError reads a field under a mutex: no CUDA call. False when it
+        cannot tell."""
         if self.group is None:
             return False
         try:
@@ -82,26 +150,27 @@ class C10dTransport:
             return False
 
     def invalidate(self) -> None:
-        """Make every CUDA call's decisions read false from here on."""
-        if self._valid is None:
-            return
-        # On a side stream (the caller's stream may be stuck behind the
-        # collective), and before the abort lets that stream move on.
-        try:
-            with torch.cuda.device(self.device):
-                side = torch.cuda.Stream(device=self.device)
-                with torch.cuda.stream(side):
-                    self._valid.fill_(False)
-                side.synchronize()
-        except Exception:  # noqa: BLE001
-            log.exception("esper_gate: could not clear the result flag on %s", self.device)
+        """Make every CUDA call's decisions read false from here on: a host write to mapped
+        memory, no CUDA call and no stream to wait behind (decode's and-ing reads it on the GPU)."""
+        if self._words is not None:
+            self._words.host[VALID] = 0
+
+    def revalidate(self) -> None:
+        if self._words is not None:
+            self._words.host[VALID] = 1
 
     def abort(self) -> None:
-        """Stop a stuck collective (nothing to do where the backend times out by itself)."""
+        """Stop a stuck collective (nothing to do where the backend times out by itself).
+        ProcessGroup.abort -> ProcessGroupNCCL::abort -> ncclCommAbort on its communicators."""
         if self.self_timing or self.group is None:
             return
         try:
-            self.group.abort()
+            if self.device.type == "cuda":
+                # this thread's first CUDA call: on the gate's device, not on device 0
+                with torch.cuda.device(self.device):
+                    self.group.abort()
+            else:
+                self.group.abort()
         except Exception:  # noqa: BLE001
             log.exception("esper_gate: aborting the gate's process group failed")
 
@@ -114,3 +183,158 @@ class C10dTransport:
             dist.destroy_process_group(group)
         except Exception:  # noqa: BLE001 - already gone with the job's teardown
             pass
+
+
+class OwnedTransport:
+    """Gate calls on the gate's own communicator (``_nccl.NcclComm`` or a double of it).
+
+    Construction (every rank of the gate, after the rendezvous met them):
+    rank 0 makes the unique id (ncclGetUniqueId) and publishes it under the
+    gate's store prefix; every rank starts a non-blocking init
+    (ncclCommInitRankConfig with ``blocking = 0``: it returns at once) and
+    publishes that it did; then polls ``state()`` (ncclCommGetAsyncError)
+    until the communicator is ready, at most until ``deadline``. A rank that
+    never started its init is named on the others in a GateTimeoutError.
+
+    A call packs on the caller's stream, all-reduces (SUM, int64; the
+    communicator orders its stream after the caller's and back), decodes,
+    ands the decisions with the mapped VALID word and writes the call number
+    to the mapped DONE word on the device, which the watcher reads on the
+    host. On a CPU double ``all_reduce_`` blocks until done and raises once
+    aborted, as gloo does.
+
+    Args:
+        store: the gate's prefix store (the rendezvous's).
+        rank, world: this rank in the gate's group and its size.
+        device: the gate's device.
+        deadline: ``time.monotonic()`` by which the communicator must be ready.
+        nccl: the module with ``unique_id``, ``NcclComm`` and ``MappedWords`` (default
+            ``esper_gate._nccl``; tests pass ``tests/owned_double.py``).
+    """
+
+    self_timing = False
+
+    def __init__(self, store, rank: int, world: int, device: torch.device, deadline: float, name: str,
+                 nccl=None, timeout: datetime.timedelta | None = None):
+        if nccl is None:
+            from . import _nccl as nccl  # built with the CUDA extension only
+
+            nccl.check_library()  # a second libnccl, or another version than torch's: GateConfigError
+        self.name = name
+        self.rank, self.world, self.device = rank, world, device
+        self._store = store
+        self._aborted = False
+        self.comm = None
+        timeout_s = timeout.total_seconds() if timeout is not None else max(deadline - time.monotonic(), 0.0)
+        self._timeout = datetime.timedelta(seconds=timeout_s)
+        uid = self._unique_id(nccl, deadline)
+        self.comm = nccl.NcclComm(uid, rank, world, device)
+        store.set(f"owned/started/{rank}", "1")
+        self._words = mapped_words(device, nccl)
+        self._wait_ready(deadline)
+
+    def _unique_id(self, nccl, deadline: float) -> bytes:
+        key = "owned/uid"
+        if self.rank == 0:
+            uid = bytes(nccl.unique_id())
+            self._store.set(key, uid)
+            return uid
+        left = deadline - time.monotonic()
+        try:
+            self._store.wait([key], datetime.timedelta(seconds=max(left, 0.001)))
+        except Exception as e:  # noqa: BLE001 - a timeout, or no store
+            raise GateTimeoutError(
+                f"GateSync construction: rank 0 did not publish the gate communicator's unique id within "
+                f"{timeout_text(self._timeout)} ({type(e).__name__}); no collective was issued.", [0], {0: -1},
+                call=0) from e
+        return bytes(self._store.get(key))
+
+    def _wait_ready(self, deadline: float) -> None:
+        while True:
+            state = self.comm.state()
+            if state == "ready":
+                return
+            if _broken(state):
+                self.abort()
+                raise GateError(f"GateSync construction: the gate's communicator failed to initialize on rank "
+                                f"{self.rank} ({state}); build a new GateSync on every rank to retry")
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(INIT_POLL_S)
+        # ncclCommInitRankConfig (non-blocking) never gives up by itself: abort it.
+        self.abort()
+        try:
+            absent = [r for r in range(self.world) if not self._store.check([f"owned/started/{r}"])]
+        except Exception:  # noqa: BLE001 - the store's host is gone
+            absent = []
+        who = ranks_text(absent) if absent else "a rank"
+        raise GateTimeoutError(
+            f"GateSync construction: {who} did not initialize the gate's communicator within "
+            f"{timeout_text(self._timeout)} (every rank of the group must construct GateSync); the initialization "
+            f"was aborted. Build a new GateSync on every rank to retry.", absent, {r: -1 for r in absent}, call=0)
+
+    def sync(self, p: Prepared, seq: int, policy: str):
+        if self._aborted:
+            raise GateError(f"the gate's communicator on rank {self.rank} was aborted; build a new GateSync on every "
+                            f"rank")
+        if self.device.type != "cuda":
+            return self._sync(p, seq, policy)
+        # Every kernel on the gate device's current stream, whatever this thread's current device is.
+        with torch.cuda.device(self.device):
+            return self._sync(p, seq, policy)
+
+    def _sync(self, p: Prepared, seq: int, policy: str):
+        buf = ops.pack(p.votes, p.stages, p.targets, seq, p.site, policy, self.rank, self.world, p.poison)
+        self.comm.all_reduce_(buf)  # CUDA: enqueued (ncclAllReduce, SUM, int64); CPU double: blocks
+        decision, report = ops.decode(buf, p.votes.shape[0], self.world, policy)
+        decision.logical_and_(self._words.device[VALID])
+        self._words.device[DONE].fill_(seq)
+        return decision, report
+
+    def completed_seq(self) -> int | None:
+        """The last call whose decode ran on the device: a host read of mapped memory."""
+        return int(self._words.host[DONE])
+
+    def failed(self) -> bool:
+        """ncclCommGetAsyncError reports an error (a peer's connection broke, or an abort)."""
+        if self.comm is None:
+            return False
+        try:
+            return _broken(self.comm.state())
+        except Exception:  # noqa: BLE001
+            return True
+
+    def invalidate(self) -> None:
+        """Decisions read false from here on: a host write to mapped memory, no CUDA call."""
+        self._words.host[VALID] = 0
+
+    def revalidate(self) -> None:
+        self._words.host[VALID] = 1
+
+    def abort(self) -> None:
+        """ncclCommAbort: stops this rank's part of a stuck collective; the communicator is unusable after."""
+        self._aborted = True
+        if self.comm is None:
+            return
+        try:
+            self.comm.abort()
+        except Exception:  # noqa: BLE001
+            log.exception("esper_gate: aborting the gate's communicator failed")
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
+
+    def close(self) -> None:
+        comm, self.comm = self.comm, None
+        if comm is None:
+            return
+        try:
+            if self._aborted:
+                comm.close()
+            else:
+                comm.destroy()
+                comm.close()
+        except Exception:  # noqa: BLE001 - already gone
+            log.debug("esper_gate: closing the gate's communicator failed", exc_info=True)
+

@@ -12,6 +12,7 @@ and a rank past its deadline that finds ``ok`` does not fail the call.
 from __future__ import annotations
 
 import json
+import time
 
 from .errors import GateError, GateTimeoutError
 
@@ -37,6 +38,14 @@ def _decode(text: str) -> GateError:
 # Verdicts live in a ring of keys, each holding "<call>:<outcome>", so the store
 # keeps a fixed number of them and nobody has to delete old ones.
 RING = 1024
+# The outcome a rank past its deadline claims before it aborts ("publish the
+# failed call"): from then on no rank can decide ``ok``, and the first
+# diagnosis written over it is the failure every rank raises.
+FAILING = "failing"
+# How long a rank that finds FAILING waits for the diagnosis that replaces it
+# (the claimer diagnoses in at most _diagnosis.BOUND_S).
+FINAL_WAIT_S = 6.0
+_POLL_S = 0.02
 
 
 class Verdict:
@@ -45,47 +54,105 @@ class Verdict:
     Args:
         request: runs ``fn(store)`` on the gate's store and returns its result
             (the watcher's ``store_request``: one request at a time).
+        rank: this rank; when given, every failure this rank learns is
+            acknowledged under ``ack/<call>/<rank>``, so that the rank hosting
+            the store can wait for the present ranks to have read it before it
+            raises (and, usually, exits: ``wait_read``).
     """
 
-    def __init__(self, request):
+    def __init__(self, request, rank: int | None = None, sleep=time.sleep):
         self._request = request
+        self._rank = rank
+        self._sleep = sleep
 
-    def _decide(self, seq: int, mine: str) -> GateError | None:
+    def _ack(self, store, seq: int) -> None:
+        if self._rank is not None:
+            store.set(f"ack/{seq % RING}/{self._rank}", str(seq))
+
+    def _decide(self, seq: int, mine: str) -> str:
+        """Write ``mine`` unless the call is decided; a failure also replaces FAILING.
+        Returns the call's outcome afterwards (OK, FAILING or an encoded failure)."""
         def decide(store):
             key, want = f"v/{seq % RING}", f"{seq}:"
             seen = ""  # an empty key, or a call from earlier around the ring
             while True:
                 got = store.compare_set(key, seen, want + mine).decode()
                 if got.startswith(want):  # decided: by this request or a peer's
-                    return got[len(want):]
+                    outcome = got[len(want):]
+                    if outcome == FAILING and mine not in (OK, FAILING):
+                        seen = got  # claimed, not yet diagnosed: the first diagnosis replaces it
+                        continue
+                    if outcome not in (OK, FAILING):
+                        self._ack(store, seq)
+                    return outcome
                 # A missing key answers with the value expected: then expect it empty.
                 seen = "" if got == seen else got
-        outcome = self._request(decide)
-        return None if outcome == OK else _decode(outcome)
+        return self._request(decide)
+
+    def state(self, seq: int) -> tuple[str | None, GateError | None]:
+        """(None | OK | FAILING | "failed", failure) of call ``seq``, without deciding it.
+        A failure read here is acknowledged. No store: (None, None)."""
+        def read(store):
+            key, want = f"v/{seq % RING}", f"{seq}:"
+            got = store.get(key).decode() if store.check([key]) else ""
+            if not got.startswith(want):
+                return None
+            outcome = got[len(want):]
+            if outcome not in (OK, FAILING):
+                self._ack(store, seq)
+            return outcome
+        try:
+            got = self._request(read)
+        except Exception:  # noqa: BLE001 - no store: nothing decided that this rank can see
+            return None, None
+        if got in (None, OK, FAILING):
+            return got, None
+        return "failed", _decode(got)
+
+    def peek(self, seq: int) -> tuple[bool, GateError | None]:
+        """(decided, failure) of call ``seq`` without deciding it: a rank past its
+        deadline adopts a verdict already made instead of diagnosing anew."""
+        kind, failure = self.state(seq)
+        return kind in (OK, "failed"), failure
+
+    def claim(self, seq: int) -> tuple[str, GateError | None]:
+        """Publish that call ``seq`` failed, before any abort (every rank's watcher polls
+        this key while its call waits). Returns (OK, None) when a peer's collective
+        completed it first (nothing failed), else (FAILING, None) or ("failed", the
+        failure a peer already diagnosed). Without a store: (FAILING, None)."""
+        try:
+            got = self._decide(seq, FAILING)
+        except Exception:  # noqa: BLE001 - the store's host is gone: the peers learn it from their own deadline
+            return FAILING, None
+        if got in (OK, FAILING):
+            return got, None
+        return "failed", _decode(got)
+
+    def wait_final(self, seq: int, bound_s: float = FINAL_WAIT_S) -> GateError | None:
+        """A peer claimed call ``seq`` failed: wait up to ``bound_s`` for its diagnosis."""
+        deadline = time.monotonic() + bound_s
+        while True:
+            kind, failure = self.state(seq)
+            if kind == "failed" or time.monotonic() >= deadline or kind is None:
+                return failure
+            self._sleep(_POLL_S)
 
     def completed(self, seq: int) -> GateError | None:
         """This rank's collective completed: None if the call stands, else the failure a
         peer decided first (which this rank must raise instead of its decisions).
         Without a store no peer can have decided, so the call stands."""
         try:
-            return self._decide(seq, OK)
+            got = self._decide(seq, OK)
         except Exception:  # noqa: BLE001 - the store's host is gone; its death is named elsewhere
             return None
-
-    def peek(self, seq: int) -> tuple[bool, GateError | None]:
-        """(decided, failure) of call ``seq`` without deciding it: a rank past its
-        deadline adopts a verdict already made instead of diagnosing anew."""
-        def read(store):
-            key, want = f"v/{seq % RING}", f"{seq}:"
-            got = store.get(key).decode() if store.check([key]) else ""
-            return got[len(want):] if got.startswith(want) else None
-        try:
-            got = self._request(read)
-        except Exception:  # noqa: BLE001 - no store: nothing decided that this rank can see
-            return False, None
-        if got is None:
-            return False, None
-        return True, (None if got == OK else _decode(got))
+        if got == OK:
+            return None
+        if got == FAILING:
+            # A peer passed its deadline and aborted: this rank's results are void too.
+            return self.wait_final(seq) or GateError(
+                f"esper_gate call {seq} was failed by a rank whose deadline passed, and its diagnosis did not "
+                f"arrive; no rank applied a transition for this call")
+        return _decode(got)
 
     def confirm(self, seq: int, latch) -> None:
         """Before call ``seq``'s decisions are read on the host: raise its failure if it
@@ -100,6 +167,30 @@ class Verdict:
         """This rank fails the call with ``err``: the failure every rank raises (``err``, or
         the one a peer decided first), or None when a peer's collective completed it."""
         try:
-            return self._decide(seq, _encode(err))
+            got = self._decide(seq, _encode(err))
         except Exception:  # noqa: BLE001 - no store to share through: this rank's own diagnosis stands
             return err
+        return None if got == OK else _decode(got)
+
+    def wait_read(self, seq: int, ranks, bound_s: float) -> list[int]:
+        """Wait up to ``bound_s`` until every rank in ``ranks`` acknowledged call ``seq``'s
+        failure; returns the ranks that did not (the store's host calls this before it
+        raises, so that a host that exits at once does not leave the others unable to read it)."""
+        deadline = time.monotonic() + bound_s
+        left = list(ranks)
+        while left:
+            def read(store, left=left):
+                out = []
+                for r in left:
+                    key = f"ack/{seq % RING}/{r}"
+                    if not (store.check([key]) and store.get(key).decode() == str(seq)):
+                        out.append(r)
+                return out
+            try:
+                left = self._request(read)
+            except Exception:  # noqa: BLE001
+                return left
+            if not left or time.monotonic() >= deadline:
+                break
+            self._sleep(_POLL_S)
+        return left

@@ -39,16 +39,25 @@ class Watcher:
       LONG_CALL_S, so a diagnosis can tell when each rank entered it
       (``waited_ms``: how long this rank has waited in its last call, -1 when
       that call completed).
-    * On CUDA, a call is completed when its event has fired on the GPU, not
-      when it was enqueued.
+    * On CUDA, a call is completed when the device wrote its number to the
+      transport's mapped DONE word after decode (``progress()``, a host read):
+      this thread makes no CUDA call at all (a cudaEventQuery from here would
+      create a context on device 0 and invalidate a user's global-mode graph
+      capture), and nothing it does can wait behind a stuck stream.
+    * While the oldest call has waited longer than LONG_CALL_S, asks
+      ``news(call)`` every LONG_CALL_POLL_S whether a peer published that the
+      call failed (NCCL needs every rank to abort); if so it expires now.
     * When the oldest unfinished call passes its deadline, calls
       ``on_expired(call)`` on a thread of its own, so heartbeats go on while
       the diagnosis sleeps. ``expired`` stays set until ``resume()`` (the
       call completed after all) clears it, so one deadline fires once.
     """
 
-    def __init__(self, store, rank: int, on_expired, group_failed=None, whereabouts=None):
+    def __init__(self, store, rank: int, on_expired, group_failed=None, whereabouts=None, progress=None, news=None):
         self._group_failed = group_failed
+        self._progress = progress
+        self._news = news
+        self._last_news = 0.0
         self._store = store
         self._key = f"hb/{rank}"
         # (store shared by every gate on the parent group, this gate's index there):
@@ -71,7 +80,7 @@ class Watcher:
         # that a dead store costs exactly one failed request.
         self._store_lock = threading.Lock()
         self._stop = threading.Event()
-        self._written = (0, 0)
+        self._written = (-1, 0)  # so the first write also says "in this gate" (call 0: its construction)
         self._written = self._write()
         self._last_write = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"esper_gate-watch-{rank}", daemon=True)
@@ -99,8 +108,8 @@ class Watcher:
     def is_completed(self, call: Call) -> bool:
         """Whether ``call`` finished on every rank: its event fired on a group that did not
         fail (CUDA), or its collective returned here (CPU)."""
-        if call.event is not None:
-            return call.event.query() and not (self._group_failed is not None and self._group_failed())
+        if call.event is not None and self._progress is not None:
+            return self._progress() >= call.seq and not (self._group_failed is not None and self._group_failed())
         return self.completed >= call.seq
 
     def resume(self) -> None:
@@ -124,21 +133,38 @@ class Watcher:
         return state
 
     def _advance_gpu(self) -> None:
+        if self._progress is None:
+            return
+        done = self._progress()  # a host read of mapped memory: no CUDA call
         while self.inflight:
             try:
                 call = self.inflight[0]
             except IndexError:
                 return
-            event = call.event
-            if event is None or not event.query():
-                return
-            if self._group_failed is not None and self._group_failed():
-                # NCCL aborted the communicator itself (an error on gate
-                # traffic): the event fired, but the call did not complete.
-                self._expire(call)
-                return
+            if call.event is None or call.seq > done:
+                break
             self.completed = call.seq
             self.inflight.popleft()
+        if self.inflight and self._group_failed is not None and self._group_failed():
+            # The communicator reports an asynchronous error (ncclCommGetAsyncError):
+            # the call in flight will not complete; it takes the deadline's path now.
+            self._expire(self.inflight[0])
+
+    def _check_news(self, now: float) -> None:
+        if self._news is None:
+            return
+        try:
+            call = self.inflight[0]
+        except IndexError:
+            return
+        if now - call.started < LONG_CALL_S or now - self._last_news < LONG_CALL_POLL_S:
+            return
+        self._last_news = now
+        try:
+            if self._news(call):
+                self._expire(call)
+        except Exception:  # noqa: BLE001 - a dead store: the deadline still fires
+            pass
 
     def _check_deadline(self) -> None:
         try:
@@ -156,6 +182,7 @@ class Watcher:
                 pass
             self._check_deadline()
             now = time.monotonic()
+            self._check_news(now)
             if self.store_error is not None:
                 continue
             waiting = self.entered > self.completed and now - self._entered_at > LONG_CALL_S

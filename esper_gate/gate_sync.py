@@ -5,10 +5,14 @@ A façade over parts with one job each:
 * ``_inputs.prepare``: a call's inputs as tensors the op takes (pure);
 * ``_group.Rendezvous`` and ``new_gate_group``: meeting every rank in the
   store, then the gate's dedicated process group;
-* ``_transport``: the call's one collective (``torch.ops.esper_gate.sync``
-  on that group, csrc/ops.cpp), its error state and its abort;
+* ``_transport``: the call's one collective, its completion and error state
+  (read with no CUDA call), its invalidation and its abort: the gate's own
+  NCCL communicator for CUDA gates (``OwnedTransport``), a c10d group for
+  CPU gates (gloo) and for the opt-in NCCL fallback (``transport="c10d"``);
 * ``_watcher.Watcher``: heartbeats, GPU completion and deadlines, on a
   thread of its own (a call only appends to a deque and sets an int);
+* ``_failure.FailurePath``: a failed call's steps, in order (invalidate,
+  publish, abort, diagnose);
 * ``_diagnosis.Diagnosis``: which ranks a failed call names, from heartbeats;
 * ``_verdict.Verdict``: each call's one outcome, shared through the store,
   so every rank applies the call or raises the same error;
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import socket
 import time
 from typing import Sequence
 
@@ -26,11 +31,13 @@ import torch
 import torch.distributed as dist
 
 from . import wire
-from ._diagnosis import BOUND_S, Diagnosis, short
-from ._group import Rendezvous, config_error, gate_group_timeout, new_gate_group, parent_group, self_timing
-from ._inputs import as_timedelta, check_settings, prepare, site_fingerprint, timeout_text
+from ._diagnosis import Diagnosis
+from ._failure import FailurePath
+from ._group import (Rendezvous, config_error, gate_group_timeout, new_gate_group, parent_group, self_timing,
+                     shared_devices)
+from ._inputs import as_timedelta, check_settings, prepare, site_fingerprint
 from ._latch import FailureLatch
-from ._transport import C10dTransport, LocalTransport
+from ._transport import C10dTransport, LocalTransport, OwnedTransport
 from ._verdict import Verdict
 from ._watcher import Call, Watcher
 from .consensus import GateConsensus, GateView
@@ -54,9 +61,16 @@ class GateSync:
         slot_names: names used in reports (default "0", "1", ...); they also
             enter the layout fingerprint, so ranks with other names fail.
         device: the device of the inputs and results (default: the current
-            CUDA device for NCCL groups, else the CPU). Inputs on another
-            device are bad input, reported on every rank in the same call.
-        backend: the backend of the dedicated group (default: the group's).
+            CUDA device when the group's backend serves CUDA, e.g. "nccl" or
+            "cpu:gloo,cuda:nccl", else the CPU). Inputs on another device are
+            bad input, reported on every rank in the same call.
+        backend: the backend of the dedicated c10d group of a CPU gate or of
+            the c10d fallback (default: the group's).
+        transport: how a CUDA gate's collective runs: None or "owned" (the
+            gate's own NCCL communicator, whatever the backend string), or
+            "c10d" (the opt-in ProcessGroupNCCL fallback; see
+            docs/integrating-esper.md §5 for what each guarantees). CPU gates
+            always use a c10d group.
         vocabulary: a ``report.Vocabulary`` naming stage and target ids in
             reports (default: the ids themselves, "stage 3 -> target 2").
 
@@ -68,7 +82,12 @@ class GateSync:
 
     def __init__(self, num_slots: int, *, policy: str = "unanimous", group=None,
                  timeout=datetime.timedelta(seconds=60), slot_names: Sequence[str] | None = None,
-                 device: torch.device | str | None = None, backend: str | None = None, vocabulary=None):
+                 device: torch.device | str | None = None, backend: str | None = None, vocabulary=None,
+                 transport: str | None = None, _owned=None):
+        # _owned: a module with _nccl's interface (unique_id, NcclComm, MappedWords) that
+        # replaces esper_gate._nccl, on any device: the tests' CPU double (tests/owned_double.py).
+        if transport not in (None, "owned", "c10d"):
+            raise GateInputError(f"transport must be None, 'owned' or 'c10d', got {transport!r}")
         self.num_slots, self.policy, self.timeout = num_slots, policy, as_timedelta(timeout)
         self.slot_names = check_settings(num_slots, policy, slot_names)
         self.site = site_fingerprint(num_slots, None if slot_names is None else self.slot_names)
@@ -97,26 +116,57 @@ class GateSync:
         self.device = torch.device(device if device is not None else "cpu")
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
+        # The owned communicator whenever the gate's device is CUDA, whatever the backend string.
+        self._owned = _owned
+        self.transport = "owned" if _owned is not None or (self.device.type == "cuda" and transport != "c10d") \
+            else "c10d"
         self._build(parent)
 
     # ---- construction ---------------------------------------------------
+    def _where(self) -> dict:
+        """Where this rank runs, for the rendezvous: its host and (CUDA) its GPU's UUID."""
+        where = {"host": socket.gethostname()}
+        if self.device.type == "cuda":
+            try:
+                uuid = str(torch.cuda.get_device_properties(self.device).uuid)
+            except Exception:  # noqa: BLE001
+                uuid = "?"
+            where["device"] = f"{self.device} (GPU {uuid})"
+        return where
+
     def _build(self, parent) -> None:
         rendezvous = Rendezvous(parent.group_name, self.rank, self.world_size, self.timeout)
         mine = {"num_slots": self.num_slots, "policy": self.policy, "site": self.site, "world": self.world_size}
-        self._config_error = config_error(rendezvous.meet(mine), mine, self.rank)
+        configs = rendezvous.meet({**mine, **self._where()})
+        self._config_error = config_error(configs, mine, self.rank)
+        if self.device.type == "cuda":
+            shared = shared_devices(configs)
+            if shared is not None:
+                rendezvous.abandon()
+                raise shared
+        cuda = self.device.type == "cuda"
         watcher = Watcher(rendezvous.store, self.rank, self._expire,
-                          (lambda: self._transport.failed()) if self.device.type == "cuda" else None,
-                          whereabouts=(rendezvous.parent_store, rendezvous.index))
+                          (lambda: self._transport.failed()) if cuda or self._owned is not None else None,
+                          whereabouts=(rendezvous.parent_store, rendezvous.index),
+                          progress=(lambda: self._transport.completed_seq()) if cuda else None,
+                          news=lambda call: self._failure.news(call))
         self._watcher = watcher
-        self._verdict = Verdict(watcher.store_request)
-        self._diagnosis = Diagnosis(watcher.read_heartbeats, self.rank, self.world_size,
-                                    self.ranks.index(0) if 0 in self.ranks else None, self.timeout,
+        self._verdict = Verdict(watcher.store_request, rank=self.rank)
+        store_host = self.ranks.index(0) if 0 in self.ranks else None
+        self._diagnosis = Diagnosis(watcher.read_heartbeats, self.rank, self.world_size, store_host, self.timeout,
                                     read_whereabouts=watcher.read_whereabouts, gate_index=rendezvous.index)
+        self._failure = FailurePath(lambda: self._transport, watcher, self._diagnosis, self._verdict, self.latch,
+                                    self.timeout, self.rank, self.world_size, store_host)
         try:
-            group = new_gate_group(self.ranks, self.backend, self.device,
-                                   gate_group_timeout(self.timeout, self_timing(self.backend, self.device)),
-                                   rendezvous.group_name)
-            self._transport = C10dTransport(group, self.backend, self.device)
+            if self.transport == "owned":
+                self._transport = OwnedTransport(rendezvous.store, self.rank, self.world_size, self.device,
+                                                 time.monotonic() + self.timeout.total_seconds(),
+                                                 rendezvous.group_name, nccl=self._owned, timeout=self.timeout)
+            else:
+                group = new_gate_group(self.ranks, self.backend, self.device,
+                                       gate_group_timeout(self.timeout, self_timing(self.backend, self.device)),
+                                       rendezvous.group_name)
+                self._transport = C10dTransport(group, self.backend, self.device)
             if self._config_error is None:  # ranks with other slot counts would all_reduce other sizes
                 self._warm_up()
         except BaseException as e:
@@ -142,53 +192,9 @@ class GateSync:
 
     # ---- failures ---------------------------------------------------------
     def _expire(self, call: Call) -> None:
-        """The watcher's deadline for ``call`` passed: name the missing ranks,
-        make the call's results say no, abort the stuck collective."""
-        seq = call.seq
-        decided, failure = self._verdict.peek(seq)
-        if decided:
-            self._settle_or_fail(call, failure)
-            return
-        try:
-            late = TimeoutError(f"call {seq} did not complete within {timeout_text(self.timeout)} of being made")
-            err = self._diagnosis.diagnose(seq, late, self._watcher.completed, call.started)
-        except Exception as e:  # noqa: BLE001 - the verdict must come out whatever happens
-            err = GateError(f"esper_gate call {seq} did not complete within {timeout_text(self.timeout)} ({short(e)})")
-        if self._watcher.is_completed(call):
-            # The last rank arrived while the diagnosis gave its heartbeat time
-            # to land: the collective finished, on every rank, so nothing failed.
-            self._watcher.resume()
-            return
-        self._settle_or_fail(call, self._verdict.failed(seq, err))
-
-    def _settle_or_fail(self, call: Call, failure: GateError | None) -> None:
-        """Act on the call's shared verdict: ``failure``, or None when a peer completed it."""
-        if failure is None:
-            # A peer's collective completed the call (this rank's copy is on its
-            # way, or its caller was interrupted after the collective returned).
-            self._watcher.settle(call, self.timeout.total_seconds())
-            return
-        err = self.latch.record(call.seq, failure)
-        self._transport.invalidate()
-        self._transport.abort()
-        log.error("%s", err)
-
-    def _failed_in_call(self, call: Call, exc: BaseException) -> GateError:
-        """The op raised in the caller's thread: the call's shared verdict (the
-        watcher's, when its abort raised this), else this rank's diagnosis."""
-        seq = call.seq
-        if self._watcher.expired:
-            self.latch.wait(BOUND_S)
-        if self.latch.error is None:
-            decided, shared = self._verdict.peek(seq)
-            if not decided:
-                err = self._diagnosis.diagnose(seq, exc, self._watcher.completed, call.started)
-                shared = self._verdict.failed(seq, err)
-            self.latch.record(seq, shared if shared is not None else GateError(
-                f"esper_gate call {seq} completed on the other ranks, which apply its decisions, but failed on "
-                f"rank {self.rank} ({short(exc)}); this rank has none to apply"))
-        self._watcher.forget(seq)
-        return self.latch.deliver()
+        """The watcher's deadline for ``call`` passed (or its communicator failed, or a
+        peer published its failure): _failure.FailurePath.expire, on the watcher's thread."""
+        self._failure.expire(call)
 
     # ---- calls ----------------------------------------------------------
     def _run(self, prepared, seq: int) -> GateConsensus:
@@ -200,12 +206,16 @@ class GateSync:
             try:
                 decision, report = self._transport.sync(prepared, seq, self.policy)
                 if decision.is_cuda:
-                    ready = call.event = torch.cuda.Event()
-                    ready.record()
+                    # Recorded on the gate device's current stream (the one the call ran
+                    # on), not the thread's current device's: there it would fire at once.
+                    # Only the caller's reads query it; the watcher reads the mapped word.
+                    ready = torch.cuda.Event()
+                    ready.record(torch.cuda.current_stream(self.device))
+                    call.event = ready
                 else:
                     self._watcher.end_host(seq)
             except Exception as e:
-                raise self._failed_in_call(call, e) from e
+                raise self._failure.failed_in_call(call, e) from e
             except BaseException:
                 # Ctrl-C lands between bytecodes, so after the op returned: the
                 # collective completed on every rank; only this caller stops.

@@ -1,0 +1,130 @@
+"""The failure path of one gate: what happens, in order, when a call fails.
+
+On the deadline (or an asynchronous communicator error, or a peer's news that
+the call failed), ``expire`` runs on a thread of the watcher's and does, in
+this order:
+
+1. **invalidate** the call's decisions with no CUDA call (a host write to the
+   mapped VALID word that decode's and-ing reads on the device), so nothing
+   of the call can be applied whatever happens next;
+2. **publish** the failed call: ``Verdict.claim`` writes FAILING to the
+   call's verdict key by compare-and-set, a key every rank's watcher polls
+   while its call waits (NCCL requires every active rank to abort its
+   communicator). From then on no rank can decide ``ok``; if a peer's
+   collective completed the call first, nothing failed and the call stands;
+3. **abort** the transport (ncclCommAbort on the owned communicator,
+   ProcessGroup.abort on the c10d fallback; a no-op on gloo, which raises at
+   its own timeout): the stuck collective returns on this rank;
+4. **diagnose**: name the ranks from the heartbeats, and write that over
+   FAILING; the first diagnosis written is the one every rank raises
+   (ranks adopt it, and acknowledge it).
+
+The rank hosting the job's store waits, before its first raise, until the
+present ranks acknowledged the verdict (at most ACK_WAIT_S): a process that
+exits right after its error would otherwise take the store with it while a
+peer still reads heartbeats, and that peer would name the store's host
+instead of the rank that never came.
+"""
+from __future__ import annotations
+
+import logging
+
+from ._diagnosis import BOUND_S, short
+from ._inputs import timeout_text
+from ._verdict import FAILING, OK
+from .errors import GateError
+
+__all__ = ["FailurePath", "ACK_WAIT_S"]
+
+log = logging.getLogger("esper_gate")
+
+# The longest the store's host delays its raise for the others to read the verdict.
+ACK_WAIT_S = 2.0
+
+
+class FailurePath:
+    """Wires one gate's parts for its failures.
+
+    Args:
+        transport: returns the gate's transport (it is built after the watcher).
+        watcher, diagnosis, verdict, latch: the gate's parts.
+        timeout: the gate's timeout.
+        rank, world: this rank in the gate's group and its size.
+        store_host: the group rank whose process hosts the job's store (None: outside the group).
+    """
+
+    def __init__(self, transport, watcher, diagnosis, verdict, latch, timeout, rank: int, world: int,
+                 store_host: int | None):
+        self._transport = transport
+        self.watcher, self.diagnosis, self.verdict, self.latch = watcher, diagnosis, verdict, latch
+        self.timeout = timeout
+        self.rank, self.world, self.store_host = rank, world, store_host
+        latch.before_delivery = self._before_delivery
+
+    # ---- the watcher's side ---------------------------------------------------
+    def news(self, call) -> bool:
+        """Polled by the watcher while ``call`` waits: whether a peer published that it
+        failed (FAILING or a diagnosis). A diagnosis read here is latched at once, so
+        this rank holds the verdict even if the store's host exits before its own
+        diagnosis is done."""
+        kind, failure = self.verdict.state(call.seq)
+        if failure is not None:
+            self.latch.record(call.seq, failure)
+        return kind in (FAILING, "failed")
+
+    def expire(self, call) -> None:
+        """The call passed its deadline, its communicator failed, or a peer published its
+        failure: invalidate, publish, abort, diagnose (in that order), and latch the verdict."""
+        seq = call.seq
+        transport = self._transport()
+        transport.invalidate()                      # 1. no CUDA call
+        kind, failure = self.verdict.claim(seq)     # 2. every rank's watcher polls this key
+        if kind == OK:
+            # A peer's collective completed the call before anyone claimed it failed.
+            transport.revalidate()
+            self.watcher.settle(call, self.timeout.total_seconds())
+            return
+        transport.abort()                           # 3.
+        if failure is None:                         # 4. nobody has diagnosed it yet
+            try:
+                late = TimeoutError(f"call {seq} did not complete within {timeout_text(self.timeout)} of being made")
+                err = self.diagnosis.diagnose(seq, late, self.watcher.completed, call.started)
+            except Exception as e:  # noqa: BLE001 - the verdict must come out whatever happens
+                err = GateError(f"esper_gate call {seq} did not complete within {timeout_text(self.timeout)} "
+                                f"({short(e)})")
+            failure = self.verdict.failed(seq, err)
+            if failure is None:  # cannot happen once claimed; kept so that no call is left undecided
+                failure = err
+        err = self.latch.record(seq, failure)
+        log.error("%s", err)
+
+    # ---- the caller's side ----------------------------------------------------
+    def failed_in_call(self, call, exc: BaseException) -> GateError:
+        """The op raised in the caller's thread: the call's shared verdict (the watcher's,
+        when its abort raised this), else this rank's diagnosis."""
+        seq = call.seq
+        if self.watcher.expired:
+            self.latch.wait(BOUND_S + 1.0)
+        if self.latch.error is None:
+            kind, shared = self.verdict.state(seq)
+            if kind == FAILING:
+                shared = self.verdict.wait_final(seq)
+            elif kind == OK:
+                shared = None
+            if shared is None and kind != OK:
+                err = self.diagnosis.diagnose(seq, exc, self.watcher.completed, call.started)
+                shared = self.verdict.failed(seq, err)
+            self.latch.record(seq, shared if shared is not None else GateError(
+                f"esper_gate call {seq} completed on the other ranks, which apply its decisions, but failed on "
+                f"rank {self.rank} ({short(exc)}); this rank has none to apply"))
+        self.watcher.forget(seq)
+        return self.latch.deliver()
+
+    def _before_delivery(self, seq, error) -> None:
+        """The store's host: before its first raise, let the present ranks read the verdict."""
+        if self.store_host != self.rank or seq is None:
+            return
+        named = set(getattr(error, "missing_ranks", None) or [])
+        present = [r for r in range(self.world) if r != self.rank and r not in named]
+        if present:
+            self.verdict.wait_read(seq, present, ACK_WAIT_S)

@@ -1,0 +1,399 @@
+"""The gate's own communicator (issue 16) on its CPU double (tests/owned_double.py).
+
+In-process: the failure path's order (invalidate, publish, abort, diagnose)
+with recording fakes; a watcher that never calls CUDA; a construction that
+names the rank that never initialized.
+
+Spawned (the double's all_reduce goes through the job's store and, like
+NCCL, never times out by itself): a rank that skips a call, one frozen with
+SIGSTOP then resumed, one SIGKILLed; every rank names the same missing rank
+within timeout + 5 s, nothing else dies, and a new gate works afterwards.
+And the store's host exiting right after its raise, on gloo and on the double.
+"""
+import datetime
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import owned_double
+import esper_gate
+from esper_gate._failure import FailurePath
+from esper_gate._latch import FailureLatch
+from esper_gate._spawn import spawn_ranks, values
+from esper_gate._transport import OwnedTransport
+from esper_gate._verdict import FAILING, Verdict
+from esper_gate._watcher import WATCH_POLL_S, Call, Watcher
+
+T = 2.0
+BOUND_S = T + 5
+
+
+# ---- in-process: the order of the failure path ------------------------------------
+
+class _Recorder:
+    def __init__(self):
+        self.steps = []
+
+
+class _FakeTransport:
+    def __init__(self, rec):
+        self.rec = rec
+
+    def invalidate(self):
+        self.rec.steps.append("invalidate")
+
+    def revalidate(self):
+        self.rec.steps.append("revalidate")
+
+    def abort(self):
+        self.rec.steps.append("abort")
+
+
+class _RecordingVerdict(Verdict):
+    def __init__(self, rec, store, rank):
+        super().__init__(lambda request: request(store), rank=rank)
+        self.rec = rec
+
+    def claim(self, seq):
+        self.rec.steps.append("publish")
+        return super().claim(seq)
+
+
+class _FakeDiagnosis:
+    def __init__(self, rec, missing):
+        self.rec, self.missing = rec, missing
+
+    def diagnose(self, seq, exc, completed, started=None):
+        self.rec.steps.append("diagnose")
+        return esper_gate.GateTimeoutError(f"call {seq}: rank {self.missing} did not arrive", [self.missing],
+                                           {self.missing: seq - 1}, call=seq)
+
+
+class _FakeWatcher:
+    completed = 4
+    expired = True
+
+    def __init__(self, rec):
+        self.rec = rec
+
+    def settle(self, call, extend_s):
+        self.rec.steps.append("settle")
+
+    def forget(self, seq):
+        pass
+
+
+def _path(store, rank=0, missing=2, world=3, store_host=None):
+    rec = _Recorder()
+    latch = FailureLatch()
+    verdict = _RecordingVerdict(rec, store, rank)
+    path = FailurePath(lambda: _FakeTransport(rec), _FakeWatcher(rec), _FakeDiagnosis(rec, missing), verdict, latch,
+                       datetime.timedelta(seconds=T), rank, world, store_host)
+    return path, rec, latch, verdict
+
+
+def test_a_deadline_invalidates_then_publishes_then_aborts_then_diagnoses():
+    store = dist.HashStore()
+    path, rec, latch, _ = _path(store)
+    path.expire(Call(5, time.monotonic()))
+    assert rec.steps == ["invalidate", "publish", "abort", "diagnose"]
+    assert isinstance(latch.error, esper_gate.GateTimeoutError) and latch.error.missing_ranks == [2]
+    # every peer's watcher reads the published call, and then its diagnosis
+    peer, peer_rec, peer_latch, peer_verdict = _path(store, rank=1, missing=0)
+    assert peer.news(Call(5, 0.0)) and peer_latch.error.missing_ranks == [2]
+    peer.expire(Call(5, 0.0))   # the peer aborts too, and adopts the first diagnosis instead of diagnosing
+    assert peer_rec.steps == ["invalidate", "publish", "abort"]
+    assert str(peer_latch.error) == str(latch.error)
+
+
+def test_once_published_no_rank_can_complete_the_call_and_a_peer_that_completed_first_wins():
+    store = dist.HashStore()
+    mine = Verdict(lambda request: request(store), rank=0)
+    assert mine.claim(7) == (FAILING, None)
+    # a peer whose collective completes now must not apply it: it waits for the diagnosis
+    peer = Verdict(lambda request: request(store), rank=1, sleep=lambda s: None)
+    threading.Timer(0.05, lambda: mine.failed(7, esper_gate.GateError("rank 2 did not arrive"))).start()
+    assert str(peer.completed(7)) == "rank 2 did not arrive"
+    # the other way round: a completed call is not failed, and the flag is restored
+    path, rec, latch, verdict = _path(store)
+    verdict.completed(8)
+    path.expire(Call(8, time.monotonic()))
+    assert rec.steps == ["invalidate", "publish", "revalidate", "settle"] and latch.error is None
+
+
+def test_the_store_host_raises_after_the_present_ranks_read_the_verdict_or_two_seconds():
+    store = dist.HashStore()
+    host, _, latch, _ = _path(store, rank=0, missing=2, store_host=0)
+    host.expire(Call(3, time.monotonic()))
+    peer = Verdict(lambda request: request(store), rank=1)
+    threading.Timer(0.3, lambda: peer.peek(3)).start()   # rank 1 reads it 0.3 s later
+    t0 = time.monotonic()
+    with pytest.raises(esper_gate.GateTimeoutError):
+        latch.check_usable()
+    assert 0.25 < time.monotonic() - t0 < 1.0
+    # nobody reads it: two seconds at most
+    host, _, latch, _ = _path(store, rank=0, missing=2, store_host=0)
+    host.expire(Call(4, time.monotonic()))
+    t0 = time.monotonic()
+    with pytest.raises(esper_gate.GateTimeoutError):
+        latch.check_usable()
+    assert 1.9 < time.monotonic() - t0 < 2.6
+
+
+class _DictStore:
+    def __init__(self):
+        self.data = {}
+
+    def set(self, key, value):
+        self.data[key] = value.encode() if isinstance(value, str) else value
+
+    def get(self, key):
+        return self.data[key]
+
+    def check(self, keys):
+        return all(k in self.data for k in keys)
+
+
+class _NoCuda:
+    """An event whose query fails the test: the watcher must read the mapped word instead."""
+
+    def query(self):
+        raise AssertionError("the watcher thread called CUDA (event.query)")
+
+
+def test_the_watcher_reads_completion_from_the_mapped_word_and_never_queries_an_event():
+    words = owned_double.MappedWords(2, "cpu")
+    expired = []
+    watcher = Watcher(_DictStore(), 0, expired.append, progress=lambda: int(words.host[1]))
+    try:
+        call = watcher.begin(1, time.monotonic() + 60)
+        call.event = _NoCuda()
+        time.sleep(3 * WATCH_POLL_S)
+        assert watcher.completed == 0 and watcher.inflight
+        words.device[1].fill_(1)  # what the transport's last kernel does after decode
+        deadline = time.monotonic() + 2
+        while watcher.inflight and time.monotonic() < deadline:
+            time.sleep(WATCH_POLL_S)
+        assert watcher.completed == 1 and not watcher.inflight and not expired
+    finally:
+        watcher.close()
+
+
+def test_a_rank_that_never_initializes_the_communicator_is_named_and_the_init_aborted():
+    base = dist.HashStore()
+
+    class Double:  # the double's module, over this test's store
+        unique_id = staticmethod(owned_double.unique_id)
+        MappedWords = owned_double.MappedWords
+
+        @staticmethod
+        def NcclComm(uid, rank, world, device):
+            return owned_double.NcclComm(uid, rank, world, device, store=base)
+
+    store = dist.PrefixStore("gate/", base)
+    t0 = time.monotonic()
+    with pytest.raises(esper_gate.GateTimeoutError, match="rank 1 did not initialize") as info:
+        OwnedTransport(store, 0, 2, torch.device("cpu"), time.monotonic() + 0.5, "g", nccl=Double,
+                       timeout=datetime.timedelta(seconds=0.5))
+    assert info.value.missing_ranks == [1] and 0.5 <= time.monotonic() - t0 < 1.5
+    assert owned_double.made[-1].calls == ["abort"] and owned_double.made[-1].state() == "aborted"
+    # both present: ready, and a sum across the two ranks
+    out = {}
+
+    def rank_main(rank):
+        t = OwnedTransport(dist.PrefixStore("gate2/", base), rank, 2, torch.device("cpu"), time.monotonic() + 5, "g",
+                           nccl=Double)
+        buf = torch.tensor([rank + 1, 10], dtype=torch.int64)
+        t.comm.all_reduce_(buf)
+        out[rank] = buf.tolist()
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in (0, 1)]
+    [t.start() for t in threads]
+    [t.join(10) for t in threads]
+    assert out == {0: [3, 20], 1: [3, 20]}
+
+
+def test_an_aborted_collective_raises_at_once_and_nothing_times_out_by_itself():
+    comm = owned_double.NcclComm(owned_double.unique_id(), 0, 2, "cpu", store=dist.HashStore())
+    threading.Timer(0.3, comm.abort).start()
+    t0 = time.monotonic()
+    with pytest.raises(owned_double.AbortedError):
+        comm.all_reduce_(torch.zeros(2, dtype=torch.int64))   # the peer never calls
+    assert 0.25 < time.monotonic() - t0 < 1.0 and comm.state() == "aborted"
+
+
+# ---- spawned: a rank skipped, frozen, killed ---------------------------------------
+
+pytestmark_mp = [pytest.mark.multiprocess]
+
+
+def _barrier(store, tag, ranks):
+    store.set(f"{tag}/{dist.get_rank()}", "1")
+    store.wait([f"{tag}/{r}" for r in ranks], datetime.timedelta(seconds=60))
+
+
+def _one_call(gs):
+    t0 = time.monotonic()
+    try:
+        out = ("applied", gs([1, 1, 1, 1], [3] * 4, [4] * 4).host_decisions())
+    except esper_gate.GateError as e:
+        out = ("raised", type(e).__name__, getattr(e, "missing_ranks", None), str(e)[:300])
+    return out, time.monotonic() - t0
+
+
+def _faults_main(rank, world, scenarios):
+    import owned_double
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    store = dist.PrefixStore("test_owned/", _get_default_store())
+    store.set(f"pid/{rank}", str(os.getpid()))
+    present = list(range(world))
+    out = {}
+    for name in scenarios:
+        gs = esper_gate.GateSync(4, timeout=T, _owned=owned_double, group=None if len(present) == world else
+                                 dist.new_group(present, use_local_synchronization=True))
+        first = _one_call(gs)[0]   # a new gate works (after the previous scenario's failure)
+        res = {"first": first}
+        fault = {"skip": world - 1, "sigstop": 1, "sigkill": world - 1}[name]
+        if rank == fault and name == "skip":
+            res["outcome"] = "skipped"   # never makes call 2 (it waits for the others at the barrier)
+        elif rank == fault and name == "sigkill":
+            store.set(f"results/{rank}", json.dumps(out))   # what it saw before, for rank 0 to return
+            os.kill(os.getpid(), signal.SIGKILL)
+        else:
+            if rank == fault and name == "sigstop":
+                os.kill(os.getpid(), signal.SIGSTOP)   # rank 0 resumes it, after its own error
+            res["outcome"], res["elapsed"] = _one_call(gs)
+            res["then"] = _one_call(gs)[0]   # the communicator was aborted: the gate says it is unusable
+            if rank == 0 and name == "sigstop":
+                time.sleep(0.5)
+                os.kill(int(store.get(f"pid/{fault}")), signal.SIGCONT)
+        res["failure"] = None if gs.failure is None else type(gs.failure).__name__
+        gs.close()
+        out[name] = res
+        if name == "sigkill":
+            present = [r for r in present if r != fault]
+            sub = dist.new_group(present, use_local_synchronization=True)
+            if len(present) > 1:   # where ranks remain, a new gate works
+                gs = esper_gate.GateSync(4, timeout=T, _owned=owned_double, group=sub)
+                out["after_sigkill"] = _one_call(gs)[0]
+                gs.close()
+        _barrier(store, f"done/{name}", present)
+    if rank == 0 and "sigkill" in scenarios:
+        out["killed_rank_saw"] = json.loads(store.get(f"results/{world - 1}"))
+    return out
+
+
+def _check_faults(results, world, scenarios):
+    ok = ("applied", [True] * 4)
+    for name in scenarios:
+        fault = {"skip": world - 1, "sigstop": 1, "sigkill": world - 1}[name]
+        outs = {r: res[name] for r, res in enumerate(results) if res is not None and name in res}
+        named = [tuple(o["outcome"]) for r, o in outs.items() if o["outcome"] != "skipped"]
+        assert len(outs) == world - (name == "sigkill"), (name, sorted(outs))
+        for r, o in outs.items():
+            assert tuple(o["first"]) == ok, (name, r, o)
+        assert named and all(x[:3] == ("raised", "GateTimeoutError", [fault]) for x in named), (name, named)
+        assert all(f"rank {fault} did not arrive" in x[3] for x in named), (name, named)
+        for r, o in outs.items():
+            if o["outcome"] != "skipped":
+                assert o["elapsed"] < BOUND_S, (name, r, o["elapsed"])
+                assert o["then"][0] == "raised" and "unusable" in o["then"][3], (name, r, o["then"])
+        if name == "sigstop":
+            # the frozen rank, resumed, raises the very same verdict (naming itself)
+            assert tuple(outs[1]["outcome"]) == tuple(outs[0]["outcome"])
+        print(f"\n[W={world} {name}] seconds to the error: "
+              + ", ".join(f"rank {r}: {o['elapsed']:.2f}" for r, o in outs.items() if "elapsed" in o))
+    if "sigkill" in scenarios and world > 2:
+        assert all(res["after_sigkill"] == ok for r, res in enumerate(results) if r != world - 1)
+
+
+SCENARIOS = ["skip", "sigstop", "sigkill"]
+
+
+def _run_faults(world):
+    dead = (world - 1,)
+    results = spawn_ranks(_faults_main, world, SCENARIOS, timeout=150, expect_dead=dead)
+    alive = [r for r in results if r.rank not in dead]
+    vals = values(alive)   # every other rank reported: none was killed
+    by_rank = [None] * world
+    for r, v in zip(alive, vals):
+        by_rank[r.rank] = v
+    by_rank[world - 1] = by_rank[0].pop("killed_rank_saw")
+    _check_faults(by_rank, world, SCENARIOS)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(180)
+def test_skipped_frozen_and_killed_ranks_are_named_by_every_rank_and_a_new_gate_works():
+    _run_faults(3)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("world", [2, 4])
+def test_skipped_frozen_and_killed_ranks_at_other_world_sizes(world):
+    _run_faults(world)
+
+
+# ---- spawned: the store's host exits right after its raise -------------------------
+
+SKIPPER = 2
+
+
+def _host_exits_main(rank, world, kind):
+    import owned_double
+
+    gs = esper_gate.GateSync(4, timeout=T, _owned=owned_double) if kind == "owned" else esper_gate.GateSync(4, timeout=T)
+    _one_call(gs)
+    if rank == SKIPPER:
+        return {"outcome": "skipped"}   # never makes call 2; the process lives on (spawn_ranks holds it)
+    if rank == 1:
+        # a little late, so that its diagnosis reads the store after the host's is done
+        time.sleep(0.3)
+    outcome, elapsed = _one_call(gs)
+    if rank == 0:
+        os._exit(0)   # the usual reaction: the job ends on its first error, and takes the store with it
+    return {"outcome": outcome, "elapsed": elapsed}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["gloo", "owned"])
+def test_every_present_rank_names_the_skipped_rank_when_the_store_host_exits_after_its_raise(kind):
+    results = spawn_ranks(_host_exits_main, 3, kind, timeout=90, expect_dead=(0,))
+    r1 = values([results[1]])[0]
+    assert r1["outcome"][:3] == ("raised", "GateTimeoutError", [SKIPPER]), r1
+    assert "hosts the job's store" not in r1["outcome"][3]
+    assert r1["elapsed"] < BOUND_S
+    print(f"\n[{kind}] rank 1 named rank {SKIPPER} after {r1['elapsed']:.2f} s")
+
+
+# ---- in-process: construction settings ----------------------------------------------
+
+def test_two_local_ranks_on_one_gpu_are_named_with_the_host_and_the_device():
+    from esper_gate._group import config_error, shared_devices
+
+    mine = {"num_slots": 4, "policy": "unanimous", "site": 1, "world": 3}
+    configs = {0: {**mine, "host": "n1", "device": "cuda:0 (GPU a)"},
+               1: {**mine, "host": "n1", "device": "cuda:1 (GPU b)"},
+               2: {**mine, "host": "n1", "device": "cuda:0 (GPU a)"}}
+    # where ranks run is not a setting they must share
+    assert config_error(configs, mine, 0) is None
+    err = shared_devices(configs)
+    assert isinstance(err, esper_gate.GateConfigError)
+    assert "ranks 0 and 2 are both on cuda:0 (GPU a) of host n1" in str(err)
+    configs[2]["host"] = "n2"   # the same index on another host is another GPU
+    assert shared_devices(configs) is None
+    assert shared_devices({0: {"host": "n1"}, 1: {"host": "n1"}}) is None   # CPU gates
+
+
+def test_an_unknown_transport_is_refused_naming_it():
+    with pytest.raises(esper_gate.GateInputError, match="transport must be None, 'owned' or 'c10d', got 'nccl2'"):
+        esper_gate.GateSync(4, transport="nccl2")
