@@ -162,6 +162,7 @@ class RoundLog:
     calls: int = 0
     diverged: list[list[int]] = field(default_factory=list)      # per call: slot indices
     transitioned: list[list[int]] = field(default_factory=list)  # per call: slot indices
+    vetoed: list[list[int]] = field(default_factory=list)        # per call: passed here, agreed no
     reports: list[str] = field(default_factory=list)             # per call with a divergence: its note
 
 
@@ -200,6 +201,8 @@ def run_gate_round(slots: Sequence[EsperLikeSlot], log: RoundLog, *, names: Sequ
             moved.append(i)
     log.calls += 1
     log.diverged.append([i for i, d in enumerate(diverged) if d])
+    log.vetoed.append([i for i, (c, r) in enumerate(zip(checks, decided))
+                       if c is not None and r is not None and c.passed and not r.passed and not diverged[i]])
     log.transitioned.append(moved)
     if note:
         log.reports.append(note)
@@ -261,10 +264,12 @@ class Operator:
 
 
 def lone_prune_slot(slots: Sequence[EsperLikeSlot]) -> int:
-    """The slot a rank prunes on its own: the first with a prunable seed, else -1."""
-    for i, s in enumerate(slots):
-        if s.state is not None and s.state.stage in PRUNABLE_STAGES:
-            return i
+    """The slot a rank prunes on its own, else -1: the first TRAINING seed (the other ranks
+    keep checking its G2 every epoch), else the first BLENDING or HOLDING one."""
+    for stages in ((SeedStage.TRAINING,), PRUNABLE_STAGES):
+        for i, s in enumerate(slots):
+            if s.state is not None and s.state.stage in stages:
+                return i
     return -1
 
 
