@@ -164,8 +164,7 @@ def rank_main(args: argparse.Namespace) -> None:
     stats["error"] = error
     print("RESULT " + json.dumps(stats), flush=True)
     if error is None:
-        if stats["backend"] != "HEAD rank-0 broadcast":
-            egk.clear_cache()  # closes the gate's group and watcher thread before the world's
+        gate_round.release_gate_groups()  # the gate's group and watcher go before the world's
         dist.destroy_process_group()
 
 
