@@ -36,30 +36,10 @@ import time
 from pathlib import Path
 
 
-def rank_main(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-    from datetime import timedelta
-
-    import torch
-    import torch.distributed as dist
-    from torch.utils.data import DataLoader, TensorDataset
-
+def round_instrumentation(stats: dict) -> None:
+    """Count the patched Esper's rounds, and the results that carry "ddp_divergence", per slot."""
     import esper.kasmina.gate_round as gate_round
-    import esper.tolaria as tolaria
-    from esper.kasmina.slot import QualityGates
-    from esper.leyline import GateLevel, SeedStage
-    from esper.runtime import get_task_spec
-    from esper.simic.training.helpers import run_heuristic_episode
-    from esper.tamiyo.action_enums import build_action_enum
-    from esper.tamiyo.decisions import TamiyoDecision
 
-    rank = int(os.environ["RANK"])
-    dist.init_process_group("gloo", init_method=os.environ["INIT"], rank=rank, world_size=2,
-                            timeout=timedelta(seconds=120))
-    torch.set_num_threads(1)
-
-    # ---- instrumentation: count rounds and divergence per slot --------------------------
-    stats = {"rounds": 0, "round_s": 0.0, "diverged": {}, "passed": {}, "failed": {}, "backend": None}
     decide = gate_round._decide_round
 
     def counting_decide(slots, checks, *, names=None):
@@ -84,6 +64,87 @@ def rank_main(args: argparse.Namespace) -> None:
         stats["backend"] = "gate_round" if hasattr(egk, "gate_round") else "sync_gate_decisions"
     except ImportError:
         stats["backend"] = "HEAD rank-0 broadcast"
+
+
+def dropin_instrumentation(stats: dict) -> None:
+    """Unpatched Esper with the per-slot drop-in: _sync_gate_decision is esper_gate's sync_gate_decision."""
+    from esper.kasmina.slot import SeedSlot
+    from esper_gate.kasmina import sync_gate_decision
+
+    stats["backend"] = "Esper HEAD (no patch) + per-slot drop-in esper_gate.kasmina.sync_gate_decision"
+
+    def dropin(self, gate_result):
+        stats["rounds"] += 1
+        out = sync_gate_decision(self, gate_result, timeout=float(os.environ.get("ESPER_GATE_TIMEOUT", "60")))
+        if "ddp_divergence" in out.checks_failed:
+            stats["diverged"][self.slot_id] = stats["diverged"].get(self.slot_id, 0) + 1
+            stats.setdefault("first_divergence", f"call {stats['rounds']}: {out.message}")
+        if out.passed:
+            stats["passed"].setdefault(self.slot_id, []).append(int(out.gate))
+        return out
+
+    SeedSlot._sync_gate_decision = dropin
+
+
+def head_instrumentation(stats: dict) -> None:
+    """Unpatched Esper: count its per-gate broadcasts and note, per call, which slot's result arrived.
+
+    The dict rank 0 broadcasts has no slot id, so this wraps the caller,
+    SeedSlot._sync_gate_decision, and sends the slot id in a second
+    broadcast of its own right after Esper's (same pairing as Esper's).
+    """
+    import torch.distributed as dist
+    from esper.kasmina.slot import SeedSlot
+
+    sync = SeedSlot._sync_gate_decision
+    stats["backend"] = "Esper HEAD (no patch): rank-0 broadcast_object_list per gate check"
+    stats["foreign"] = []
+
+    def counting_sync(self, gate_result):
+        t0 = time.perf_counter()
+        out = sync(self, gate_result)
+        ids = [self.slot_id if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(ids, src=0)
+        stats["round_s"] += time.perf_counter() - t0
+        stats["rounds"] += 1
+        if ids[0] != self.slot_id:
+            stats["foreign"].append(f"call {stats['rounds']}: {self.slot_id} G{int(gate_result.gate)} got "
+                                    f"rank 0's result for {ids[0]} G{int(out.gate)}")
+        name = self.slot_id
+        if out.passed:
+            stats["passed"].setdefault(name, []).append(int(out.gate))
+        return out
+
+    SeedSlot._sync_gate_decision = counting_sync
+
+
+def rank_main(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import esper.tolaria as tolaria
+    from esper.kasmina.slot import QualityGates
+    from esper.leyline import GateLevel, SeedStage
+    from esper.runtime import get_task_spec
+    from esper.simic.training.helpers import run_heuristic_episode
+    from esper.tamiyo.action_enums import build_action_enum
+    from esper.tamiyo.decisions import TamiyoDecision
+
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", init_method=os.environ["INIT"], rank=rank, world_size=2,
+                            timeout=timedelta(seconds=args.pg_timeout))
+    torch.set_num_threads(1)
+    stats = {"rounds": 0, "round_s": 0.0, "diverged": {}, "passed": {}, "failed": {}, "backend": None}
+    if args.head and args.per_slot_dropin:
+        dropin_instrumentation(stats)
+    elif args.head:
+        head_instrumentation(stats)
+    else:
+        round_instrumentation(stats)
 
     # ---- auto-forward G1-G3 and short dwells on the model the episode builds ------------
     class RunGates(QualityGates):
@@ -163,8 +224,13 @@ def rank_main(args: argparse.Namespace) -> None:
     stats["action_counts"] = {k: v for k, v in dict(action_counts).items() if v}
     stats["error"] = error
     print("RESULT " + json.dumps(stats), flush=True)
-    if error is None:
-        gate_round.release_gate_groups()  # the gate's group and watcher go before the world's
+    if error is None or args.per_slot_dropin:
+        if args.per_slot_dropin:
+            import esper_gate.kasmina as egk
+            egk.clear_cache()
+        if not args.head:
+            import esper.kasmina.gate_round as gate_round
+            gate_round.release_gate_groups()  # the gate's group and watcher go before the world's
         dist.destroy_process_group()
 
 
@@ -180,6 +246,12 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=9)
     p.add_argument("--prune-epoch", type=int, default=3)
     p.add_argument("--timeout", type=float, default=600, help="seconds for the whole run")
+    p.add_argument("--head", action="store_true",
+                   help="the esper-lite given is unpatched: count its per-gate broadcasts instead of rounds "
+                        "(reports what happens; no pass/fail)")
+    p.add_argument("--per-slot-dropin", action="store_true",
+                   help="with --head: replace _sync_gate_decision by esper_gate's per-slot drop-in")
+    p.add_argument("--pg-timeout", type=float, default=120, help="the world group's timeout in seconds")
     p.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rank is not None:
@@ -194,7 +266,8 @@ def main() -> int:
         env.setdefault("ESPER_GATE_TIMEOUT", "60")
         procs.append(subprocess.Popen(
             [sys.executable, __file__, "--esper", str(args.esper), "--epochs", str(args.epochs),
-             "--prune-epoch", str(args.prune_epoch), "--rank", str(rank)],
+             "--prune-epoch", str(args.prune_epoch), "--pg-timeout", str(args.pg_timeout), "--rank", str(rank)]
+            + (["--head"] if args.head else []) + (["--per-slot-dropin"] if args.per_slot_dropin else []),
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     t0 = time.perf_counter()
     results = []
@@ -204,8 +277,10 @@ def main() -> int:
             lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
                 print(f"rank {rank} exited {proc.returncode}:\n{text[-3000:]}")
-                return 1
-            results.append(json.loads(lines[-1][len("RESULT "):]))
+                if not args.head:
+                    return 1
+            if lines:
+                results.append(json.loads(lines[-1][len("RESULT "):]))
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -214,6 +289,9 @@ def main() -> int:
     wall = time.perf_counter() - t0
     for rank, r in enumerate(results):
         print(f"rank {rank}: {json.dumps(r, sort_keys=True)}")
+    if args.head:
+        print(f"wall {wall:.1f} s; per-gate broadcasts per rank {[r['rounds'] for r in results]}")
+        return 0
     problems = []
     rounds = [r["rounds"] for r in results]
     if len(set(rounds)) != 1:
