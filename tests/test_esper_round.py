@@ -133,3 +133,37 @@ def test_lone_prune_diverges_one_slot_and_every_rank_makes_the_same_calls(world)
     assert moved_after > 0
     report = next(text for text in results[0]["reports"])
     assert f"r{pruned // 4}c{pruned % 4}" in report and f"rank {world - 1}" in report
+
+
+def test_decide_round_uses_gate_round_when_esper_gate_has_it(monkeypatch):
+    """Every rank learns every slot's outcome from gate_round, also where it had no gate."""
+    import dataclasses
+
+    from esper_gate import kasmina
+
+    @dataclasses.dataclass(frozen=True)
+    class Outcome:  # RoundOutcome's fields
+        name: str
+        gate: int | None
+        passed: bool
+        diverged: bool
+        note: str | None
+        gate_result: object
+
+    seen = []
+
+    def fake_gate_round(slots, gate_results, *, policy, names, timeout):
+        seen.append((policy, names, timeout))
+        return [Outcome(n, None, False, i == 1, "slot diverged" if i == 1 else None, r)
+                for i, (n, r) in enumerate(zip(names, gate_results))]
+
+    monkeypatch.setattr(kasmina, "gate_round", fake_gate_round, raising=False)
+    queued, empty = slot_at(SeedStage.TRAINING), EsperLikeSlot("r0c1", seed=0, rank=0)
+    queued.request_advance()
+    monkeypatch.setattr(queued, "pending_gate_check", lambda: esper_like.GateResult(GateLevel.G2, passed=True))
+    log = RoundLog()
+    decided = esper_like.run_gate_round([queued, empty], log, names=["a", "b"], policy="majority", timeout=2.0)
+    assert seen == [("majority", ["a", "b"], 2.0)]
+    assert decided[0].passed is False and decided[1] is None     # the outcome's passed wins
+    assert log.diverged == [[1]] and log.reports == ["slot diverged"]  # learned without a gate there
+    assert queued.state.stage == SeedStage.TRAINING
