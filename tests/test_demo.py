@@ -47,9 +47,9 @@ def check_run(stdout: str, *, epochs: int, diverged_rank: int) -> dict[str, str]
     # a per-check sync would have paired different numbers of gate checks per rank
     checks = summary["gate checks a per-check sync would pair"]
     assert "on every rank" not in checks and f"rank {diverged_rank}:" in checks
-    # the divergence is reported with the ranks and their stages
-    assert f"ddp_divergence: ranks do not hold the same state in slot {pruned}" in stdout
-    assert f"rank {diverged_rank} holds EMBARGOED" in stdout or f"rank {diverged_rank} holds PRUNED" in stdout
+    # the first divergence is printed as reported, naming the slot and the rank with its stage
+    line = next(ln for ln in stdout.splitlines() if re.match(r"\s+round \d+ \(epoch \d+, after the", ln))
+    assert pruned in line and re.search(rf"rank {diverged_rank} holds (PRUNED|EMBARGOED|RESETTING|DORMANT)", line)
     return summary
 
 
