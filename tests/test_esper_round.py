@@ -68,6 +68,13 @@ def test_request_advance_ends_early_without_a_seed():
     assert s.pending_gate_check().gate == GateLevel.G5
 
 
+def test_bad_calls_name_the_slot_and_what_was_expected():
+    with pytest.raises(ValueError, match="step_epoch\\(defer_gates=True\\)"):
+        slot_at(SeedStage.TRAINING).step_epoch(defer_gates=False)
+    with pytest.raises(RuntimeError, match="r0c0 with no queued gate"):
+        slot_at(SeedStage.TRAINING).apply_gate_decision(esper_like.GateResult(GateLevel.G2, passed=True))
+
+
 def test_loop_without_a_process_group_visits_every_stage_in_two_rounds_per_epoch():
     """World of one: sync_gate_decisions returns the local results, which apply."""
     log = RoundLog()
