@@ -1,12 +1,16 @@
-"""``python -m esper_gate demo``: the problem and the fix, on real ranks.
+"""``python -m esper_gate demo``: the problem and the fix, on real ranks, in a loop shaped like Esper's.
 
-Every rank runs Esper-like seed lifecycles in every slot (germinate, train,
-blend, hold, fossilize; prunes cool down through EMBARGOED and RESETTING)
-with its own noisy gate votes. Once per epoch one esper_gate sync decides all
-slots and only agreed transitions are applied. At ``--diverge-at`` one rank
-prunes a seed on its own, out of step with the others: the sync reports it
-and no rank transitions that slot. ``--show-hang`` first runs the old
-per-slot ``all_reduce`` design on the same scenario under a short timeout.
+Every rank runs the same Esper-shaped training loop (esper_gate/tools/esper_like.py):
+per-slot ``step_epoch`` ticks with Esper's local early returns (no seed, a
+dwell not served, alpha not at its target), an operator that germinates,
+fossilizes and prunes, and gate votes with per-rank noise. Gates are not
+synced where they are checked: they are queued, and one round per model
+decides every slot, after the ticks and again after the actions, on every
+rank, whatever its slots hold. At ``--diverge-at`` the last rank prunes a
+seed on its own: the round reports that slot, applies nothing to it, and the
+other slots go on. ``--show-hang`` first runs Esper HEAD's design on the same
+loop: one rank-0 ``broadcast_object_list`` per gate check, under a short
+timeout.
 
 Ranks are spawned here (gloo on CPU by default) or, under ``torchrun``, are
 the launched ones. Every wait is bounded and every spawned process is reaped.
@@ -16,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import random
 import statistics
 import sys
 import time
@@ -24,111 +27,13 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .._spawn import spawn_ranks
-from ..esper import VOCABULARY, GateLevel, SeedStage
+from ..esper import VOCABULARY
 from ..report import ranks_text
+from . import esper_like
 
-# stage -> (gate checked there, stage it leads to)
-GATE_OF_STAGE = {
-    SeedStage.DORMANT: (GateLevel.G0, SeedStage.GERMINATED),
-    SeedStage.GERMINATED: (GateLevel.G1, SeedStage.TRAINING),
-    SeedStage.TRAINING: (GateLevel.G2, SeedStage.BLENDING),
-    SeedStage.BLENDING: (GateLevel.G3, SeedStage.HOLDING),
-    SeedStage.HOLDING: (GateLevel.G5, SeedStage.FOSSILIZED),
-}
-ACTIVE_SEED_STAGES = (SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.HOLDING)
-PRUNABLE_STAGES = (SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.HOLDING)
-# A gate fails until the seed has spent this many epochs in its stage.
-MIN_EPOCHS_IN_STAGE = {SeedStage.DORMANT: 1, SeedStage.GERMINATED: 1, SeedStage.TRAINING: 4,
-                       SeedStage.BLENDING: 3, SeedStage.HOLDING: 3}
-# The shared quality must clear this (germination is easy, promotion is not).
-PASS_THRESHOLD = {SeedStage.DORMANT: 0.3, SeedStage.GERMINATED: 0.4, SeedStage.TRAINING: 0.6,
-                  SeedStage.BLENDING: 0.6, SeedStage.HOLDING: 0.6}
-# Each rank sees the shared quality through its own noise: ranks near the
-# threshold disagree, which is what a veto is.
-VOTE_NOISE = 0.06
-PRUNE_PROBABILITY = 0.04
-EMBARGO_EPOCHS = 3
-
-# The old design's "training step" between gate rounds: a gradient all_reduce.
+# The old design's "training step" between epochs: a gradient all_reduce.
 GRADIENT_NUMEL = 1024
-
-
-# ---- the seed lifecycle simulation (identical code on every rank) ------------------------
-
-@dataclass
-class SlotState:
-    stage: int = SeedStage.DORMANT
-    epochs_in_stage: int = 0
-
-
-@dataclass
-class GateCheck:
-    target: int
-    vote: bool
-
-
-class Lifecycles:
-    """Seed lifecycles in ``num_slots`` slots as one rank sees them.
-
-    Prunes and cooldowns come from a seed shared by all ranks (per epoch and
-    slot), so they happen in lockstep; only the gate votes carry per-rank
-    noise, and only a synced gate decision moves a seed forward.
-    """
-
-    def __init__(self, num_slots: int, seed: int, rank: int):
-        self.slots = [SlotState() for _ in range(num_slots)]
-        self.seed = seed
-        self.rank = rank
-        self.prunes = 0
-
-    def begin_epoch(self, epoch: int) -> list[GateCheck | None]:
-        """Apply this epoch's shared events; return each slot's gate check (None: no gate)."""
-        checks: list[GateCheck | None] = []
-        for i, slot in enumerate(self.slots):
-            shared = random.Random(f"{self.seed}:{epoch}:{i}")
-            quality, prune_roll = shared.random(), shared.random()
-            slot.epochs_in_stage += 1
-            if slot.stage == SeedStage.PRUNED:
-                self._move(slot, SeedStage.EMBARGOED)
-            elif slot.stage == SeedStage.EMBARGOED and slot.epochs_in_stage > EMBARGO_EPOCHS:
-                self._move(slot, SeedStage.RESETTING)
-            elif slot.stage == SeedStage.RESETTING:
-                self._move(slot, SeedStage.DORMANT)
-            elif slot.stage in PRUNABLE_STAGES and prune_roll < PRUNE_PROBABILITY:
-                self._move(slot, SeedStage.PRUNED)
-                self.prunes += 1
-            if slot.stage not in GATE_OF_STAGE:
-                checks.append(None)
-                continue
-            noise = random.Random(f"{self.seed}:{epoch}:{i}:rank{self.rank}").uniform(-VOTE_NOISE, VOTE_NOISE)
-            ready = slot.epochs_in_stage >= MIN_EPOCHS_IN_STAGE[slot.stage]
-            vote = ready and quality + noise >= PASS_THRESHOLD[slot.stage]
-            checks.append(GateCheck(GATE_OF_STAGE[slot.stage][0], vote))
-        return checks
-
-    @staticmethod
-    def _move(slot: SlotState, stage: int) -> None:
-        slot.stage, slot.epochs_in_stage = stage, 0
-
-    def prune_alone(self, i: int) -> SlotState:
-        """This rank prunes slot ``i`` on its own; returns the state to roll back to."""
-        before = SlotState(self.slots[i].stage, self.slots[i].epochs_in_stage)
-        self._move(self.slots[i], SeedStage.PRUNED)
-        return before
-
-    def pass_gate(self, i: int) -> None:
-        self._move(self.slots[i], GATE_OF_STAGE[self.slots[i].stage][1])
-
-    def stages(self) -> list[int]:
-        return [s.stage for s in self.slots]
-
-    def divergence_slot(self) -> int:
-        """The slot a rank will prune on its own: the first with an active seed."""
-        for stages in (ACTIVE_SEED_STAGES, tuple(GATE_OF_STAGE)):
-            for i, slot in enumerate(self.slots):
-                if slot.stage in stages:
-                    return i
-        return 0
+ROUNDS_PER_EPOCH = 2   # after the ticks, after the actions
 
 
 def slot_names(num_slots: int) -> list[str]:
@@ -136,12 +41,7 @@ def slot_names(num_slots: int) -> list[str]:
     return [f"r{i // 4}c{i % 4}" for i in range(num_slots)]
 
 
-def _sync_inputs(checks: Sequence[GateCheck | None]) -> tuple[list[bool], list[int]]:
-    # slots without a gate check take part with vote 0 and target 0, so a
-    # rank whose slot is elsewhere in its lifecycle shows up as a divergence
-    return ([bool(c is not None and c.vote) for c in checks], [c.target if c is not None else 0 for c in checks])
-
-
+# ---- output --------------------------------------------------------------------------------
 # ---- output --------------------------------------------------------------------------------
 
 class Console:
@@ -176,6 +76,7 @@ class Console:
             print(line, flush=True)
 
 
+
 # ---- one rank --------------------------------------------------------------------------------
 
 @dataclass
@@ -207,32 +108,31 @@ def run_rank(cfg: Settings) -> dict:
 
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Console(rank)
-    names = slot_names(cfg.slots)
     out.print(f"esper_gate demo: {world} ranks ({cfg.launched}), {cfg.slots} slots, {cfg.epochs} epochs, "
               f"policy {cfg.policy}, seed {cfg.seed}")
-    out.print("  every rank runs seed lifecycles in every slot with its own noisy gate votes;")
-    out.print("  once per epoch one esper_gate sync decides all slots, and only agreed transitions apply")
+    out.print("  every rank runs an Esper-shaped loop: per-slot step_epoch with local early returns, then one")
+    out.print("  gate round for all slots; the operator acts; a second round decides its explicit actions")
     if cfg.diverge_at:
-        out.print(f"  at epoch {cfg.diverge_at}, rank {world - 1} prunes one seed on its own, out of step "
+        out.print(f"  at epoch {cfg.diverge_at}, rank {world - 1} prunes a seed on its own, out of step "
                   f"with the other ranks")
     old = None
     if cfg.show_hang:
         out.print()
         old = run_old_design(cfg, out)
         out.print()
-        out.print(f"the same scenario with esper_gate (one sync per epoch for all {cfg.slots} slots):")
-    summary = run_esper_gate(cfg, out, names)
+        out.print(f"the same loop with esper_gate (one round per model, {ROUNDS_PER_EPOCH} per epoch, "
+                  f"all {cfg.slots} slots each):")
+    summary = run_esper_gate(cfg, out)
     summary["old_design"] = old
     return summary
 
 
 def run_old_design(cfg: Settings, out: Console) -> dict:
-    """The per-slot design Esper uses today: per slot, all_reduce(MIN) of one int and .item().
+    """Esper HEAD: each gate check, where it happens, runs a rank-0 broadcast_object_list.
 
     It runs on its own gloo groups with a short timeout, so the hang it walks
     into ends after ``hang_timeout`` seconds instead of never. The gradient
-    all_reduce of the next training step runs on a group of its own: on the
-    gate's group the mis-paired sizes would abort gloo instead of hanging.
+    all_reduce of the next training step runs on a group of its own.
     """
     import torch
     import torch.distributed as dist
@@ -240,206 +140,168 @@ def run_old_design(cfg: Settings, out: Console) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     names = slot_names(cfg.slots)
     limit = datetime.timedelta(seconds=cfg.hang_timeout)
-    # the short timeout also bounds building these groups: start them together
-    dist.barrier()
+    dist.barrier()  # the short timeout also bounds building these groups: start them together
     gate_group = dist.new_group(backend="gloo", timeout=limit)
     grad_group = dist.new_group(backend="gloo", timeout=limit)
-    out.print(f"--show-hang: the old per-slot design (one all_reduce(MIN) of one int and one .item() per "
-              f"slot per gate check), same scenario, {cfg.hang_timeout:g} s timeout")
-    life = Lifecycles(cfg.slots, cfg.seed, rank)
-    stuck_in, stuck_slot, waited, called, forced = 0, -1, 0.0, [], -1
-    collectives = 0
-    for epoch in range(1, cfg.diverge_at + 1):
-        checks = life.begin_epoch(epoch)
-        if epoch == cfg.diverge_at:
-            forced = life.divergence_slot()
-            if rank == world - 1:
-                life.prune_alone(forced)
-                checks[forced] = None  # no active seed here any more: no gate check
-        called = []
-        decisions = {}
-        started = time.monotonic()
-        try:
-            for i, check in enumerate(checks):
-                if check is None:
-                    continue
-                stuck_in, stuck_slot, started = 1, i, time.monotonic()
-                vote = torch.tensor([int(check.vote)])
-                dist.all_reduce(vote, op=dist.ReduceOp.MIN, group=gate_group)
-                decisions[i] = bool(vote.item())
-                called.append(i)
-                collectives += 1
-            stuck_in, stuck_slot, started = 2, -1, time.monotonic()
-            dist.all_reduce(torch.zeros(GRADIENT_NUMEL), group=grad_group)
-            stuck_in = 0
-        except RuntimeError:
-            waited = time.monotonic() - started
-            break
-        for i, passed in decisions.items():
-            if passed:
-                life.pass_gate(i)
+    out.print(f"--show-hang: Esper HEAD's design (one rank-0 broadcast_object_list per gate check), "
+              f"same loop, {cfg.hang_timeout:g} s timeout")
+    state = {"where": 0, "slot": -1, "since": time.monotonic(), "calls": 0, "foreign": [], "epoch": 0}
 
-    # the world group is healthy: gather what each rank went through
-    record = torch.full((4 + cfg.slots,), -1, dtype=torch.int64)
-    record[:4] = torch.tensor([stuck_in, stuck_slot, len(called), int(waited * 1000)])
-    record[4:4 + len(called)] = torch.tensor(called, dtype=torch.int64)
+    def decide(slots, when):
+        for i, slot in enumerate(slots):
+            check = slot.pending_gate_check()
+            if check is None:
+                continue
+            state.update(where=1, slot=i, since=time.monotonic())
+            adopted, from_slot = esper_like.old_gate_decision(slot, check, gate_group)
+            state["calls"] += 1
+            if from_slot != slot.slot_id and len(state["foreign"]) < 3:
+                state["foreign"].append((state["epoch"], slot.slot_id, from_slot))
+            slot.apply_gate_decision(adopted)
+        state["where"] = 0
+
+    def training_step(epoch):
+        state.update(where=2, slot=-1, since=time.monotonic(), epoch=epoch + 1)
+        dist.all_reduce(torch.zeros(GRADIENT_NUMEL), group=grad_group)
+        state["where"] = 0
+
+    waited = 0.0
+    try:
+        esper_like.run_esper_like(cfg.slots, cfg.epochs, seed=cfg.seed, rank=rank, lone_pruner=world - 1,
+                                  prune_at=cfg.diverge_at, decide=decide, on_epoch=training_step)
+    except RuntimeError:
+        waited = time.monotonic() - state["since"]
+
+    record = torch.tensor([state["where"], state["slot"], state["calls"], int(waited * 1000), state["epoch"],
+                           len(state["foreign"])], dtype=torch.int64)
     records = _all_gather_ints(record, cfg.backend)
-    result = {"hung": any(r[0] != 0 for r in records), "ranks_stuck": [k for k, r in enumerate(records) if r[0]]}
+    result = {"hung": any(r[0] != 0 for r in records), "ranks_stuck": [k for k, r in enumerate(records) if r[0]],
+              "calls": [r[2] for r in records]}
+    if rank == world - 1 and state["foreign"]:
+        epoch, mine, theirs = state["foreign"][0]
+        print(f"  rank {rank}, epoch {epoch}: its gate check for slot {mine} adopted rank 0's decision for "
+              f"slot {theirs} (broadcasts pair by call order, not by slot)", flush=True)
     if rank != 0:
         return result
-
-    last = world - 1
-    others = list(range(last))
-    calls_of = [[c for c in r[4:] if c >= 0] for r in records]
-    in_step = cfg.diverge_at - 1
-    if in_step:
-        epochs_text = "epoch 1" if in_step == 1 else f"epochs 1-{in_step}"
-        out.print(f"  {epochs_text}: ranks in step; {collectives - len(calls_of[0])} gate all_reduces so far "
-                  f"(one per slot per gate check)")
-    out.print(f"  epoch {cfg.diverge_at}: rank {last} pruned slot {names[forced]} on its own, so it has no gate "
-              f"to check there and skips that slot's all_reduce")
-    wrong = [(k, calls_of[0][k], calls_of[last][k]) for k in range(min(len(calls_of[0]), len(calls_of[last])))
-             if calls_of[0][k] != calls_of[last][k]]
-    if wrong:
-        pairs = ", ".join(f"{names[a]} with {names[b]}" for _k, a, b in wrong[:3])
-        more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
-        out.print(f"  all_reduces pair by call order, not by slot: {len(wrong)} gate decisions on "
-                  f"{ranks_text(others)} silently used rank {last}'s vote for another slot ({pairs}{more})")
+    time.sleep(0.2)  # let the last rank's line come first
+    out.print(f"  gate broadcasts made: {', '.join(f'rank {k}: {r[2]}' for k, r in enumerate(records))}")
     if not result["hung"]:
-        out.print("  no rank got stuck this time (the out-of-step slot had no gate check on any rank)")
+        out.print("  no rank got stuck this time")
         return result
     for k, r in enumerate(records):
         if r[0] == 1:
-            where = f"the gate all_reduce for slot {names[r[1]]}"
+            where = f"a gate broadcast for slot {names[r[1]]}"
         elif r[0] == 2:
             where = "the gradient all_reduce of its next training step"
         else:
             continue
-        out.print(f"  rank {k}: still waiting in {where} after {r[3] / 1000:.1f} s")
+        out.print(f"  rank {k}: still waiting in {where} (epoch {r[4]}) after {r[3] / 1000:.1f} s")
     out.print(f"  => the job would have hung: with the default timeouts (10 min NCCL, 30 min gloo) it "
-              f"waits, then fails without naming rank {last} or the slot")
+              f"waits, then fails without naming rank {world - 1} or the slot")
     return result
 
 
-def run_esper_gate(cfg: Settings, out: Console, names: list[str]) -> dict:
+def run_esper_gate(cfg: Settings, out: Console) -> dict:
     import torch
     import torch.distributed as dist
 
-    from ..gate_sync import GateSync
+    from .. import kasmina
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = _device(cfg.backend)
-    gs = GateSync(cfg.slots, policy=cfg.policy, timeout=cfg.timeout, slot_names=names, device=device,
-                  vocabulary=VOCABULARY)
-    life = Lifecycles(cfg.slots, cfg.seed, rank)
-    transitions = vetoes = divergences = applied_while_diverged = gate_checks = 0
+    names = slot_names(cfg.slots)
+    log = esper_like.RoundLog()
     latencies: list[float] = []
-    injected = ""
+    counts = {"gate_checks": 0, "reported": False}
+
+    def decide(slots, when):
+        counts["gate_checks"] += sum(s.pending_gate_target is not None for s in slots)
+        started = time.perf_counter()
+        esper_like.run_gate_round(slots, log, names=names, policy=cfg.policy, timeout=cfg.timeout)
+        latencies.append(time.perf_counter() - started)
+        if log.diverged[-1] and log.reports and not counts["reported"]:
+            counts["reported"] = True
+            out.print(f"  round {log.calls} (epoch {(log.calls + 1) // ROUNDS_PER_EPOCH}, after the "
+                      f"{'ticks' if when == 'epoch' else 'actions'}): {log.reports[-1]}")
+
     try:
         out.bar(0, cfg.epochs)
-        for epoch in range(1, cfg.epochs + 1):
-            checks = life.begin_epoch(epoch)
-            gate_checks += sum(c is not None for c in checks)
-            forced, saved = -1, None
-            if epoch == cfg.diverge_at:
-                forced = life.divergence_slot()
-                slot = life.slots[forced]
-                injected = (f"rank {world - 1} pruned slot {names[forced]} on its own "
-                            f"({VOCABULARY.stage(slot.stage)} -> {SeedStage.PRUNED.name}) without a gate sync")
-                if rank == world - 1:
-                    saved = life.prune_alone(forced)
-                    checks[forced] = None
-            votes, targets = _sync_inputs(checks)
-            stages = life.stages()
-
-            started = time.perf_counter()
-            consensus = gs(torch.tensor(votes, device=device), torch.tensor(stages, device=device),
-                           torch.tensor(targets, device=device))
-            decisions = consensus.host_decisions()
-            latencies.append(time.perf_counter() - started)
-
-            diverged = consensus.diverged.tolist()
-            if any(diverged):
-                divergences += sum(diverged)
-                out.print(f"  epoch {epoch}: {injected or 'ranks out of step'}")
-                out.print("    " + str(consensus.report()).replace("\n", "\n    "))
-            slot_votes = None
-            for i, check in enumerate(checks):
-                if diverged[i]:
-                    applied_while_diverged += int(decisions[i])
-                    continue
-                if check is None:
-                    continue
-                if decisions[i]:
-                    life.pass_gate(i)
-                    transitions += 1
-                    continue
-                if slot_votes is None:
-                    slot_votes = consensus.report().slots
-                if slot_votes[i].yes > 0:
-                    vetoes += 1
-            if saved is not None:
-                # like Esper after a rollback: the rank that went its own way
-                # restores the slot to the state every other rank still holds
-                life.slots[forced] = saved
-            if forced >= 0 and diverged[forced]:
-                out.print(f"    no rank transitioned slot {names[forced]}; rank {world - 1} rolls its prune "
-                          f"back, so the next epoch starts in step again")
-            out.bar(epoch, cfg.epochs)
+        slots, pruned = esper_like.run_esper_like(
+            cfg.slots, cfg.epochs, seed=cfg.seed, rank=rank, lone_pruner=world - 1 if cfg.diverge_at else -1,
+            prune_at=cfg.diverge_at, decide=decide, on_epoch=lambda e: out.bar(e, cfg.epochs))
     finally:
-        syncs = gs.calls
-        gs.close()
+        kasmina.clear_cache()
 
-    # one gather of plain ints (no pickling) to compare every rank's final state
-    mine = torch.tensor(life.stages() + [transitions, applied_while_diverged], dtype=torch.int64)
-    everyone = _all_gather_ints(mine, cfg.backend)
-    identical = all(r == everyone[0] for r in everyone)
-    never_applied = all(r[-1] == 0 for r in everyone)
+    # one gather of plain ints (no pickling): per call and slot, 1 = diverged here, 2 = transitioned here
+    calls = log.calls
+    flags = torch.zeros(calls * cfg.slots, dtype=torch.int64)
+    for c in range(calls):
+        for i in log.diverged[c]:
+            flags[c * cfg.slots + i] += 1
+        for i in log.transitioned[c]:
+            flags[c * cfg.slots + i] += 2
+    stages = [-1 if s.state is None else int(s.state.stage) for s in slots]
+    transitions = sum(len(t) for t in log.transitioned)
+    head = torch.tensor([calls, transitions, counts["gate_checks"]] + stages, dtype=torch.int64)
+    everyone = _all_gather_ints(torch.cat([head, flags]), cfg.backend)
+    n_head = 3 + cfg.slots
+    calls_by_rank = [r[0] for r in everyone]
+    diverged_pairs = {(c, i) for r in everyone for c in range(calls) for i in range(cfg.slots)
+                      if r[n_head + c * cfg.slots + i] & 1}
+    applied_diverged = sum(1 for r in everyone for (c, i) in diverged_pairs if r[n_head + c * cfg.slots + i] & 2)
+    diverged_slots = sorted({i for _c, i in diverged_pairs})
+    out_of_step = [i for i in range(cfg.slots) if len({r[3 + i] for r in everyone}) > 1]
     summary = {
-        "epochs": cfg.epochs, "transitions": transitions, "vetoes": vetoes, "divergences": divergences,
-        "injected": 1 if injected else 0, "collectives": syncs, "per_slot_collectives": gate_checks,
+        "epochs": cfg.epochs, "calls_by_rank": calls_by_rank, "transitions_by_rank": [r[1] for r in everyone],
+        "gate_checks_by_rank": [r[2] for r in everyone], "vetoes": sum(len(v) for v in log.vetoed),
+        "divergences": len(diverged_pairs), "diverged_slots": [names[i] for i in diverged_slots],
+        "pruned_alone": names[pruned] if cfg.diverge_at and pruned >= 0 else None,
+        "applied_to_diverged": applied_diverged, "out_of_step": [names[i] for i in out_of_step],
         "median_latency_ms": statistics.median(latencies) * 1000 if latencies else 0.0,
-        "identical": identical, "never_applied_diverged": never_applied, "prunes": life.prunes,
-        "final_stages": life.stages(),
+        "final_stages": stages,
     }
-    summary["ok"] = (identical and never_applied and syncs == cfg.epochs
-                     and divergences == summary["injected"])
-    _print_summary(out, summary, world, cfg.backend, [r[-2] for r in everyone])
+    expected_diverged = [summary["pruned_alone"]] if summary["pruned_alone"] else []
+    summary["ok"] = (len(set(calls_by_rank)) == 1 and calls_by_rank[0] == ROUNDS_PER_EPOCH * cfg.epochs
+                     and applied_diverged == 0 and summary["out_of_step"] == expected_diverged
+                     and summary["diverged_slots"] in ([], expected_diverged))
+    _print_summary(out, summary, world, cfg.backend)
     return summary
 
 
-def _print_summary(out: Console, s: dict, world: int, backend: str, transitions_by_rank: list[int]) -> None:
+def _per_rank(values: list[int], unit: str = "") -> str:
+    if len(set(values)) == 1:
+        return f"{values[0]}{unit} on every rank"
+    return ", ".join(f"rank {k}: {v}" for k, v in enumerate(values))
+
+
+def _print_summary(out: Console, s: dict, world: int, backend: str) -> None:
     counts: dict[int, int] = {}
     for stage in s["final_stages"]:
         counts[stage] = counts.get(stage, 0) + 1
-    stages_text = ", ".join(f"{n} {VOCABULARY.stage(st)}"
+    stages_text = ", ".join(f"{n} {'empty' if st == -1 else VOCABULARY.stage(st)}"
                             for st, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-    if len(set(transitions_by_rank)) == 1:
-        applied = f"{s['transitions']} on every rank"
-    else:
-        applied = "differs by rank: " + ", ".join(f"rank {k}: {n}" for k, n in enumerate(transitions_by_rank))
-    if world == 1:
-        collectives = f"0 ({s['collectives']} syncs; a world of one decides locally)"
-    elif s["collectives"] == s["epochs"]:
-        collectives = f"{s['collectives']} (one per epoch)"
-    else:
-        collectives = f"{s['collectives']} (expected one per epoch: {s['epochs']})"
     cores = (f"; {world} rank{'s' if world > 1 else ''} on {os.cpu_count()} CPU cores"
              if backend == "gloo" else "")
+    if s["divergences"]:
+        where = ", ".join(s["diverged_slots"])
+        caught = f"{s['divergences']} slot-rounds, on {where} only" + (
+            f" (rank {world - 1} pruned {s['pruned_alone']} on its own)" if s["pruned_alone"] else "")
+    else:
+        caught = "0"
+    in_step = len(s["final_stages"]) - len(s["out_of_step"])
     rows = [
         ("epochs", f"{s['epochs']}"),
-        ("transitions applied", applied),
-        ("vetoes", f"{s['vetoes']} (a rank passed its gate, the consensus said no)"),
-        ("prunes", f"{s['prunes']} (shared decisions; cooldown through EMBARGOED and RESETTING)"),
-        ("divergences caught", f"{s['divergences']} (injected: {s['injected']})"),
-        ("transitions applied to diverged slots", "0 on every rank" if s["never_applied_diverged"] else "SOME"),
-        ("collectives issued", collectives),
-        ("per-slot design would issue", f"{s['per_slot_collectives']} (one all_reduce and one .item() per slot "
-                                        f"per gate check; {2 * s['per_slot_collectives']} for rank-0 broadcast)"),
-        ("median sync latency", f"{s['median_latency_ms']:.2f} ms (the whole call, including the wait for "
-                                f"the slowest rank{cores})"),
-        ("final slot stages identical on all ranks", "yes" if s["identical"] else "NO"),
-        ("final slot stages", stages_text),
+        ("round calls per rank", _per_rank(s["calls_by_rank"]) + f" ({ROUNDS_PER_EPOCH} per epoch)"),
+        ("transitions applied", _per_rank(s["transitions_by_rank"])),
+        ("vetoes", f"{s['vetoes']} on rank 0 (its gate passed, the consensus said no)"),
+        ("divergences caught", caught),
+        ("transitions applied to diverged slots", f"{s['applied_to_diverged']}"),
+        ("gate checks a per-check sync would pair", _per_rank(s["gate_checks_by_rank"])
+         + " (Esper HEAD: one broadcast each)"),
+        ("median round latency", f"{s['median_latency_ms']:.2f} ms (the whole call, including the wait for "
+                                 f"the slowest rank{cores})"),
+        ("slots in step at the end", f"{in_step} of {len(s['final_stages'])}"
+         + (f" ({', '.join(s['out_of_step'])} differs)" if s["out_of_step"] else "")),
+        ("final slot stages (rank 0)", stages_text),
     ]
     width = max(len(k) for k, _ in rows) + 1
     out.print()
