@@ -30,7 +30,7 @@ class LocalTransport:
     self_timing = True
 
     def sync(self, p: Prepared, seq: int, policy: str):
-        buf = ops.pack(p.votes, p.stages, p.targets, seq, p.site, policy, 0, 1, p.poison)
+        buf = ops.pack(p.votes, p.stages, p.targets, seq, p.site, policy, 0, 1, p.poison, p.policies, p.digests)
         return ops.decode(buf, p.votes.shape[0], 1, policy)
 
     def failed(self) -> bool:
@@ -64,7 +64,7 @@ class C10dTransport:
 
     def sync(self, p: Prepared, seq: int, policy: str):
         decision, report = torch.ops.esper_gate.sync.default(
-            p.votes, p.stages, p.targets, seq, p.site, policy, self.name, p.poison)
+            p.votes, p.stages, p.targets, seq, p.site, policy, self.name, p.poison, p.policies, p.digests)
         if self._valid is not None:
             decision.logical_and_(self._valid)
         return decision, report

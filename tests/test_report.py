@@ -260,8 +260,10 @@ def test_to_dict_holds_every_field_and_is_json_able():
     # the vocabulary appears once, at the top, not in every diverged slot
     assert set(sd) == {f.name for f in dataclasses.fields(SlotDivergence)} - {"vocabulary"}
     assert out["vocabulary"] == {"stages": {"3": "warm"}, "targets": {"2": "boil"}}
-    assert sd["holdings"] == [{"stage": 3, "target": 2, "ranks": [0], "votes_passed": [0]},
-                              {"stage": 4, "target": 2, "ranks": [1], "votes_passed": []}]
+    assert sd["holdings"] == [{"stage": 3, "target": 2, "ranks": [0], "votes_passed": [0], "policy": "unanimous",
+                               "digest": 0},
+                              {"stage": 4, "target": 2, "ranks": [1], "votes_passed": [], "policy": "unanimous",
+                               "digest": 0}]
 
 
 def all_diverged(world: int, slots: int, **kw) -> list[RankInput]:
