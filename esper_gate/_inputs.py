@@ -64,8 +64,8 @@ def _digest_item(value) -> list:
     """One value of a state digest as tagged JSON-able data, so 1, 1.0, True and "1" differ."""
     if value is None or isinstance(value, bool):
         return ["b", value]
-    if isinstance(value, int):
-        return ["i", str(value)]
+    if isinstance(value, int):  # IntEnum too: its value, whatever its str()
+        return ["i", str(int(value))]
     if isinstance(value, float):
         return ["f", value.hex()]  # exact, and -0.0, inf and nan have one spelling each
     if isinstance(value, str):
