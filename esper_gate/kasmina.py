@@ -296,7 +296,10 @@ def _round_inputs(slots: list, gate_results: list, what: str):
     if len(slots) != len(gate_results):
         raise GateInputError(f"{what} got {len(slots)} slots but {len(gate_results)} gate results")
     votes = [bool(r is not None and s.is_active and r.passed) for s, r in zip(slots, gate_results)]
-    targets = [int(r.gate) if r is not None else NO_GATE for r in gate_results]
+    # A gate result whose gate id is NO_GATE's would read as "no gate": send it out of
+    # range instead, so it poisons the round on every rank as a bad target.
+    targets = [NO_GATE if r is None else (wire.MAX_ID + 1 if int(r.gate) == NO_GATE else int(r.gate))
+               for r in gate_results]
     stages = [_slot_stage(s) for s in slots]
     return votes, stages, targets
 
