@@ -306,17 +306,23 @@ def prepare(votes, stages, targets, site, *, num_slots: int, device: torch.devic
     ranks that pass other names for the same call are told apart.
     """
     given = site
+    # Names a rank cannot use travel as bad input, like the tensors: raising here
+    # would leave the other ranks waiting in the collective.
+    bad_names = names is not None and (isinstance(names, (str, bytes)) or len(names) != num_slots)
     if site is None:
-        site = default_site if names is None else _names_site(tuple(names))
+        site = default_site if names is None or bad_names else _names_site(tuple(str(n) for n in names))
     elif not (type(site) is int and 0 <= site <= UINT32):
         try:
             site = operator.index(site)
         except TypeError:
             site = -1
-    if policies is None and digests is None and 0 <= site <= UINT32 \
+    if policies is None and digests is None and not bad_names and 0 <= site <= UINT32 \
             and _fast(votes, stages, targets, (num_slots,), device):
         return Prepared(votes, stages, targets, site)
     problems: list = []
+    if bad_names:
+        got = f"the string {names!r}" if isinstance(names, (str, bytes)) else f"{len(names)} names"
+        problems.append((wire.REASON_SHAPE, f"names must be a sequence of {num_slots} slot names, got {got}"))
     coerced = [_coerce(name, x, num_slots, device, problems)
                for name, x in (("votes", votes), ("stages", stages), ("targets", targets))]
     if not 0 <= site <= UINT32:

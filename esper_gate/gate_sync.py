@@ -28,7 +28,7 @@ import torch.distributed as dist
 from . import wire
 from ._diagnosis import BOUND_S, Diagnosis, short
 from ._group import Rendezvous, config_error, gate_group_timeout, new_gate_group, parent_group, self_timing
-from ._inputs import as_timedelta, check_names, check_settings, prepare, site_fingerprint, timeout_text
+from ._inputs import as_timedelta, check_settings, prepare, site_fingerprint, timeout_text
 from ._latch import FailureLatch
 from ._transport import C10dTransport, LocalTransport
 from ._verdict import Verdict
@@ -250,13 +250,13 @@ class GateSync:
         self.latch.check_usable()
         if self._config_error is not None:
             raise self._config_error
-        if names is not None:
-            names = check_names(names, self.num_slots)
+        if names is not None and not isinstance(names, (str, bytes)):
+            names = [str(n) for n in names]  # a wrong count travels as bad input (prepare)
         prepared = prepare(votes, stages, targets, site, num_slots=self.num_slots, device=self.device,
                            default_site=self.site, call=f"esper_gate call {self._seq + 1} on rank {self.rank}",
                            policies=policies, digests=digests, default_policy=self.policy, names=names)
         self._seq += 1
-        result = self._run(prepared, self._seq, names)
+        result = self._run(prepared, self._seq, names if prepared.problem is None else None)
         if prepared.problem is not None:
             raise GateInputError(prepared.problem)
         if not result.decisions.is_cuda:

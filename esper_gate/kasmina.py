@@ -227,9 +227,12 @@ def _sync_slots(gs: GateSync, slot_ids: list[str], votes: list[bool], stages: li
     """One sync of these slots, and each slot's outcome on this rank. ``names`` (default:
     the slot ids) are what the notes and the call's fingerprint use."""
     n = len(slot_ids)
-    names = slot_ids if names is None else names
+    given = names
+    names = slot_ids if names is None or isinstance(names, (str, bytes)) or len(names) != n else names
     site = site_fingerprint(n, names)
-    rep = _sync_report(gs, votes, stages, targets, site, names=names, policies=policies, digests=digests)
+    # A wrong count of names, policies or digests is this rank's bad input, raised by GateSync.
+    rep = _sync_report(gs, votes, stages, targets, site, names=given if given is not None else names,
+                       policies=policies, digests=digests)
     if not rep.header_ok:
         note = _call_mismatch_note(rep, site, names)
         return [_SlotOutcome(False, DIVERGENCE_CHECK, note, targets[i], True) for i in range(n)]
@@ -321,12 +324,16 @@ def _round(slots, gate_results, *, policy, policies, names, digests, group, time
     slots, gate_results = list(slots), list(gate_results)
     votes, stages, targets = _round_inputs(slots, gate_results, what)
     n = len(slots)
-    policies = _per_slot(policies, n, "policies")
-    digests = _per_slot(digests, n, "digests")
-    names = None if names is None else [str(x) for x in _per_slot(names, n, "names")]
     parent = parent_group(group)
     if parent is None or not slots:
+        # No peers wait on this rank: a wrong count is raised here. With peers it
+        # travels to them as this rank's bad input (GateSync's prepare).
+        _per_slot(policies, n, "policies")
+        _per_slot(digests, n, "digests")
+        _per_slot(names, n, "names")
         return None, votes, targets
+    if names is not None and not isinstance(names, (str, bytes)):
+        names = [str(x) for x in names]
     gs = cached_gate_sync(n, policy=policy, group=parent, timeout=timeout)
     outcomes = _sync_slots(gs, [str(s.slot_id) for s in slots], votes, stages, targets, policies=policies,
                            digests=digests, names=names)
@@ -389,7 +396,8 @@ def gate_round(slots: Sequence, gate_results: Sequence, *, policy: str = "unanim
     slots, gate_results = list(slots), list(gate_results)
     outcomes, _votes, targets = _round(slots, gate_results, policy=policy, policies=policies, names=names,
                                        digests=digests, group=group, timeout=timeout, what="gate_round")
-    labels = [str(x) for x in names] if names is not None else [str(s.slot_id) for s in slots]
+    labels = [str(x) for x in names] if names is not None and len(names) == len(slots) \
+        else [str(s.slot_id) for s in slots]
     if outcomes is None:
         return [RoundOutcome(labels[i], None if r is None else int(r.gate), bool(r is not None and r.passed),
                              False, None, r) for i, r in enumerate(gate_results)]

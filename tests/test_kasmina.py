@@ -252,6 +252,16 @@ def _scenarios_main(rank, world):
                          result=as_dict(o.gate_result)) for o in rounds]
     out["digests"] = [state_digest(7, "blend", 0.5), state_digest(7, "blend", 0.25)]
 
+    # the last rank passes one name too few: bad input there, its peers told so, in the same call
+    from esper_gate import GateInputError, GatePeerInputError
+
+    names = [f"env1/{s.slot_id}" for s in slots][:3 if rank == last else 4]
+    try:
+        kasmina.gate_round(slots, results, names=names, **one)
+        out["bad_names"] = None
+    except (GateInputError, GatePeerInputError) as e:
+        out["bad_names"] = (type(e).__name__, str(e))
+
     # batched under two policies, the same votes: rank 1 fails r2c0, every rank fails r2c1
     slots = [slot_at("r2c0", SeedStage.TRAINING), slot_at("r2c1", SeedStage.TRAINING)]
     for policy in ("any", "unanimous"):
@@ -348,6 +358,11 @@ def test_adapter_on_real_ranks():
         assert f"ranks 0-1 hold HOLDING -> G5 with digest {mine:#010x}" in r2["note"]
         assert f"rank 2 holds HOLDING -> G5 with digest {theirs:#010x}" in r2["note"]
         assert r3 == dict(name="env1/r0c3", gate=None, passed=False, diverged=False, note=None, result=None)
+        kind, text = out["bad_names"]
+        if rank == world - 1:
+            assert kind == "GateInputError" and "names must be a sequence of 4 slot names, got 3 names" in text
+        else:
+            assert kind == "GatePeerInputError" and "rank 2 passed bad input" in text
 
         # the policy reaches the batched sync: "any" passes what "unanimous" vetoes
         passed_any, failed_any = out["batched_any"]

@@ -410,8 +410,9 @@ def test_gate_sync_takes_names_policies_and_digests_per_call():
     ]:
         with pytest.raises(GateInputError, match=message):
             gs([1, 1, 1], [3, 3, 3], [2, 2, 2], **kw)
-    with pytest.raises(GateInputError, match="names has 2 names for num_slots=3"):
-        gs([1, 1, 1], [3, 3, 3], [2, 2, 2], names=["a", "b"])
+    for names, got in ((["a", "b"], "2 names"), ("abc", "the string 'abc'")):
+        with pytest.raises(GateInputError, match=f"names must be a sequence of 3 slot names, got {got}"):
+            gs([1, 1, 1], [3, 3, 3], [2, 2, 2], names=names)
     # a digest tensor with a value out of range reaches the kernel, which names it
     with pytest.raises(GateInputError, match="a state digest outside 0..2\\*\\*32-1"):
         gs([1, 1, 1], [3, 3, 3], [2, 2, 2], digests=torch.tensor([1, 2**33, 3]))
