@@ -14,6 +14,7 @@
 #include <c10/core/SymInt.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -104,6 +105,23 @@ inline void check_pack_inputs(
       wire::kReasonMax, ", got ", poison);
 }
 
+// The optional per-slot policies (codes) and state digests: shaped like
+// stages, on the same device. Their values poison like stages' (reasons
+// kReasonPolicy, kReasonDigest) instead of raising.
+inline void check_slot_extra(
+    const std::string& op, const char* name, const std::optional<at::Tensor>& t, const at::Tensor& votes) {
+  if (!t.has_value()) return;
+  check_1d(op, name, *t);
+  TORCH_CHECK_TYPE(
+      t->scalar_type() == at::kLong, op, ": expected ", name, " of dtype torch.int64, got ", t->scalar_type());
+  TORCH_CHECK_VALUE(
+      t->sym_numel() == votes.sym_numel(), op, ": expected ", name, " of the votes' length ", votes.sym_numel(),
+      ", got ", t->sym_numel());
+  TORCH_CHECK_VALUE(
+      stands_for(*t) == stands_for(votes), op, ": expected ", name, " on the votes' device ", stands_for(votes),
+      ", got ", stands_for(*t));
+}
+
 inline wire::HeaderValues make_header(
     int64_t seq, int64_t site, int64_t policy, int64_t num_slots, int64_t world_size,
     int64_t poison) {
@@ -172,14 +190,23 @@ struct PackCall {
   int64_t num_slots;
   int64_t rank;
   at::Tensor out;  // layout.total_words int64 words, uninitialized
+  at::Tensor policies;  // per-slot policy codes, or undefined: every slot has the header's policy
+  at::Tensor digests;   // per-slot state digests, or undefined: every digest is 0
 };
 
 inline PackCall pack_call(
     const wire::HeaderValues& header, const c10::SymInt& num_slots, int64_t rank, int64_t world_size,
-    const at::TensorOptions& options) {
+    const at::TensorOptions& options, const std::optional<at::Tensor>& policies,
+    const std::optional<at::Tensor>& digests) {
   const auto L = wire::make_layout(capacity_for(num_slots), world_size);
   return {header, L, num_slots.maybe_as_int().value_or(0), rank,
-          at::empty({L.total_words}, options.dtype(at::kLong))};
+          at::empty({L.total_words}, options.dtype(at::kLong)),
+          policies.has_value() ? *policies : at::Tensor(), digests.has_value() ? *digests : at::Tensor()};
+}
+
+// A kernel's pointer to the optional per-slot values (null when absent).
+inline const int64_t* optional_data(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<int64_t>() : nullptr;
 }
 
 // What a decode kernel needs: the layout, the policy code and the outputs.
@@ -209,13 +236,17 @@ using DecodeKernel = std::tuple<at::Tensor, at::Tensor> (*)(const DecodeCall&, c
 template <c10::DeviceType kDevice, PackKernel kKernel>
 at::Tensor pack_op(
     const at::Tensor& votes, const at::Tensor& stages, const at::Tensor& targets, int64_t seq,
-    int64_t site, c10::string_view policy, int64_t rank, int64_t world_size, int64_t poison) {
+    int64_t site, c10::string_view policy, int64_t rank, int64_t world_size, int64_t poison,
+    const std::optional<at::Tensor>& policies, const std::optional<at::Tensor>& digests) {
   const auto header = checked_pack_header(
       votes, stages, targets, seq, site, std::string(policy), rank, world_size, poison);
+  check_slot_extra("esper_gate.pack", "policies", policies, votes);
+  check_slot_extra("esper_gate.pack", "digests", digests, votes);
   TORCH_CHECK_VALUE(
       votes.device().type() == kDevice, "esper_gate.pack: ", kDevice, " kernel got votes on ",
       votes.device());
-  return kKernel(pack_call(header, votes.sym_numel(), rank, world_size, votes.options()), votes, stages, targets);
+  return kKernel(pack_call(header, votes.sym_numel(), rank, world_size, votes.options(), policies, digests),
+                 votes, stages, targets);
 }
 
 template <c10::DeviceType kDevice, DecodeKernel kKernel>

@@ -32,13 +32,15 @@ namespace {
 
 at::Tensor call_pack(
     const at::Tensor& votes, const at::Tensor& stages, const at::Tensor& targets, int64_t seq,
-    int64_t site, const std::string& policy, int64_t rank, int64_t world_size, int64_t poison) {
+    int64_t site, const std::string& policy, int64_t rank, int64_t world_size, int64_t poison,
+    const std::optional<at::Tensor>& policies, const std::optional<at::Tensor>& digests) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("esper_gate::pack", "")
                        .typed<at::Tensor(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                           int64_t, c10::string_view, int64_t, int64_t, int64_t)>();
-  return op.call(votes, stages, targets, seq, site, policy, rank, world_size, poison);
+                           int64_t, c10::string_view, int64_t, int64_t, int64_t,
+                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
+  return op.call(votes, stages, targets, seq, site, policy, rank, world_size, poison, policies, digests);
 }
 
 std::tuple<at::Tensor, at::Tensor> call_decode(
@@ -61,9 +63,10 @@ std::string as_sync_message(const std::string& msg) {
 
 at::Tensor pack_for_sync(
     const at::Tensor& votes, const at::Tensor& stages, const at::Tensor& targets, int64_t seq,
-    int64_t site, const std::string& policy, int64_t rank, int64_t world_size, int64_t poison) {
+    int64_t site, const std::string& policy, int64_t rank, int64_t world_size, int64_t poison,
+    const std::optional<at::Tensor>& policies, const std::optional<at::Tensor>& digests) {
   try {
-    return call_pack(votes, stages, targets, seq, site, policy, rank, world_size, poison);
+    return call_pack(votes, stages, targets, seq, site, policy, rank, world_size, poison, policies, digests);
   } catch (const c10::TypeError& e) {
     TORCH_CHECK_TYPE(false, as_sync_message(e.msg()));
   } catch (const c10::ValueError& e) {
@@ -84,12 +87,14 @@ c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const std::string& group_na
 
 std::tuple<at::Tensor, at::Tensor> sync_impl(
     const at::Tensor& votes, const at::Tensor& stages, const at::Tensor& targets, int64_t seq,
-    int64_t site, c10::string_view policy_view, c10::string_view group_view, int64_t poison) {
+    int64_t site, c10::string_view policy_view, c10::string_view group_view, int64_t poison,
+    const std::optional<at::Tensor>& policies, const std::optional<at::Tensor>& digests) {
   const std::string policy(policy_view);
   auto group = resolve_group(std::string(group_view));
   const int64_t world_size = group->getSize();
   at::Tensor buffer =
-      pack_for_sync(votes, stages, targets, seq, site, policy, group->getRank(), world_size, poison);
+      pack_for_sync(votes, stages, targets, seq, site, policy, group->getRank(), world_size, poison, policies,
+                    digests);
   std::vector<at::Tensor> tensors{buffer};
   c10d::AllreduceOptions opts;
   opts.reduceOp = c10d::ReduceOp(c10d::ReduceOp::SUM);
@@ -120,14 +125,14 @@ TORCH_LIBRARY(esper_gate, m) {
   m.set_python_module("esper_gate.ops");
   m.def(
       "pack(Tensor votes, Tensor stages, Tensor targets, int seq, int site, str policy, "
-      "int rank, int world_size, int poison=0) -> Tensor",
+      "int rank, int world_size, int poison=0, Tensor? policies=None, Tensor? digests=None) -> Tensor",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "decode(Tensor reduced, int num_slots, int world_size, str policy) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "sync(Tensor votes, Tensor stages, Tensor targets, int seq, int site, str policy, "
-      "str group_name, int poison=0) -> (Tensor, Tensor)",
+      "str group_name, int poison=0, Tensor? policies=None, Tensor? digests=None) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   m.def("wire_constants() -> str");
   m.def("wire_sizes(int num_slots, int world_size) -> str");

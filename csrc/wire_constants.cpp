@@ -68,15 +68,18 @@ std::string wire_constants() {
   JsonObject j;
   // limits
   j.add("MAX_SLOTS", kMaxSlots).add("MAX_WORLD", kMaxWorld).add("MAX_EXACT_WORLD", kMaxExactWorld)
-      .add("MAX_ID", kMaxId).add("ID_BITS", kIdBits).add("BITS_PER_WORD", kBitsPerWord);
+      .add("MAX_ID", kMaxId).add("ID_BITS", kIdBits).add("BITS_PER_WORD", kBitsPerWord)
+      .add("NO_GATE", kNoGate).add("DIGEST_BITS", kDigestBits);
   j.add_policies("POLICIES");
   j.add("REASON_NONE", kReasonNone).add("REASON_VOTE", kReasonVote).add("REASON_STAGE", kReasonStage)
       .add("REASON_TARGET", kReasonTarget).add("REASON_SITE", kReasonSite)
+      .add("REASON_POLICY", kReasonPolicy).add("REASON_DIGEST", kReasonDigest)
       .add("REASON_CALLER_MIN", kReasonCallerMin).add("REASON_MAX", kReasonMax);
   // record and buffer layout
   j.add_fields("HEADER_FIELDS");
   j.add("HEADER_BITS", kHeaderBits).add("SLOT_BITS", kSlotBits).add("SLOT_VOTE_BIT", kSlotVoteBit)
       .add("SLOT_STAGE_BIT", kSlotStageBit).add("SLOT_TARGET_BIT", kSlotTargetBit)
+      .add("SLOT_POLICY_BIT", kSlotPolicyBit).add("SLOT_DIGEST_BIT", kSlotDigestBit)
       .add("FIXED_WORDS", kFixedWords).add("WORD_PRESENCE", kWordPresence)
       .add("WORD_RANK_SUM", kWordRankSum).add("WORD_POISON_RANK", kWordPoisonRank);
   // report layout
@@ -96,12 +99,17 @@ std::string wire_constants() {
       .add("S_ROOT_STAGE", kSRootStage).add("S_ROOT_TARGET", kSRootTarget).add("S_STAGE_AND", kSStageAnd)
       .add("S_STAGE_OR", kSStageOr).add("S_TARGET_AND", kSTargetAnd).add("S_TARGET_OR", kSTargetOr)
       .add("S_STAGE_DIFFER", kSStageDiffer).add("S_TARGET_DIFFER", kSTargetDiffer)
-      .add("S_KEY_DIFFER", kSKeyDiffer);
+      .add("S_KEY_DIFFER", kSKeyDiffer).add("S_ROOT_POLICY", kSRootPolicy).add("S_POLICY_AND", kSPolicyAnd)
+      .add("S_POLICY_OR", kSPolicyOr).add("S_POLICY_DIFFER", kSPolicyDiffer).add("S_ROOT_DIGEST", kSRootDigest)
+      .add("S_DIGEST_AND", kSDigestAnd).add("S_DIGEST_OR", kSDigestOr).add("S_DIGEST_DIFFER", kSDigestDiffer);
   j.add("STATUS_DECIDED", kStatusDecided).add("STATUS_DIVERGED", kStatusDiverged)
       .add("STATUS_STAGE_DIFFERS", kStatusStageDiffers).add("STATUS_TARGET_DIFFERS", kStatusTargetDiffers)
-      .add("STATUS_POLICY_PASSED", kStatusPolicyPassed).add("STATUS_CORRUPT", kStatusCorrupt);
+      .add("STATUS_POLICY_PASSED", kStatusPolicyPassed).add("STATUS_CORRUPT", kStatusCorrupt)
+      .add("STATUS_POLICY_DIFFERS", kStatusPolicyDiffers).add("STATUS_DIGEST_DIFFERS", kStatusDigestDiffers)
+      .add("STATUS_NO_GATE", kStatusNoGate);
   j.add("SLOT_ENTRY_ID_MASK", kSlotEntryIdMask).add("SLOT_ENTRY_STAGE_SHIFT", kSlotEntryStageShift)
-      .add("SLOT_ENTRY_VOTE_SHIFT", kSlotEntryVoteShift);
+      .add("SLOT_ENTRY_VOTE_SHIFT", kSlotEntryVoteShift).add("SLOT_ENTRY_POLICY_SHIFT", kSlotEntryPolicyShift)
+      .add("SLOT_ENTRY_DIGEST_SHIFT", kSlotEntryDigestShift);
   return j.str();
 }
 

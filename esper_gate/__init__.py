@@ -22,12 +22,14 @@ if _BUILD_PROBLEM is None:  # else only `python -m esper_gate info` runs, and it
                          GatePeerInputError, GateTimeoutError)
     from .report import DivergenceReport, parse_report
     from .gate_sync import GateConsensus, GateSync, site_fingerprint
+    from ._inputs import state_digest
+    from .wire import NO_GATE
 
 __version__ = (BUILD_INFO or {}).get("version", "0.1.0")
 
 __all__ = [
     "BUILD_INFO", "ops", "wire", "pack", "decode", "sync", "__version__",
-    "GateSync", "GateConsensus", "DivergenceReport", "parse_report", "site_fingerprint",
+    "GateSync", "GateConsensus", "DivergenceReport", "parse_report", "site_fingerprint", "state_digest", "NO_GATE",
     "GateError", "GateDivergenceError", "GateTimeoutError", "GateInputError", "GatePeerInputError",
     "GateConfigError",
 ]

@@ -8,6 +8,8 @@ it in the same call, and the text is raised on this rank afterwards.
 from __future__ import annotations
 
 import datetime
+import functools
+import hashlib
 import json
 import operator
 import zlib
@@ -18,8 +20,8 @@ import torch
 from . import wire
 from .errors import GateInputError
 
-__all__ = ["Prepared", "prepare", "check_settings", "as_timedelta", "timeout_text", "site_fingerprint",
-           "bad_values_text", "MAX_TIMEOUT_S", "UINT32"]
+__all__ = ["Prepared", "prepare", "check_settings", "check_names", "as_timedelta", "timeout_text",
+           "site_fingerprint", "state_digest", "bad_values_text", "MAX_TIMEOUT_S", "UINT32"]
 
 UINT32 = 0xFFFFFFFF
 
@@ -29,6 +31,8 @@ class Prepared(NamedTuple):
 
     ``poison`` is 0 or the reason code of ``problem``, this rank's text for it;
     with a problem the tensors are zeros that stand in for the bad ones.
+    ``policies`` (policy codes) and ``digests`` are None when the call sends
+    none: every slot then has the gate's policy, and digest 0.
     """
     votes: torch.Tensor
     stages: torch.Tensor
@@ -36,6 +40,8 @@ class Prepared(NamedTuple):
     site: int
     poison: int = 0
     problem: str | None = None
+    policies: torch.Tensor | None = None
+    digests: torch.Tensor | None = None
 
 
 def site_fingerprint(num_slots: int, slot_names: Sequence[str] | None, tag: str = "") -> int:
@@ -46,6 +52,48 @@ def site_fingerprint(num_slots: int, slot_names: Sequence[str] | None, tag: str 
     """
     text = json.dumps([tag, num_slots, list(slot_names or [])])
     return zlib.crc32(text.encode("utf-8")) & UINT32
+
+
+@functools.lru_cache(maxsize=256)
+def _names_site(names: tuple) -> int:
+    # A training loop passes the same names call after call: fingerprint them once.
+    return site_fingerprint(len(names), names)
+
+
+def _digest_item(value) -> list:
+    """One value of a state digest as tagged JSON-able data, so 1, 1.0, True and "1" differ."""
+    if value is None or isinstance(value, bool):
+        return ["b", value]
+    if isinstance(value, int):  # IntEnum too: its value, whatever its str()
+        return ["i", str(int(value))]
+    if isinstance(value, float):
+        return ["f", value.hex()]  # exact, and -0.0, inf and nan have one spelling each
+    if isinstance(value, str):
+        return ["s", value]
+    if isinstance(value, bytes):
+        return ["y", value.hex()]
+    if isinstance(value, (tuple, list)):
+        return ["t", [_digest_item(v) for v in value]]
+    if hasattr(value, "__index__"):  # IntEnum, numpy integers
+        return ["i", str(operator.index(value))]
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return _digest_item(value.item())
+    raise GateInputError(f"state_digest takes ints, floats, strs, bytes, bools, None and tuples of them, "
+                         f"got {type(value).__name__} {value!r}")
+
+
+def state_digest(*values) -> int:
+    """A stable 32-bit digest (0..2**32-1) of a slot's state, for ``GateSync(..., digests=...)``.
+
+    Pass what must be equal on every rank when the slot transitions and that
+    the stage does not show: in Esper the alpha step, the alpha controller's
+    mode, the seed id and the blueprint id. The same values give the same
+    digest in every process and Python version (BLAKE2b over a tagged,
+    type-exact encoding: ``1``, ``1.0``, ``True`` and ``"1"`` differ, floats by
+    their exact bits). Two different states collide with probability 2**-32.
+    """
+    text = json.dumps([_digest_item(v) for v in values], separators=(",", ":"))
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=4).digest(), "little")
 
 
 # The longest timeout a gate takes: one week. Longer ones break below us. The
@@ -90,10 +138,17 @@ def check_settings(num_slots, policy, slot_names) -> list[str]:
         raise GateInputError(f"unknown policy {policy!r}, expected one of {', '.join(wire.POLICIES)}")
     if slot_names is None:
         return [str(i) for i in range(num_slots)]
-    names = [str(n) for n in slot_names]
-    if len(names) != num_slots:
-        raise GateInputError(f"slot_names has {len(names)} names for num_slots={num_slots}")
-    return names
+    return check_names(slot_names, num_slots, "slot_names")
+
+
+def check_names(names, num_slots: int, what: str = "names") -> list[str]:
+    """The slot names as strings, one per slot; a wrong count is the caller's error."""
+    if isinstance(names, (str, bytes)):
+        raise GateInputError(f"{what} must be a sequence of {num_slots} names, got the string {names!r}")
+    out = [str(n) for n in names]
+    if len(out) != num_slots:
+        raise GateInputError(f"{what} has {len(out)} names for num_slots={num_slots}")
+    return out
 
 
 def bad_values_text(call: str, reason: str | None) -> str:
@@ -180,30 +235,113 @@ def _fast(votes, stages, targets, n1: tuple, device: torch.device) -> bool:
             and votes.is_contiguous() and stages.is_contiguous() and targets.is_contiguous())
 
 
+def _slot_policies(policies, num_slots: int, default: str, problems: list) -> list[int] | None:
+    """Policy codes per slot (None entries: ``default``), or None when every slot has ``default``."""
+    if policies is None:
+        return None
+    if isinstance(policies, str):
+        problems.append((wire.REASON_POLICY, f"policies must be a sequence of {num_slots} policy names "
+                                             f"(or None), got the string {policies!r}"))
+        return None
+    try:
+        items = list(policies)
+    except TypeError:
+        problems.append((wire.REASON_POLICY, f"policies must be a sequence of policy names, got "
+                                             f"{type(policies).__name__}"))
+        return None
+    if len(items) != num_slots:
+        problems.append((wire.REASON_SHAPE, f"policies must have {num_slots} entries, got {len(items)}"))
+        return None
+    if all(p is None or p == default for p in items):
+        return None  # the gate's own policy in every slot: the header carries it
+    codes = []
+    for i, p in enumerate(items):
+        p = default if p is None else p
+        if p not in wire.POLICY_CODES:
+            problems.append((wire.REASON_POLICY, f"policies[{i}] is {p!r}, expected one of "
+                                                 f"{', '.join(wire.POLICIES)} or None"))
+            return None
+        codes.append(wire.POLICY_CODES[p])
+    return codes
+
+
+def _slot_digests(digests, num_slots: int, device: torch.device, problems: list):
+    """A digest per slot (None entries: 0) as a list, a tensor the op takes as it is, or None."""
+    if digests is None:
+        return None
+    if isinstance(digests, torch.Tensor):
+        if digests.device != device:
+            problems.append((wire.REASON_DEVICE, f"digests is on {digests.device}, expected {device}"))
+        elif digests.dim() != 1 or digests.shape[0] != num_slots:
+            problems.append((wire.REASON_SHAPE, f"digests must have shape [{num_slots}], got {list(digests.shape)}"))
+        elif digests.dtype.is_floating_point or digests.dtype.is_complex or digests.dtype == torch.bool:
+            problems.append((wire.REASON_DTYPE, f"digests must be an integer dtype, got {digests.dtype}"))
+        else:
+            return digests.to(torch.int64).contiguous()  # out-of-range values: the kernel names them
+        return None
+    try:
+        items = [0 if d is None else _index(d) for d in digests]
+    except TypeError as e:
+        problems.append((wire.REASON_DIGEST, f"digests must be ints in 0..2**32-1 (esper_gate.state_digest "
+                                             f"makes one) or None, got {type(digests).__name__} ({e})"))
+        return None
+    if len(items) != num_slots:
+        problems.append((wire.REASON_SHAPE, f"digests must have {num_slots} entries, got {len(items)}"))
+        return None
+    for i, d in enumerate(items):
+        if not 0 <= d <= wire.MAX_DIGEST:
+            problems.append((wire.REASON_DIGEST, f"digests[{i}] is {d}, expected an int in 0..2**32-1 "
+                                                 f"(esper_gate.state_digest makes one)"))
+            return None
+    return items
+
+
 def prepare(votes, stages, targets, site, *, num_slots: int, device: torch.device, default_site: int,
-            call: str) -> Prepared:
-    """The inputs of one call as the op takes them (``call`` names the call in problem texts)."""
+            call: str, policies=None, digests=None, default_policy: str = "unanimous",
+            names: Sequence[str] | None = None) -> Prepared:
+    """The inputs of one call as the op takes them (``call`` names the call in problem texts).
+
+    ``policies`` (names, None = ``default_policy``) and ``digests`` (ints, None = 0) are
+    per slot; ``names``, when given and ``site`` is None, make the call's fingerprint, so
+    ranks that pass other names for the same call are told apart.
+    """
     given = site
+    # Names a rank cannot use travel as bad input, like the tensors: raising here
+    # would leave the other ranks waiting in the collective.
+    bad_names = names is not None and (isinstance(names, (str, bytes)) or len(names) != num_slots)
     if site is None:
-        site = default_site
+        site = default_site if names is None or bad_names else _names_site(tuple(str(n) for n in names))
     elif not (type(site) is int and 0 <= site <= UINT32):
         try:
             site = operator.index(site)
         except TypeError:
             site = -1
-    if 0 <= site <= UINT32 and _fast(votes, stages, targets, (num_slots,), device):
+    if policies is None and digests is None and not bad_names and 0 <= site <= UINT32 \
+            and _fast(votes, stages, targets, (num_slots,), device):
         return Prepared(votes, stages, targets, site)
     problems: list = []
+    if bad_names:
+        got = f"the string {names!r}" if isinstance(names, (str, bytes)) else f"{len(names)} names"
+        problems.append((wire.REASON_SHAPE, f"names must be a sequence of {num_slots} slot names, got {got}"))
     coerced = [_coerce(name, x, num_slots, device, problems)
                for name, x in (("votes", votes), ("stages", stages), ("targets", targets))]
     if not 0 <= site <= UINT32:
         problems.append((wire.REASON_SITE, f"site must be an int in 0..2**32-1, got {given!r}"))
+    codes = _slot_policies(policies, num_slots, default_policy, problems)
+    dig = _slot_digests(digests, num_slots, device, problems)
     if problems:
         zeros = torch.zeros(num_slots, dtype=torch.int64, device=device)
         text = f"{call}: " + "; ".join(p for _, p in problems)
         return Prepared(zeros.bool(), zeros, zeros, 0, problems[0][0], text)
+    extra = [x for x in (codes, dig) if isinstance(x, list)]
     lists = [i for i, c in enumerate(coerced) if isinstance(c, list)]
-    if lists:
-        for i, t in zip(lists, _to_device([coerced[i] for i in lists], device)):
+    if lists or extra:
+        moved = _to_device([coerced[i] for i in lists] + extra, device)
+        for i, t in zip(lists, moved):
             coerced[i] = t
-    return Prepared(*coerced, site)
+        moved = moved[len(lists):]
+        if isinstance(codes, list):
+            codes, moved = moved[0], moved[1:]
+        if isinstance(dig, list):
+            dig = moved[0]
+    return Prepared(*coerced, site, policies=codes, digests=dig)

@@ -80,7 +80,7 @@ class LocalTransport:
     self_timing = True
 
     def sync(self, p: Prepared, seq: int, policy: str):
-        buf = ops.pack(p.votes, p.stages, p.targets, seq, p.site, policy, 0, 1, p.poison)
+        buf = ops.pack(p.votes, p.stages, p.targets, seq, p.site, policy, 0, 1, p.poison, p.policies, p.digests)
         return ops.decode(buf, p.votes.shape[0], 1, policy)
 
     def completed_seq(self) -> int | None:
@@ -121,14 +121,13 @@ class C10dTransport:
         self._words = words if words is not None or device.type != "cuda" else mapped_words(device)
 
     def sync(self, p: Prepared, seq: int, policy: str):
+        args = (p.votes, p.stages, p.targets, seq, p.site, policy, self.name, p.poison, p.policies, p.digests)
         if self._words is None:
-            return torch.ops.esper_gate.sync.default(p.votes, p.stages, p.targets, seq, p.site, policy, self.name,
-                                                     p.poison)
+            return torch.ops.esper_gate.sync.default(*args)
         # The gate device's current stream, whatever the thread's current device is
         # (ProcessGroupNCCL orders its stream after the caller's current stream).
         with torch.cuda.device(self.device):
-            decision, report = torch.ops.esper_gate.sync.default(
-                p.votes, p.stages, p.targets, seq, p.site, policy, self.name, p.poison)
+            decision, report = torch.ops.esper_gate.sync.default(*args)
             decision.logical_and_(self._words.device[VALID])
             self._words.device[DONE].fill_(seq)
         return decision, report
@@ -284,7 +283,8 @@ class OwnedTransport:
             return self._sync(p, seq, policy)
 
     def _sync(self, p: Prepared, seq: int, policy: str):
-        buf = ops.pack(p.votes, p.stages, p.targets, seq, p.site, policy, self.rank, self.world, p.poison)
+        buf = ops.pack(p.votes, p.stages, p.targets, seq, p.site, policy, self.rank, self.world, p.poison,
+                       p.policies, p.digests)
         self.comm.all_reduce_(buf)  # CUDA: enqueued (ncclAllReduce, SUM, int64); CPU double: blocks
         decision, report = ops.decode(buf, p.votes.shape[0], self.world, policy)
         decision.logical_and_(self._words.device[VALID])

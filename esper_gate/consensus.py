@@ -116,7 +116,7 @@ class GateConsensus:
         kernels; only on the error path.
         """
         p, policy = self._prepared, self._gate.policy
-        buf = ops.pack(p.votes, p.stages, p.targets, self.seq, p.site, policy, 0, 1, p.poison)
+        buf = ops.pack(p.votes, p.stages, p.targets, self.seq, p.site, policy, 0, 1, p.poison, p.policies, p.digests)
         words = ops.decode(buf, p.votes.shape[0], 1, policy)[1].tolist()
         mine = parse_report(words, self._gate.slot_names, call=self.seq)
         return mine.poison_reasons.get(0, "unknown reason") if mine.poisoned_count else None

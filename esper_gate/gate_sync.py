@@ -197,7 +197,7 @@ class GateSync:
         self._failure.expire(call)
 
     # ---- calls ----------------------------------------------------------
-    def _run(self, prepared, seq: int) -> GateConsensus:
+    def _run(self, prepared, seq: int, names: Sequence[str] | None = None) -> GateConsensus:
         ready = None
         if not self.distributed:
             decision, report = self._transport.sync(prepared, seq, self.policy)
@@ -223,30 +223,50 @@ class GateSync:
                 raise
             if ready is None:
                 self._verdict.confirm(seq, self.latch)
-        view = GateView(self.rank, self.policy, self.slot_names, self.vocabulary)
+        view = GateView(self.rank, self.policy, self.slot_names if names is None else names, self.vocabulary)
         return GateConsensus(seq, decision, report, gate=view, latch=self.latch, prepared=prepared, ready=ready,
                              verdict=self._verdict if ready is not None else None)
 
-    def __call__(self, votes, stages, targets, *, site: int | None = None) -> GateConsensus:
+    def __call__(self, votes, stages, targets, *, site: int | None = None, names: Sequence[str] | None = None,
+                 policies: Sequence[str | None] | None = None, digests=None) -> GateConsensus:
         """One sync of all slots. Every rank of the group must call it, in the same order.
 
         ``votes`` (bool or 0/1), ``stages`` and ``targets`` (ids 0..63) are
         tensors on the gate's device or sequences of ints, of length
-        ``num_slots``. ``site`` overrides the layout fingerprint for this call
-        (the per-slot adapter passes the slot id's fingerprint so ranks at
-        different slots are told apart). Bad input of any kind on one rank is
-        a GateInputError there and a GatePeerInputError on the others, in the
-        same call.
+        ``num_slots``. A slot with no gate this call sends target
+        ``esper_gate.NO_GATE``: it is never passed, and every rank learns
+        whether the ranks diverge on it. ``site`` overrides the layout
+        fingerprint for this call (the per-slot adapter passes the slot id's
+        fingerprint so ranks at different slots are told apart).
+
+        Per call, per slot (each a sequence of ``num_slots``, or None):
+
+        * ``names``: the slots' names in this call's reports and errors (e.g.
+          env-qualified "env3/r0c0"); unless ``site`` is given they also make
+          the call's fingerprint, so ranks that name the call's slots
+          differently are at different calls.
+        * ``policies``: each slot's policy name (None: the gate's), on the
+          wire; ranks that differ on a slot's policy diverge on that slot.
+        * ``digests``: each slot's state digest, an int in 0..2**32-1
+          (``esper_gate.state_digest`` makes one; None: 0), or an int64
+          tensor on the gate's device; ranks that differ diverge on the slot,
+          and the report names which ranks hold which digest.
+
+        Bad input of any kind on one rank is a GateInputError there and a
+        GatePeerInputError on the others, in the same call.
         """
         if self.distributed and self._watcher is None:
             raise GateError("this GateSync was closed; build a new one on every rank")
         self.latch.check_usable()
         if self._config_error is not None:
             raise self._config_error
+        if names is not None and not isinstance(names, (str, bytes)):
+            names = [str(n) for n in names]  # a wrong count travels as bad input (prepare)
         prepared = prepare(votes, stages, targets, site, num_slots=self.num_slots, device=self.device,
-                           default_site=self.site, call=f"esper_gate call {self._seq + 1} on rank {self.rank}")
+                           default_site=self.site, call=f"esper_gate call {self._seq + 1} on rank {self.rank}",
+                           policies=policies, digests=digests, default_policy=self.policy, names=names)
         self._seq += 1
-        result = self._run(prepared, self._seq)
+        result = self._run(prepared, self._seq, names if prepared.problem is None else None)
         if prepared.problem is not None:
             raise GateInputError(prepared.problem)
         if not result.decisions.is_cuda:

@@ -1,8 +1,10 @@
 """Drop-in gate sync for Esper's seed slots (``kasmina/slot.py``).
 
 ``sync_gate_decision(slot, gate_result)`` is the whole body of a
-``SeedSlot._sync_gate_decision``; ``sync_gate_decisions(slots, gate_results)``
-does every slot of a model in one round. Esper is not imported: a slot is
+``SeedSlot._sync_gate_decision``; ``gate_round(slots, gate_results)`` does
+every slot of a model in one round and tells every rank every slot's outcome,
+also where it had no gate (``sync_gate_decisions`` is the same round,
+returning gate results). Esper is not imported: a slot is
 anything with ``slot_id``, ``state`` (None when empty, else an object with
 ``.stage``) and ``is_active``; a gate result is a dataclass with ``gate``,
 ``passed``, ``score``, ``checks_passed``, ``checks_failed``, ``message`` and
@@ -37,9 +39,11 @@ from .errors import GateDivergenceError, GateInputError
 from .esper import VOCABULARY, SeedStage
 from .gate_sync import GateSync, site_fingerprint
 from .report import MAX_TEXT_SLOTS, DivergenceReport, SlotDivergence, SlotVotes, bounded_text, ranks_text
+from . import wire
+from .wire import NO_GATE
 
-__all__ = ["sync_gate_decision", "sync_gate_decisions", "cached_gate_sync", "clear_cache",
-           "VETO_CHECK", "DIVERGENCE_CHECK", "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S"]
+__all__ = ["sync_gate_decision", "sync_gate_decisions", "gate_round", "RoundOutcome", "cached_gate_sync",
+           "clear_cache", "VETO_CHECK", "DIVERGENCE_CHECK", "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S"]
 
 VETO_CHECK = "ddp_veto"
 DIVERGENCE_CHECK = "ddp_divergence"
@@ -127,6 +131,8 @@ class _SlotOutcome:
     passed: bool
     check: str | None = None   # VETO_CHECK, DIVERGENCE_CHECK or None
     note: str | None = None    # appended to the message
+    gate: int = NO_GATE        # the agreed target; this rank's own where the ranks' differ
+    diverged: bool = False
 
 
 def _resolved(gate_result, outcome: _SlotOutcome):
@@ -190,13 +196,15 @@ def _slot_outcome(slot: SlotVotes, sd: SlotDivergence | None, slot_id: str, vote
                   policy: str) -> _SlotOutcome:
     if slot.diverged:
         return _SlotOutcome(False, DIVERGENCE_CHECK, _slot_divergence_note(sd, slot_id))
+    if slot.no_gate:
+        return _SlotOutcome(False)
     if slot.decided == vote:
         return _SlotOutcome(slot.decided)
     return _SlotOutcome(slot.decided, VETO_CHECK if vote else None, _vote_note(slot, world, vote, policy))
 
 
-def _sync_report(gs: GateSync, votes: list[bool], stages: list[int], targets: list[int],
-                 site: int) -> DivergenceReport:
+def _sync_report(gs: GateSync, votes: list[bool], stages: list[int], targets: list[int], site: int | None,
+                 **per_call) -> DivergenceReport:
     """This call's report, whether or not the ranks agreed.
 
     Ranks at different calls or slots held differently come back from
@@ -206,7 +214,7 @@ def _sync_report(gs: GateSync, votes: list[bool], stages: list[int], targets: li
     buffer that no slot outcome can be read from, still raise.
     """
     try:
-        return gs(votes, stages, targets, site=site).raise_if_diverged().report()
+        return gs(votes, stages, targets, site=site, **per_call).raise_if_diverged().report()
     except GateDivergenceError as e:
         if e.report is None or e.report.corrupt:
             raise
@@ -214,16 +222,29 @@ def _sync_report(gs: GateSync, votes: list[bool], stages: list[int], targets: li
 
 
 def _sync_slots(gs: GateSync, slot_ids: list[str], votes: list[bool], stages: list[int],
-                targets: list[int]) -> list[_SlotOutcome]:
+                targets: list[int], policies: Sequence[str | None] | None = None,
+                digests: Sequence[int | None] | None = None, names: list[str] | None = None) -> list[_SlotOutcome]:
+    """One sync of these slots, and each slot's outcome on this rank. ``names`` (default:
+    the slot ids) are what the notes and the call's fingerprint use."""
     n = len(slot_ids)
-    site = site_fingerprint(n, slot_ids)
-    rep = _sync_report(gs, votes, stages, targets, site)
+    given = names
+    names = slot_ids if names is None or isinstance(names, (str, bytes)) or len(names) != n else names
+    site = site_fingerprint(n, names)
+    # A wrong count of names, policies or digests is this rank's bad input, raised by GateSync.
+    rep = _sync_report(gs, votes, stages, targets, site, names=given if given is not None else names,
+                       policies=policies, digests=digests)
     if not rep.header_ok:
-        note = _call_mismatch_note(rep, site, slot_ids)
-        return [_SlotOutcome(False, DIVERGENCE_CHECK, note) for _ in range(n)]
+        note = _call_mismatch_note(rep, site, names)
+        return [_SlotOutcome(False, DIVERGENCE_CHECK, note, targets[i], True) for i in range(n)]
     divergences = {sd.slot: sd for sd in rep.diverged_slots}
-    return [_slot_outcome(rep.slots[i], divergences.get(i), slot_ids[i], votes[i], gs.world_size, gs.policy)
-            for i in range(n)]
+    outcomes = []
+    for i in range(n):
+        slot = rep.slots[i]
+        o = _slot_outcome(slot, divergences.get(i), names[i], votes[i], gs.world_size, slot.policy)
+        o.diverged = slot.diverged
+        o.gate = targets[i] if slot.status & wire.STATUS_TARGET_DIFFERS else slot.target
+        outcomes.append(o)
+    return outcomes
 
 
 # ---- the adapters ---------------------------------------------------------------
@@ -248,29 +269,138 @@ def sync_gate_decision(slot, gate_result, *, policy: str = "unanimous", group=No
     return _resolved(gate_result, outcome)
 
 
+@dataclasses.dataclass(frozen=True)
+class RoundOutcome:
+    """One slot's outcome of a ``gate_round``, the same on every rank except ``gate_result``.
+
+    Attributes:
+        name: the slot's name in this round (as given in ``names``, else its slot id).
+        gate: the gate the ranks agreed on (an Esper ``GateLevel`` value), or None when no
+            rank had a gate in this slot. Where the ranks held different gates (the slot
+            diverged), this rank's own gate, or None where it had none.
+        passed: apply the transition. True only when every rank holds the same stage, gate,
+            policy and digest in the slot and its policy passed: then it is True on every rank.
+        diverged: the ranks did not agree on the slot (or on the call); nothing is applied
+            on any rank, also where this rank had no gate.
+        note: why, in words ("ddp_divergence: ... rank 2 holds DORMANT -> no gate", a veto
+            naming the ranks that voted no), or None when there is nothing to explain.
+        gate_result: this rank's gate result resolved by the round (a new object of its type,
+            as ``sync_gate_decisions`` returns it), or None where this rank had no gate.
+    """
+    name: str
+    gate: int | None
+    passed: bool
+    diverged: bool
+    note: str | None = None
+    gate_result: Any = None
+
+
+def _round_inputs(slots: list, gate_results: list, what: str):
+    if len(slots) != len(gate_results):
+        raise GateInputError(f"{what} got {len(slots)} slots but {len(gate_results)} gate results")
+    votes = [bool(r is not None and s.is_active and r.passed) for s, r in zip(slots, gate_results)]
+    # A gate result whose gate id is NO_GATE's would read as "no gate": send it out of
+    # range instead, so it poisons the round on every rank as a bad target.
+    targets = [NO_GATE if r is None else (wire.MAX_ID + 1 if int(r.gate) == NO_GATE else int(r.gate))
+               for r in gate_results]
+    stages = [_slot_stage(s) for s in slots]
+    return votes, stages, targets
+
+
+def _per_slot(values, n: int, what: str) -> list | None:
+    if values is None:
+        return None
+    if isinstance(values, (str, bytes)):
+        raise GateInputError(f"{what} must be a sequence of {n} values (or None), got the string {values!r}")
+    values = list(values)
+    if len(values) != n:
+        raise GateInputError(f"{what} has {len(values)} entries for {n} slots")
+    return values
+
+
+def _round(slots, gate_results, *, policy, policies, names, digests, group, timeout, what):
+    """The shared body of gate_round and sync_gate_decisions: (outcomes, votes, targets), or
+    None outside a multi-rank process group."""
+    slots, gate_results = list(slots), list(gate_results)
+    votes, stages, targets = _round_inputs(slots, gate_results, what)
+    n = len(slots)
+    parent = parent_group(group)
+    if parent is None or not slots:
+        # No peers wait on this rank: a wrong count is raised here. With peers it
+        # travels to them as this rank's bad input (GateSync's prepare).
+        _per_slot(policies, n, "policies")
+        _per_slot(digests, n, "digests")
+        _per_slot(names, n, "names")
+        return None, votes, targets
+    if names is not None and not isinstance(names, (str, bytes)):
+        names = [str(x) for x in names]
+    gs = cached_gate_sync(n, policy=policy, group=parent, timeout=timeout)
+    outcomes = _sync_slots(gs, [str(s.slot_id) for s in slots], votes, stages, targets, policies=policies,
+                           digests=digests, names=names)
+    for result, vote, outcome in zip(gate_results, votes, outcomes):
+        if result is not None and result.passed and not vote and outcome.note is None:
+            outcome.note = "this rank voted no: the slot has no active seed here"
+    return outcomes, votes, targets
+
+
 def sync_gate_decisions(slots: Sequence, gate_results: Sequence, *, policy: str = "unanimous", group=None,
-                        timeout=None) -> list:
+                        timeout=None, policies: Sequence[str | None] | None = None,
+                        names: Sequence[str] | None = None, digests: Sequence[int | None] | None = None) -> list:
     """Every slot of a model in one sync (one collective per round).
 
     ``gate_results[i]`` is the local gate result for ``slots[i]``, or None
     where no gate was checked. Every slot takes part, so ranks whose slots
     hold different seeds get a divergence report instead of a deadlock: a slot
-    without an active seed, or without a gate result, votes no (target: its
-    result's gate, else 0). Returns the new gate results in order (None stays
-    None); outside a multi-rank process group, the given objects unchanged.
+    without an active seed votes no, and a slot without a gate result sends
+    the no-gate entry (``esper_gate.NO_GATE``), so a rank at a gate where
+    another has none diverges. Returns the new gate results in order (None
+    stays None: ``gate_round`` also tells such a rank the slot's outcome);
+    outside a multi-rank process group, the given objects unchanged.
+    ``policies``, ``names`` and ``digests`` are as in ``gate_round``.
+    """
+    outcomes, _votes, _targets = _round(slots, gate_results, policy=policy, policies=policies, names=names,
+                                        digests=digests, group=group, timeout=timeout, what="sync_gate_decisions")
+    gate_results = list(gate_results)
+    if outcomes is None:
+        return gate_results
+    return [None if r is None else _resolved(r, o) for r, o in zip(gate_results, outcomes)]
+
+
+def gate_round(slots: Sequence, gate_results: Sequence, *, policy: str = "unanimous",
+               policies: Sequence[str | None] | None = None, names: Sequence[str] | None = None,
+               digests: Sequence[int | None] | None = None, group=None, timeout=None) -> list[RoundOutcome]:
+    """One gate round for every slot of a model: one sync, one collective, on every rank.
+
+    Call it on every rank once per round (in Esper, once per model per epoch),
+    with the same slots in the same order, whatever each rank's local state:
+
+    * ``gate_results[i]`` is this rank's gate result for ``slots[i]``, or None
+      where this rank checked no gate this round (the slot then sends the
+      no-gate entry, ``esper_gate.NO_GATE``, distinct from G0).
+    * ``policy``: the default policy; ``policies[i]`` (None: ``policy``) is
+      slot i's, e.g. "unanimous" for G5 and "rank0" for G2, carried on the wire
+      and checked across ranks like the stage.
+    * ``names[i]``: slot i's name in notes and errors (default: its
+      ``slot_id``); pass env-qualified names ("env3/r0c0") when several models
+      share slot ids. The names also make the round's fingerprint.
+    * ``digests[i]``: slot i's state digest (``esper_gate.state_digest`` of
+      alpha step, controller mode, seed and blueprint ids, ...; None: 0);
+      ranks whose digests differ diverge on the slot, and the note says which
+      ranks hold which digest.
+
+    Returns one ``RoundOutcome`` per slot, in order: every rank learns every
+    slot's outcome, including slots where it had no gate. Apply a transition
+    exactly where ``passed`` is True. Outside a multi-rank process group each
+    gate result stands as it is (``passed`` is its own ``passed``).
     """
     slots, gate_results = list(slots), list(gate_results)
-    if len(slots) != len(gate_results):
-        raise GateInputError(f"sync_gate_decisions got {len(slots)} slots but {len(gate_results)} gate results")
-    parent = parent_group(group)
-    if parent is None or not slots:
-        return gate_results
-    gs = cached_gate_sync(len(slots), policy=policy, group=parent, timeout=timeout)
-    votes = [bool(r is not None and s.is_active and r.passed) for s, r in zip(slots, gate_results)]
-    targets = [int(r.gate) if r is not None else 0 for r in gate_results]
-    stages = [_slot_stage(s) for s in slots]
-    outcomes = _sync_slots(gs, [str(s.slot_id) for s in slots], votes, stages, targets)
-    for result, vote, outcome in zip(gate_results, votes, outcomes):
-        if result is not None and result.passed and not vote and outcome.note is None:
-            outcome.note = "this rank voted no: the slot has no active seed here"
-    return [None if r is None else _resolved(r, o) for r, o in zip(gate_results, outcomes)]
+    outcomes, _votes, targets = _round(slots, gate_results, policy=policy, policies=policies, names=names,
+                                       digests=digests, group=group, timeout=timeout, what="gate_round")
+    labels = [str(x) for x in names] if names is not None and len(names) == len(slots) \
+        else [str(s.slot_id) for s in slots]
+    if outcomes is None:
+        return [RoundOutcome(labels[i], None if r is None else int(r.gate), bool(r is not None and r.passed),
+                             False, None, r) for i, r in enumerate(gate_results)]
+    return [RoundOutcome(labels[i], o.gate if o.gate != NO_GATE else None, o.passed, o.diverged, o.note,
+                         None if r is None else _resolved(r, o))
+            for i, (r, o) in enumerate(zip(gate_results, outcomes))]

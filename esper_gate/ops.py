@@ -16,24 +16,30 @@ __all__ = ["pack", "decode", "sync"]
 
 
 def pack(votes: torch.Tensor, stages: torch.Tensor, targets: torch.Tensor, seq: int, site: int,
-         policy: str, rank: int, world_size: int, poison: int = 0) -> torch.Tensor:
+         policy: str, rank: int, world_size: int, poison: int = 0, policies: torch.Tensor | None = None,
+         digests: torch.Tensor | None = None) -> torch.Tensor:
     """Pack this rank's contribution into the int64 buffer that is all-reduced with SUM.
 
     Args:
         votes: ``[S]`` bool (or int64 0/1), 1 where the local gate passed.
         stages: ``[S]`` int64 stage id of each slot (0..63).
-        targets: ``[S]`` int64 target of the gate being checked (0..63).
+        targets: ``[S]`` int64 target of the gate being checked (0..62), or
+            ``esper_gate.NO_GATE`` (63) where the slot has no gate this call.
         seq: the caller's call counter (low 32 bits go on the wire).
         site: 32-bit fingerprint of the call site and slot layout.
         policy: ``"unanimous"``, ``"rank0"``, ``"majority"`` or ``"any"``.
         rank, world_size: this rank and the number of ranks.
         poison: 0, or a reason code 1..31 that marks this rank's input as bad.
+        policies: ``[S]`` int64 policy code of each slot (the index in
+            ``wire.POLICIES``), or None: every slot has ``policy``.
+        digests: ``[S]`` int64 state digest of each slot (0..2**32-1), or
+            None: every digest is 0.
 
     Out-of-range values do not raise: they poison the buffer, so every rank
     learns of them in the same collective. Malformed tensors raise.
     """
     return torch.ops.esper_gate.pack.default(votes, stages, targets, seq, site, policy, rank,
-                                             world_size, poison)
+                                             world_size, poison, policies, digests)
 
 
 def decode(reduced: torch.Tensor, num_slots: int, world_size: int,
@@ -43,14 +49,15 @@ def decode(reduced: torch.Tensor, num_slots: int, world_size: int,
 
 
 def sync(votes: torch.Tensor, stages: torch.Tensor, targets: torch.Tensor, seq: int, site: int,
-         policy: str, group_name: str, poison: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+         policy: str, group_name: str, poison: int = 0, policies: torch.Tensor | None = None,
+         digests: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """pack, one SUM all_reduce on the process group named ``group_name``, decode.
 
     Every rank of the group must call it. On CUDA it returns without waiting
     for the GPU. See ``esper_gate.GateSync`` for the object most users want.
     """
     return torch.ops.esper_gate.sync.default(votes, stages, targets, seq, site, policy,
-                                             group_name, poison)
+                                             group_name, poison, policies, digests)
 
 
 # ---- the fake kernel of sync ------------------------------------------------
@@ -71,14 +78,14 @@ def _as_sync_error(e: Exception) -> Exception:
 
 
 @torch.library.register_fake("esper_gate::sync")
-def _sync_fake(votes, stages, targets, seq, site, policy, group_name, poison=0):
+def _sync_fake(votes, stages, targets, seq, site, policy, group_name, poison=0, policies=None, digests=None):
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     group = _resolve_process_group(group_name)
     world = group.size()
     try:
         buffer = torch.ops.esper_gate.pack.default(votes, stages, targets, seq, site, policy,
-                                                   group.rank(), world, poison)
+                                                   group.rank(), world, poison, policies, digests)
     except (TypeError, ValueError) as e:
         raise _as_sync_error(e) from None
     # Plain meta tensors (not FakeTensors) reach this kernel outside any

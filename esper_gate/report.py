@@ -26,6 +26,9 @@ class Vocabulary:
         return self.stages.get(stage, f"stage {stage}")
 
     def target(self, target: int) -> str:
+        """The caller's name for a target id; ``wire.NO_GATE`` is "no gate" unless the caller names it."""
+        if target == wire.NO_GATE and target not in self.targets:
+            return NO_GATE_TEXT
         return self.targets.get(target, f"target {target}")
 
     def holding(self, stage: int, target: int) -> str:
@@ -37,6 +40,8 @@ class Vocabulary:
 
 
 DEFAULT_VOCABULARY = Vocabulary()
+# What a report prints for the target of a slot with no gate: "EMBARGOED -> no gate".
+NO_GATE_TEXT = "no gate"
 
 # Every report counts the poisoned ranks per reason (reason_counts), at any
 # world size; above 64 ranks it names a poisoned rank only when it is alone.
@@ -118,7 +123,12 @@ class SlotVotes:
     yes: int                         # ranks that voted pass
     votes: list[bool]                # per rank
     stages: list[int]                # per rank
-    targets: list[int]               # per rank
+    targets: list[int]               # per rank (wire.NO_GATE: no gate there)
+    policies: list[str] = field(default_factory=list)  # per rank: the slot's policy there
+    digests: list[int] = field(default_factory=list)   # per rank: the slot's state digest there
+    target: int = 0                  # rank 0's target (everyone's unless the targets differ)
+    policy: str = "unanimous"        # rank 0's policy for the slot, the one that decides it
+    digest: int = 0                  # rank 0's digest
 
     @property
     def decided(self) -> bool:
@@ -129,6 +139,11 @@ class SlotVotes:
     def diverged(self) -> bool:
         """Not agreed, so never transitioned (the calls differ, or the slot's state does)."""
         return bool(self.status & wire.STATUS_DIVERGED)
+
+    @property
+    def no_gate(self) -> bool:
+        """No rank had a gate in this slot (every rank sent wire.NO_GATE): nothing to pass."""
+        return bool(self.status & wire.STATUS_NO_GATE)
 
     def ranks_voting(self, passed: bool) -> list[int]:
         """The ranks that voted ``passed`` (exact mode; empty above 64 ranks)."""
@@ -142,6 +157,8 @@ class Holding:
     target: int
     ranks: list[int]
     votes_passed: list[int] = field(default_factory=list)
+    policy: str | None = None        # the slot's policy on these ranks
+    digest: int | None = None        # the slot's state digest on these ranks
 
 
 @dataclass
@@ -158,6 +175,21 @@ class SlotDivergence:
     stage_range: tuple[int, int]     # (AND, OR) of every rank's stage: bits all share, bits any uses
     target_range: tuple[int, int]
     vocabulary: Vocabulary = field(default_factory=lambda: DEFAULT_VOCABULARY, repr=False, compare=False)
+    policy_differs: bool = False
+    digest_differs: bool = False
+    rank0_policy: str = "unanimous"
+    rank0_digest: int = 0
+    policy_range: tuple[int, int] = (0, 0)  # (AND, OR) of the policy codes
+    digest_range: tuple[int, int] = (0, 0)  # (AND, OR) of the digests
+
+    def _state(self, stage: int, target: int, policy: str | None, digest: int | None) -> str:
+        """'BLENDING -> G3', with the policy and digest where the ranks differ on them."""
+        text = self.vocabulary.holding(stage, target)
+        if self.policy_differs and policy is not None:
+            text += f" under {policy}"
+        if self.digest_differs and digest is not None:
+            text += f" with digest {digest:#010x}"
+        return text
 
     def describe(self, limit: int | None = MAX_TEXT_GROUPS) -> str:
         """'slot r0c1 (#1): ' and what the ranks hold there (see ``holdings_text``)."""
@@ -172,12 +204,17 @@ class SlotDivergence:
             shown = self.holdings if limit is None else self.holdings[:limit]
             rest = self.holdings[len(shown):]
             return "; ".join([f"{ranks_text(h.ranks)} {'holds' if len(h.ranks) == 1 else 'hold'} "
-                              f"{self.vocabulary.holding(h.stage, h.target)}" for h in shown]
+                              f"{self._state(h.stage, h.target, h.policy, h.digest)}" for h in shown]
                              + _more(len(shown), len(self.holdings), "holding(s)",
                                      sum(len(h.ranks) for h in rest)))
-        return (f"rank 0 holds {self.vocabulary.holding(self.rank0_stage, self.rank0_target)}; "
+        extra = ""
+        if self.policy_differs:
+            extra += ", " + bits_text("policy codes", *self.policy_range)
+        if self.digest_differs:
+            extra += ", " + bits_text("digests", *self.digest_range, hex_width=8)
+        return (f"rank 0 holds {self._state(self.rank0_stage, self.rank0_target, self.rank0_policy, self.rank0_digest)}; "
                 f"at least {self.ranks_differing} rank(s) differ; {bits_text('stages', *self.stage_range)}, "
-                f"{bits_text('targets', *self.target_range)}")
+                f"{bits_text('targets', *self.target_range)}{extra}")
 
 
 @dataclass
@@ -310,6 +347,10 @@ class DivergenceReport:
         return "\n".join(lines)
 
 
+def _policy_name(code: int) -> str:
+    return wire.POLICIES[code] if 0 <= code < len(wire.POLICIES) else str(code)
+
+
 def parse_report(report: Sequence[int], slot_names: Sequence[str] | None = None,
                  call: int | None = None, vocabulary: Vocabulary | None = None) -> DivergenceReport:
     """Build a DivergenceReport from the report tensor's values (a list of ints).
@@ -369,13 +410,18 @@ def parse_report(report: Sequence[int], slot_names: Sequence[str] | None = None,
         sv = SlotVotes(slot=s, name=name, status=status, yes=w[wire.S_VOTES],
                        votes=[bool(wire.slot_entry_vote(e)) for e in entries],
                        stages=[wire.slot_entry_stage(e) for e in entries],
-                       targets=[wire.slot_entry_target(e) for e in entries])
+                       targets=[wire.slot_entry_target(e) for e in entries],
+                       policies=[_policy_name(wire.slot_entry_policy(e)) for e in entries],
+                       digests=[wire.slot_entry_digest(e) for e in entries],
+                       target=w[wire.S_ROOT_TARGET], policy=_policy_name(w[wire.S_ROOT_POLICY]),
+                       digest=w[wire.S_ROOT_DIGEST])
         slots.append(sv)
-        if not status & (wire.STATUS_STAGE_DIFFERS | wire.STATUS_TARGET_DIFFERS):
+        if not status & (wire.STATUS_STAGE_DIFFERS | wire.STATUS_TARGET_DIFFERS | wire.STATUS_POLICY_DIFFERS
+                         | wire.STATUS_DIGEST_DIFFERS):
             continue
         groups: dict = {}
-        for k, key in enumerate(zip(sv.stages, sv.targets)):
-            h = groups.setdefault(key, Holding(key[0], key[1], []))
+        for k, key in enumerate(zip(sv.stages, sv.targets, sv.policies, sv.digests)):
+            h = groups.setdefault(key, Holding(key[0], key[1], [], policy=key[2], digest=key[3]))
             h.ranks.append(k)
             if sv.votes[k]:
                 h.votes_passed.append(k)
@@ -386,7 +432,12 @@ def parse_report(report: Sequence[int], slot_names: Sequence[str] | None = None,
             target_differs=bool(status & wire.STATUS_TARGET_DIFFERS), holdings=holdings,
             rank0_stage=w[wire.S_ROOT_STAGE], rank0_target=w[wire.S_ROOT_TARGET],
             ranks_differing=w[wire.S_KEY_DIFFER], stage_range=(w[wire.S_STAGE_AND], w[wire.S_STAGE_OR]),
-            target_range=(w[wire.S_TARGET_AND], w[wire.S_TARGET_OR]), vocabulary=vocabulary))
+            target_range=(w[wire.S_TARGET_AND], w[wire.S_TARGET_OR]), vocabulary=vocabulary,
+            policy_differs=bool(status & wire.STATUS_POLICY_DIFFERS),
+            digest_differs=bool(status & wire.STATUS_DIGEST_DIFFERS),
+            rank0_policy=_policy_name(w[wire.S_ROOT_POLICY]), rank0_digest=w[wire.S_ROOT_DIGEST],
+            policy_range=(w[wire.S_POLICY_AND], w[wire.S_POLICY_OR]),
+            digest_range=(w[wire.S_DIGEST_AND], w[wire.S_DIGEST_OR])))
 
     return DivergenceReport(
         call=call if call is not None else summaries["seq"]["root"], world=world, num_slots=num_slots,

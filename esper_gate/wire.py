@@ -32,6 +32,15 @@ MAX_EXACT_WORLD = 64
 ID_BITS = 6
 MAX_ID = (1 << ID_BITS) - 1
 BITS_PER_WORD = 63
+# The target a slot sends when it has no gate this call: it still takes part,
+# every rank learns its decision (never passed) and whether the ranks diverge
+# on it, and a rank at a gate where another has none diverges. Gate ids are
+# 0..NO_GATE-1 (Esper's G0 is 0, a real gate).
+NO_GATE = MAX_ID
+# Each slot carries a state digest this wide (esper_gate.state_digest makes
+# one), checked for equality across ranks like the stage.
+DIGEST_BITS = 32
+MAX_DIGEST = (1 << DIGEST_BITS) - 1
 
 POLICIES = ("unanimous", "rank0", "majority", "any")
 POLICY_CODES = {name: code for code, name in enumerate(POLICIES)}
@@ -43,6 +52,8 @@ REASON_VOTE = 1
 REASON_STAGE = 2
 REASON_TARGET = 3
 REASON_SITE = 4
+REASON_POLICY = 5
+REASON_DIGEST = 6
 REASON_CALLER_MIN = 16  # codes from here up are declared by the caller, not found by the kernel
 REASON_DTYPE = 16
 REASON_SHAPE = 17
@@ -54,6 +65,8 @@ REASON_TEXT = {
     REASON_STAGE: "a stage id outside 0..63",
     REASON_TARGET: "a target id outside 0..63",
     REASON_SITE: "a site fingerprint outside 0..2**32-1",
+    REASON_POLICY: "a slot policy that is not one of " + ", ".join(POLICIES),
+    REASON_DIGEST: "a state digest outside 0..2**32-1",
     REASON_DTYPE: "a tensor of the wrong dtype",
     REASON_SHAPE: "tensors of the wrong shape or length",
     REASON_DEVICE: "a tensor on the wrong device",
@@ -75,14 +88,16 @@ HEADER_BITS = 100
 SLOT_VOTE_BIT = 0
 SLOT_STAGE_BIT = 1
 SLOT_TARGET_BIT = SLOT_STAGE_BIT + ID_BITS
-SLOT_BITS = SLOT_TARGET_BIT + ID_BITS
+SLOT_POLICY_BIT = SLOT_TARGET_BIT + ID_BITS
+SLOT_DIGEST_BIT = SLOT_POLICY_BIT + HEADER_FIELD_WIDTH["policy"]
+SLOT_BITS = SLOT_DIGEST_BIT + DIGEST_BITS
 # Fixed words at the start of the buffer.
 WORD_PRESENCE, WORD_RANK_SUM, WORD_POISON_RANK = 0, 1, 2
 FIXED_WORDS = 3
 
 # Report layout.
 GLOBAL_WORDS = 48
-SLOT_WORDS = 12
+SLOT_WORDS = 20
 RANK_WORDS = 8
 # REASON_COUNTS, the report's last section: word code - 1 holds how many ranks
 # were poisoned for reason code 1..REASON_MAX, at every world size.
@@ -105,7 +120,9 @@ FLAG_HEADER_OK = 1 << 8
 
 S_STATUS, S_VOTES, S_ROOT_VOTE, S_ROOT_STAGE, S_ROOT_TARGET = 0, 1, 2, 3, 4
 S_STAGE_AND, S_STAGE_OR, S_TARGET_AND, S_TARGET_OR = 5, 6, 7, 8
-S_STAGE_DIFFER, S_TARGET_DIFFER, S_KEY_DIFFER = 9, 10, 11
+S_STAGE_DIFFER, S_TARGET_DIFFER, S_KEY_DIFFER = 9, 10, 11  # key: stage, target, policy and digest
+S_ROOT_POLICY, S_POLICY_AND, S_POLICY_OR, S_POLICY_DIFFER = 12, 13, 14, 15
+S_ROOT_DIGEST, S_DIGEST_AND, S_DIGEST_OR, S_DIGEST_DIFFER = 16, 17, 18, 19
 
 STATUS_DECIDED = 1 << 0
 STATUS_DIVERGED = 1 << 1
@@ -113,12 +130,18 @@ STATUS_STAGE_DIFFERS = 1 << 2
 STATUS_TARGET_DIFFERS = 1 << 3
 STATUS_POLICY_PASSED = 1 << 4
 STATUS_CORRUPT = 1 << 5
+STATUS_POLICY_DIFFERS = 1 << 6
+STATUS_DIGEST_DIFFERS = 1 << 7
+STATUS_NO_GATE = 1 << 8  # every rank sent NO_GATE: nothing to decide
 
 # Per-rank slot entry of the exact report (world <= MAX_EXACT_WORLD): one word
-# per (slot, rank), vote << SLOT_ENTRY_VOTE_SHIFT | stage << SLOT_ENTRY_STAGE_SHIFT | target.
+# per (slot, rank), digest << SLOT_ENTRY_DIGEST_SHIFT | policy << SLOT_ENTRY_POLICY_SHIFT
+# | vote << SLOT_ENTRY_VOTE_SHIFT | stage << SLOT_ENTRY_STAGE_SHIFT | target.
 SLOT_ENTRY_ID_MASK = MAX_ID
 SLOT_ENTRY_STAGE_SHIFT = ID_BITS
 SLOT_ENTRY_VOTE_SHIFT = 2 * ID_BITS
+SLOT_ENTRY_POLICY_SHIFT = SLOT_ENTRY_VOTE_SHIFT + 1
+SLOT_ENTRY_DIGEST_SHIFT = SLOT_ENTRY_POLICY_SHIFT + HEADER_FIELD_WIDTH["policy"]
 
 
 def header_field_mask(name: str) -> int:
@@ -126,10 +149,11 @@ def header_field_mask(name: str) -> int:
     return (1 << HEADER_FIELD_WIDTH[name]) - 1
 
 
-def slot_entry(vote: int, stage: int, target: int) -> int:
+def slot_entry(vote: int, stage: int, target: int, policy: int = 0, digest: int = 0) -> int:
     """One per-rank slot entry of the exact report, as the decode kernel writes it."""
     return ((vote & 1) << SLOT_ENTRY_VOTE_SHIFT) | ((stage & SLOT_ENTRY_ID_MASK) << SLOT_ENTRY_STAGE_SHIFT) \
-        | (target & SLOT_ENTRY_ID_MASK)
+        | (target & SLOT_ENTRY_ID_MASK) | ((policy & header_field_mask("policy")) << SLOT_ENTRY_POLICY_SHIFT) \
+        | ((digest & MAX_DIGEST) << SLOT_ENTRY_DIGEST_SHIFT)
 
 
 def slot_entry_vote(entry: int) -> int:
@@ -142,6 +166,14 @@ def slot_entry_stage(entry: int) -> int:
 
 def slot_entry_target(entry: int) -> int:
     return entry & SLOT_ENTRY_ID_MASK
+
+
+def slot_entry_policy(entry: int) -> int:
+    return (entry >> SLOT_ENTRY_POLICY_SHIFT) & header_field_mask("policy")
+
+
+def slot_entry_digest(entry: int) -> int:
+    return (entry >> SLOT_ENTRY_DIGEST_SHIFT) & MAX_DIGEST
 
 
 # ---- sizes and offsets, from the extension -----------------------------------

@@ -54,12 +54,23 @@ class RankInput:
     policy: str = "unanimous"
     poison: int = 0
     world: int | None = None  # the world size this rank passes (default: the real one)
+    # Per slot: a policy (a name, or a code, which may be out of range) and a
+    # state digest; None sends none (the call's policy in every slot, digest 0).
+    policies: Sequence | None = None
+    digests: Sequence[int] | None = None
+
+    def slot_policy(self, s: int) -> int:
+        p = self.policy if self.policies is None else self.policies[s]
+        return wire.POLICY_CODES[p] if isinstance(p, str) else int(p)
+
+    def slot_digest(self, s: int) -> int:
+        return 0 if self.digests is None else int(self.digests[s])
 
 
 @dataclass
 class _Record:
     header: dict
-    slots: list = field(default_factory=list)  # (vote, stage, target) per capacity slot
+    slots: list = field(default_factory=list)  # (vote, stage, target, policy, digest) per capacity slot
 
 
 def _record(inp: RankInput, world: int, capacity: int) -> _Record:
@@ -68,13 +79,17 @@ def _record(inp: RankInput, world: int, capacity: int) -> _Record:
     if reason == 0 and not (0 <= inp.site <= wire.header_field_mask("site")):
         reason = wire.REASON_SITE
     if reason == 0:
-        for v, s, t in zip(inp.votes, inp.stages, inp.targets):
+        for k, (v, s, t) in enumerate(zip(inp.votes, inp.stages, inp.targets)):
             if int(v) not in (0, 1):
                 reason = wire.REASON_VOTE
             elif not 0 <= s <= wire.MAX_ID:
                 reason = wire.REASON_STAGE
             elif not 0 <= t <= wire.MAX_ID:
                 reason = wire.REASON_TARGET
+            elif not 0 <= inp.slot_policy(k) < len(wire.POLICIES):
+                reason = wire.REASON_POLICY
+            elif not 0 <= inp.slot_digest(k) <= wire.MAX_DIGEST:
+                reason = wire.REASON_DIGEST
             if reason:
                 break
     fields = {
@@ -88,8 +103,9 @@ def _record(inp: RankInput, world: int, capacity: int) -> _Record:
     }
     header = {name: value & wire.header_field_mask(name) for name, value in fields.items()}
     ids = wire.SLOT_ENTRY_ID_MASK
-    slots = [(int(inp.votes[s]) & 1, inp.stages[s] & ids, inp.targets[s] & ids) if s < n else (0, 0, 0)
-             for s in range(capacity)]
+    slots = [(int(inp.votes[s]) & 1, inp.stages[s] & ids, inp.targets[s] & ids,
+              inp.slot_policy(s) & wire.header_field_mask("policy"), inp.slot_digest(s) & wire.MAX_DIGEST)
+             if s < n else (0, 0, 0, 0, 0) for s in range(capacity)]
     return _Record(header, slots)
 
 
@@ -108,7 +124,9 @@ def _summary(values: list[int], width: int) -> dict:
             "equal": all(v == root for v in values)}
 
 
-def _passes(policy: str, votes: list[int], world: int) -> bool:
+def _passes(policy: str | int, votes: list[int], world: int) -> bool:
+    if isinstance(policy, int):
+        policy = wire.POLICIES[policy]
     yes = sum(votes)
     if policy == "unanimous":
         return yes == world
@@ -173,32 +191,48 @@ def expected(inputs: Sequence[RankInput], *, view: int = 0) -> tuple[list[bool],
         votes = [rec.slots[s][0] for rec in records]
         stages = [rec.slots[s][1] for rec in records]
         targets = [rec.slots[s][2] for rec in records]
+        policies = [rec.slots[s][3] for rec in records]
+        digests = [rec.slots[s][4] for rec in records]
         st, tg = _summary(stages, wire.ID_BITS), _summary(targets, wire.ID_BITS)
+        po, dg = _summary(policies, wire.HEADER_FIELD_WIDTH["policy"]), _summary(digests, wire.DIGEST_BITS)
+        states = list(zip(stages, targets, policies, digests))
         if exact:
             stage_differ = sum(1 for v in stages if v != stages[0])
             target_differ = sum(1 for v in targets if v != targets[0])
-            key_differ = sum(1 for a, b in zip(stages, targets) if (a, b) != (stages[0], targets[0]))
+            policy_differ = sum(1 for v in policies if v != policies[0])
+            digest_differ = sum(1 for v in digests if v != digests[0])
+            key_differ = sum(1 for k in states if k != states[0])
         else:
             stage_differ, target_differ = st["differ_lb"], tg["differ_lb"]
-            key_differ = max(stage_differ, target_differ)
-        passed = _passes(policy, votes, world)
-        same_key = st["equal"] and tg["equal"]
+            policy_differ, digest_differ = po["differ_lb"], dg["differ_lb"]
+            key_differ = max(stage_differ, target_differ, policy_differ, digest_differ)
+        # The slot's own policy decides; ranks that differ on it diverge.
+        passed = _passes(policies[0], votes, world)
+        same_state = all(k == states[0] for k in states)
+        no_gate = all(t == wire.NO_GATE for t in targets)
         status = 0
         if not st["equal"]:
             status |= wire.STATUS_STAGE_DIFFERS
         if not tg["equal"]:
             status |= wire.STATUS_TARGET_DIFFERS
+        if not po["equal"]:
+            status |= wire.STATUS_POLICY_DIFFERS
+        if not dg["equal"]:
+            status |= wire.STATUS_DIGEST_DIFFERS
+        if no_gate:
+            status |= wire.STATUS_NO_GATE
         if passed:
             status |= wire.STATUS_POLICY_PASSED
-        if not (header_ok and same_key):
+        if not (header_ok and same_state):
             status |= wire.STATUS_DIVERGED
-        decided = header_ok and same_key and passed
+        decided = header_ok and same_state and passed and not no_gate
         if decided:
             status |= wire.STATUS_DECIDED
         decisions.append(decided)
         slot_words += [status, sum(votes), votes[0], stages[0], targets[0], st["and"], st["or"],
-                       tg["and"], tg["or"], stage_differ, target_differ, key_differ]
-        slot_ranks += [wire.slot_entry(v, a, b) for v, a, b in zip(votes, stages, targets)]
+                       tg["and"], tg["or"], stage_differ, target_differ, key_differ,
+                       policies[0], po["and"], po["or"], policy_differ, digests[0], dg["and"], dg["or"], digest_differ]
+        slot_ranks += [wire.slot_entry(v, a, b, p, d) for v, a, b, p, d in zip(votes, stages, targets, policies, digests)]
 
     g[wire.G_FLAGS] = flags
     g[wire.G_PRESENCE] = world

@@ -6,22 +6,28 @@ from typing import Sequence
 import torch
 
 import esper_gate
+from esper_gate import wire
 from reference import RankInput
 
 
-def _tensors(inp: RankInput, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _tensors(inp: RankInput, device) -> tuple:
     votes = torch.tensor([int(v) for v in inp.votes], dtype=torch.int64, device=device)
     if all(int(v) in (0, 1) for v in inp.votes):
         votes = votes.bool()
     stages = torch.tensor(list(inp.stages), dtype=torch.int64, device=device)
     targets = torch.tensor(list(inp.targets), dtype=torch.int64, device=device)
-    return votes, stages, targets
+    policies = None if inp.policies is None else torch.tensor(
+        [wire.POLICY_CODES[p] if isinstance(p, str) else int(p) for p in inp.policies], dtype=torch.int64,
+        device=device)
+    digests = None if inp.digests is None else torch.tensor(list(inp.digests), dtype=torch.int64, device=device)
+    return votes, stages, targets, policies, digests
 
 
 def pack_rank(inp: RankInput, rank: int, world: int, device="cpu", tensors=None) -> torch.Tensor:
-    votes, stages, targets = tensors if tensors is not None else _tensors(inp, device)
+    votes, stages, targets, policies, digests = tensors if tensors is not None else _tensors(inp, device)
     w = inp.world if inp.world is not None else world
-    return esper_gate.pack(votes, stages, targets, inp.seq, inp.site, inp.policy, rank, w, inp.poison)
+    return esper_gate.pack(votes, stages, targets, inp.seq, inp.site, inp.policy, rank, w, inp.poison,
+                           policies=policies, digests=digests)
 
 
 def reduce_all(inputs: Sequence[RankInput], device="cpu") -> torch.Tensor:
@@ -34,7 +40,9 @@ def reduce_all(inputs: Sequence[RankInput], device="cpu") -> torch.Tensor:
     cache: dict = {}
     total = None
     for r, inp in enumerate(inputs):
-        key = (tuple(int(v) for v in inp.votes), tuple(inp.stages), tuple(inp.targets))
+        key = (tuple(int(v) for v in inp.votes), tuple(inp.stages), tuple(inp.targets),
+               None if inp.policies is None else tuple(inp.policies),
+               None if inp.digests is None else tuple(inp.digests))
         if key not in cache:
             cache[key] = _tensors(inp, device)
         buf = pack_rank(inp, r, world, device, cache[key])

@@ -81,6 +81,30 @@ def test_without_a_process_group_returns_the_same_objects():
     slots = [slot, slot_at("r0c1", None), slot_at("r0c2", SeedStage.GERMINATED)]
     out = kasmina.sync_gate_decisions(slots, results)
     assert len(out) == 3 and all(a is b for a, b in zip(out, results))
+    # the round decides locally: each gate result stands as it is
+    rounds = kasmina.gate_round(slots, results, names=["e/a", "e/b", "e/c"], policies=["rank0", None, None],
+                                digests=[1, None, 2])
+    assert rounds == [kasmina.RoundOutcome("e/a", 2, True, False, None, result),
+                      kasmina.RoundOutcome("e/b", None, False, False, None, None),
+                      kasmina.RoundOutcome("e/c", 1, False, False, None, results[2])]
+    assert rounds[0].gate_result is result
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rounds[0].passed = False
+
+
+def test_round_arguments_are_checked_before_any_collective():
+    from esper_gate import GateInputError, kasmina
+
+    slots = [slot_at("r0c0", SeedStage.TRAINING), slot_at("r0c1", None)]
+    results = [gate(GateLevel.G2, True), None]
+    with pytest.raises(GateInputError, match="gate_round got 2 slots but 1 gate results"):
+        kasmina.gate_round(slots, results[:1])
+    with pytest.raises(GateInputError, match="policies has 1 entries for 2 slots"):
+        kasmina.gate_round(slots, results, policies=["any"])
+    with pytest.raises(GateInputError, match="names must be a sequence of 2 values"):
+        kasmina.gate_round(slots, results, names="env0/r0c0")
+    with pytest.raises(GateInputError, match="digests has 3 entries for 2 slots"):
+        kasmina.gate_round(slots, results, digests=[1, 2, 3])
 
 
 def test_one_rank_world_returns_the_same_object(one_rank_group):
@@ -206,6 +230,38 @@ def _scenarios_main(rank, world):
 
     out["cache"] = sorted((k[1], k[2], gs.calls) for k, (_parent, gs) in kasmina._cache.items())
 
+    # one round for the model (env 1's, whose slot ids other models share):
+    #   r0c0: rank0 policy in the slot (the round's is unanimous), rank 1 fails: passed everywhere;
+    #   r0c1: the last rank has no seed and no gate there: diverged everywhere, also on the last rank;
+    #   r0c2: the last rank's state digest differs: diverged, though every rank passes G5;
+    #   r0c3: no rank has a gate: nothing to do, and not a divergence.
+    from esper_gate import state_digest
+
+    slots = [slot_at("r0c0", SeedStage.TRAINING), slot_at("r0c1", SeedStage.BLENDING),
+             slot_at("r0c2", SeedStage.HOLDING), slot_at("r0c3", None)]
+    results = [gate(GateLevel.G2, rank != 1), gate(GateLevel.G3, True), gate(GateLevel.G5, True), None]
+    if rank == last:
+        slots[1], results[1] = slot_at("r0c1", None), None
+    digests = [None, None, state_digest(7, "blend", 0.5 if rank != last else 0.25), None]
+    kasmina.cached_gate_sync(len(slots), group=None, timeout=TIMEOUT_S)
+    with profile() as prof:
+        rounds = kasmina.gate_round(slots, results, policies=["rank0", None, None, None],
+                                    names=[f"env1/{s.slot_id}" for s in slots], digests=digests, **one)
+    out["round_collectives"] = [e.name for e in prof.events() if e.name.startswith("gloo:")]
+    out["round"] = [dict(name=o.name, gate=o.gate, passed=o.passed, diverged=o.diverged, note=o.note,
+                         result=as_dict(o.gate_result)) for o in rounds]
+    out["digests"] = [state_digest(7, "blend", 0.5), state_digest(7, "blend", 0.25)]
+
+    # the last rank passes one name too few: bad input there, its peers told so, in the same call
+    from esper_gate import GateInputError, GatePeerInputError
+
+    names = [f"env1/{s.slot_id}" for s in slots][:3 if rank == last else 4]
+    try:
+        kasmina.gate_round(slots, results, names=names, **one)
+        out["bad_names"] = None
+    except (GateInputError, GatePeerInputError) as e:
+        out["bad_names"] = (type(e).__name__, str(e))
+
     # batched under two policies, the same votes: rank 1 fails r2c0, every rank fails r2c1
     slots = [slot_at("r2c0", SeedStage.TRAINING), slot_at("r2c1", SeedStage.TRAINING)]
     for policy in ("any", "unanimous"):
@@ -277,10 +333,36 @@ def test_adapter_on_real_ranks():
             assert not b[1]["passed"] and b[1]["checks_failed"] == ["ddp_divergence"]
             assert "slot r1c1" in b[1]["message"]
             assert "ranks 0-1 hold BLENDING -> G3" in b[1]["message"]
-            assert "rank 2 holds DORMANT -> G0" in b[1]["message"]
+            assert "rank 2 holds DORMANT -> no gate" in b[1]["message"]
 
         # one GateSync per (group, slot count, policy), reused by every call
         assert out["cache"] == [(1, "majority", 1), (1, "unanimous", 6), (4, "unanimous", 1)]
+
+        # the round: one collective, every slot's outcome on every rank
+        assert out["round_collectives"] == ["gloo:all_reduce"]
+        r0, r1, r2, r3 = out["round"]
+        assert [o["name"] for o in out["round"]] == ["env1/r0c0", "env1/r0c1", "env1/r0c2", "env1/r0c3"]
+        assert (r0["gate"], r0["passed"], r0["diverged"]) == (2, True, False)
+        assert r0["result"]["passed"]
+        if rank == 1:
+            assert "passed by rank0 consensus although this rank's gate failed" in r0["note"]
+        assert not r1["passed"] and r1["diverged"]
+        assert "slot env1/r0c1" in r1["note"] and "rank 2 holds DORMANT -> no gate" in r1["note"]
+        assert "ranks 0-1 hold BLENDING -> G3" in r1["note"]
+        if rank == world - 1:
+            assert r1["gate"] is None and r1["result"] is None, "no gate here, yet it learns the divergence"
+        else:
+            assert r1["gate"] == 3 and r1["result"]["checks_failed"] == ["ddp_divergence"]
+        mine, theirs = out["digests"]
+        assert (r2["gate"], r2["passed"], r2["diverged"]) == (5, False, True)
+        assert f"ranks 0-1 hold HOLDING -> G5 with digest {mine:#010x}" in r2["note"]
+        assert f"rank 2 holds HOLDING -> G5 with digest {theirs:#010x}" in r2["note"]
+        assert r3 == dict(name="env1/r0c3", gate=None, passed=False, diverged=False, note=None, result=None)
+        kind, text = out["bad_names"]
+        if rank == world - 1:
+            assert kind == "GateInputError" and "names must be a sequence of 4 slot names, got 3 names" in text
+        else:
+            assert kind == "GatePeerInputError" and "rank 2 passed bad input" in text
 
         # the policy reaches the batched sync: "any" passes what "unanimous" vetoes
         passed_any, failed_any = out["batched_any"]

@@ -23,6 +23,14 @@ def test_opcheck_pack():
                           (votes, stages, targets, 5, 1234, "majority", 1, 3))
 
 
+def test_opcheck_pack_with_slot_policies_and_digests():
+    votes, stages, targets = _inputs()
+    policies = torch.tensor([0, 1, 2, 3], dtype=torch.int64)
+    digests = torch.tensor([0, 1, 2**32 - 1, 12345], dtype=torch.int64)
+    torch.library.opcheck(torch.ops.esper_gate.pack.default,
+                          (votes, stages, targets, 5, 1234, "majority", 1, 3, 0, policies, digests))
+
+
 def test_opcheck_decode():
     votes, stages, targets = _inputs()
     buf = sum(esper_gate.pack(votes, stages, targets, 5, 1234, "majority", r, 3) for r in range(3))
@@ -95,18 +103,20 @@ def _other_device(device):
     return "cpu" if device == "meta" else "meta"
 
 
-def _pack_args(device, group_name, edit=None, policy="unanimous", rank=0, world=2, poison=0, n=4):
+def _pack_args(device, group_name, edit=None, policy="unanimous", rank=0, world=2, poison=0, n=4, extra=None):
     votes, stages, targets = _inputs(n, device) if n else (
         torch.ones(0, dtype=torch.bool, device=device), torch.zeros(0, dtype=torch.int64, device=device),
         torch.zeros(0, dtype=torch.int64, device=device))
     if edit is not None:
         votes, stages, targets = edit(votes, stages, targets, device)
-    return (votes, stages, targets, 5, 1234, policy, rank, world, poison)
+    policies, digests = extra(device) if extra is not None else (None, None)
+    return (votes, stages, targets, 5, 1234, policy, rank, world, poison, policies, digests)
 
 
 def _sync_args(device, group_name, **kw):
-    votes, stages, targets, seq, site, policy, _rank, _world, poison = _pack_args(device, group_name, **kw)
-    return (votes, stages, targets, seq, site, policy, group_name, poison)
+    votes, stages, targets, seq, site, policy, _rank, _world, poison, policies, digests = \
+        _pack_args(device, group_name, **kw)
+    return (votes, stages, targets, seq, site, policy, group_name, poison, policies, digests)
 
 
 def _decode_args(device, group_name, reduced=None, slots=4, world=2, policy="unanimous"):
@@ -150,6 +160,17 @@ _TENSOR_CASES = [
      "unknown policy 'consensus', expected one of 'unanimous', 'rank0', 'majority', 'any'"),
     ("poison 32", dict(poison=32), ValueError, "poison must be a reason code in 0..31, got 32"),
     ("poison -1", dict(poison=-1), ValueError, "poison must be a reason code in 0..31, got -1"),
+    ("policies 2-D", dict(extra=lambda d: (torch.zeros(2, 2, dtype=torch.int64, device=d), None)), ValueError,
+     r"expected policies to be a 1-D tensor, got 2-D \(shape \[2, 2\]\)"),
+    ("policies int32", dict(extra=lambda d: (torch.zeros(4, dtype=torch.int32, device=d), None)), TypeError,
+     "expected policies of dtype torch.int64, got Int"),
+    ("digests of another length", dict(extra=lambda d: (None, torch.zeros(3, dtype=torch.int64, device=d))),
+     ValueError, "expected digests of the votes' length 4, got 3"),
+    ("digests not contiguous", dict(extra=lambda d: (None, torch.zeros(8, dtype=torch.int64, device=d)[::2])),
+     ValueError, r"expected digests to be contiguous, got strides \[2\]"),
+    ("digests on another device",
+     dict(extra=lambda d: (None, torch.zeros(4, dtype=torch.int64, device=_other_device(d)))), ValueError,
+     "expected digests on the votes' device "),
 ]
 
 _RANK_CASES = [
@@ -301,6 +322,25 @@ def test_bad_values_poison_instead_of_raising(field, value, reason):
     assert report[wire.G_POISONED_RANK] == 1
     rank1 = report[wire.ranks_offset(4) + wire.RANK_WORDS:][:wire.RANK_WORDS].tolist()
     assert rank1[5:7] == [1, reason]  # poison, reason of rank 1
+
+
+@pytest.mark.parametrize("field, value, reason", [
+    ("policies", 4, wire.REASON_POLICY),
+    ("policies", -1, wire.REASON_POLICY),
+    ("digests", 2**32, wire.REASON_DIGEST),
+    ("digests", -1, wire.REASON_DIGEST),
+])
+def test_bad_slot_policies_and_digests_poison_instead_of_raising(field, value, reason):
+    votes, stages, targets = _inputs()
+    extra = {"policies": torch.zeros(4, dtype=torch.int64), "digests": torch.zeros(4, dtype=torch.int64)}
+    bad = {k: v.clone() for k, v in extra.items()}
+    bad[field][1] = value
+    bufs = [esper_gate.pack(votes, stages, targets, 0, 0, "unanimous", 0, 2, 0, **extra),
+            esper_gate.pack(votes, stages, targets, 0, 0, "unanimous", 1, 2, 0, **bad)]
+    decision, report = esper_gate.decode(bufs[0] + bufs[1], 4, 2, "unanimous")
+    assert not decision.any() and report[wire.G_POISONED_RANK] == 1
+    rank1 = report[wire.ranks_offset(4) + wire.RANK_WORDS:][:wire.RANK_WORDS].tolist()
+    assert rank1[5:7] == [1, reason]
 
 
 def test_bad_site_poisons():

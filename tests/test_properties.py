@@ -82,7 +82,13 @@ def scenarios(draw, max_world=MAX_W, max_slots=MAX_S, edge_worlds=DRAWN_EDGE_WOR
     site = rng.randrange(0, 2**32)
     # a shared state that ranks start from, then independent perturbations
     stages = [rng.randrange(0, 64) for _ in range(slots)]
-    targets = [rng.choice([0, 1, 2, 3, 5, rng.randrange(0, 64)]) for _ in range(slots)]
+    targets = [rng.choice([0, 1, 2, 3, 5, wire.NO_GATE, rng.randrange(0, 64)]) for _ in range(slots)]
+    # per-slot state: none (the call's policy, digest 0), policies, digests or both
+    slot_state = draw(st.sampled_from(["none", "policies", "digests", "both"]))
+    slot_policies = [rng.choice(wire.POLICIES) for _ in range(slots)] \
+        if slot_state in ("policies", "both") else None
+    slot_digests = [rng.choice([0, 1, wire.MAX_DIGEST, rng.randrange(0, 2**32)]) for _ in range(slots)] \
+        if slot_state in ("digests", "both") else None
     if vote_plan == "bias":
         vote_bias = rng.random()
         votes = [[1 if rng.random() < vote_bias else 0 for _ in range(slots)] for _r in range(world)]
@@ -94,9 +100,11 @@ def scenarios(draw, max_world=MAX_W, max_slots=MAX_S, edge_worlds=DRAWN_EDGE_WOR
             for r in _voters(rng, world, count):
                 votes[r][s] = 1
     inputs = [RankInput(votes=votes[r], stages=list(stages), targets=list(targets), seq=seq, site=site,
-                        policy=policy) for r in range(world)]
+                        policy=policy, policies=None if slot_policies is None else list(slot_policies),
+                        digests=None if slot_digests is None else list(slot_digests)) for r in range(world)]
     kinds = draw(st.lists(st.sampled_from(
-        ["stage", "target", "seq", "site", "policy", "slots", "poison_value", "poison_caller", "none"]),
+        ["stage", "target", "seq", "site", "policy", "slots", "poison_value", "poison_caller", "no_gate",
+         "slot_policy", "digest", "none"]),
         max_size=3))
     for kind in kinds:
         r = rng.randrange(world)
@@ -106,6 +114,14 @@ def scenarios(draw, max_world=MAX_W, max_slots=MAX_S, edge_worlds=DRAWN_EDGE_WOR
             inp.stages[s] = rng.randrange(0, 64)
         elif kind == "target":
             inp.targets[s] = rng.randrange(0, 64)
+        elif kind == "no_gate":  # this rank has no gate where the others may
+            inp.targets[s] = wire.NO_GATE
+        elif kind == "slot_policy":  # this rank holds another policy for the slot
+            inp.policies = [inp.slot_policy(k) for k in range(len(inp.votes))]
+            inp.policies[s] = rng.choice(wire.POLICIES)
+        elif kind == "digest":  # this rank holds another state digest in the slot
+            inp.digests = [inp.slot_digest(k) for k in range(len(inp.votes))]
+            inp.digests[s] ^= 1 << rng.randrange(32)
         elif kind == "seq":
             inp.seq += rng.choice([1, -1, 2**32])  # 2**32 wraps to the same wire value
         elif kind == "site":
@@ -121,14 +137,24 @@ def scenarios(draw, max_world=MAX_W, max_slots=MAX_S, edge_worlds=DRAWN_EDGE_WOR
             inp.votes = (inp.votes + [1] * n)[:n]
             inp.stages = (inp.stages + [3] * n)[:n]
             inp.targets = (inp.targets + [2] * n)[:n]
+            if inp.policies is not None:
+                inp.policies = (inp.policies + ["any"] * n)[:n]
+            if inp.digests is not None:
+                inp.digests = (inp.digests + [7] * n)[:n]
         elif kind == "poison_value":
-            which = rng.choice(["stage", "target", "vote", "site"])
+            which = rng.choice(["stage", "target", "vote", "site", "policy", "digest"])
             if which == "stage":
                 inp.stages[s] = rng.choice([-1, 64, 1000])
             elif which == "target":
                 inp.targets[s] = rng.choice([-5, 64, 99])
             elif which == "vote":
                 inp.votes[s] = rng.choice([2, -1, 7])
+            elif which == "policy":  # a code outside 0..3
+                inp.policies = [inp.slot_policy(k) for k in range(len(inp.votes))]
+                inp.policies[s] = rng.choice([-1, 4, 99])
+            elif which == "digest":
+                inp.digests = [inp.slot_digest(k) for k in range(len(inp.votes))]
+                inp.digests[s] = rng.choice([-1, 2**32, 2**40])
             else:
                 inp.site = rng.choice([-1, 2**32, 2**40])
         elif kind == "poison_caller":
@@ -150,24 +176,31 @@ def _reason(inp: RankInput) -> int:
         return inp.poison
     if not 0 <= inp.site <= 0xFFFFFFFF:
         return wire.REASON_SITE
-    for v, s, t in zip(inp.votes, inp.stages, inp.targets):
+    for k, (v, s, t) in enumerate(zip(inp.votes, inp.stages, inp.targets)):
         if int(v) not in (0, 1):
             return wire.REASON_VOTE
         if not 0 <= s <= wire.MAX_ID:
             return wire.REASON_STAGE
         if not 0 <= t <= wire.MAX_ID:
             return wire.REASON_TARGET
+        if not 0 <= inp.slot_policy(k) <= 3:
+            return wire.REASON_POLICY
+        if not 0 <= inp.slot_digest(k) < 2**32:
+            return wire.REASON_DIGEST
     return wire.REASON_NONE
 
 
-def _slot_key(inp: RankInput, s: int) -> tuple[int, int, int]:
+def _slot_key(inp: RankInput, s: int) -> tuple[int, int, int, int, int]:
+    """(vote, stage, target, policy code, digest) as the wire carries them."""
     # A rank with fewer slots sends zeros for the rest (capacity padding).
     if s >= len(inp.votes):
-        return 0, 0, 0
-    return int(inp.votes[s]) & 1, inp.stages[s] & wire.MAX_ID, inp.targets[s] & wire.MAX_ID
+        return 0, 0, 0, 0, 0
+    return (int(inp.votes[s]) & 1, inp.stages[s] & wire.MAX_ID, inp.targets[s] & wire.MAX_ID,
+            inp.slot_policy(s) & 3, inp.slot_digest(s) & wire.MAX_DIGEST)
 
 
-def _passes(policy: str, votes: list[int]) -> bool:
+def _passes(policy: str | int, votes: list[int]) -> bool:
+    policy = wire.POLICIES[policy] if isinstance(policy, int) else policy
     yes, world = sum(votes), len(votes)
     return {"unanimous": yes == world, "rank0": votes[0] == 1, "majority": 2 * yes > world,
             "any": yes >= 1}[policy]
@@ -231,19 +264,27 @@ def check_view_report(inputs: list[RankInput], view: int, rep, decision: list[bo
         assert (d.rank0_stage, d.rank0_target) == (stages[0], targets[0])
         assert d.stage_range == (min_and(stages), max_or(stages))
         assert d.target_range == (min_and(targets), max_or(targets))
+        policies, digests = [x[3] for x in k], [x[4] for x in k]
+        assert d.policy_differs == (len(set(policies)) > 1)
+        assert d.digest_differs == (len(set(digests)) > 1)
+        assert (d.rank0_policy, d.rank0_digest) == (wire.POLICIES[policies[0]], digests[0])
+        assert d.digest_range == (min_and(digests, wire.MAX_DIGEST), max_or(digests))
         key_differ = sum(1 for x in k if x[1:] != k[0][1:])
         if exact:
             assert d.ranks_differing == key_differ
             holders = {}
-            for r, (vote, stage, target) in enumerate(k):
-                holders.setdefault((stage, target), []).append(r)
-            assert {(h.stage, h.target): h.ranks for h in d.holdings} == holders
+            for r, (vote, stage, target, pol, dig) in enumerate(k):
+                holders.setdefault((stage, target, wire.POLICIES[pol], dig), []).append(r)
+            assert {(h.stage, h.target, h.policy, h.digest): h.ranks for h in d.holdings} == holders
             assert all(h.votes_passed == [r for r in h.ranks if k[r][0]] for h in d.holdings)
         else:
             assert 1 <= d.ranks_differing <= key_differ
             assert d.holdings == []
 
-    want = [header_ok and s not in differing and _passes(me.policy, [x[0] for x in keys[s]])
+    # The slot's own policy decides; a slot where no rank has a gate is never passed.
+    no_gate = [all(x[2] == wire.NO_GATE for x in keys[s]) for s in range(n)]
+    assert [sv.no_gate for sv in rep.slots] == no_gate
+    want = [header_ok and s not in differing and not no_gate[s] and _passes(keys[s][0][3], [x[0] for x in keys[s]])
             for s in range(n)]
     assert decision == want
     assert rep.decided_count == sum(want)
@@ -251,8 +292,8 @@ def check_view_report(inputs: list[RankInput], view: int, rep, decision: list[bo
     assert rep.ok == (header_ok and not differing)
 
 
-def min_and(values):
-    out = wire.MAX_ID
+def min_and(values, full=wire.MAX_ID):
+    out = full
     for v in values:
         out &= v
     return out
@@ -290,10 +331,15 @@ def test_large_worlds_summaries_match_reference(case, world):
     inputs, _ = case
     rng = random.Random(world)
     # replicate the scenario's ranks up to `world` ranks
-    big = [RankInput(list(i.votes), list(i.stages), list(i.targets), i.seq, i.site, i.policy, i.poison)
+    big = [RankInput(list(i.votes), list(i.stages), list(i.targets), i.seq, i.site, i.policy, i.poison,
+                     policies=None if i.policies is None else list(i.policies),
+                     digests=None if i.digests is None else list(i.digests))
            for i in (inputs[k % len(inputs)] for k in range(world))]
     if rng.random() < 0.5:
         big[rng.randrange(world)].stages[0] ^= 1 + rng.randrange(63)
+    if rng.random() < 0.5:
+        r = big[rng.randrange(world)]
+        r.digests = [r.slot_digest(k) ^ (1 << rng.randrange(32)) for k in range(len(r.votes))]
     decision, report, _ = simulate(big, view=0)
     exp_decision, exp_report = expected(big, view=0)
     assert decision == exp_decision
@@ -383,3 +429,42 @@ def test_decoding_with_another_policy_than_packed_is_a_mismatch():
     decision, report = esper_gate.decode(bufs, 2, 3, "any")
     assert not decision.any()
     assert report[wire.G_FLAGS] & wire.FLAG_POLICY_MISMATCH
+
+
+@pytest.mark.parametrize("world", [_slow_at_the_limit(w) for w in (2, 3, 64, 65, 1024, wire.MAX_WORLD)])
+def test_no_gate_slot_policies_and_digests_from_every_view(world):
+    """Slot 0: no gate anywhere (never passed, not diverged). Slot 1: the last
+    rank has no gate where the others are at G0 (diverged on every rank, also
+    the one without a gate). Slot 2: rank0 policy in the slot under a
+    unanimous call, only rank 0 votes yes (passed). Slot 3: the last rank's
+    digest differs (diverged, the digests named exactly up to 64 ranks).
+    Slot 4: the last rank holds another policy (diverged)."""
+    last = world - 1
+    inputs = []
+    for r in range(world):
+        inputs.append(RankInput([1, 1, int(r == 0), 1, 1], [9, 2, 3, 4, 6], [wire.NO_GATE, 0, 2, 3, 5], seq=3,
+                                site=5, policies=["unanimous", "unanimous", "rank0", "any", "majority"],
+                                digests=[0, 0, 0, 0xC0FFEE, 0]))
+    inputs[last].targets[1] = wire.NO_GATE
+    inputs[last].digests[3] = 0xC0FFEF
+    inputs[last].policies[4] = "any"
+    reduced = reduce_all(inputs)
+    for view in sorted({0, last, world // 2}):
+        decision, report = decode_view(reduced, inputs, view)
+        assert (decision, report) == expected(inputs, view=view), f"view of rank {view}"
+        assert decision == [False, False, True, False, False]
+        rep = parse_report(report)
+        check_view_report(inputs, view, rep, decision)
+        assert [sv.no_gate for sv in rep.slots] == [True, False, False, False, False]
+        assert [sv.diverged for sv in rep.slots] == [False, True, False, True, True]
+        assert [d.slot for d in rep.diverged_slots] == [1, 3, 4]
+        no_gate, digest, policy = rep.diverged_slots
+        if world <= wire.MAX_EXACT_WORLD:
+            others = "rank 0" if last == 1 else f"ranks 0-{last - 1}"
+            assert no_gate.holdings_text() == f"{others} {'holds' if last == 1 else 'hold'} stage 2 -> target 0; " \
+                                              f"rank {last} holds stage 2 -> no gate"
+            assert f"rank {last} holds stage 4 -> target 3 with digest 0x00c0ffef" in digest.holdings_text()
+            assert f"rank {last} holds stage 6 -> target 5 under any" in policy.holdings_text()
+        else:
+            assert digest.ranks_differing == 1 and digest.digest_range == (0xC0FFEE, 0xC0FFEF)
+            assert "digests share bits 0x00c0ffee and use no bits outside 0x00c0ffef" in digest.holdings_text()

@@ -260,8 +260,10 @@ def test_to_dict_holds_every_field_and_is_json_able():
     # the vocabulary appears once, at the top, not in every diverged slot
     assert set(sd) == {f.name for f in dataclasses.fields(SlotDivergence)} - {"vocabulary"}
     assert out["vocabulary"] == {"stages": {"3": "warm"}, "targets": {"2": "boil"}}
-    assert sd["holdings"] == [{"stage": 3, "target": 2, "ranks": [0], "votes_passed": [0]},
-                              {"stage": 4, "target": 2, "ranks": [1], "votes_passed": []}]
+    assert sd["holdings"] == [{"stage": 3, "target": 2, "ranks": [0], "votes_passed": [0], "policy": "unanimous",
+                               "digest": 0},
+                              {"stage": 4, "target": 2, "ranks": [1], "votes_passed": [], "policy": "unanimous",
+                               "digest": 0}]
 
 
 def all_diverged(world: int, slots: int, **kw) -> list[RankInput]:
@@ -343,3 +345,93 @@ def test_ranks_text():
     assert ranks_text([]) == "no rank"
     assert ranks_text([4]) == "rank 4"
     assert ranks_text([5, 0, 1, 2, 7, 8]) == "ranks 0-2,5,7-8"
+
+
+# ---- no gate, slot policies and state digests ---------------------------------------------
+
+def test_no_gate_prints_as_no_gate_next_to_g0():
+    """A slot where the last rank has no gate is diverged on every rank, and the
+    text tells its "no gate" from the others' G0 (id 0)."""
+    inputs = [RankInput([1, 0], [9, 9], [0, wire.NO_GATE]), RankInput([0, 0], [9, 9], [wire.NO_GATE, wire.NO_GATE])]
+    for view in (0, 1):
+        decision, report = decode_view(reduce_all(inputs), inputs, view)
+        rep = parse_report(report, ["env0/r0c0", "env0/r0c1"], vocabulary=VOCABULARY)
+        assert decision == [False, False]
+        [sd] = rep.diverged_slots
+        assert sd.describe() == "slot env0/r0c0 (#0): rank 0 holds EMBARGOED -> G0; rank 1 holds EMBARGOED -> no gate"
+        assert rep.slots[1].no_gate and not rep.slots[1].diverged and not rep.slots[0].no_gate
+    assert Vocabulary().holding(3, wire.NO_GATE) == "stage 3 -> no gate"
+    assert Vocabulary(targets={wire.NO_GATE: "idle"}).target(wire.NO_GATE) == "idle", "a caller's name wins"
+
+
+def test_slot_policy_and_digest_differences_are_named_with_the_ranks():
+    inputs = [RankInput([1, 1], [4, 6], [3, 5], policies=["any", "unanimous"], digests=[0xAB, 7]) for _ in range(3)]
+    inputs[2].policies = ["rank0", "unanimous"]
+    inputs[1].digests = [0xAB, 8]
+    rep = parse_report(simulate(inputs)[1], ["a", "b"], vocabulary=VOCABULARY)
+    policy, digest = rep.diverged_slots
+    assert policy.policy_differs and not policy.digest_differs and policy.rank0_policy == "any"
+    assert policy.holdings_text() == "ranks 0-1 hold BLENDING -> G3 under any; rank 2 holds BLENDING -> G3 under rank0"
+    assert digest.digest_differs and not digest.policy_differs and digest.rank0_digest == 7
+    assert digest.holdings_text() == ("ranks 0,2 hold HOLDING -> G5 with digest 0x00000007; "
+                                      "rank 1 holds HOLDING -> G5 with digest 0x00000008")
+    assert [sv.policies for sv in rep.slots] == [["any", "any", "rank0"], ["unanimous"] * 3]
+    assert [sv.digests for sv in rep.slots] == [[0xAB] * 3, [7, 8, 7]]
+    assert "slot a (#0)" in str(rep) and "slot b (#1)" in str(rep)
+
+
+def test_gate_sync_takes_names_policies_and_digests_per_call():
+    """A world of one runs the same prepare, pack and decode as a real call."""
+    import torch
+
+    from esper_gate import GateInputError, GateSync, state_digest
+
+    gs = GateSync(3, policy="unanimous")
+    res = gs([1, 0, 1], [3, 3, 3], [2, 2, wire.NO_GATE], names=["env1/r0c0", "env1/r0c1", "env1/r0c2"],
+             policies=[None, "any", "rank0"], digests=[state_digest(1), None, 5])
+    rep = res.report()
+    assert [sv.name for sv in rep.slots] == ["env1/r0c0", "env1/r0c1", "env1/r0c2"]
+    assert [sv.policy for sv in rep.slots] == ["unanimous", "any", "rank0"]
+    assert [sv.digest for sv in rep.slots] == [state_digest(1), 0, 5]
+    assert res.host_decisions() == [True, False, False], "no gate in slot 2: never passed"
+    assert rep.slots[2].no_gate
+    # the same policies as tensors-free defaults: the fast path sends none
+    assert gs([1, 1, 1], [3, 3, 3], [2, 2, 2], policies=[None] * 3).report().slots[0].policy == "unanimous"
+    digests = torch.tensor([1, 2, 3])
+    assert gs([1, 1, 1], [3, 3, 3], [2, 2, 2], digests=digests).report().slots[2].digest == 3
+    for kw, message in [
+        (dict(policies=["any", "consensus", None]), r"policies\[1\] is 'consensus', expected one of"),
+        (dict(policies="any"), "policies must be a sequence of 3 policy names"),
+        (dict(digests=[1, 2**32, 3]), r"digests\[1\] is 4294967296, expected an int in 0..2\*\*32-1"),
+        (dict(digests=[1, -1, 3]), r"digests\[1\] is -1"),
+        (dict(digests=[1.5, 2, 3]), "digests must be ints"),
+        (dict(digests=torch.tensor([1.0, 2.0, 3.0])), "digests must be an integer dtype, got torch.float32"),
+        (dict(policies=["any"]), "policies must have 3 entries, got 1"),
+    ]:
+        with pytest.raises(GateInputError, match=message):
+            gs([1, 1, 1], [3, 3, 3], [2, 2, 2], **kw)
+    for names, got in ((["a", "b"], "2 names"), ("abc", "the string 'abc'")):
+        with pytest.raises(GateInputError, match=f"names must be a sequence of 3 slot names, got {got}"):
+            gs([1, 1, 1], [3, 3, 3], [2, 2, 2], names=names)
+    # a digest tensor with a value out of range reaches the kernel, which names it
+    with pytest.raises(GateInputError, match="a state digest outside 0..2\\*\\*32-1"):
+        gs([1, 1, 1], [3, 3, 3], [2, 2, 2], digests=torch.tensor([1, 2**33, 3]))
+
+
+def test_state_digest_is_stable_and_type_exact():
+    import hashlib
+
+    from esper_gate import GateInputError, state_digest
+
+    # pinned: the same in every process and Python version (BLAKE2b-32 of the documented encoding)
+    text = '[["i","3"],["s","blend"],["f","0x1.0000000000000p-1"],["b",null]]'
+    want = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "little")
+    assert state_digest(3, "blend", 0.5, None) == want
+    values = [state_digest(1), state_digest(1.0), state_digest(True), state_digest("1"), state_digest((1,)),
+              state_digest(1, 2), state_digest((1, 2)), state_digest(-0.0), state_digest(0.0)]
+    assert len(set(values)) == len(values)
+    assert all(0 <= v <= wire.MAX_DIGEST for v in values)
+    from esper_gate.esper import SeedStage
+    assert state_digest(SeedStage.BLENDING) == state_digest(4)
+    with pytest.raises(GateInputError, match="state_digest takes ints, floats, strs"):
+        state_digest(object())

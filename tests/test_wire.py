@@ -19,7 +19,7 @@ DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "wire-format.md
 # own reason codes (checked below to lie in the caller's range) and tables
 # derived from checked constants (checked below against their source).
 PYTHON_ONLY = {"REASON_DTYPE", "REASON_SHAPE", "REASON_DEVICE", "REASON_TEXT",
-               "POLICY_CODES", "HEADER_FIELD_WIDTH"}
+               "POLICY_CODES", "HEADER_FIELD_WIDTH", "MAX_DIGEST"}
 
 
 def _cpp_constants() -> dict:
@@ -67,6 +67,18 @@ def test_python_only_constants_follow_the_checked_ones():
     e = wire.slot_entry(1, 45, 17)
     assert e == 1 << cpp["SLOT_ENTRY_VOTE_SHIFT"] | 45 << cpp["SLOT_ENTRY_STAGE_SHIFT"] | 17
     assert (wire.slot_entry_vote(e), wire.slot_entry_stage(e), wire.slot_entry_target(e)) == (1, 45, 17)
+    e = wire.slot_entry(0, 3, wire.NO_GATE, 2, 0xFFFFFFFF)
+    assert e == 0xFFFFFFFF << cpp["SLOT_ENTRY_DIGEST_SHIFT"] | 2 << cpp["SLOT_ENTRY_POLICY_SHIFT"] \
+        | 3 << cpp["SLOT_ENTRY_STAGE_SHIFT"] | cpp["NO_GATE"]
+    assert (wire.slot_entry_vote(e), wire.slot_entry_stage(e), wire.slot_entry_target(e),
+            wire.slot_entry_policy(e), wire.slot_entry_digest(e)) == (0, 3, wire.NO_GATE, 2, 0xFFFFFFFF)
+    assert 0 <= e < 2**63  # a non-negative int64
+    # A slot's fields tile its record bits, the digest last.
+    assert cpp["SLOT_POLICY_BIT"] == cpp["SLOT_TARGET_BIT"] + cpp["ID_BITS"]
+    assert cpp["SLOT_DIGEST_BIT"] == cpp["SLOT_POLICY_BIT"] + widths["policy"]
+    assert cpp["SLOT_BITS"] == cpp["SLOT_DIGEST_BIT"] + cpp["DIGEST_BITS"]
+    assert wire.MAX_DIGEST == 2 ** cpp["DIGEST_BITS"] - 1
+    assert cpp["NO_GATE"] == cpp["MAX_ID"]
 
 
 # S and W of the buffer-size table in docs/wire-format.md.

@@ -15,18 +15,20 @@ namespace esper_gate {
 
 at::Tensor pack_cpu(
     const PackCall& call, const at::Tensor& votes, const at::Tensor& stages, const at::Tensor& targets) {
-  std::vector<uint32_t> records(static_cast<size_t>(call.num_slots));
+  std::vector<uint64_t> records(static_cast<size_t>(call.num_slots));
   wire::PackShared shared;
   const int64_t* st = stages.const_data_ptr<int64_t>();
   const int64_t* tg = targets.const_data_ptr<int64_t>();
   int64_t* o = call.out.mutable_data_ptr<int64_t>();
+  const int64_t* pol = optional_data(call.policies);
+  const int64_t* dig = optional_data(call.digests);
   if (votes.scalar_type() == at::kBool) {
     wire::pack_buffer(
-        wire::SerialLoop{}, reinterpret_cast<const uint8_t*>(votes.const_data_ptr<bool>()), st, tg,
-        call.num_slots, call.header, call.layout, call.rank, records.data(), &shared, o);
+        wire::SerialLoop{}, reinterpret_cast<const uint8_t*>(votes.const_data_ptr<bool>()), st, tg, pol,
+        dig, call.num_slots, call.header, call.layout, call.rank, records.data(), &shared, o);
   } else {
     wire::pack_buffer(
-        wire::SerialLoop{}, votes.const_data_ptr<int64_t>(), st, tg, call.num_slots, call.header,
+        wire::SerialLoop{}, votes.const_data_ptr<int64_t>(), st, tg, pol, dig, call.num_slots, call.header,
         call.layout, call.rank, records.data(), &shared, o);
   }
   return call.out;

@@ -35,11 +35,12 @@ struct BlockLoop {
 template <typename VoteT>
 __global__ void pack_kernel(
     const VoteT* __restrict__ votes, const int64_t* __restrict__ stages,
-    const int64_t* __restrict__ targets, int64_t num_slots, wire::HeaderValues header,
-    wire::Layout L, int64_t rank, int64_t* __restrict__ out) {
-  __shared__ uint32_t records[wire::kMaxSlots];
+    const int64_t* __restrict__ targets, const int64_t* policies, const int64_t* digests, int64_t num_slots,
+    wire::HeaderValues header, wire::Layout L, int64_t rank, int64_t* __restrict__ out) {
+  __shared__ uint64_t records[wire::kMaxSlots];
   __shared__ wire::PackShared shared;
-  wire::pack_buffer(BlockLoop{}, votes, stages, targets, num_slots, header, L, rank, records, &shared, out);
+  wire::pack_buffer(
+      BlockLoop{}, votes, stages, targets, policies, digests, num_slots, header, L, rank, records, &shared, out);
 }
 
 __global__ void decode_kernel(
@@ -65,11 +66,13 @@ at::Tensor pack_cuda(
   if (votes.scalar_type() == at::kBool) {
     pack_kernel<uint8_t><<<1, kThreads, 0, stream>>>(
         reinterpret_cast<const uint8_t*>(votes.const_data_ptr<bool>()), stages.const_data_ptr<int64_t>(),
-        targets.const_data_ptr<int64_t>(), call.num_slots, call.header, call.layout, call.rank, out);
+        targets.const_data_ptr<int64_t>(), optional_data(call.policies), optional_data(call.digests),
+        call.num_slots, call.header, call.layout, call.rank, out);
   } else {
     pack_kernel<int64_t><<<1, kThreads, 0, stream>>>(
         votes.const_data_ptr<int64_t>(), stages.const_data_ptr<int64_t>(),
-        targets.const_data_ptr<int64_t>(), call.num_slots, call.header, call.layout, call.rank, out);
+        targets.const_data_ptr<int64_t>(), optional_data(call.policies), optional_data(call.digests),
+        call.num_slots, call.header, call.layout, call.rank, out);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return call.out;

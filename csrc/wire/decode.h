@@ -119,50 +119,74 @@ EG_HD void decode_rank(const int64_t* buf, const Layout& L, int64_t rank, int64_
 }
 
 // Fills one slot's SLOT words (and its SLOT_RANKS row when exact and
-// slot_ranks is given). Returns the status bits without kStatusDecided,
-// which needs the global verdict (see finish_slot).
-EG_HD int64_t decode_slot(
-    const int64_t* buf, const Layout& L, int64_t s, int64_t policy, int64_t* out, int64_t* slot_ranks) {
+// slot_ranks is given). Returns the status bits without kStatusDecided and
+// kStatusDiverged, which need the global verdict (see finish_slot). The
+// slot's policy is its own, read from the wire: ranks that disagree on it
+// diverge like ranks at other stages, so rank 0's is everyone's when it
+// decides anything.
+EG_HD int64_t decode_slot(const int64_t* buf, const Layout& L, int64_t s, int64_t* out, int64_t* slot_ranks) {
   const int64_t W = L.world;
   const int64_t off = kHeaderBits + s * kSlotBits;
   const uint64_t votes = counter_at(buf, L, off + kSlotVoteBit);
   const uint64_t root_vote = root_bit(buf, L, off + kSlotVoteBit);
   const FieldSummary st = summarize_field(buf, L, off + kSlotStageBit, kIdBits);
   const FieldSummary tg = summarize_field(buf, L, off + kSlotTargetBit, kIdBits);
-  bool sane = st.sane && tg.sane && votes <= static_cast<uint64_t>(W) && !(root_vote == 1 && votes == 0) &&
-              !(root_vote == 0 && votes == static_cast<uint64_t>(W));
+  const FieldSummary po = summarize_field(buf, L, off + kSlotPolicyBit, kPolicyWidth);
+  const FieldSummary dg = summarize_field(buf, L, off + kSlotDigestBit, kDigestBits);
+  bool sane = st.sane && tg.sane && po.sane && dg.sane && votes <= static_cast<uint64_t>(W) &&
+              !(root_vote == 1 && votes == 0) && !(root_vote == 0 && votes == static_cast<uint64_t>(W));
   int64_t stage_differ = st.differ_lb;
   int64_t target_differ = tg.differ_lb;
-  int64_t key_differ = st.differ_lb > tg.differ_lb ? st.differ_lb : tg.differ_lb;
+  int64_t policy_differ = po.differ_lb;
+  int64_t digest_differ = dg.differ_lb;
+  int64_t key_differ = st.differ_lb;
+  if (tg.differ_lb > key_differ) key_differ = tg.differ_lb;
+  if (po.differ_lb > key_differ) key_differ = po.differ_lb;
+  if (dg.differ_lb > key_differ) key_differ = dg.differ_lb;
   if (L.exact) {
     // Exact per-rank values; also cross-check them against the counters.
-    stage_differ = target_differ = key_differ = 0;
+    stage_differ = target_differ = policy_differ = digest_differ = key_differ = 0;
     uint64_t lane_votes = 0;
     uint64_t stage_and = kMaxId, stage_or = 0, target_and = kMaxId, target_or = 0;
+    uint64_t policy_and = field_mask(kFieldPolicy), policy_or = 0, digest_and = kDigestMask, digest_or = 0;
     for (int64_t r = 0; r < W; ++r) {
       const uint64_t v = lane_bit(buf, L, r, off + kSlotVoteBit);
       const uint64_t sr = lane_field(buf, L, r, off + kSlotStageBit, kIdBits);
       const uint64_t tr = lane_field(buf, L, r, off + kSlotTargetBit, kIdBits);
-      if (slot_ranks != nullptr) slot_ranks[r] = slot_entry(v, sr, tr);
+      const uint64_t pr = lane_field(buf, L, r, off + kSlotPolicyBit, kPolicyWidth);
+      const uint64_t dr = lane_field(buf, L, r, off + kSlotDigestBit, kDigestBits);
+      if (slot_ranks != nullptr) slot_ranks[r] = slot_entry(v, sr, tr, pr, dr);
       lane_votes += v;
       stage_and &= sr;
       stage_or |= sr;
       target_and &= tr;
       target_or |= tr;
-      if (r == 0 && (v != root_vote || sr != st.root || tr != tg.root)) sane = false;
+      policy_and &= pr;
+      policy_or |= pr;
+      digest_and &= dr;
+      digest_or |= dr;
+      if (r == 0 && (v != root_vote || sr != st.root || tr != tg.root || pr != po.root || dr != dg.root)) {
+        sane = false;
+      }
       if (sr != st.root) ++stage_differ;
       if (tr != tg.root) ++target_differ;
-      if (sr != st.root || tr != tg.root) ++key_differ;
+      if (pr != po.root) ++policy_differ;
+      if (dr != dg.root) ++digest_differ;
+      if (sr != st.root || tr != tg.root || pr != po.root || dr != dg.root) ++key_differ;
     }
     if (lane_votes != votes || stage_and != st.all_and || stage_or != st.any_or ||
-        target_and != tg.all_and || target_or != tg.any_or) {
+        target_and != tg.all_and || target_or != tg.any_or || policy_and != po.all_and ||
+        policy_or != po.any_or || digest_and != dg.all_and || digest_or != dg.any_or) {
       sane = false;
     }
   }
-  const bool passed = policy_passes(policy, votes, root_vote, static_cast<uint64_t>(W));
+  const bool passed = policy_passes(static_cast<int64_t>(po.root), votes, root_vote, static_cast<uint64_t>(W));
   int64_t status = 0;
   if (!st.equal) status |= kStatusStageDiffers;
   if (!tg.equal) status |= kStatusTargetDiffers;
+  if (!po.equal) status |= kStatusPolicyDiffers;
+  if (!dg.equal) status |= kStatusDigestDiffers;
+  if (tg.equal && tg.root == static_cast<uint64_t>(kNoGate)) status |= kStatusNoGate;
   if (passed) status |= kStatusPolicyPassed;
   if (!sane) status |= kStatusCorrupt;
   out[kSStatus] = status;
@@ -177,17 +201,28 @@ EG_HD int64_t decode_slot(
   out[kSStageDiffer] = stage_differ;
   out[kSTargetDiffer] = target_differ;
   out[kSKeyDiffer] = key_differ;
+  out[kSRootPolicy] = static_cast<int64_t>(po.root);
+  out[kSPolicyAnd] = static_cast<int64_t>(po.all_and);
+  out[kSPolicyOr] = static_cast<int64_t>(po.any_or);
+  out[kSPolicyDiffer] = policy_differ;
+  out[kSRootDigest] = static_cast<int64_t>(dg.root);
+  out[kSDigestAnd] = static_cast<int64_t>(dg.all_and);
+  out[kSDigestOr] = static_cast<int64_t>(dg.any_or);
+  out[kSDigestDiffer] = digest_differ;
   return status;
 }
 
 // The verdict for one slot once the global state is known. A slot is decided
 // only when the whole call is consistent and trustworthy, every rank holds the
-// same (stage, target) and the policy passes on the votes.
+// same stage, target, policy and digest, some rank had a gate there, and the
+// policy passes on the votes.
 EG_HD int64_t finish_slot(int64_t status, bool header_ok, bool any_corrupt) {
-  const bool same_key = (status & (kStatusStageDiffers | kStatusTargetDiffers)) == 0;
+  const bool same_state = (status & kStatusStateDiffers) == 0;
   const bool trusted = header_ok && !any_corrupt;
-  if (!(trusted && same_key)) status |= kStatusDiverged;
-  if (trusted && same_key && (status & kStatusPolicyPassed)) status |= kStatusDecided;
+  if (!(trusted && same_state)) status |= kStatusDiverged;
+  if (trusted && same_state && (status & kStatusPolicyPassed) && !(status & kStatusNoGate)) {
+    status |= kStatusDecided;
+  }
   return status;
 }
 
@@ -219,7 +254,7 @@ EG_HD void decode_buffer(
   int64_t* slot_ranks = L.exact ? rep + slot_ranks_offset(num_slots, world) : nullptr;
   loop.for_each(num_slots, [&](int64_t s) {
     const int64_t status = decode_slot(
-        buf, L, s, policy, rep + slots_offset() + kSlotWords * s,
+        buf, L, s, rep + slots_offset() + kSlotWords * s,
         slot_ranks ? slot_ranks + s * world : nullptr);
     if (status & kStatusCorrupt) loop.add_into(&sh->any_corrupt, 1);
   });

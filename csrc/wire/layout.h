@@ -1,4 +1,4 @@
-// Where each bit lives: the record (header fields, then 13 bits per slot) and
+// Where each bit lives: the record (header fields, then 47 bits per slot) and
 // the packed buffer built from it (fixed words, COUNTS, ROOT, LANES, REASONS).
 //
 // Every rank writes a *record* into a buffer of int64 words, and the buffer is
@@ -95,11 +95,17 @@ EG_HD uint64_t field_mask(int f) {
   return (uint64_t{1} << field_width(f)) - 1;
 }
 
-// Per slot: bit 0 vote, bits 1..6 stage, bits 7..12 target.
+// Per slot: bit 0 vote, bits 1..6 stage, bits 7..12 target, bits 13..14 the
+// slot's policy, bits 15..46 its state digest. Stage, target, policy and
+// digest must be equal on every rank for the slot to be decided.
 constexpr int64_t kSlotVoteBit = 0;
 constexpr int64_t kSlotStageBit = 1;
 constexpr int64_t kSlotTargetBit = kSlotStageBit + kIdBits;
-constexpr int64_t kSlotBits = kSlotTargetBit + kIdBits;
+constexpr int64_t kSlotPolicyBit = kSlotTargetBit + kIdBits;
+constexpr int64_t kSlotDigestBit = kSlotPolicyBit + kPolicyWidth;
+constexpr int64_t kSlotBits = kSlotDigestBit + kDigestBits;
+// encode_slot returns a slot's bits as one uint64_t.
+static_assert(kSlotBits <= 64, "a slot record must fit 64 bits");
 
 // Fixed words at the start of the buffer.
 constexpr int64_t kWordPresence = 0;     // each rank adds 1

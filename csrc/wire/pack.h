@@ -76,8 +76,9 @@ EG_HD int64_t vote_value(const int64_t* int_votes, int64_t s) { return int_votes
 
 // One slot's kSlotBits record bits. Out-of-range values are masked to their
 // field width (so they can never spill into a neighbour) and reported in
-// *reason.
-EG_HD uint32_t encode_slot(int64_t vote, int64_t stage, int64_t target, int64_t* reason) {
+// *reason, checked in the order vote, stage, target, policy, digest.
+EG_HD uint64_t encode_slot(
+    int64_t vote, int64_t stage, int64_t target, int64_t policy, int64_t digest, int64_t* reason) {
   *reason = kReasonNone;
   if (vote != 0 && vote != 1) {
     *reason = kReasonVote;
@@ -85,16 +86,23 @@ EG_HD uint32_t encode_slot(int64_t vote, int64_t stage, int64_t target, int64_t*
     *reason = kReasonStage;
   } else if (target < 0 || target > kMaxId) {
     *reason = kReasonTarget;
+  } else if (policy < 0 || policy >= kNumPolicies) {
+    *reason = kReasonPolicy;
+  } else if (digest < 0 || digest > static_cast<int64_t>(kDigestMask)) {
+    *reason = kReasonDigest;
   }
   const uint64_t v = static_cast<uint64_t>(vote) & 1u;
   const uint64_t s = static_cast<uint64_t>(stage) & kMaxId;
   const uint64_t t = static_cast<uint64_t>(target) & kMaxId;
-  return static_cast<uint32_t>((v << kSlotVoteBit) | (s << kSlotStageBit) | (t << kSlotTargetBit));
+  const uint64_t p = static_cast<uint64_t>(policy) & field_mask(kFieldPolicy);
+  const uint64_t d = static_cast<uint64_t>(digest) & kDigestMask;
+  return (v << kSlotVoteBit) | (s << kSlotStageBit) | (t << kSlotTargetBit) | (p << kSlotPolicyBit) |
+         (d << kSlotDigestBit);
 }
 
 // Bit i of a rank's record. Slots at or past num_slots (capacity padding)
 // are all zeros.
-EG_HD uint64_t record_bit(const HeaderBits& h, const uint32_t* slot_records, int64_t num_slots, int64_t i) {
+EG_HD uint64_t record_bit(const HeaderBits& h, const uint64_t* slot_records, int64_t num_slots, int64_t i) {
   if (i < 64) return (h.lo >> i) & 1u;
   if (i < kHeaderBits) return (h.hi >> (i - 64)) & 1u;
   const int64_t j = i - kHeaderBits;
@@ -106,7 +114,7 @@ EG_HD uint64_t record_bit(const HeaderBits& h, const uint32_t* slot_records, int
 // Word w of this rank's contribution. Each output word is a pure function of
 // the inputs, so the words can be spread over threads with no atomics.
 EG_HD int64_t pack_word(
-    const Layout& L, const HeaderBits& h, const uint32_t* slot_records, int64_t num_slots,
+    const Layout& L, const HeaderBits& h, const uint64_t* slot_records, int64_t num_slots,
     int64_t rank, bool poisoned, int64_t w) {
   if (w == kWordPresence) return 1;
   if (w == kWordRankSum) return rank + 1;
@@ -175,18 +183,23 @@ struct PackShared {
 };
 
 // The whole pack of one rank: encode the slots (finding the first bad one),
-// settle the header, then write every buffer word. records has room for
-// num_slots entries; out for L.total_words. Loop is a policy from loops.h.
+// settle the header, then write every buffer word. policies and digests may
+// be null: every slot then has the header's policy, and digest 0. records
+// has room for num_slots entries; out for L.total_words. Loop is a policy
+// from loops.h.
 template <typename Loop, typename VoteT>
 EG_HD void pack_buffer(
     const Loop& loop, const VoteT* votes, const int64_t* stages, const int64_t* targets,
-    int64_t num_slots, HeaderValues header, const Layout& L, int64_t rank, uint32_t* records,
-    PackShared* sh, int64_t* out) {
+    const int64_t* policies, const int64_t* digests, int64_t num_slots, HeaderValues header,
+    const Layout& L, int64_t rank, uint64_t* records, PackShared* sh, int64_t* out) {
   if (loop.leader()) sh->first_bad = kNoBadSlot;
   loop.sync();
+  const int64_t default_policy = static_cast<int64_t>(header.policy);
   loop.for_each(num_slots, [&](int64_t s) {
     int64_t reason = kReasonNone;
-    records[s] = encode_slot(vote_value(votes, s), stages[s], targets[s], &reason);
+    records[s] = encode_slot(vote_value(votes, s), stages[s], targets[s],
+                             policies != nullptr ? policies[s] : default_policy,
+                             digests != nullptr ? digests[s] : 0, &reason);
     if (reason != kReasonNone) loop.min_into(&sh->first_bad, static_cast<int>(s * kBadSlotStride + reason));
   });
   loop.sync();

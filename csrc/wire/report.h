@@ -9,13 +9,14 @@
 #include <cstdint>
 
 #include "hd.h"
+#include "layout.h"
 #include "limits.h"
 
 namespace esper_gate {
 namespace wire {
 
 constexpr int64_t kGlobalWords = 48;
-constexpr int64_t kSlotWords = 12;
+constexpr int64_t kSlotWords = 20;
 constexpr int64_t kRankWords = 8;
 // REASON_COUNTS: word code - 1 holds how many ranks were poisoned for reason
 // code 1..kReasonMax, at every world size.
@@ -66,7 +67,15 @@ constexpr int64_t kSTargetAnd = 7;
 constexpr int64_t kSTargetOr = 8;
 constexpr int64_t kSStageDiffer = 9;   // exact when exact, else a lower bound
 constexpr int64_t kSTargetDiffer = 10;
-constexpr int64_t kSKeyDiffer = 11;    // (stage, target) differs from rank 0's
+constexpr int64_t kSKeyDiffer = 11;    // (stage, target, policy, digest) differs from rank 0's
+constexpr int64_t kSRootPolicy = 12;   // the slot's policy code on rank 0
+constexpr int64_t kSPolicyAnd = 13;
+constexpr int64_t kSPolicyOr = 14;
+constexpr int64_t kSPolicyDiffer = 15;
+constexpr int64_t kSRootDigest = 16;   // the slot's state digest on rank 0
+constexpr int64_t kSDigestAnd = 17;
+constexpr int64_t kSDigestOr = 18;
+constexpr int64_t kSDigestDiffer = 19;
 
 // SLOT status bits.
 constexpr int64_t kStatusDecided = 1 << 0;
@@ -75,17 +84,29 @@ constexpr int64_t kStatusStageDiffers = 1 << 2;
 constexpr int64_t kStatusTargetDiffers = 1 << 3;
 constexpr int64_t kStatusPolicyPassed = 1 << 4;
 constexpr int64_t kStatusCorrupt = 1 << 5;
+constexpr int64_t kStatusPolicyDiffers = 1 << 6;
+constexpr int64_t kStatusDigestDiffers = 1 << 7;
+// Every rank sent kNoGate as the target: nothing to decide (never DECIDED).
+constexpr int64_t kStatusNoGate = 1 << 8;
+// Any of these on a slot makes it diverged.
+constexpr int64_t kStatusStateDiffers =
+    kStatusStageDiffers | kStatusTargetDiffers | kStatusPolicyDiffers | kStatusDigestDiffers;
 
-// SLOT_RANKS entry, one word per (slot, rank):
-// vote << kSlotEntryVoteShift | stage << kSlotEntryStageShift | target.
+// SLOT_RANKS entry, one word per (slot, rank), kSlotBits bits: target in the
+// low kIdBits, then stage, vote, policy and digest at their shifts.
 constexpr int64_t kSlotEntryIdMask = kMaxId;
 constexpr int64_t kSlotEntryStageShift = kIdBits;
 constexpr int64_t kSlotEntryVoteShift = 2 * kIdBits;
+constexpr int64_t kSlotEntryPolicyShift = kSlotEntryVoteShift + 1;
+constexpr int64_t kSlotEntryDigestShift = kSlotEntryPolicyShift + kPolicyWidth;
+static_assert(kSlotEntryDigestShift + kDigestBits <= 63, "a slot entry must stay a non-negative int64");
 
-EG_HD int64_t slot_entry(uint64_t vote, uint64_t stage, uint64_t target) {
+EG_HD int64_t slot_entry(uint64_t vote, uint64_t stage, uint64_t target, uint64_t policy, uint64_t digest) {
   return static_cast<int64_t>(((vote & 1u) << kSlotEntryVoteShift) |
                               ((stage & kSlotEntryIdMask) << kSlotEntryStageShift) |
-                              (target & kSlotEntryIdMask));
+                              (target & kSlotEntryIdMask) |
+                              ((policy & field_mask(kFieldPolicy)) << kSlotEntryPolicyShift) |
+                              ((digest & kDigestMask) << kSlotEntryDigestShift));
 }
 
 // REASON_COUNTS comes last, after the sections only exact reports have.

@@ -12,6 +12,7 @@
 // It models sums of honest buffers; corrupt sums have their own tests.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -28,8 +29,15 @@ constexpr int kWidth[kFields] = {32, 32, 2, 11, 17, 1, 5};
 constexpr int kWorldField = 4;
 constexpr int kHeaderBits = 100;
 constexpr int kReasonCodes = 31;  // codes 1..31 of the 5-bit reason field
-constexpr int kSlotBits = 13;  // vote, then 6 bits of stage, then 6 of target
-// A per-rank slot entry of the exact report: vote, stage, target from the top.
+// vote, then 6 bits of stage, 6 of target, 2 of the slot's policy and 32 of
+// its state digest
+constexpr int kSlotBits = 47;
+constexpr int kDigestBits = 32;
+constexpr int64_t kNoGate = 63;  // the target id of a slot with no gate this call
+// A per-rank slot entry of the exact report: digest, policy, vote, stage,
+// target from the top.
+constexpr int kEntryDigestShift = 15;
+constexpr int kEntryPolicyShift = 13;
 constexpr int kEntryVoteShift = 12;
 constexpr int kEntryStageShift = 6;
 
@@ -46,7 +54,7 @@ inline int64_t bits_for(int64_t v) {
 }
 
 struct Slot {
-  int64_t vote, stage, target;
+  int64_t vote, stage, target, policy, digest;
 };
 
 // One rank's record as values: the header it sends and its slots, padded with
@@ -57,11 +65,13 @@ struct Record {
 };
 
 // The reason a slot's values are bad, in the order the kernel looks: vote,
-// stage, target.
-inline int64_t slot_reason(int64_t vote, int64_t stage, int64_t target) {
+// stage, target, policy, digest.
+inline int64_t slot_reason(int64_t vote, int64_t stage, int64_t target, int64_t policy, int64_t digest) {
   if (vote != 0 && vote != 1) return 1;
   if (stage < 0 || stage > 63) return 2;
   if (target < 0 || target > 63) return 3;
+  if (policy < 0 || policy > 3) return 5;
+  if (digest < 0 || digest > 0xFFFFFFFFll) return 6;
   return 0;
 }
 
@@ -70,7 +80,8 @@ inline Record record(const RankInput& in, int64_t cap) {
   uint64_t reason = in.header.reason, poison = in.header.poison;
   if (reason == 0) {
     for (int64_t s = 0; s < n && reason == 0; ++s) {
-      reason = static_cast<uint64_t>(slot_reason(in.votes[s], in.stages[s], in.targets[s]));
+      reason = static_cast<uint64_t>(
+          slot_reason(in.votes[s], in.stages[s], in.targets[s], in.policy(s), in.digest(s)));
     }
     if (reason != 0) poison = 1;
   }
@@ -80,14 +91,15 @@ inline Record record(const RankInput& in, int64_t cap) {
   for (int f = 0; f < kFields; ++f) r.header[f] = raw[f] & ((uint64_t{1} << kWidth[f]) - 1);
   for (int64_t s = 0; s < cap; ++s) {
     // Two's complement low bits: -1 as a stage reads as 63, as a vote as 1.
-    r.slots.push_back(s < n ? Slot{in.votes[s] & 1, in.stages[s] & 63, in.targets[s] & 63}
-                            : Slot{0, 0, 0});
+    r.slots.push_back(s < n ? Slot{in.votes[s] & 1, in.stages[s] & 63, in.targets[s] & 63, in.policy(s) & 3,
+                                   in.digest(s) & 0xFFFFFFFFll}
+                            : Slot{0, 0, 0, 0, 0});
   }
   return r;
 }
 
 // The record as a bit string: the header fields one after the other, least
-// significant bit first, then 13 bits per slot.
+// significant bit first, then 47 bits per slot.
 inline std::vector<int> record_bits(const Record& r) {
   std::vector<int> bits;
   for (int f = 0; f < kFields; ++f) {
@@ -97,6 +109,8 @@ inline std::vector<int> record_bits(const Record& r) {
     bits.push_back(static_cast<int>(s.vote));
     for (int b = 0; b < 6; ++b) bits.push_back(static_cast<int>((s.stage >> b) & 1));
     for (int b = 0; b < 6; ++b) bits.push_back(static_cast<int>((s.target >> b) & 1));
+    for (int b = 0; b < 2; ++b) bits.push_back(static_cast<int>((s.policy >> b) & 1));
+    for (int b = 0; b < kDigestBits; ++b) bits.push_back(static_cast<int>((s.digest >> b) & 1));
   }
   return bits;
 }
@@ -174,7 +188,7 @@ inline Expected decode(const std::vector<RankInput>& inputs, int64_t num_slots, 
   std::vector<Record> recs;
   for (const RankInput& in : inputs) recs.push_back(record(in, cap));
 
-  const int64_t slot_words = 12, rank_words = 8;
+  const int64_t slot_words = 20, rank_words = 8;
   Expected e;
   const int64_t reason_counts = 48 + slot_words * num_slots + (exact ? rank_words * W + num_slots * W : 0);
   e.report.assign(static_cast<size_t>(reason_counts + kReasonCodes), 0);
@@ -217,47 +231,64 @@ inline Expected decode(const std::vector<RankInput>& inputs, int64_t num_slots, 
 
   int64_t decided = 0, diverged = 0;
   for (int64_t s = 0; s < num_slots; ++s) {
-    std::vector<int64_t> votes, stages, targets;
+    std::vector<int64_t> votes, stages, targets, policies, digests;
     for (const Record& r : recs) {
       votes.push_back(r.slots[s].vote);
       stages.push_back(r.slots[s].stage);
       targets.push_back(r.slots[s].target);
+      policies.push_back(r.slots[s].policy);
+      digests.push_back(r.slots[s].digest);
     }
     int64_t yes = 0;
     for (int64_t v : votes) yes += v;
-    const Summary st = summarize(stages, 6), tg = summarize(targets, 6);
-    int64_t stage_differ = st.differ_lb, target_differ = tg.differ_lb;
-    int64_t key_differ = st.differ_lb > tg.differ_lb ? st.differ_lb : tg.differ_lb;
+    const Summary st = summarize(stages, 6), tg = summarize(targets, 6), po = summarize(policies, 2),
+                  dg = summarize(digests, kDigestBits);
+    int64_t stage_differ = st.differ_lb, target_differ = tg.differ_lb, policy_differ = po.differ_lb,
+            digest_differ = dg.differ_lb;
+    int64_t key_differ = std::max(std::max(st.differ_lb, tg.differ_lb), std::max(po.differ_lb, dg.differ_lb));
     if (exact) {
-      stage_differ = target_differ = key_differ = 0;
+      stage_differ = target_differ = policy_differ = digest_differ = key_differ = 0;
       for (int64_t r = 0; r < W; ++r) {
         stage_differ += stages[r] != stages[0];
         target_differ += targets[r] != targets[0];
-        key_differ += stages[r] != stages[0] || targets[r] != targets[0];
+        policy_differ += policies[r] != policies[0];
+        digest_differ += digests[r] != digests[0];
+        key_differ += stages[r] != stages[0] || targets[r] != targets[0] || policies[r] != policies[0] ||
+                      digests[r] != digests[0];
       }
     }
-    const bool passed = policy == wire::kUnanimous ? yes == W
-                        : policy == wire::kRank0   ? votes[0] == 1
-                        : policy == wire::kMajority ? 2 * yes > W
-                                                    : yes >= 1;
-    const bool same_key = st.equal && tg.equal;
-    const bool decide = header_ok && same_key && passed;
+    // The slot's own policy decides (rank 0's; a slot whose ranks differ on it
+    // diverges whatever the votes say).
+    const int64_t slot_policy = policies[0];
+    const bool passed = slot_policy == wire::kUnanimous ? yes == W
+                        : slot_policy == wire::kRank0   ? votes[0] == 1
+                        : slot_policy == wire::kMajority ? 2 * yes > W
+                                                         : yes >= 1;
+    const bool same_state = st.equal && tg.equal && po.equal && dg.equal;
+    const bool no_gate = tg.equal && targets[0] == kNoGate;
+    const bool decide = header_ok && same_state && passed && !no_gate;
     int64_t status = 0;
     if (!st.equal) status |= wire::kStatusStageDiffers;
     if (!tg.equal) status |= wire::kStatusTargetDiffers;
+    if (!po.equal) status |= wire::kStatusPolicyDiffers;
+    if (!dg.equal) status |= wire::kStatusDigestDiffers;
+    if (no_gate) status |= wire::kStatusNoGate;
     if (passed) status |= wire::kStatusPolicyPassed;
-    if (!(header_ok && same_key)) status |= wire::kStatusDiverged;
+    if (!(header_ok && same_state)) status |= wire::kStatusDiverged;
     if (decide) status |= wire::kStatusDecided;
     decided += decide;
-    diverged += !(header_ok && same_key);
+    diverged += !(header_ok && same_state);
     e.decision.push_back(decide);
     int64_t* w = g + 48 + slot_words * s;
-    const int64_t words[12] = {status,     yes,       votes[0],  stages[0],     targets[0],    st.all_and,
-                               st.any_or,  tg.all_and, tg.any_or, stage_differ, target_differ, key_differ};
-    for (int k = 0; k < 12; ++k) w[k] = words[k];
+    const int64_t words[20] = {status,       yes,           votes[0],      stages[0],  targets[0],
+                               st.all_and,   st.any_or,     tg.all_and,    tg.any_or,  stage_differ,
+                               target_differ, key_differ,   policies[0],   po.all_and, po.any_or,
+                               policy_differ, digests[0],   dg.all_and,    dg.any_or,  digest_differ};
+    for (int k = 0; k < 20; ++k) w[k] = words[k];
     if (exact) {
       for (int64_t r = 0; r < W; ++r) {
         g[48 + slot_words * num_slots + rank_words * W + s * W + r] =
+            (digests[r] << kEntryDigestShift) | (policies[r] << kEntryPolicyShift) |
             (votes[r] << kEntryVoteShift) | (stages[r] << kEntryStageShift) | targets[r];
       }
     }

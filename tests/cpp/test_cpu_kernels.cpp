@@ -7,6 +7,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -40,6 +41,9 @@ struct Scenario {
   int bad_rank;   // -1: none; else this rank votes 2 in slot 0
   int bad_rank2;  // -1: none; else this rank sends target 64 in the last slot
   int late_rank;  // -1: none; else this rank is one call ahead (seq + 1)
+  // Per-slot policies and digests sent as tensors; one rank in three holds
+  // another digest in the last slot, and slot 0 has no gate on every rank.
+  bool slot_state = false;
 };
 
 const Scenario kScenarios[] = {
@@ -55,6 +59,9 @@ const Scenario kScenarios[] = {
     {"poisoned ranks 0 and 1 of 65", 4, 65, wire::kAny, 0, 1, -1},
     {"rank 3 of 6 a call ahead", 3, 6, wire::kRank0, -1, -1, 3},
     {"rank 90 of 128 a call ahead", 3, 128, wire::kUnanimous, -1, -1, 90},
+    {"slot policies and digests, 5 ranks", 4, 5, wire::kUnanimous, -1, -1, -1, true},
+    {"slot policies and digests, 70 ranks", 3, 70, wire::kAny, -1, -1, -1, true},
+    {"a bad policy code, 6 ranks", 3, 6, wire::kAny, -1, -1, -1, true},
 };
 
 }  // namespace
@@ -73,6 +80,15 @@ TEST_CASE(cpu_kernels_match_the_oracle) {
       if (r == sc.bad_rank) in.votes[0] = 2;
       if (r == sc.bad_rank2) in.targets[sc.num_slots - 1] = 64;
       if (r == sc.late_rank) in.header.seq += 1;
+      if (sc.slot_state) {
+        in.targets[0] = wire::kNoGate;
+        for (int64_t s = 0; s < sc.num_slots; ++s) {
+          in.policies.push_back((s + 1) % wire::kNumPolicies);
+          in.digests.push_back(0x9E3779B1ll * (s + 1) & 0xFFFFFFFFll);
+        }
+        if (r % 3 == 2) in.digests[sc.num_slots - 1] ^= 0x10000ll;
+        if (sc.name[0] == 'a' && r == 4) in.policies[1] = 7;  // poisons rank 4
+      }
       inputs.push_back(in);
     }
     at::Tensor sum = at::zeros({0}, at::kLong);
@@ -83,8 +99,13 @@ TEST_CASE(cpu_kernels_match_the_oracle) {
       const auto header = esper_gate::make_header(
           static_cast<int64_t>(in.header.seq), static_cast<int64_t>(in.header.site), sc.policy,
           sc.num_slots, sc.world, 0);
+      std::optional<at::Tensor> policies, digests;
+      if (sc.slot_state) {
+        policies = long_tensor(in.policies);
+        digests = long_tensor(in.digests);
+      }
       const at::Tensor packed = esper_gate::pack_cpu(
-          esper_gate::pack_call(header, sc.num_slots, r, sc.world, votes.options()), votes,
+          esper_gate::pack_call(header, sc.num_slots, r, sc.world, votes.options(), policies, digests), votes,
           long_tensor(in.stages), long_tensor(in.targets));
       CONTEXT("rank " << r);
       EXPECT_EQ(packed.scalar_type(), at::kLong);
@@ -106,10 +127,16 @@ TEST_CASE(cpu_kernels_match_the_oracle) {
     const std::vector<int64_t> got = to_vector(decision);
     expect_report_matches(got_report, std::vector<uint8_t>(got.begin(), got.end()), want);
     // The scenarios themselves, so a wrong oracle cannot hide behind agreement.
-    const int64_t poisoned = (sc.bad_rank >= 0) + (sc.bad_rank2 >= 0);
+    const int64_t bad_policy = sc.slot_state && sc.name[0] == 'a' ? 1 : 0;
+    const int64_t poisoned = (sc.bad_rank >= 0) + (sc.bad_rank2 >= 0) + bad_policy;
     EXPECT_EQ((want.report[wire::kGFlags] & wire::kFlagPoisoned) != 0, poisoned > 0);
     EXPECT_EQ(want.report[wire::kGPoisonCount], poisoned);
-    EXPECT_EQ(want.report[wire::kGPoisonedRank], poisoned == 1 ? sc.bad_rank : -1);
+    EXPECT_EQ(want.report[wire::kGPoisonedRank], poisoned == 1 ? (bad_policy ? 4 : sc.bad_rank) : -1);
+    if (sc.slot_state && !bad_policy) {
+      EXPECT_EQ(want.report[wire::slots_offset() + wire::kSStatus] & wire::kStatusNoGate, wire::kStatusNoGate);
+      EXPECT(want.report[wire::slots_offset() + wire::kSlotWords * (sc.num_slots - 1) + wire::kSStatus] &
+             wire::kStatusDigestDiffers);
+    }
     EXPECT_EQ((want.report[wire::kGFlags] & wire::kFlagSeqMismatch) != 0, sc.late_rank >= 0);
     EXPECT_EQ((want.report[wire::kGFlags] & wire::kFlagHeaderOk) != 0, poisoned == 0 && sc.late_rank < 0);
   }
@@ -119,7 +146,8 @@ TEST_CASE(registered_ops_match_the_oracle) {
   auto pack = c10::Dispatcher::singleton()
                   .findSchemaOrThrow("esper_gate::pack", "")
                   .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    int64_t, int64_t, c10::string_view, int64_t, int64_t, int64_t)>();
+                                    int64_t, int64_t, c10::string_view, int64_t, int64_t, int64_t,
+                                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
   auto decode = c10::Dispatcher::singleton()
                     .findSchemaOrThrow("esper_gate::decode", "")
                     .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, int64_t,
@@ -130,17 +158,20 @@ TEST_CASE(registered_ops_match_the_oracle) {
   for (int64_t r = 0; r < world; ++r) {
     RankInput in = agreeing_input(n, world, wire::kMajority);
     in.votes = {r != 2, r == 0};
+    // Slot 1 under rank0 (rank 0 alone votes yes, and decides it); the header's majority elsewhere.
+    in.policies = {wire::kMajority, wire::kRank0};
+    in.digests = {12345, 0xFFFFFFFFll};
     inputs.push_back(in);
     const at::Tensor b = pack.call(bool_tensor(in.votes), long_tensor(in.stages), long_tensor(in.targets),
                                    static_cast<int64_t>(in.header.seq), static_cast<int64_t>(in.header.site),
-                                   "majority", r, world, 0);
+                                   "majority", r, world, 0, long_tensor(in.policies), long_tensor(in.digests));
     EXPECT(to_vector(b) == oracle::buffer(in, r, world));
     sum = r == 0 ? b : sum + b;
   }
   at::Tensor decision, report;
   std::tie(decision, report) = decode.call(sum, n, world, "majority");
   EXPECT(to_vector(report) == oracle::decode(inputs, n, wire::kMajority).report);
-  EXPECT(to_vector(decision) == (std::vector<int64_t>{1, 0}));
+  EXPECT(to_vector(decision) == (std::vector<int64_t>{1, 1}));
 }
 
 TEST_CASE(make_header_names_a_bad_site_unless_the_caller_did) {

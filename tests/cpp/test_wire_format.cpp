@@ -73,7 +73,11 @@ TEST_CASE(header_fields_tile_the_header) {
   EXPECT_EQ(wire::kMaxId, (int64_t{1} << wire::kIdBits) - 1);
   EXPECT_EQ(wire::kSlotStageBit, wire::kSlotVoteBit + 1);
   EXPECT_EQ(wire::kSlotTargetBit, wire::kSlotStageBit + wire::kIdBits);
-  EXPECT_EQ(wire::kSlotBits, wire::kSlotTargetBit + wire::kIdBits);
+  EXPECT_EQ(wire::kSlotPolicyBit, wire::kSlotTargetBit + wire::kIdBits);
+  EXPECT_EQ(wire::kSlotDigestBit, wire::kSlotPolicyBit + wire::field_width(wire::kFieldPolicy));
+  EXPECT_EQ(wire::kSlotBits, wire::kSlotDigestBit + wire::kDigestBits);
+  EXPECT_EQ(wire::kSlotBits, 47);
+  EXPECT_EQ(wire::kNoGate, wire::kMaxId);
 }
 
 TEST_CASE(capacity_for_rounds_up_to_a_power_of_two) {
@@ -118,9 +122,9 @@ TEST_CASE(layout_sections_follow_each_other) {
   // Worked by hand: {capacity, world, counts words, root words, lanes words,
   // reasons words (31 counters, as many per word as COUNTS has), total}.
   const int64_t known[][7] = {
-      {1, 1, 2, 2, 2, 1, 10},          {4, 4, 8, 3, 10, 2, 26},        {1, 65, 13, 2, 0, 4, 22},
-      {8, 3, 7, 4, 10, 1, 25},         {2, 100, 14, 2, 0, 4, 23},      {1024, 64, 1491, 213, 13625, 4, 15336},
-      {1024, 1024, 2683, 213, 0, 7, 2906}, {1, 65536, 38, 2, 0, 11, 54}, {1024, 65536, 4471, 213, 0, 11, 4698}};
+      {1, 1, 3, 3, 3, 1, 13},          {4, 4, 14, 5, 19, 2, 43},       {1, 65, 17, 3, 0, 4, 27},
+      {8, 3, 16, 8, 23, 1, 51},        {2, 100, 22, 4, 0, 4, 33},      {1024, 64, 5359, 766, 48994, 4, 55126},
+      {1024, 1024, 9646, 766, 0, 7, 10422}, {1, 65536, 49, 3, 0, 11, 66}, {1024, 65536, 16076, 766, 0, 11, 16856}};
   for (const auto& k : known) {
     CONTEXT("capacity " << k[0] << ", world " << k[1]);
     const wire::Layout L = wire::make_layout(k[0], k[1]);
@@ -156,11 +160,11 @@ TEST_CASE(report_layout) {
     for (int64_t w : kWorlds) {
       CONTEXT("slots " << s << ", world " << w);
       const int64_t exact_part = w <= 64 ? wire::kRankWords * w + s * w : 0;
-      EXPECT_EQ(wire::report_words(s, w), 48 + 12 * s + exact_part + 31);
-      EXPECT_EQ(wire::reason_counts_offset(s, w), 48 + 12 * s + exact_part);
+      EXPECT_EQ(wire::report_words(s, w), 48 + 20 * s + exact_part + 31);
+      EXPECT_EQ(wire::reason_counts_offset(s, w), 48 + 20 * s + exact_part);
       EXPECT_EQ(wire::slots_offset(), 48);
-      EXPECT_EQ(wire::ranks_offset(s), 48 + 12 * s);
-      EXPECT_EQ(wire::slot_ranks_offset(s, w), 48 + 12 * s + 8 * w);
+      EXPECT_EQ(wire::ranks_offset(s), 48 + 20 * s);
+      EXPECT_EQ(wire::slot_ranks_offset(s, w), 48 + 20 * s + 8 * w);
     }
   }
   // The per-field block of GLOBAL fits.
@@ -217,56 +221,73 @@ TEST_CASE(encode_header_masks_each_field_to_its_width) {
   EXPECT_EQ(read(wire::kFieldReason), uint64_t{3});
 }
 
+// A slot's bits written out from docs/wire-format.md: vote, stage, target,
+// policy, digest from bit 0 up.
+uint64_t slot_bits(uint64_t v, uint64_t s, uint64_t t, uint64_t p = 0, uint64_t d = 0) {
+  return v | (s << 1) | (t << 7) | (p << 13) | (d << 15);
+}
+
 TEST_CASE(encode_slot_packs_valid_values) {
   for (int64_t v = 0; v <= 1; ++v) {
     for (int64_t s = 0; s <= wire::kMaxId; ++s) {
       for (int64_t t = 0; t <= wire::kMaxId; ++t) {
+        const int64_t p = (s + t) % wire::kNumPolicies;
+        const int64_t d = (s * 0x01000193 + t * 0x9E3779B1 + v) & 0xFFFFFFFFll;
         int64_t reason = 99;  // overwritten
-        const uint32_t r = wire::encode_slot(v, s, t, &reason);
-        if (!EXPECT_EQ(reason, int64_t{wire::kReasonNone}) ||
-            !EXPECT_EQ(r, static_cast<uint32_t>(v | (s << 1) | (t << 7)))) {
+        const uint64_t r = wire::encode_slot(v, s, t, p, d, &reason);
+        if (!EXPECT_EQ(reason, int64_t{wire::kReasonNone}) || !EXPECT_EQ(r, slot_bits(v, s, t, p, d))) {
           return;
         }
       }
     }
   }
+  int64_t reason = 99;
+  EXPECT_EQ(wire::encode_slot(1, 63, 63, 3, 0xFFFFFFFFll, &reason), (uint64_t{1} << 47) - 1);
+  EXPECT_EQ(reason, int64_t{wire::kReasonNone});
 }
 
 TEST_CASE(encode_slot_masks_and_names_bad_values) {
   struct Case {
-    int64_t vote, stage, target, reason;
-    uint32_t bits;
+    int64_t vote, stage, target, policy, digest, reason;
+    uint64_t bits;
   };
-  auto bits = [](uint32_t v, uint32_t s, uint32_t t) { return v | (s << 1) | (t << 7); };
   const Case cases[] = {
-      {2, 5, 6, wire::kReasonVote, bits(0, 5, 6)},
-      {-1, 5, 6, wire::kReasonVote, bits(1, 5, 6)},
-      {3, 64, 99, wire::kReasonVote, bits(1, 0, 35)},  // the vote is named first
-      {1, 64, 6, wire::kReasonStage, bits(1, 0, 6)},
-      {1, -1, 6, wire::kReasonStage, bits(1, 63, 6)},
-      {0, 65, 200, wire::kReasonStage, bits(0, 1, 8)},  // stage before target
-      {0, 5, 64, wire::kReasonTarget, bits(0, 5, 0)},
-      {0, 5, -2, wire::kReasonTarget, bits(0, 5, 62)},
-      {1, INT64_MIN, INT64_MAX, wire::kReasonStage, bits(1, 0, 63)},
-      {INT64_MAX, 0, 0, wire::kReasonVote, bits(1, 0, 0)},
+      {2, 5, 6, 0, 0, wire::kReasonVote, slot_bits(0, 5, 6)},
+      {-1, 5, 6, 0, 0, wire::kReasonVote, slot_bits(1, 5, 6)},
+      {3, 64, 99, 0, 0, wire::kReasonVote, slot_bits(1, 0, 35)},  // the vote is named first
+      {1, 64, 6, 0, 0, wire::kReasonStage, slot_bits(1, 0, 6)},
+      {1, -1, 6, 0, 0, wire::kReasonStage, slot_bits(1, 63, 6)},
+      {0, 65, 200, 0, 0, wire::kReasonStage, slot_bits(0, 1, 8)},  // stage before target
+      {0, 5, 64, 0, 0, wire::kReasonTarget, slot_bits(0, 5, 0)},
+      {0, 5, -2, 0, 0, wire::kReasonTarget, slot_bits(0, 5, 62)},
+      {1, INT64_MIN, INT64_MAX, 0, 0, wire::kReasonStage, slot_bits(1, 0, 63)},
+      {INT64_MAX, 0, 0, 0, 0, wire::kReasonVote, slot_bits(1, 0, 0)},
+      {1, 2, 3, 4, 7, wire::kReasonPolicy, slot_bits(1, 2, 3, 0, 7)},
+      {1, 2, 3, -1, 7, wire::kReasonPolicy, slot_bits(1, 2, 3, 3, 7)},
+      {1, 2, 64, 9, 7, wire::kReasonTarget, slot_bits(1, 2, 0, 1, 7)},  // target before policy
+      {0, 2, 3, 1, int64_t{1} << 32, wire::kReasonDigest, slot_bits(0, 2, 3, 1, 0)},
+      {0, 2, 3, 1, -1, wire::kReasonDigest, slot_bits(0, 2, 3, 1, 0xFFFFFFFFull)},
+      {0, 2, 3, 7, -1, wire::kReasonPolicy, slot_bits(0, 2, 3, 3, 0xFFFFFFFFull)},  // policy before digest
   };
   for (const Case& c : cases) {
-    CONTEXT("vote " << c.vote << ", stage " << c.stage << ", target " << c.target);
+    CONTEXT("vote " << c.vote << ", stage " << c.stage << ", target " << c.target << ", policy " << c.policy
+                    << ", digest " << c.digest);
     int64_t reason = -1;
-    EXPECT_EQ(wire::encode_slot(c.vote, c.stage, c.target, &reason), c.bits);
+    EXPECT_EQ(wire::encode_slot(c.vote, c.stage, c.target, c.policy, c.digest, &reason), c.bits);
     EXPECT_EQ(reason, c.reason);
   }
   Rng rng(2);
   for (int i = 0; i < 10000; ++i) {
     int64_t reason = -1;
-    const uint32_t r = wire::encode_slot(rng.word(), rng.word(), rng.word(), &reason);
-    EXPECT_LT(r, uint32_t{1} << wire::kSlotBits);
-    EXPECT(reason >= wire::kReasonNone && reason <= wire::kReasonTarget);
+    const uint64_t r = wire::encode_slot(rng.word(), rng.word(), rng.word(), rng.word(), rng.word(), &reason);
+    EXPECT_LT(r, uint64_t{1} << wire::kSlotBits);
+    EXPECT(reason >= wire::kReasonNone && reason <= wire::kReasonDigest && reason != wire::kReasonSite);
   }
 }
 
 TEST_CASE(record_bit_reads_slots_and_pads_with_zeros) {
-  const uint32_t records[3] = {0x1fff, 0x0a5a, 0x1234 & 0x1fff};
+  const uint64_t full = (uint64_t{1} << wire::kSlotBits) - 1;
+  const uint64_t records[3] = {full, 0x5a5a5a5a5a5aull & full, 0x123456789abcull & full};
   const wire::HeaderBits h{0, 0};
   for (int64_t i = wire::kHeaderBits; i < wire::kHeaderBits + 4 * wire::kSlotBits; ++i) {
     const int64_t s = (i - wire::kHeaderBits) / wire::kSlotBits;
@@ -283,7 +304,7 @@ TEST_CASE(pack_word_puts_each_section_in_place) {
     const wire::Layout L = wire::make_layout(wire::capacity_for(n), world);
     RankInput in = agreeing_input(n, world, wire::kMajority);
     in.votes = {1, 0, 1};
-    std::vector<uint32_t> records;
+    std::vector<uint64_t> records;
     const wire::HeaderValues hv = effective_header(in, &records);
     const wire::HeaderBits h = wire::encode_header(hv);
     for (int64_t rank : {int64_t{0}, world - 1}) {
@@ -335,6 +356,8 @@ TEST_CASE(all_ones_records_sum_without_overflow) {
       in.votes.assign(n, 1);
       in.stages.assign(n, 63);
       in.targets.assign(n, 63);
+      in.policies.assign(n, 3);
+      in.digests.assign(n, 0xFFFFFFFFll);
       in.header = wire::HeaderValues{~0ull, ~0ull, 3, ~0ull, ~0ull, 1, wire::kReasonMax};
       const std::vector<RankInput> inputs(static_cast<size_t>(world), in);
       const std::vector<int64_t> sum = reduce_ranks(inputs, world);
@@ -371,6 +394,62 @@ TEST_CASE(all_ones_records_sum_without_overflow) {
 }
 
 // ---- decisions -----------------------------------------------------------
+
+TEST_CASE(no_gate_policy_and_digest_are_per_slot_state) {
+  // Worked by hand, at every world size up to the limit. Slots:
+  //   0: every rank passes G0 (target 0), unanimous: decided;
+  //   1: no gate on any rank, every vote yes: not decided, not diverged;
+  //   2: the last rank has no gate where the others are at G0: diverged;
+  //   3: own policy rank0, only rank 0 votes yes: decided (the header says unanimous);
+  //   4: the last rank holds another digest: diverged, though every vote is yes;
+  //   5: the last rank holds policy any where the others hold majority: diverged.
+  for (int64_t world : {int64_t{2}, int64_t{3}, int64_t{64}, int64_t{65}, int64_t{1025}, wire::kMaxWorld}) {
+    CONTEXT("world " << world);
+    const int64_t last = world - 1;
+    RankInput base = agreeing_input(6, world, wire::kUnanimous);
+    base.targets = {0, wire::kNoGate, 0, 2, 3, 3};
+    base.policies = {wire::kUnanimous, wire::kUnanimous, wire::kUnanimous, wire::kRank0, wire::kAny,
+                     wire::kMajority};
+    base.digests = {0, 0, 0, 0, 0xDEADBEEFll, 0};
+    std::vector<RankInput> inputs(static_cast<size_t>(world), base);
+    for (int64_t r = 1; r < world; ++r) inputs[r].votes[3] = 0;
+    inputs[last].targets[2] = wire::kNoGate;
+    inputs[last].digests[4] = 0xDEADBEEEll;
+    inputs[last].policies[5] = wire::kAny;
+    const Decoded d = simulate(inputs, wire::kUnanimous);
+    EXPECT(d.flag(wire::kFlagHeaderOk));
+    const std::vector<uint8_t> want_decision = {1, 0, 0, 1, 0, 0};
+    EXPECT(d.decision == want_decision);
+    EXPECT_EQ(d.status(0), wire::kStatusDecided | wire::kStatusPolicyPassed);
+    EXPECT_EQ(d.status(1), wire::kStatusNoGate | wire::kStatusPolicyPassed);
+    EXPECT_EQ(d.status(2), wire::kStatusDiverged | wire::kStatusTargetDiffers | wire::kStatusPolicyPassed);
+    EXPECT_EQ(d.status(3), wire::kStatusDecided | wire::kStatusPolicyPassed);
+    EXPECT_EQ(d.status(4), wire::kStatusDiverged | wire::kStatusDigestDiffers | wire::kStatusPolicyPassed);
+    EXPECT_EQ(d.status(5), wire::kStatusDiverged | wire::kStatusPolicyDiffers | wire::kStatusPolicyPassed);
+    EXPECT_EQ(d.global(wire::kGDecidedSlots), 2);
+    EXPECT_EQ(d.global(wire::kGDivergedSlots), 3);
+    EXPECT_EQ(d.slot(3)[wire::kSRootPolicy], wire::kRank0);
+    EXPECT_EQ(d.slot(3)[wire::kSVotes], 1);
+    EXPECT_EQ(d.slot(4)[wire::kSRootDigest], 0xDEADBEEFll);
+    EXPECT_EQ(d.slot(4)[wire::kSDigestAnd], 0xDEADBEEEll);
+    EXPECT_EQ(d.slot(4)[wire::kSDigestOr], 0xDEADBEEFll);
+    EXPECT_EQ(d.slot(4)[wire::kSDigestDiffer], 1);  // one bit differs: exact even from the counters
+    EXPECT_EQ(d.slot(4)[wire::kSKeyDiffer], 1);
+    EXPECT_EQ(d.slot(5)[wire::kSPolicyAnd], wire::kMajority & wire::kAny);
+    EXPECT_EQ(d.slot(5)[wire::kSPolicyOr], wire::kMajority | wire::kAny);
+    EXPECT_EQ(d.slot(5)[wire::kSPolicyDiffer], 1);
+    EXPECT_EQ(d.slot(2)[wire::kSTargetOr], wire::kNoGate);
+    if (world <= wire::kMaxExactWorld) {
+      // The exact report names the rank and what it holds.
+      EXPECT_EQ(d.slot_rank(2, last), wire::slot_entry(1, 2, wire::kNoGate, wire::kUnanimous, 0));
+      EXPECT_EQ(d.slot_rank(2, 0), wire::slot_entry(1, 2, 0, wire::kUnanimous, 0));
+      EXPECT_EQ(d.slot_rank(4, last), wire::slot_entry(1, 4, 3, wire::kAny, 0xDEADBEEEll));
+      EXPECT_EQ(d.slot_rank(5, last), wire::slot_entry(1, 5, 3, wire::kAny, 0));
+      EXPECT_EQ(d.slot_rank(3, 1), wire::slot_entry(0, 3, 2, wire::kRank0, 0));
+    }
+  }
+}
+
 
 TEST_CASE(policies_decide_from_exact_vote_counts) {
   Rng rng(3);
@@ -908,13 +987,20 @@ enum Variant {
   kOnePoisonedCaller,
   kTwoPoisoned,      // past 64 ranks: counted, not named
   kReasonWithoutPoison,
+  kSlotPolicies,     // every slot its own policy (agreed), digests agreed, edge votes
+  kSlotPolicyDiverges,
+  kDigestDiverges,   // one rank's digest in slot 2, two ranks' in slot 5
+  kNoGate,           // slot 1 has no gate on any rank, slot 4 on one rank only
+  kBadPolicy,        // a policy code outside 0..3 poisons
+  kBadDigest,        // a digest outside 0..2^32-1 poisons
   kNumVariants,
 };
 
 const char* const kVariantNames[kNumVariants] = {
     "agree", "edge votes", "stage diverges", "target diverges", "seq mismatch", "site mismatch",
     "policy mismatch", "slots mismatch", "world mismatch", "one poisoned by a value",
-    "one poisoned by the caller", "two poisoned", "reason without poison bit"};
+    "one poisoned by the caller", "two poisoned", "reason without poison bit", "slot policies",
+    "slot policy diverges", "digest diverges", "no gate", "bad policy", "bad digest"};
 
 std::vector<RankInput> variant_inputs(int v, int64_t world, int64_t policy, Rng& rng) {
   const int64_t n = 6;  // 5 slots have the same capacity, for the slot-count mismatch
@@ -954,6 +1040,41 @@ std::vector<RankInput> variant_inputs(int v, int64_t world, int64_t policy, Rng&
       if (world > 1) in[b].targets[4] = -1;
       break;
     case kReasonWithoutPoison: in[a].header.reason = wire::kReasonCallerMin + 2; break;
+    case kSlotPolicies:
+    case kSlotPolicyDiverges:
+    case kDigestDiverges: {
+      const int64_t counts[n] = {world / 2, world / 2 + 1, 0, world - 1, world, (world + 1) / 2};
+      std::vector<int64_t> digests(n);
+      for (int64_t s = 0; s < n; ++s) digests[s] = static_cast<int64_t>(rng.next() & 0xFFFFFFFFull);
+      for (int64_t r = 0; r < world; ++r) {
+        in[r].policies = {0, 1, 2, 3, 2, 0};
+        in[r].digests = digests;
+        for (int64_t s = 0; s < n; ++s) in[r].votes[s] = (r + s) % world < counts[s];
+      }
+      if (v == kSlotPolicyDiverges) in[a].policies[3] = (in[a].policies[3] + 1 + rng.below(3)) % 4;
+      if (v == kDigestDiverges) {
+        in[a].digests[2] ^= static_cast<int64_t>(uint64_t{1} << rng.below(32));
+        in[a].digests[5] ^= 0x80000000ll;
+        in[b].digests[5] ^= 0x1ll;
+      }
+      break;
+    }
+    case kNoGate:
+      for (int64_t r = 0; r < world; ++r) {
+        in[r].targets[1] = wire::kNoGate;
+        in[r].votes[1] = rng.below(2);
+      }
+      in[a].targets[4] = wire::kNoGate;
+      in[a].votes[4] = 0;
+      break;
+    case kBadPolicy:
+      for (int64_t r = 0; r < world; ++r) in[r].policies.assign(n, policy);
+      in[a].policies[3] = 4 + rng.below(100);
+      break;
+    case kBadDigest:
+      in[a].digests.assign(n, 7);
+      in[a].digests[1] = rng.below(2) ? -1 : int64_t{1} << 32;
+      break;
     default: break;
   }
   return in;

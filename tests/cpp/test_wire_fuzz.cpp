@@ -26,7 +26,7 @@ const Shape kShapes[] = {
     {1024, 1024}};
 
 constexpr int64_t kKnownFlags = (wire::kFlagHeaderOk << 1) - 1;
-constexpr int64_t kKnownStatus = (wire::kStatusCorrupt << 1) - 1;
+constexpr int64_t kKnownStatus = (wire::kStatusNoGate << 1) - 1;
 
 // What must hold for any buffer, garbage or not.
 void check_report_invariants(const Decoded& d) {
@@ -45,6 +45,7 @@ void check_report_invariants(const Decoded& d) {
       EXPECT(d.flag(wire::kFlagHeaderOk));
       EXPECT((st & (wire::kStatusDiverged | wire::kStatusCorrupt)) == 0);
       EXPECT(st & wire::kStatusPolicyPassed);
+      EXPECT((st & (wire::kStatusNoGate | wire::kStatusStateDiffers)) == 0);
     }
     EXPECT(d.slot(s)[wire::kSRootStage] >= 0 && d.slot(s)[wire::kSRootStage] <= wire::kMaxId);
     EXPECT(d.slot(s)[wire::kSRootTarget] >= 0 && d.slot(s)[wire::kSRootTarget] <= wire::kMaxId);
@@ -61,15 +62,20 @@ void check_untrusted(const Decoded& d) {
   EXPECT_EQ(d.global(wire::kGDivergedSlots), d.num_slots);
 }
 
-// Random but valid inputs: random votes, most slots agreeing on their key.
+// Random but valid inputs: random votes, most slots agreeing on their state
+// (stage, target, and when sent, policy and digest); some targets NO_GATE.
 std::vector<RankInput> random_inputs(Rng& rng, const Shape& sh, int64_t policy) {
   const uint64_t seq = rng.next(), site = rng.next() & wire::field_mask(wire::kFieldSite);
   std::vector<RankInput> inputs(static_cast<size_t>(sh.world));
   std::vector<int64_t> stage(sh.num_slots), target(sh.num_slots), agree(sh.num_slots);
+  std::vector<int64_t> slot_policy(sh.num_slots), digest(sh.num_slots);
+  const bool with_policies = rng.below(2) != 0, with_digests = rng.below(2) != 0;
   for (int64_t s = 0; s < sh.num_slots; ++s) {
     stage[s] = rng.below(64);
-    target[s] = rng.below(64);
+    target[s] = rng.below(4) == 0 ? wire::kNoGate : rng.below(64);
     agree[s] = rng.below(5) != 0;
+    slot_policy[s] = rng.below(wire::kNumPolicies);
+    digest[s] = static_cast<int64_t>(rng.next() & wire::kDigestMask);
   }
   const int64_t vote_bias = rng.below(4);  // 0: all vote 1 ... 3: mostly 0
   for (auto& in : inputs) {
@@ -78,6 +84,11 @@ std::vector<RankInput> random_inputs(Rng& rng, const Shape& sh, int64_t policy) 
       in.votes.push_back(vote_bias == 0 ? 1 : rng.below(4) >= vote_bias);
       in.stages.push_back(agree[s] || rng.below(2) ? stage[s] : rng.below(64));
       in.targets.push_back(agree[s] || rng.below(2) ? target[s] : rng.below(64));
+      if (with_policies) in.policies.push_back(agree[s] || rng.below(2) ? slot_policy[s] : rng.below(4));
+      if (with_digests) {
+        in.digests.push_back(agree[s] || rng.below(2) ? digest[s]
+                                                      : static_cast<int64_t>(rng.next() & wire::kDigestMask));
+      }
     }
   }
   return inputs;
@@ -93,14 +104,16 @@ std::vector<uint8_t> expected_decisions(const std::vector<RankInput>& inputs, in
     bool same = true;
     for (const auto& in : inputs) {
       votes += in.votes[s];
-      same &= in.stages[s] == inputs[0].stages[s] && in.targets[s] == inputs[0].targets[s];
+      same &= in.stages[s] == inputs[0].stages[s] && in.targets[s] == inputs[0].targets[s] &&
+              in.policy(s) == inputs[0].policy(s) && in.digest(s) == inputs[0].digest(s);
     }
     const int64_t root = inputs[0].votes[s];
-    const bool pass = policy == wire::kUnanimous ? votes == W
-        : policy == wire::kRank0                 ? root == 1
-        : policy == wire::kMajority              ? 2 * votes > W
-                                                 : votes >= 1;
-    out[s] = same && pass;
+    const int64_t p = inputs[0].policy(s);  // the slot's own policy decides
+    const bool pass = p == wire::kUnanimous ? votes == W
+        : p == wire::kRank0                 ? root == 1
+        : p == wire::kMajority              ? 2 * votes > W
+                                            : votes >= 1;
+    out[s] = same && pass && inputs[0].targets[s] != wire::kNoGate;
   }
   return out;
 }

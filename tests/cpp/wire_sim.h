@@ -27,6 +27,15 @@ struct RankInput {
   std::vector<int64_t> stages;
   std::vector<int64_t> targets;
   wire::HeaderValues header;  // reason/poison as the caller declares them
+  // Per-slot policy codes and state digests; empty sends none (the header's
+  // policy in every slot, digest 0), as the op does without the tensors.
+  std::vector<int64_t> policies;
+  std::vector<int64_t> digests;
+
+  const int64_t* policies_or_null() const { return policies.empty() ? nullptr : policies.data(); }
+  const int64_t* digests_or_null() const { return digests.empty() ? nullptr : digests.data(); }
+  int64_t policy(int64_t s) const { return policies.empty() ? static_cast<int64_t>(header.policy) : policies[s]; }
+  int64_t digest(int64_t s) const { return digests.empty() ? 0 : digests[s]; }
 };
 
 // Like esper_gate::make_header for in-range arguments (that one needs torch).
@@ -61,13 +70,13 @@ inline RankInput agreeing_input(
 
 // The header a rank actually sends: the first bad slot poisons it unless the
 // caller already declared a reason. Tests use it to know what to expect.
-inline wire::HeaderValues effective_header(const RankInput& in, std::vector<uint32_t>* records) {
+inline wire::HeaderValues effective_header(const RankInput& in, std::vector<uint64_t>* records) {
   const int64_t n = static_cast<int64_t>(in.votes.size());
   records->assign(static_cast<size_t>(n), 0);
   int first_bad = wire::kNoBadSlot;
   for (int64_t s = 0; s < n; ++s) {
     int64_t reason = wire::kReasonNone;
-    (*records)[s] = wire::encode_slot(in.votes[s], in.stages[s], in.targets[s], &reason);
+    (*records)[s] = wire::encode_slot(in.votes[s], in.stages[s], in.targets[s], in.policy(s), in.digest(s), &reason);
     if (reason != wire::kReasonNone && first_bad == wire::kNoBadSlot) {
       first_bad = static_cast<int>(s * wire::kBadSlotStride + reason);
     }
@@ -82,11 +91,12 @@ inline wire::HeaderValues effective_header(const RankInput& in, std::vector<uint
 inline std::vector<int64_t> pack_rank(const RankInput& in, int64_t rank, int64_t world) {
   const int64_t n = static_cast<int64_t>(in.votes.size());
   const wire::Layout L = wire::make_layout(wire::capacity_for(n), world);
-  std::vector<uint32_t> records(static_cast<size_t>(n));
+  std::vector<uint64_t> records(static_cast<size_t>(n));
   wire::PackShared shared;
   std::vector<int64_t> out(static_cast<size_t>(L.total_words));
-  wire::pack_buffer(wire::SerialLoop{}, in.votes.data(), in.stages.data(), in.targets.data(), n,
-                    in.header, L, rank, records.data(), &shared, out.data());
+  wire::pack_buffer(wire::SerialLoop{}, in.votes.data(), in.stages.data(), in.targets.data(),
+                    in.policies_or_null(), in.digests_or_null(), n, in.header, L, rank, records.data(), &shared,
+                    out.data());
   return out;
 }
 
