@@ -23,7 +23,8 @@
 #        around the raw op, OwnedTransport.sync, GateSync's call and
 #        `decisions` (gpu_gate_check.py)
 #      nccl_lib: tests/test_nccl_lib.py, tests/test_graph_safety.py      nccl_lib.log
-#   5. every CUDA test (tests/test_cuda.py; a skipped test FAILS)       test_cuda.log, test_cuda.xml
+#      test_cuda_ranks: the CUDA tests that spawn 2-4 ranks              test_cuda_ranks.{log,xml}
+#   5. every other CUDA test (tests/test_cuda.py; a skipped test FAILS) test_cuda.log, test_cuda.xml
 #   6. owned_nccl: the gate's NCCL communicator alone, with the GPU     owned_nccl.log
 #      to itself (gpu_owned_check.py): init that times out then aborts;
 #      a stuck all_reduce aborted within 2 s and a new communicator
@@ -36,6 +37,7 @@
 #   8. the benchmark's NCCL rows with one rank, S in {1,4,16,64,256}:    bench.log, bench/bench.{md,json,png}
 #      per-slot all_reduce(MIN)+.item(), bare floor, GateSync, raw op
 #      (skipped when too little of the budget is left)
+#   9. the scripts' own CPU tests and tests/test_wire.py (optional)      cpu_tests.log
 # and prints one PASS/FAIL/SKIPPED/FIGURE line per step and per case (also
 # in summary.txt; FIGURE lines are measurements, never a failure).
 #
@@ -251,10 +253,13 @@ else
 fi
 
 # ---- 4. in the background: the c10d fallback, compile, the gate end to end, the NCCL library ---------
+# cuda_tests NAME -k EXPR: the CUDA tests EXPR selects, with $OUT/NAME.xml.
 cuda_tests() {
-  "$PY" -m pytest tests/test_cuda.py -v -rs -p no:cacheprovider --junitxml="$OUT/test_cuda.xml" || return 1
+  local name=$1
+  shift
+  "$PY" -m pytest tests/test_cuda.py -v -rs -p no:cacheprovider --junitxml="$OUT/$name.xml" "$@" || return 1
   # A CUDA test that skips (no GPU, a CPU-only build) checked nothing: count it as a failure.
-  "$PY" - "$OUT/test_cuda.xml" <<'EOF'
+  "$PY" - "$OUT/$name.xml" <<'EOF'
 import sys, xml.etree.ElementTree as ET
 root = ET.parse(sys.argv[1]).getroot()
 suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
@@ -301,6 +306,7 @@ compile_sync() { TORCHINDUCTOR_CACHE_DIR="$OUT/inductor_cache" "$PY" "$OUT/compi
 dry() { "$PY" "$@"; [ $? -eq 3 ]; }
 export -f cuda_tests compile_sync dry
 
+RANK_TESTS="gloo_with_cuda_tensors or two_ranks_on_one_gpu"
 GPU_OK=0
 [ "$GPU" = 1 ] && [ "$BUILD_OK" = 1 ] && GPU_OK=1
 not_run() {  # NAME: FAIL on a GPU machine (the build failed), SKIPPED without a GPU
@@ -313,16 +319,20 @@ if [ "$GPU_OK" = 1 ]; then
   bg_start compile_sync_nccl 120 compile_sync
   bg_start gate_owned 120 "$PY" benchmarks/gpu_gate_check.py --only owned_transport gate_sync_owned no_host_sync
   bg_start nccl_lib 90 "$PY" -m pytest tests/test_nccl_lib.py tests/test_graph_safety.py -q -rs -p no:cacheprovider
+  # The CUDA tests that spawn 2-4 ranks (through gloo), apart from the others, to halve the wall time.
+  bg_start test_cuda_ranks 150 cuda_tests test_cuda_ranks -k "$RANK_TESTS"
 else
-  for s in c10d_fallback compile_sync_nccl gate_owned nccl_lib; do not_run "$s"; done
+  for s in c10d_fallback compile_sync_nccl gate_owned nccl_lib test_cuda_ranks; do not_run "$s"; done
   step gate_check_dry 60 dry benchmarks/gpu_gate_check.py
   cases "cases:gate:$OUT/gate_check_dry.log"
 fi
 
 # ---- 5. CUDA tests ----------------------------------------------------------------------
 if [ "$GPU_OK" = 1 ]; then
-  step test_cuda 170 cuda_tests
+  step test_cuda 150 cuda_tests test_cuda -k "not ($RANK_TESTS)"
   grep -E '^CUDA tests: ' "$OUT/test_cuda.log" | sed 's/^/    /'
+  bg_wait test_cuda_ranks
+  grep -E '^CUDA tests: ' "$OUT/test_cuda_ranks.log" | sed 's/^/    /'
   bg_wait c10d_fallback
   cases "cases:c10d:$OUT/c10d_fallback.log"
   bg_wait compile_sync_nccl
@@ -351,9 +361,9 @@ else
   not_run gate_figures
 fi
 
-# ---- 8. benchmark (optional: skipped when less than 45 s is left) --------------------------
-if [ "$GPU_OK" = 1 ] && [ "$(left)" -lt 45 ]; then
-  skip bench "optional, and only $(left)s of the budget is left (45 s needed)"
+# ---- 8. benchmark (optional: skipped when less than 40 s is left) --------------------------
+if [ "$GPU_OK" = 1 ] && [ "$(left)" -lt 40 ]; then
+  skip bench "optional, and only $(left)s of the budget is left (40 s needed)"
 elif [ "$GPU_OK" = 1 ]; then
   # NCCL with one rank (NCCL cannot put two ranks on one GPU): per-slot unanimous with .item(),
   # rank-0 broadcast, bare floor, GateSync, raw op, for S in {1, 4, 16, 64, 256}.
@@ -370,7 +380,7 @@ fi
 if [ "$GPU" = 1 ] && [ "$(left)" -lt 40 ]; then
   skip cpu_tests "optional, and only $(left)s of the budget is left"
 else
-  step cpu_tests 60 "$PY" -m pytest tests/test_ops.py tests/test_wire.py tests/test_gpu_scripts.py -q \
+  step cpu_tests 60 "$PY" -m pytest tests/test_wire.py tests/test_gpu_scripts.py -q \
     -p no:cacheprovider
 fi
 
