@@ -42,8 +42,11 @@
 # in summary.txt; FIGURE lines are measurements, never a failure).
 #
 # Every step has a timeout and the whole run a budget (GPU_CHECK_BUDGET_S,
-# default 285 s): on an H200 with 16 cores the build takes ~60-90 s and the
-# rest ~170 s. Steps that find less than their need left are skipped (FAIL
+# default 285 s). Estimated on an H200 with 16 cores (nothing measured yet):
+# env + GPU probe ~10 s, build ~60-90 s, info ~5 s; test_cuda ~50 s while the
+# background steps run (c10d_fallback ~50 s, test_cuda_ranks ~50 s,
+# compile ~30 s, gate_owned ~30 s, nccl_lib ~20 s); owned_nccl ~70 s;
+# gate_figures ~12 s; bench ~30 s: ~260-290 s. Steps that find less than their need left are skipped (FAIL
 # for the checks, SKIPPED for the benchmark). Exit status: 0 every step
 # passed; 1 a step failed or timed out; 3 no GPU is visible to torch: the GPU
 # steps are SKIPPED (the scripts' no-GPU paths, a CPU test subset and a quick
@@ -147,17 +150,17 @@ bg_start() {
   shift 2
   log "== $name (background, timeout ${limit}s): $*"
   rm -f "$OUT/$name.rc"
-  ( run_bounded "$limit" "$OUT/$name.log" "$@"; echo $? > "$OUT/$name.rc" ) &
+  ( t0=$SECONDS; run_bounded "$limit" "$OUT/$name.log" "$@"; echo "$? $((SECONDS - t0))" > "$OUT/$name.rc" ) &
   BG_PID[$name]=$!
   BG_T0[$name]=$SECONDS
   BG_LIMIT[$name]=$limit
 }
 bg_wait() {
-  local name=$1 rc
+  local name=$1 rc took
   [ -n "${BG_PID[$name]:-}" ] || return 1
   wait "${BG_PID[$name]}"
-  rc=$(cat "$OUT/$name.rc" 2>/dev/null || echo 125)
-  finish "$name" "$rc" $((SECONDS - BG_T0[$name])) "${BG_LIMIT[$name]}"
+  read -r rc took < "$OUT/$name.rc" 2>/dev/null || { rc=125; took=$((SECONDS - BG_T0[$name])); }
+  finish "$name" "$rc" "$took" "${BG_LIMIT[$name]}"
 }
 
 # cases SPEC...: the per-case lines of steps' logs (benchmarks/gpu_summary.py) into the summary.
