@@ -4,44 +4,58 @@
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR
 #
-# On a machine with an NVIDIA GPU and this repository checked out, it
-# Knob GPU_CHECK_NCCL_CYCLES (default 100): init/abort cycles of the owned_nccl step.
+# On a machine with an NVIDIA GPU and this repository checked out, it runs,
+# the most important first (every file under OUT_DIR):
 #
-#   1. records the machine (nvidia-smi, torch, nvcc)                  env.log
-#   2. builds the extension in place for the local GPU's arch          build.log
-#      (ESPER_GATE_FORCE_CUDA=1, ESPER_GATE_CUDA_ARCHS=<capability>)
-#   3. checks the build info says "cuda"                              info.log
-#   4. runs every CUDA test (tests/test_cuda.py; a skipped test fails) test_cuda.log, test_cuda.xml
-#      CUDA kernels == CPU kernels on random inputs; NCCL sync with one
-#      rank; 2-4 ranks on the one GPU through gloo with CUDA tensors and a
-#      divergence; no host sync inside the op (returns while a queued spin
-#      kernel runs); capture + replay in a CUDA graph; torch.compile
-#   4b. the gate's own NCCL communicator: tests/test_nccl_lib.py and    nccl_lib.log
-#      tests/test_graph_safety.py, then benchmarks/gpu_owned_check.py: owned_nccl.log
-#      init that times out then aborts, a stuck all_reduce aborted
-#      within 2 s and a new communicator after it, one CUDA context
-#      per process, 100 init/abort cycles without growth, a user's
-#      global-mode capture while a gate all_reduce is in flight,
-#      capture refused with the clear error, set_sync_debug_mode("error")
-#   5. runs the benchmark's NCCL rows with one rank (per-slot unanimous
-#      with .item(), rank-0 broadcast, bare floor, esper_gate, raw op) and
-#      the host-side enqueue time of one sync                          bench.log, bench/bench.{md,json,png}
-#   6. torch.compile(fullgraph=True) of the sync op on CUDA with NCCL  compile_sync_nccl.log
-#   7. a quick subset of the CPU tests                                 cpu_tests.log
-#   8. the gloo sweep (W = 2, 4) on this machine's CPUs                bench_cpu.log, bench_cpu/bench.*
-# and prints a PASS/FAIL/SKIPPED line per step (also in summary.txt).
+#   1. the machine (nvidia-smi, torch, nvcc)                             env.log
+#   2. the build, in place, for the local GPU's arch only                build.log
+#      (ESPER_GATE_FORCE_CUDA=1, ESPER_GATE_CUDA_ARCHS=<capability>, MAX_JOBS=nproc)
+#   3. the build info says "cuda"                                        info.log
+#   4. in the background while step 5 runs (other processes, one GPU):
+#      c10d_fallback: TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=10, the gate's    c10d_fallback.log
+#        c10d NCCL group aborted: no exception_dump key in the job's
+#        store and no SIGABRT for 10 + 20 s (gpu_gate_check.py)
+#      compile_sync_nccl: torch.compile(fullgraph=True) of a function    compile_sync_nccl.log
+#        that calls the sync op, CUDA + NCCL, one rank
+#      gate_owned: OwnedTransport (world 1, the real NcclComm) end to    gate_owned.log
+#        end: decisions, the mapped DONE word, invalidate(); GateSync
+#        on the owned path; no host sync (set_sync_debug_mode("error"))
+#        around the raw op, OwnedTransport.sync, GateSync's call and
+#        `decisions` (gpu_gate_check.py)
+#      nccl_lib: tests/test_nccl_lib.py, tests/test_graph_safety.py      nccl_lib.log
+#      test_cuda_ranks: the CUDA tests that spawn 2-4 ranks              test_cuda_ranks.{log,xml}
+#   5. every other CUDA test (tests/test_cuda.py; a skipped test FAILS) test_cuda.log, test_cuda.xml
+#   6. owned_nccl: the gate's NCCL communicator alone, with the GPU     owned_nccl.log
+#      to itself (gpu_owned_check.py): init that times out then aborts;
+#      a stuck all_reduce aborted within 2 s and a new communicator
+#      after it; one CUDA context per process; 100 init/abort cycles
+#      without growth; a user's global-mode capture while a gate call
+#      is in flight; capture refused with the clear error (no replay
+#      of a stale call number); set_sync_debug_mode("error")
+#   7. figures, GPU to itself: host enqueue time of one sync (target    gate_figures.log
+#      <= 30 us); pack/decode kernel times up to S=1024, W=64
+#   8. the benchmark's NCCL rows with one rank, S in {1,4,16,64,256}:    bench.log, bench/bench.{md,json,png}
+#      per-slot all_reduce(MIN)+.item(), bare floor, GateSync, raw op
+#      (skipped when too little of the budget is left)
+#   9. the scripts' own CPU tests and tests/test_wire.py (optional)      cpu_tests.log
+# and prints one PASS/FAIL/SKIPPED/FIGURE line per step and per case (also
+# in summary.txt; FIGURE lines are measurements, never a failure).
 #
 # Every step has a timeout and the whole run a budget (GPU_CHECK_BUDGET_S,
-# default 290 s), so it ends in under 5 minutes; the benchmarks, last, are
-# skipped when too little of the budget is left for them. Exit status: 0 every step
+# default 285 s). Estimated on an H200 with 16 cores (nothing measured yet):
+# env + GPU probe ~10 s, build ~60-90 s, info ~5 s; test_cuda ~50 s while the
+# background steps run (c10d_fallback ~50 s, test_cuda_ranks ~50 s,
+# compile ~30 s, gate_owned ~30 s, nccl_lib ~20 s); owned_nccl ~70 s;
+# gate_figures ~12 s; bench ~30 s: ~260-290 s. Steps that find less than their need left are skipped (FAIL
+# for the checks, SKIPPED for the benchmark). Exit status: 0 every step
 # passed; 1 a step failed or timed out; 3 no GPU is visible to torch: the GPU
-# steps are SKIPPED (the CPU tests and a quick gloo benchmark still run, so the
-# script itself can be tried anywhere).
+# steps are SKIPPED (the scripts' no-GPU paths, a CPU test subset and a quick
+# gloo benchmark still run, so the script itself can be tried anywhere).
 #
 # Knobs: PYTHON (default python3), CUDA_HOME (default: the toolkit of the nvcc
-# on PATH, else /usr/local/cuda),
-# MAX_JOBS (default nproc), GPU_CHECK_BUDGET_S, GPU_CHECK_SKIP_BUILD=1 (use
-# the build that is there).
+# on PATH, else /usr/local/cuda), MAX_JOBS (default nproc), GPU_CHECK_BUDGET_S,
+# GPU_CHECK_NCCL_CYCLES (default 100: init/abort cycles of owned_nccl),
+# GPU_CHECK_SKIP_BUILD=1 (use the build that is there).
 set -uo pipefail
 
 if [ $# -ne 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
@@ -53,7 +67,7 @@ mkdir -p "$1" || exit 2
 OUT=$(cd "$1" && pwd)
 cd "$ROOT" || exit 2
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-290}
+BUDGET=${GPU_CHECK_BUDGET_S:-285}
 START=$SECONDS
 # The in-place build lives in the source tree; spawned ranks inherit this.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -68,29 +82,9 @@ record() {  # name status seconds note
   log "$2 $1 (${3}s) $4"
 }
 
-# step NAME TIMEOUT_S CMD...: run CMD with its output in $OUT/NAME.log, bounded
-# by TIMEOUT_S and by what is left of the budget.
-step() {
-  local name=$1 limit=$2
-  shift 2
-  local left=$((BUDGET - (SECONDS - START)))
-  if [ "$left" -lt 15 ]; then
-    record "$name" FAIL 0 "not run: the ${BUDGET}s budget is spent"
-    return 1
-  fi
-  [ "$limit" -gt "$left" ] && limit=$left
-  log "== $name (timeout ${limit}s): $*"
-  local t0=$SECONDS rc
-  # timeout(1) runs programs, not shell functions: run those in a child bash
-  # (they are exported below). timeout signals the whole process group, so
-  # spawned ranks die with their step.
-  if declare -F "$1" >/dev/null; then
-    timeout --kill-after=15 "$limit" bash -c '"$@"' _ "$@" > "$OUT/$name.log" 2>&1
-  else
-    timeout --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
-  fi
-  rc=$?
-  local took=$((SECONDS - t0))
+# finish NAME RC SECONDS LIMIT: the PASS/FAIL line of a step that ran.
+finish() {
+  local name=$1 rc=$2 took=$3 limit=$4
   if [ "$rc" -eq 0 ]; then
     record "$name" PASS "$took" "$OUT/$name.log"
   elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
@@ -101,6 +95,81 @@ step() {
     tail -n 20 "$OUT/$name.log" | sed 's/^/    /'
   fi
   return "$rc"
+}
+
+left() { echo $((BUDGET - (SECONDS - START))); }
+
+# limit_for TIMEOUT_S: the timeout a step gets: TIMEOUT_S, or what is left of
+# the budget; fails when less than 15 s is left.
+limit_for() {
+  local limit=$1 l
+  l=$(left)
+  [ "$l" -lt 15 ] && return 1
+  [ "$limit" -gt "$l" ] && limit=$l
+  echo "$limit"
+}
+
+# run_bounded LIMIT LOG CMD...: CMD with its output in LOG. timeout(1) runs
+# programs, not shell functions: run those in a child bash (they are exported
+# below). timeout signals the whole process group, so spawned ranks die with
+# their step.
+run_bounded() {
+  local limit=$1 logf=$2
+  shift 2
+  if declare -F "$1" >/dev/null; then
+    timeout --kill-after=15 "$limit" bash -c '"$@"' _ "$@" > "$logf" 2>&1
+  else
+    timeout --kill-after=15 "$limit" "$@" > "$logf" 2>&1
+  fi
+}
+
+# step NAME TIMEOUT_S CMD...: run CMD with its output in $OUT/NAME.log, bounded
+# by TIMEOUT_S and by what is left of the budget.
+step() {
+  local name=$1 limit t0=$SECONDS rc
+  if ! limit=$(limit_for "$2"); then
+    record "$name" FAIL 0 "not run: the ${BUDGET}s budget is spent"
+    return 1
+  fi
+  shift 2
+  log "== $name (timeout ${limit}s): $*"
+  run_bounded "$limit" "$OUT/$name.log" "$@"
+  rc=$?
+  finish "$name" "$rc" $((SECONDS - t0)) "$limit"
+}
+
+# bg_start NAME TIMEOUT_S CMD...: the same in the background; bg_wait NAME
+# waits for it (at most its timeout + 15 s) and records its line.
+declare -A BG_PID BG_T0 BG_LIMIT
+bg_start() {
+  local name=$1 limit
+  if ! limit=$(limit_for "$2"); then
+    record "$name" FAIL 0 "not run: the ${BUDGET}s budget is spent"
+    return 1
+  fi
+  shift 2
+  log "== $name (background, timeout ${limit}s): $*"
+  rm -f "$OUT/$name.rc"
+  ( t0=$SECONDS; run_bounded "$limit" "$OUT/$name.log" "$@"; echo "$? $((SECONDS - t0))" > "$OUT/$name.rc" ) &
+  BG_PID[$name]=$!
+  BG_T0[$name]=$SECONDS
+  BG_LIMIT[$name]=$limit
+}
+bg_wait() {
+  local name=$1 rc took
+  [ -n "${BG_PID[$name]:-}" ] || return 1
+  wait "${BG_PID[$name]}"
+  read -r rc took < "$OUT/$name.rc" 2>/dev/null || { rc=125; took=$((SECONDS - BG_T0[$name])); }
+  finish "$name" "$rc" "$took" "${BG_LIMIT[$name]}"
+}
+
+# cases SPEC...: the per-case lines of steps' logs (benchmarks/gpu_summary.py) into the summary.
+cases() {
+  local l
+  while IFS= read -r l; do
+    RESULTS+=("$l")
+    echo "    $l" | tee -a "$OUT/gpu_check.log"
+  done < <("$PY" benchmarks/gpu_summary.py "$@")
 }
 
 skip() { record "$1" SKIPPED 0 "$2"; }
@@ -186,11 +255,14 @@ else
   step info 60 "$PY" -m esper_gate info || BUILD_OK=0
 fi
 
-# ---- 4. CUDA tests -------------------------------------------------------------
+# ---- 4. in the background: the c10d fallback, compile, the gate end to end, the NCCL library ---------
+# cuda_tests NAME -k EXPR: the CUDA tests EXPR selects, with $OUT/NAME.xml.
 cuda_tests() {
-  "$PY" -m pytest tests/test_cuda.py -v -rs -p no:cacheprovider --junitxml="$OUT/test_cuda.xml" || return 1
+  local name=$1
+  shift
+  "$PY" -m pytest tests/test_cuda.py -v -rs -p no:cacheprovider --junitxml="$OUT/$name.xml" "$@" || return 1
   # A CUDA test that skips (no GPU, a CPU-only build) checked nothing: count it as a failure.
-  "$PY" - "$OUT/test_cuda.xml" <<'EOF'
+  "$PY" - "$OUT/$name.xml" <<'EOF'
 import sys, xml.etree.ElementTree as ET
 root = ET.parse(sys.argv[1]).getroot()
 suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
@@ -200,47 +272,9 @@ print(f"CUDA tests: {tests} collected, {skipped} skipped")
 sys.exit(1 if skipped or not tests else 0)
 EOF
 }
-export -f cuda_tests
-if [ "$GPU" = 1 ] && [ "$BUILD_OK" = 1 ]; then
-  step test_cuda 120 cuda_tests
-elif [ "$GPU" = 1 ]; then
-  record test_cuda FAIL 0 "not run: no usable CUDA build"
-else
-  skip test_cuda "no GPU"
-fi
 
-# ---- 4b. the gate's own NCCL communicator ---------------------------------------------
-if [ "$GPU" = 1 ] && [ "$BUILD_OK" = 1 ]; then
-  step nccl_lib 60 "$PY" -m pytest tests/test_nccl_lib.py tests/test_graph_safety.py -q -rs -p no:cacheprovider
-  # One PASS/FAIL line per case, each with its figure, also in owned_nccl.log.
-  step owned_nccl 200 "$PY" benchmarks/gpu_owned_check.py --cycles "${GPU_CHECK_NCCL_CYCLES:-100}"
-  grep -E '^(PASS|FAIL|SKIPPED) ' "$OUT/owned_nccl.log" | sed 's/^/    /'
-else
-  skip nccl_lib "no GPU or no CUDA build"
-  skip owned_nccl "no GPU or no CUDA build"
-  # The script itself still runs: it must say SKIPPED for every case and exit 3.
-  owned_dry() { "$PY" benchmarks/gpu_owned_check.py; [ $? -eq 3 ]; }
-  export -f owned_dry
-  step owned_nccl_dry 60 owned_dry
-fi
-
-# ---- 5. benchmark --------------------------------------------------------------
-# 90 s for the benchmark and 135 s for steps 6 and 7 after it
-if [ "$GPU" = 1 ] && [ "$BUILD_OK" = 1 ] && [ $((BUDGET - (SECONDS - START))) -lt 225 ]; then
-  skip bench "optional, and less than 225 s of the budget is left (the benchmark and the steps after it)"
-elif [ "$GPU" = 1 ] && [ "$BUILD_OK" = 1 ]; then
-  # NCCL with one rank: NCCL cannot put two ranks on one GPU.
-  step bench 90 "$PY" benchmarks/bench_sync.py --backend nccl --budget 3 --out "$OUT/bench"
-elif [ "$GPU" = 1 ]; then
-  record bench FAIL 0 "not run: no usable CUDA build"
-else
-  skip bench "no GPU: NCCL rows need one"
-  step bench_cpu_quick 90 "$PY" -m esper_gate bench --preset quick --budget 1 --out "$OUT/bench"
-fi
-
-# ---- 6. torch.compile of the sync op on CUDA + NCCL ---------------------------------
 cat > "$OUT/compile_sync_nccl.py" <<'EOF'
-# torch.compile(fullgraph=True) of torch.ops.esper_gate.sync on CUDA tensors, NCCL, one rank.
+# torch.compile(fullgraph=True) of a function that calls torch.ops.esper_gate.sync, CUDA tensors, NCCL, one rank.
 import datetime, socket
 import torch, torch.distributed as dist
 import esper_gate
@@ -269,20 +303,88 @@ assert got[0].is_cuda and got[0].tolist() == [True, False, True, True], got[0]
 dist.destroy_process_group()
 print("torch.compile(fullgraph=True) of esper_gate.sync on CUDA/NCCL matches eager:", got[0].tolist())
 EOF
-if [ "$GPU" = 1 ] && [ "$BUILD_OK" = 1 ]; then
-  step compile_sync_nccl 60 "$PY" "$OUT/compile_sync_nccl.py"
+# A fresh inductor cache: the on-disk cache does not key on a custom op's output sizes.
+compile_sync() { TORCHINDUCTOR_CACHE_DIR="$OUT/inductor_cache" "$PY" "$OUT/compile_sync_nccl.py"; }
+# dry SCRIPT: a GPU script's no-GPU path: SKIPPED for every case, exit 3.
+dry() { "$PY" "$@"; [ $? -eq 3 ]; }
+export -f cuda_tests compile_sync dry
+
+RANK_TESTS="gloo_with_cuda_tensors or two_ranks_on_one_gpu"
+GPU_OK=0
+[ "$GPU" = 1 ] && [ "$BUILD_OK" = 1 ] && GPU_OK=1
+not_run() {  # NAME: FAIL on a GPU machine (the build failed), SKIPPED without a GPU
+  if [ "$GPU" = 1 ]; then record "$1" FAIL 0 "not run: no usable CUDA build"; else skip "$1" "no GPU"; fi
+}
+if [ "$GPU_OK" = 1 ]; then
+  # Each in processes of its own on the one GPU while the CUDA tests run: none of them
+  # measures a time or device-wide memory (those run later, with the GPU to themselves).
+  bg_start c10d_fallback 100 "$PY" benchmarks/gpu_gate_check.py --only c10d_fallback
+  bg_start compile_sync_nccl 120 compile_sync
+  bg_start gate_owned 120 "$PY" benchmarks/gpu_gate_check.py --only owned_transport gate_sync_owned no_host_sync
+  bg_start nccl_lib 90 "$PY" -m pytest tests/test_nccl_lib.py tests/test_graph_safety.py -q -rs -p no:cacheprovider
+  # The CUDA tests that spawn 2-4 ranks (through gloo), apart from the others, to halve the wall time.
+  bg_start test_cuda_ranks 150 cuda_tests test_cuda_ranks -k "$RANK_TESTS"
 else
-  skip compile_sync_nccl "no GPU or no CUDA build"
+  for s in c10d_fallback compile_sync_nccl gate_owned nccl_lib test_cuda_ranks; do not_run "$s"; done
+  step gate_check_dry 60 dry benchmarks/gpu_gate_check.py
+  cases "cases:gate:$OUT/gate_check_dry.log"
 fi
 
-# ---- 7. CPU subset ---------------------------------------------------------------
-step cpu_tests 60 "$PY" -m pytest tests/test_ops.py tests/test_wire.py -q -p no:cacheprovider
+# ---- 5. CUDA tests ----------------------------------------------------------------------
+if [ "$GPU_OK" = 1 ]; then
+  step test_cuda 150 cuda_tests test_cuda -k "not ($RANK_TESTS)"
+  grep -E '^CUDA tests: ' "$OUT/test_cuda.log" | sed 's/^/    /'
+  bg_wait test_cuda_ranks
+  grep -E '^CUDA tests: ' "$OUT/test_cuda_ranks.log" | sed 's/^/    /'
+  bg_wait c10d_fallback
+  cases "cases:c10d:$OUT/c10d_fallback.log"
+  bg_wait compile_sync_nccl
+  bg_wait gate_owned
+  cases "cases:gate:$OUT/gate_owned.log"
+  bg_wait nccl_lib
+else
+  not_run test_cuda
+fi
 
-# ---- 8. the gloo sweep on this machine's CPUs (last: the least important) ------------
-if [ "$GPU" = 1 ] && [ $((BUDGET - (SECONDS - START))) -lt 100 ]; then
-  skip bench_cpu "optional, and less than 100 s of the budget is left"
-elif [ "$GPU" = 1 ]; then
-  step bench_cpu 120 "$PY" benchmarks/bench_sync.py --backend gloo --worlds 2 4 --budget 2 --out "$OUT/bench_cpu"
+# ---- 6. the gate's own NCCL communicator, the GPU to itself --------------------------------
+if [ "$GPU_OK" = 1 ]; then
+  step owned_nccl 150 "$PY" benchmarks/gpu_owned_check.py --cycles "${GPU_CHECK_NCCL_CYCLES:-100}"
+  cases "cases:owned:$OUT/owned_nccl.log"
+else
+  not_run owned_nccl
+  step owned_nccl_dry 60 dry benchmarks/gpu_owned_check.py
+  cases "cases:owned:$OUT/owned_nccl_dry.log"
+fi
+
+# ---- 7. figures, the GPU to itself: enqueue time, pack/decode kernel times ----------------
+if [ "$GPU_OK" = 1 ]; then
+  step gate_figures 60 "$PY" benchmarks/gpu_gate_check.py --only enqueue kernels
+  cases "cases:gate:$OUT/gate_figures.log"
+else
+  not_run gate_figures
+fi
+
+# ---- 8. benchmark (optional: skipped when less than 40 s is left) --------------------------
+if [ "$GPU_OK" = 1 ] && [ "$(left)" -lt 40 ]; then
+  skip bench "optional, and only $(left)s of the budget is left (40 s needed)"
+elif [ "$GPU_OK" = 1 ]; then
+  # NCCL with one rank (NCCL cannot put two ranks on one GPU): per-slot unanimous with .item(),
+  # rank-0 broadcast, bare floor, GateSync, raw op, for S in {1, 4, 16, 64, 256}.
+  step bench 60 "$PY" benchmarks/bench_sync.py --backend nccl --preset quick \
+    --slots 1 4 16 64 256 --budget 1 --out "$OUT/bench"
+  cases "bench:$OUT/bench.log"
+else
+  not_run bench
+  step bench_cpu_quick 90 "$PY" -m esper_gate bench --preset quick --budget 1 --out "$OUT/bench"
+  cases "bench:$OUT/bench_cpu_quick.log"
+fi
+
+# ---- 9. CPU subset (optional on a GPU machine: CI runs it) -----------------------------------
+if [ "$GPU" = 1 ] && [ "$(left)" -lt 40 ]; then
+  skip cpu_tests "optional, and only $(left)s of the budget is left"
+else
+  step cpu_tests 60 "$PY" -m pytest tests/test_wire.py tests/test_gpu_scripts.py -q \
+    -p no:cacheprovider
 fi
 
 # ---- summary ---------------------------------------------------------------------

@@ -14,14 +14,19 @@ for rank 1), and its abort is what is measured.
 
 Cases:
   init_timeout_abort   world 2, rank 1 never joins: init pending for 1 s, abort within 2 s
-  stuck_abort_then_new world 2, both ranks on the one GPU in two processes (if NCCL allows it), rank 1
-                       never calls: rank 0's all_reduce is stuck, abort from another thread within 2 s;
-                       if NCCL refuses two ranks on one GPU, the init-pending variant (all_reduce_
-                       refused, abort within 2 s). Then a new world-1 communicator all-reduces correctly
+  stuck_abort_then_new world 2, both ranks on the one GPU in two processes, rank 1 never calls: rank 0's
+                       all_reduce is stuck, abort from another thread within 2 s. NCCL refuses two ranks
+                       of one host on one GPU ("Duplicate GPU detected", init.cc: same hostHash and
+                       busId), so each process gets its own NCCL_HOSTID (getHostHash, misc/utils.cc)
+                       and they meet over the socket transport on lo, with NCCL_RUNTIME_CONNECT=0 so
+                       the connections are made at init and the all_reduce is enqueued and stuck on
+                       the device. If NCCL still refuses, the VARIANT (said in the line): an all_reduce_
+                       refused on the failed communicator, then its abort. Then a new world-1
+                       communicator all-reduces correctly
   one_context          nvidia-smi --query-compute-apps shows one context, of this process, on the
                        gate's device, after init, all_reduce, abort and mapped words (another thread
                        polls state() and aborts: no context on GPU 0 from them)
-  cycles               N init/abort cycles (world 2, pending), then N world-1 init/all_reduce/destroy:
+  cycles               N init/abort cycles (world 2, pending), then N/4 world-1 init/all_reduce/destroy:
                        fds, OS threads and GPU memory do not grow (each phase measured on its own: a
                        leak of the unique id's bootstrap root, which waits for a rank that never
                        comes, shows in the first)
@@ -44,8 +49,9 @@ import threading
 import time
 import traceback
 
-CASES = ("init_timeout_abort", "stuck_abort_then_new", "one_context", "cycles", "graph_capture",
-         "capture_refused", "sync_debug", "mapped_words")
+# cycles last: the longest, so that a hang there costs no other case the step's time
+CASES = ("init_timeout_abort", "stuck_abort_then_new", "one_context", "graph_capture", "capture_refused",
+         "sync_debug", "mapped_words", "cycles")
 
 
 def _device():
@@ -84,8 +90,20 @@ def case_init_timeout_abort(args):
     return ok, f"states during 1 s {sorted(states)}, abort {abort_s * 1000:.0f} ms, then {after!r}"
 
 
+# Two ranks of one GPU as two "hosts" (see stuck_abort_then_new): read by NCCL at its first init in
+# the process (ncclGetUniqueId / ncclCommInitRankConfig), so set before any NCCL call.
+TWO_HOSTS_ENV = {"NCCL_SOCKET_IFNAME": "lo", "NCCL_IB_DISABLE": "1", "NCCL_RUNTIME_CONNECT": "0",
+                 "NCCL_MNNVL_ENABLE": "0", "NCCL_NVLS_ENABLE": "0"}
+
+
+def _two_hosts(rank):
+    os.environ.update(TWO_HOSTS_ENV)
+    os.environ["NCCL_HOSTID"] = f"esper-gate-gpu-check-rank{rank}"
+
+
 def _silent_peer(uid, ready, release):
     """Rank 1 of a world of 2 on the same GPU: initializes, then never calls."""
+    _two_hosts(1)
     from esper_gate import _nccl
 
     comm = _nccl.NcclComm(uid, 1, 2, _device())
@@ -101,6 +119,7 @@ def _silent_peer(uid, ready, release):
 def case_stuck_abort_then_new(args):
     import torch
 
+    _two_hosts(0)
     from esper_gate import _nccl
 
     dev = _device()
@@ -137,7 +156,8 @@ def case_stuck_abort_then_new(args):
     else:
         # NCCL refused a second rank on this GPU: the peer never initializes, so the
         # all_reduce is refused (never run unmatched) and the init stays pending
-        how = f"one GPU per rank refused (rank 0 {mine!r}, rank 1 {theirs!r}): init-pending variant"
+        how = (f"VARIANT, no stuck all_reduce: two ranks on one GPU refused (rank 0 {mine[:160]!r}, rank 1 "
+               f"{theirs[:80]!r}): all_reduce_ refused, then abort")
         try:
             comm.all_reduce_(buf)
             stuck = False
@@ -161,7 +181,8 @@ def case_stuck_abort_then_new(args):
     end = new.destroy()
     new.close()
     ok = stuck and aborted and abort_s < 2.0 and good and end == "destroyed"
-    return ok, (f"{how}: stuck {stuck}; abort from another thread {abort_s * 1000:.0f} ms; a new world-1 "
+    where = "on the host (enqueue)" if mine == "ready" and theirs == "ready" and not done.is_set() else ""
+    return ok, (f"{how}: stuck {stuck} {where}; abort from another thread {abort_s * 1000:.0f} ms; a new world-1 "
                 f"comm all_reduce {'correct' if good else 'WRONG'}, {end}")
 
 
@@ -169,6 +190,24 @@ def _contexts():
     out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory,gpu_uuid", "--format=csv,noheader"],
                          capture_output=True, text=True, timeout=30).stdout
     return [line.split(", ") for line in out.strip().splitlines() if line.strip()]
+
+
+def _primary_contexts():
+    """CUDA devices on which this process's primary context is active (CUDA driver API:
+    cuDevicePrimaryCtxGetState), whatever nvidia-smi can see from inside a container."""
+    import ctypes
+
+    cu = ctypes.CDLL("libcuda.so.1")
+    n = ctypes.c_int(0)
+    if cu.cuDeviceGetCount(ctypes.byref(n)) != 0:
+        return None
+    active = []
+    for i in range(n.value):
+        d, flags, on = ctypes.c_int(0), ctypes.c_uint(0), ctypes.c_int(0)
+        if cu.cuDeviceGet(ctypes.byref(d), i) == 0 and \
+                cu.cuDevicePrimaryCtxGetState(d, ctypes.byref(flags), ctypes.byref(on)) == 0 and on.value:
+            active.append(i)
+    return active
 
 
 def case_one_context(args):
@@ -187,17 +226,26 @@ def case_one_context(args):
     t.start()
     t.join(10)
     torch.cuda.synchronize()
-    rows = _contexts()
+    primary = _primary_contexts()
+    try:
+        rows = _contexts()
+    except Exception as e:  # noqa: BLE001 - no nvidia-smi
+        rows, smi = [], f"nvidia-smi failed: {e}"
+    else:
+        smi = ""
     mine = [c for c in rows if c[0].strip().isdigit() and int(c[0]) == os.getpid()]
-    how = "of this process"
-    if not mine:  # another pid namespace (a container): this case is the only CUDA user of the GPU
-        mine, how = rows, "on the GPU (nvidia-smi shows pids of another namespace)"
     comm.destroy()
     comm.close()
     stuck.close()
     del words
-    ok = len(mine) == 1
-    return ok, f"{len(mine)} compute context(s) {how}: {mine}"
+    if mine:
+        smi_ok, smi = len(mine) == 1, f"nvidia-smi: {len(mine)} compute context(s) of this pid {mine}"
+    else:
+        # Another pid namespace (a container) or no listing: nvidia-smi cannot tell this process's
+        # contexts from those of other steps; it is reported, not judged.
+        smi_ok, smi = True, smi or f"nvidia-smi lists no row of this pid (another pid namespace?): {rows}"
+    ok = primary == [dev.index] and smi_ok
+    return ok, f"primary contexts active on devices {primary} (gate's device {dev.index}); {smi}"
 
 
 def _fds():
@@ -221,7 +269,6 @@ def case_cycles(args):
     from esper_gate import _nccl
 
     dev = _device()
-    n = args.cycles
 
     def pending_then_abort():  # world 2, rank 1 never comes: the deadline's path at construction
         c = _nccl.NcclComm(_nccl.unique_id(), 0, 2, dev)
@@ -236,7 +283,8 @@ def case_cycles(args):
         w.close()
 
     figures, ok = [], True
-    for name, cycle in (("init/abort", pending_then_abort), ("init/all_reduce/destroy", healthy)):
+    for name, cycle, n in (("init/abort", pending_then_abort, args.cycles),
+                           ("init/all_reduce/destroy", healthy, max(args.cycles // 4, 5))):
         for _ in range(3):  # NCCL's and CUDA's one-time state
             cycle()
         before = _snapshot(torch, dev)
@@ -397,7 +445,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cycles", type=int, default=100)
     p.add_argument("--only", nargs="*", choices=CASES)
-    p.add_argument("--case-timeout", type=float, default=45.0, help="per case; the cycles case gets 3x")
+    p.add_argument("--case-timeout", type=float, default=40.0, help="per case; the cycles case gets 2x")
     args = p.parse_args(argv)
     import torch
 
@@ -418,10 +466,11 @@ def main(argv=None) -> int:
         proc = ctx.Process(target=_run_case, args=(name, args, out))
         t0 = time.monotonic()
         proc.start()
+        limit = args.case_timeout * (2 if name == "cycles" else 1)
         try:
-            _, ok, figure = out.get(timeout=args.case_timeout * (3 if name == "cycles" else 1))
+            _, ok, figure = out.get(timeout=limit)
         except queue.Empty:
-            ok, figure = False, f"no result within {args.case_timeout:.0f} s (hang or crash, exit {proc.exitcode})"
+            ok, figure = False, f"no result within {limit:.0f} s (hang or crash, exit {proc.exitcode})"
         proc.join(10)
         if proc.is_alive():
             proc.kill()

@@ -270,3 +270,28 @@ def test_cpu_tensors_for_a_cuda_gate_are_bad_input():
     with pytest.raises(esper_gate.GateInputError, match="votes is on cpu, expected cuda:0"):
         gs(torch.ones(2, dtype=torch.bool), torch.ones(2, dtype=torch.int64, device="cuda"),
            torch.ones(2, dtype=torch.int64, device="cuda"))
+
+
+def _two_ranks_one_gpu(rank, world, transport):
+    dev = torch.device("cuda", 0)
+    try:
+        esper_gate.GateSync(4, device=dev, transport=transport)
+    except esper_gate.GateConfigError as e:
+        return str(e)
+    return "built"
+
+
+@needs_cuda_build
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("transport", [None, "c10d"])
+def test_two_ranks_on_one_gpu_are_refused_naming_both(transport):
+    """NCCL cannot put two ranks of a communicator on one GPU (the owned one would fail at
+    init, ProcessGroupNCCL hangs or fails): every CUDA gate refuses at construction, on every
+    rank, naming both ranks, the host and the GPU (its UUID, from the rendezvous)."""
+    import socket
+
+    said = values(spawn_ranks(_two_ranks_one_gpu, 2, transport, timeout=120))
+    uuid = str(torch.cuda.get_device_properties(0).uuid)
+    for text in said:
+        assert "ranks 0 and 1 are both on cuda:0" in text, text
+        assert uuid in text and socket.gethostname() in text, text
