@@ -182,6 +182,7 @@ class RoundLog:
     vetoed: list[list[int]] = field(default_factory=list)        # per call: passed here, agreed no
     digest_diverged: list[list[int]] = field(default_factory=list)  # per call: slots whose digests differ
     reports: list[str] = field(default_factory=list)             # per call with a divergence: its note
+    last_notes: list = field(default_factory=list)               # the last call's notes, per slot (None: agreed)
 
 
 FOSSILIZE_POLICY = "unanimous"   # G5 is irreversible: unanimous whatever the configured policy
@@ -241,6 +242,7 @@ def run_gate_round(slots: Sequence[EsperLikeSlot], log: RoundLog, *, names: Sequ
     log.vetoed.append([i for i, (c, r) in enumerate(zip(checks, decided))
                        if c is not None and r is not None and c.passed and not r.passed and not diverged[i]])
     log.transitioned.append(moved)
+    log.last_notes = list(notes)
     first = next((note for note in notes if note is not None), None)
     if first:
         log.reports.append(first)
