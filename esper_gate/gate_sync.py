@@ -21,10 +21,12 @@ A façade over parts with one job each:
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import socket
 import time
+import weakref
 from typing import Sequence
 
 import torch
@@ -46,6 +48,38 @@ from .errors import GateConfigError, GateError, GateInputError
 __all__ = ["GateSync", "GateConsensus", "site_fingerprint"]
 
 log = logging.getLogger("esper_gate")
+
+
+# Every GateSync whose watcher thread may still run, for _stop_watchers_at_exit.
+EXIT_JOIN_S = 5.0
+_live: "weakref.WeakSet[GateSync]" = weakref.WeakSet()
+
+
+def _stop_watchers_at_exit() -> None:
+    """Stop the watcher threads of the GateSyncs still open when the interpreter exits.
+
+    The watcher is a daemon thread that makes c10d Store requests (TCPStore set/get/check,
+    bound with ``py::call_guard<py::gil_scoped_release>`` in torch 2.14.1's
+    torch/csrc/distributed/c10d/init.cpp). When a request returns after Py_FinalizeEx has
+    marked the runtime as finalizing, CPython 3.11 ends the thread in take_gil
+    (Python/ceval_gil.h) with PyThread_exit_thread(), that is pthread_exit(); its forced
+    unwind runs through ``~gil_scoped_release()``, which is noexcept, so libstdc++ calls
+    std::terminate: "terminate called without an active exception", SIGABRT (seen under
+    gdb: take_gil <- PyEval_RestoreThread <- ~gil_scoped_release <- a Store lambda).
+    Py_FinalizeEx runs the atexit callbacks before it marks the runtime as finalizing, so
+    joining the watchers here closes that window. The gates' groups are left to the
+    process's own teardown, as before; only the threads stop.
+    """
+    watchers = [w for w in (gs._watcher for gs in list(_live)) if w is not None]
+    for w in watchers:  # all stop at once, then each is waited for
+        w._stop.set()
+    for w in watchers:
+        # Its last store request (milliseconds when the store is alive) must return first.
+        # Bounded, so that exit never hangs on a dead store.
+        w._thread.join(timeout=EXIT_JOIN_S)
+
+
+atexit.register(_stop_watchers_at_exit)
 
 
 class GateSync:
@@ -151,6 +185,7 @@ class GateSync:
                           progress=(lambda: self._transport.completed_seq()) if cuda else None,
                           news=lambda call: self._failure.news(call))
         self._watcher = watcher
+        _live.add(self)
         self._verdict = Verdict(watcher.store_request, rank=self.rank)
         store_host = self.ranks.index(0) if 0 in self.ranks else None
         self._diagnosis = Diagnosis(watcher.read_heartbeats, self.rank, self.world_size, store_host, self.timeout,

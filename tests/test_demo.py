@@ -41,8 +41,18 @@ def check_run(stdout: str, *, epochs: int, diverged_rank: int) -> dict[str, str]
     assert summary["transitions applied to diverged slots"] == "0"
     assert summary["transitions applied"].endswith("on every rank")
     # the lone prune diverges exactly the pruned slot, which is the only one out of step
-    pruned = re.search(rf"rank {diverged_rank} pruned (r\dc\d) on its own", summary["divergences caught"]).group(1)
-    assert f"on {pruned} only" in summary["divergences caught"]
+    caught = summary["divergences caught"]
+    pruned = re.search(rf"rank {diverged_rank} pruned (r\dc\d) on its own", caught).group(1)
+    # rank 0's alpha step drifts on one slot (by default): a digest divergence there, stage unchanged
+    digest_row = summary["of which state-digest divergences"]
+    drift = re.search(r"; (r\dc\d): rank 0's alpha step drifted at epoch \d+, its stage the same on every "
+                      r"rank \(only the digest tells\)", digest_row)
+    expected = {pruned} | ({drift.group(1)} if drift else set())
+    if drift:
+        assert re.match(rf"\d+ slot-rounds, on .*{drift.group(1)}", digest_row), digest_row
+    assert set(re.search(r"on (.*) only", caught).group(1).split(", ")) == expected, caught
+    # every rank learns every slot's divergence, also the ranks without a gate there
+    assert re.search(r"seen by \d+ on every rank", caught), caught
     assert summary["slots in step at the end"].endswith(f"({pruned} differs)")
     # a per-check sync would have paired different numbers of gate checks per rank
     checks = summary["gate checks a per-check sync would pair"]
@@ -94,6 +104,8 @@ def test_demo_under_torchrun():
     (["--slots", "0"], "--slots must be within 1..1024, got 0"),
     (["--show-hang", "--diverge-at", "-1"], "--show-hang needs a divergence"),
     (["--backend", "nccl"], "--backend nccl needs"),
+    (["--drift-at", "4", "--diverge-at", "4", "--epochs", "8"], "--drift-at must be within 1..8 and differ"),
+    (["--drift-at", "9", "--epochs", "8"], "got 9"),
 ])
 def test_bad_options_fail_fast(argv, message, capsys):
     from esper_gate.tools import demo

@@ -94,7 +94,8 @@ def test_loop_without_a_process_group_visits_every_stage_in_two_rounds_per_epoch
 
 # ---- real ranks -------------------------------------------------------------------------------
 
-def _loop_main(rank: int, world: int, num_slots: int, epochs: int, prune_at: int, seed: int):
+def _loop_main(rank: int, world: int, num_slots: int, epochs: int, prune_at: int, seed: int,
+               drift_at: int = 0):
     from esper_gate import kasmina
 
     log = RoundLog()
@@ -104,12 +105,14 @@ def _loop_main(rank: int, world: int, num_slots: int, epochs: int, prune_at: int
                                   policy="unanimous", timeout=TIMEOUT_S)
 
     try:
-        slots, pruned = esper_like.run_esper_like(num_slots, epochs, seed=seed, rank=rank,
-                                                  lone_pruner=world - 1, prune_at=prune_at, decide=decide)
+        slots, pruned, drifted = esper_like.run_esper_like(
+            num_slots, epochs, seed=seed, rank=rank, lone_pruner=world - 1 if prune_at else -1,
+            prune_at=prune_at, decide=decide, drifter=0 if drift_at else -1, drift_at=drift_at)
     finally:
         kasmina.clear_cache()
     return {"calls": log.calls, "diverged": log.diverged, "transitioned": log.transitioned,
-            "pruned": pruned, "reports": log.reports,
+            "pruned": pruned, "reports": log.reports, "drifted": drifted, "digest_diverged": log.digest_diverged,
+            "alpha_steps": [None if s.state is None else s.state.alpha_steps for s in slots],
             "stages": [None if s.state is None else int(s.state.stage) for s in slots]}
 
 
@@ -142,35 +145,66 @@ def test_lone_prune_diverges_one_slot_and_every_rank_makes_the_same_calls(world)
     assert f"r{pruned // 4}c{pruned % 4}" in report and f"rank {world - 1}" in report
 
 
-def test_decide_round_uses_gate_round_when_esper_gate_has_it(monkeypatch):
-    """Every rank learns every slot's outcome from gate_round, also where it had no gate."""
-    import dataclasses
+@pytest.mark.multiprocess
+@pytest.mark.timeout(150)
+def test_alpha_step_drift_is_a_digest_divergence_seen_by_every_rank_and_nothing_moves():
+    """Rank 0's alpha controller steps once more on one slot: same stage everywhere, so only
+    the state digest tells; both ranks learn it every round after, and the slot never moves."""
+    epochs, drift_at = 14, 6
+    r0, r1 = values(spawn_ranks(_loop_main, 2, 6, epochs, 0, 5, drift_at, timeout=120))
+    drifted = r0["drifted"]
+    assert drifted >= 0 and r1["drifted"] == drifted
+    assert r0["alpha_steps"][drifted] == r1["alpha_steps"][drifted] + 1
+    first = 2 * (drift_at - 1)                     # the epoch round right after the drift
+    for r in (r0, r1):
+        assert r["calls"] == 2 * epochs
+        assert all(not d for d in r["diverged"][:first])
+        # from the drift on: this slot, and only it, diverges in every round, on every rank, by digest
+        assert all(d == [drifted] for d in r["diverged"][first:]), r["diverged"]
+        assert all(d == [drifted] for d in r["digest_diverged"][first:]), r["digest_diverged"]
+        assert not any(drifted in t for t in r["transitioned"][first:])
+    assert r0["stages"] == r1["stages"]            # no stage differs: the digest alone caught it
+    report = r1["reports"][0]
+    name = f"env0/r{drifted // 4}c{drifted % 4}"
+    assert name in report and "digest" in report and "rank 0" in report and "rank 1" in report, report
 
-    from esper_gate import kasmina
 
-    @dataclasses.dataclass(frozen=True)
-    class Outcome:  # RoundOutcome's fields
-        name: str
-        gate: int | None
-        passed: bool
-        diverged: bool
-        note: str | None
-        gate_result: object
+def test_decide_round_passes_names_policies_and_digests_to_gate_round(monkeypatch):
+    """The real gate_round (a world of one: each local result stands), with a policy per slot
+    (HOLDING: unanimous) and a digest per slot (None for an empty slot)."""
+    from esper_gate import kasmina, state_digest
 
     seen = []
+    real = kasmina.gate_round
 
-    def fake_gate_round(slots, gate_results, *, policy, names, timeout):
-        seen.append((policy, names, timeout))
-        return [Outcome(n, None, False, i == 1, "slot diverged" if i == 1 else None, r)
-                for i, (n, r) in enumerate(zip(names, gate_results))]
+    def spy(slots, gate_results, **kw):
+        seen.append(kw)
+        return real(slots, gate_results, **kw)
 
-    monkeypatch.setattr(kasmina, "gate_round", fake_gate_round, raising=False)
-    queued, empty = slot_at(SeedStage.TRAINING), EsperLikeSlot("r0c1", seed=0, rank=0)
+    monkeypatch.setattr(kasmina, "gate_round", spy)
+    queued, holding, empty = slot_at(SeedStage.TRAINING), slot_at(SeedStage.HOLDING), EsperLikeSlot(
+        "r0c2", seed=0, rank=0)
     queued.request_advance()
     monkeypatch.setattr(queued, "pending_gate_check", lambda: esper_like.GateResult(GateLevel.G2, passed=True))
     log = RoundLog()
-    decided = esper_like.run_gate_round([queued, empty], log, names=["a", "b"], policy="majority", timeout=2.0)
-    assert seen == [("majority", ["a", "b"], 2.0)]
-    assert decided[0].passed is False and decided[1] is None     # the outcome's passed wins
-    assert log.diverged == [[1]] and log.reports == ["slot diverged"]  # learned without a gate there
-    assert queued.state.stage == SeedStage.TRAINING
+    decided = esper_like.run_gate_round([queued, holding, empty], log, names=["a", "b", "c"], policy="rank0",
+                                        timeout=2.0)
+    [kw] = seen
+    assert kw["names"] == ["a", "b", "c"] and kw["policy"] == "rank0" and kw["timeout"] == 2.0
+    assert kw["policies"] == ["rank0", "unanimous", "rank0"]
+    assert kw["digests"] == [state_digest(0, esper_like.ALPHA_HOLD, "seed_0", "conv_light")] * 2 + [None]
+    assert decided[0].passed is True and decided[1] is None and decided[2] is None
+    assert queued.state.stage == SeedStage.BLENDING and log.diverged == [[]]
+
+
+def test_digest_follows_alpha_step_mode_seed_and_blueprint():
+    s = slot_at(SeedStage.TRAINING)
+    base = esper_like.slot_digest(s)
+    assert esper_like.slot_digest(EsperLikeSlot("r0c0", seed=0, rank=0)) is None
+    for change in (lambda st: setattr(st, "alpha_steps", 1), lambda st: setattr(st, "alpha_mode", esper_like.ALPHA_UP),
+                   lambda st: setattr(st, "seed_id", "seed_9"), lambda st: setattr(st, "blueprint_id", "attn")):
+        t = slot_at(SeedStage.TRAINING)
+        change(t.state)
+        assert esper_like.slot_digest(t) != base
+    s._move(SeedStage.BLENDING)
+    assert s.state.alpha_mode == esper_like.ALPHA_UP

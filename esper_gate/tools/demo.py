@@ -8,7 +8,9 @@ synced where they are checked: they are queued, and one round per model
 decides every slot, after the ticks and again after the actions, on every
 rank, whatever its slots hold. At ``--diverge-at`` the last rank prunes a
 seed on its own: the round reports that slot, applies nothing to it, and the
-other slots go on. ``--show-hang`` first runs Esper HEAD's design on the same
+other slots go on. At ``--drift-at`` rank 0's alpha controller takes one
+extra step on one slot, inside its stage: the slot's state digest differs, the
+round reports which ranks hold which digest, and nothing is applied to it. ``--show-hang`` first runs Esper HEAD's design on the same
 loop: one rank-0 ``broadcast_object_list`` per gate check, under a short
 timeout.
 
@@ -87,6 +89,7 @@ class Settings:
     policy: str
     backend: str
     diverge_at: int          # 0: no divergence
+    drift_at: int            # 0: no digest drift
     seed: int
     timeout: float
     show_hang: bool
@@ -115,6 +118,9 @@ def run_rank(cfg: Settings) -> dict:
     if cfg.diverge_at:
         out.print(f"  at epoch {cfg.diverge_at}, rank {world - 1} prunes a seed on its own, out of step "
                   f"with the other ranks")
+    if cfg.drift_at:
+        out.print(f"  at epoch {cfg.drift_at}, rank 0's alpha controller steps once more on one slot (same "
+                  f"stage, different state digest)")
     old = None
     if cfg.show_hang:
         out.print()
@@ -211,7 +217,7 @@ def run_esper_gate(cfg: Settings, out: Console) -> dict:
     names = slot_names(cfg.slots)
     log = esper_like.RoundLog()
     latencies: list[float] = []
-    counts = {"gate_checks": 0, "reported": False}
+    counts = {"gate_checks": 0, "reported": False, "drift_reported": False}
 
     def decide(slots, when):
         counts["gate_checks"] += sum(s.pending_gate_target is not None for s in slots)
@@ -222,16 +228,25 @@ def run_esper_gate(cfg: Settings, out: Console) -> dict:
             counts["reported"] = True
             out.print(f"  round {log.calls} (epoch {(log.calls + 1) // ROUNDS_PER_EPOCH}, after the "
                       f"{'ticks' if when == 'epoch' else 'actions'}): {log.reports[-1]}")
+        epoch = (log.calls + 1) // ROUNDS_PER_EPOCH
+        before = set(log.digest_diverged[-2]) if len(log.digest_diverged) > 1 else set()
+        new = [i for i in log.digest_diverged[-1] if i not in before]  # the drift shows as a new digest split
+        if cfg.drift_at and epoch >= cfg.drift_at and new and not counts["drift_reported"]:
+            counts["drift_reported"] = True
+            out.print(f"  round {log.calls} (epoch {epoch}, after the "
+                      f"{'ticks' if when == 'epoch' else 'actions'}): {log.last_notes[new[0]]}")
 
     try:
         out.bar(0, cfg.epochs)
-        slots, pruned = esper_like.run_esper_like(
+        slots, pruned, drifted = esper_like.run_esper_like(
             cfg.slots, cfg.epochs, seed=cfg.seed, rank=rank, lone_pruner=world - 1 if cfg.diverge_at else -1,
-            prune_at=cfg.diverge_at, decide=decide, on_epoch=lambda e: out.bar(e, cfg.epochs))
+            prune_at=cfg.diverge_at, decide=decide, on_epoch=lambda e: out.bar(e, cfg.epochs),
+            drifter=0 if cfg.drift_at else -1, drift_at=cfg.drift_at)
     finally:
         kasmina.clear_cache()
 
-    # one gather of plain ints (no pickling): per call and slot, 1 = diverged here, 2 = transitioned here
+    # one gather of plain ints (no pickling): per call and slot, 1 = diverged here, 2 = transitioned
+    # here, 4 = the ranks' state digests differ
     calls = log.calls
     flags = torch.zeros(calls * cfg.slots, dtype=torch.int64)
     for c in range(calls):
@@ -239,6 +254,8 @@ def run_esper_gate(cfg: Settings, out: Console) -> dict:
             flags[c * cfg.slots + i] += 1
         for i in log.transitioned[c]:
             flags[c * cfg.slots + i] += 2
+        for i in log.digest_diverged[c]:
+            flags[c * cfg.slots + i] += 4
     stages = [-1 if s.state is None else int(s.state.stage) for s in slots]
     transitions = sum(len(t) for t in log.transitioned)
     head = torch.tensor([calls, transitions, counts["gate_checks"]] + stages, dtype=torch.int64)
@@ -249,20 +266,33 @@ def run_esper_gate(cfg: Settings, out: Console) -> dict:
                       if r[n_head + c * cfg.slots + i] & 1}
     applied_diverged = sum(1 for r in everyone for (c, i) in diverged_pairs if r[n_head + c * cfg.slots + i] & 2)
     diverged_slots = sorted({i for _c, i in diverged_pairs})
+    digest_pairs = {(c, i) for r in everyone for c in range(calls) for i in range(cfg.slots)
+                    if r[n_head + c * cfg.slots + i] & 4}
+    # every rank learns every slot's divergence: count, per rank, the slot-rounds it saw diverged
+    seen_by_rank = [sum(1 for c in range(calls) for i in range(cfg.slots) if r[n_head + c * cfg.slots + i] & 1)
+                    for r in everyone]
     out_of_step = [i for i in range(cfg.slots) if len({r[3 + i] for r in everyone}) > 1]
     summary = {
         "epochs": cfg.epochs, "calls_by_rank": calls_by_rank, "transitions_by_rank": [r[1] for r in everyone],
         "gate_checks_by_rank": [r[2] for r in everyone], "vetoes": sum(len(v) for v in log.vetoed),
         "divergences": len(diverged_pairs), "diverged_slots": [names[i] for i in diverged_slots],
+        "divergences_seen_by_rank": seen_by_rank,
         "pruned_alone": names[pruned] if cfg.diverge_at and pruned >= 0 else None,
+        "drifted": names[drifted] if cfg.drift_at and drifted >= 0 else None, "drift_at": cfg.drift_at,
+        "digest_divergences": len(digest_pairs), "digest_slots": sorted({names[i] for _c, i in digest_pairs}),
         "applied_to_diverged": applied_diverged, "out_of_step": [names[i] for i in out_of_step],
         "median_latency_ms": statistics.median(latencies) * 1000 if latencies else 0.0,
         "final_stages": stages,
     }
-    expected_diverged = [summary["pruned_alone"]] if summary["pruned_alone"] else []
+    expected_diverged = sorted((summary[k] for k in ("pruned_alone", "drifted") if summary[k]),
+                               key=names.index)
+    expected_digest = [summary["drifted"]] if summary["drifted"] else []
     summary["ok"] = (len(set(calls_by_rank)) == 1 and calls_by_rank[0] == ROUNDS_PER_EPOCH * cfg.epochs
-                     and applied_diverged == 0 and summary["out_of_step"] == expected_diverged
-                     and summary["diverged_slots"] in ([], expected_diverged))
+                     and applied_diverged == 0 and len(set(seen_by_rank)) == 1
+                     and summary["diverged_slots"] == expected_diverged
+                     and set(expected_digest) <= set(summary["digest_slots"]) <= set(expected_diverged)
+                     and not (summary["drifted"] and summary["drifted"] in summary["out_of_step"])
+                     and set(summary["out_of_step"]) <= set(expected_diverged))
     _print_summary(out, summary, world, cfg.backend)
     return summary
 
@@ -285,8 +315,16 @@ def _print_summary(out: Console, s: dict, world: int, backend: str) -> None:
         where = ", ".join(s["diverged_slots"])
         caught = f"{s['divergences']} slot-rounds, on {where} only" + (
             f" (rank {world - 1} pruned {s['pruned_alone']} on its own)" if s["pruned_alone"] else "")
+        caught += "; seen by " + _per_rank(s["divergences_seen_by_rank"])
     else:
         caught = "0"
+    if s["digest_divergences"]:
+        digest = f"{s['digest_divergences']} slot-rounds, on {', '.join(s['digest_slots'])}"
+        if s["drifted"]:
+            digest += (f"; {s['drifted']}: rank 0's alpha step drifted at epoch {s['drift_at']}, its stage "
+                       f"the same on every rank (only the digest tells)")
+    else:
+        digest = "0" + (" (nothing drifted: no seed to drift)" if s["drift_at"] else "")
     in_step = len(s["final_stages"]) - len(s["out_of_step"])
     rows = [
         ("epochs", f"{s['epochs']}"),
@@ -294,6 +332,7 @@ def _print_summary(out: Console, s: dict, world: int, backend: str) -> None:
         ("transitions applied", _per_rank(s["transitions_by_rank"])),
         ("vetoes", f"{s['vetoes']} on rank 0 (its gate passed, the consensus said no)"),
         ("divergences caught", caught),
+        ("of which state-digest divergences", digest),
         ("transitions applied to diverged slots", f"{s['applied_to_diverged']}"),
         ("gate checks a per-check sync would pair", _per_rank(s["gate_checks_by_rank"])
          + " (Esper HEAD: one broadcast each)"),
@@ -397,6 +436,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--diverge-at", type=int, default=None, metavar="EPOCH",
                    help="epoch at which the last rank prunes a seed on its own (default: the middle "
                         "epoch; -1: never)")
+    p.add_argument("--drift-at", type=int, default=None, metavar="EPOCH",
+                   help="epoch at which rank 0's alpha controller takes one extra step on one slot, "
+                        "inside its stage (default: halfway between --diverge-at and the end; -1: never)")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated gate qualities (default 0)")
     p.add_argument("--show-hang", action="store_true",
                    help="first run the old per-slot all_reduce design on the same scenario, under a "
@@ -432,6 +474,16 @@ def settings_from(argv: Sequence[str]) -> tuple[Settings | None, str | None]:
         diverge_at = 0
     elif not 1 <= diverge_at <= args.epochs:
         return None, f"--diverge-at must be within 1..{args.epochs} (or -1 for none), got {args.diverge_at}"
+    if args.drift_at is not None:
+        drift_at = args.drift_at
+    else:
+        drift_at = (diverge_at or args.epochs // 2) + max(1, (args.epochs - (diverge_at or args.epochs // 2)) // 2)
+        drift_at = drift_at if drift_at <= args.epochs else -1
+    if drift_at == -1 or world == 1:
+        drift_at = 0
+    elif not 1 <= drift_at <= args.epochs or drift_at == diverge_at:
+        return None, (f"--drift-at must be within 1..{args.epochs} and differ from --diverge-at "
+                      f"{diverge_at} (or -1 for none), got {args.drift_at}")
     if args.show_hang and not diverge_at:
         return None, "--show-hang needs a divergence: at least 2 ranks and --diverge-at other than -1"
     if args.backend == "nccl":
@@ -449,7 +501,7 @@ def settings_from(argv: Sequence[str]) -> tuple[Settings | None, str | None]:
     where = "launched by torchrun" if launched else "spawned here"
     device = "gloo on CPU" if args.backend == "gloo" else "NCCL on GPUs"
     cfg = Settings(world=world, slots=args.slots, epochs=args.epochs, policy=args.policy, backend=args.backend,
-                   diverge_at=diverge_at, seed=args.seed, timeout=args.timeout, show_hang=args.show_hang,
+                   diverge_at=diverge_at, drift_at=drift_at, seed=args.seed, timeout=args.timeout, show_hang=args.show_hang,
                    hang_timeout=args.hang_timeout, launched=f"{where}, {device}")
     return cfg, None
 

@@ -51,12 +51,18 @@ class GateResult:
     timestamp: float = 0.0
 
 
+ALPHA_HOLD, ALPHA_UP = 0, 1   # Esper's AlphaMode.HOLD and .UP (leyline/alpha.py)
+
+
 @dataclass
 class SeedState:
     seed_id: str
     stage: int = SeedStage.GERMINATED
     epochs_in_stage: int = 0
     alpha: float = 0.0
+    alpha_steps: int = 0              # the alpha controller's alpha_steps_done
+    alpha_mode: int = ALPHA_HOLD      # UP while blending
+    blueprint_id: str = "conv_light"
 
 
 class EsperLikeSlot:
@@ -84,6 +90,16 @@ class EsperLikeSlot:
     def _move(self, stage: int) -> None:
         assert self.state is not None
         self.state.stage, self.state.epochs_in_stage = stage, 0
+        self.state.alpha_mode = ALPHA_UP if stage == SeedStage.BLENDING else ALPHA_HOLD
+
+    def digest_values(self) -> tuple | None:
+        """What must be equal across ranks beyond the stage (the Esper patch's
+        ``slot_digest_values``): alpha step, alpha mode, seed id, blueprint id; None
+        for an empty slot, which goes on the wire as digest 0."""
+        if self.state is None:
+            return None
+        st = self.state
+        return (st.alpha_steps, st.alpha_mode, st.seed_id, st.blueprint_id)
 
     def step_epoch(self, *, defer_gates: bool = True) -> None:
         """Esper's tick: early returns, cooldowns, and a queued gate (never a sync)."""
@@ -103,6 +119,7 @@ class EsperLikeSlot:
             return
         if st.stage == SeedStage.BLENDING:
             st.alpha = min(1.0, st.alpha + 1.0 / BLEND_EPOCHS)   # the alpha tick comes first,
+            st.alpha_steps += 1
             if st.alpha >= 1.0:                                   # then G3 sees it
                 self._pending = SeedStage.HOLDING
             return
@@ -163,34 +180,53 @@ class RoundLog:
     diverged: list[list[int]] = field(default_factory=list)      # per call: slot indices
     transitioned: list[list[int]] = field(default_factory=list)  # per call: slot indices
     vetoed: list[list[int]] = field(default_factory=list)        # per call: passed here, agreed no
+    digest_diverged: list[list[int]] = field(default_factory=list)  # per call: slots whose digests differ
     reports: list[str] = field(default_factory=list)             # per call with a divergence: its note
+    last_notes: list = field(default_factory=list)               # the last call's notes, per slot (None: agreed)
+
+
+FOSSILIZE_POLICY = "unanimous"   # G5 is irreversible: unanimous whatever the configured policy
+
+
+def slot_policy(slot: EsperLikeSlot, default: str) -> str:
+    """The slot's policy in the round, chosen from its stage (equal on ranks in step, so the
+    policy never makes a slot diverge on its own): HOLDING, whose gate is G5, FOSSILIZE_POLICY."""
+    if slot.state is not None and slot.state.stage == SeedStage.HOLDING:
+        return FOSSILIZE_POLICY
+    return default
+
+
+def slot_digest(slot: EsperLikeSlot) -> int | None:
+    """``esper_gate.state_digest`` of the slot's digest values; None (0 on the wire) when empty."""
+    from .. import state_digest
+
+    values = slot.digest_values()
+    return None if values is None else state_digest(*values)
 
 
 def decide_round(slots: Sequence[EsperLikeSlot], checks: list, *, names: Sequence[str], policy: str,
-                 timeout: float | None) -> tuple[list, list[bool], str | None]:
-    """The adapter the Esper patch has: ``gate_round`` when esper_gate has it, else ``sync_gate_decisions``.
+                 timeout: float | None) -> tuple[list, list[str | None]]:
+    """The adapter the Esper patch has: ``esper_gate.kasmina.gate_round`` with env-qualified
+    names, a policy and a state digest per slot.
 
-    Returns (decided gate results, per slot: diverged as this rank learns it, a note).
+    Returns (decided gate results, per slot: its divergence note as this rank learns it, or
+    None). Every rank learns every slot's divergence, also where it had no gate.
     """
     from .. import kasmina
 
-    if hasattr(kasmina, "gate_round"):
-        outcomes = kasmina.gate_round(slots, checks, policy=policy, names=list(names), timeout=timeout)
-        decided = [None if o.gate_result is None else dataclasses.replace(o.gate_result, passed=o.passed)
-                   for o in outcomes]
-        notes = [o.note for o in outcomes if o.diverged and o.note]
-        return decided, [bool(o.diverged) for o in outcomes], (notes[0] if notes else None)
-    decided = kasmina.sync_gate_decisions(slots, checks, policy=policy, timeout=timeout)
-    diverged = [r is not None and DIVERGENCE_CHECK in r.checks_failed for r in decided]
-    notes = [r.message.split("; ", 1)[-1] for r, d in zip(decided, diverged) if d]
-    return decided, diverged, (notes[0] if notes else None)
+    outcomes = kasmina.gate_round(slots, checks, policy=policy, names=list(names), timeout=timeout,
+                                  policies=[slot_policy(s, policy) for s in slots],
+                                  digests=[slot_digest(s) for s in slots])
+    decided = [None if o.gate_result is None else dataclasses.replace(o.gate_result, passed=o.passed)
+               for o in outcomes]
+    return decided, [(o.note or "diverged") if o.diverged else None for o in outcomes]
 
 
 def run_gate_round(slots: Sequence[EsperLikeSlot], log: RoundLog, *, names: Sequence[str], policy: str,
                    timeout: float | None = None) -> list:
     """One round for the model: check queued gates, decide all slots at once, apply."""
     checks = [s.pending_gate_check() for s in slots]
-    decided, diverged, note = decide_round(slots, checks, names=names, policy=policy, timeout=timeout)
+    decided, notes = decide_round(slots, checks, names=names, policy=policy, timeout=timeout)
     moved = []
     for i, (slot, result) in enumerate(zip(slots, decided)):
         if result is None:
@@ -199,13 +235,17 @@ def run_gate_round(slots: Sequence[EsperLikeSlot], log: RoundLog, *, names: Sequ
         slot.apply_gate_decision(result)
         if slot.state is not None and slot.state.stage != stage:
             moved.append(i)
+    diverged = [note is not None for note in notes]
     log.calls += 1
     log.diverged.append([i for i, d in enumerate(diverged) if d])
+    log.digest_diverged.append([i for i, note in enumerate(notes) if note is not None and "digest" in note])
     log.vetoed.append([i for i, (c, r) in enumerate(zip(checks, decided))
                        if c is not None and r is not None and c.passed and not r.passed and not diverged[i]])
     log.transitioned.append(moved)
-    if note:
-        log.reports.append(note)
+    log.last_notes = list(notes)
+    first = next((note for note in notes if note is not None), None)
+    if first:
+        log.reports.append(first)
     return decided
 
 
@@ -273,22 +313,42 @@ def lone_prune_slot(slots: Sequence[EsperLikeSlot]) -> int:
     return -1
 
 
+def drift_slot(slots: Sequence[EsperLikeSlot], skip: int = -1) -> int:
+    """The slot whose alpha step drifts on one rank, else -1: the first BLENDING seed (its alpha
+    is moving), else the first other active seed before FOSSILIZED; never ``skip``."""
+    for stages in ((SeedStage.BLENDING,), (SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.HOLDING)):
+        for i, s in enumerate(slots):
+            if i != skip and s.state is not None and s.state.stage in stages:
+                return i
+    return -1
+
+
 def run_esper_like(num_slots: int, epochs: int, *, seed: int, rank: int, lone_pruner: int, prune_at: int,
                    decide: Callable[[list[EsperLikeSlot], str], None],
-                   on_epoch: Callable[[int], None] | None = None) -> tuple[list[EsperLikeSlot], int]:
+                   on_epoch: Callable[[int], None] | None = None, drifter: int = -1,
+                   drift_at: int = 0) -> tuple[list[EsperLikeSlot], int, int]:
     """Esper's epoch, rounds included: tick every slot, round, act, round.
 
     ``decide(slots, when)`` is the round (``when``: "epoch" or "action").
     At ``prune_at`` rank ``lone_pruner`` prunes a seed on its own instead of
-    acting. Returns the slots and the slot pruned alone (-1: none).
+    acting. At ``drift_at``, after the ticks, rank ``drifter``'s alpha
+    controller takes one extra step on one slot (``drift_slot``): same stage,
+    different state digest. Returns the slots, the slot pruned alone and the
+    slot that drifted (-1: none).
     """
     slots = [EsperLikeSlot(f"r{i // 4}c{i % 4}", seed=seed, rank=rank) for i in range(num_slots)]
     operator = Operator(seed)
-    pruned_alone = -1
+    pruned_alone = drifted = -1
     for epoch in range(1, epochs + 1):
         for s in slots:
             s.epoch = epoch
             s.step_epoch(defer_gates=True)
+        if epoch == drift_at:
+            # every rank picks the same slot; one steps its alpha once more, inside the stage
+            drifted = drift_slot(slots, skip=pruned_alone)
+            if rank == drifter and drifted >= 0:
+                slots[drifted].state.alpha_steps += 1
+            operator.leave_alone(drifted)
         decide(slots, "epoch")
         if epoch == prune_at:
             # every rank picks the same slot (their states agree until now); one prunes it, the rest wait
@@ -301,4 +361,4 @@ def run_esper_like(num_slots: int, epochs: int, *, seed: int, rank: int, lone_pr
         decide(slots, "action")
         if on_epoch is not None:
             on_epoch(epoch)
-    return slots, pruned_alone
+    return slots, pruned_alone, drifted
