@@ -71,10 +71,10 @@ def one_rank_group():
     """A one-rank gloo world in this process, torn down afterwards."""
     import torch.distributed as dist
 
-    from esper_gate._spawn import free_port
-
     assert not dist.is_initialized()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    # An in-process store: no port to pick, so nothing else on the machine can
+    # take it between the pick and the bind (EADDRINUSE seen in a loaded CI run).
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield dist.group.WORLD
     finally:
