@@ -100,6 +100,8 @@ for variant in "${VARIANTS[@]}"; do
     grep -q "^  build          $variant\$" <<< "$info" || fail "[$variant] info does not report a $variant build"
     "$W/venv-$variant/bin/python" pkg_smoke.py
   ) || fail "[$variant] the installed wheel"
+  # Each fresh venv goes as soon as it has passed: the CUDA one alone is about 5.6 GiB.
+  rm -rf "$W/venv-$variant" "$W/run-$variant"
   log "[$variant] passed in $((SECONDS - vt0)) s"
 done
 log "packaging check passed (${VARIANTS[*]}) in $((SECONDS - t0)) s"
