@@ -38,6 +38,13 @@ log = logging.getLogger("esper_gate")
 # The two host-mapped words of a CUDA gate (MappedWords): decode's decisions are
 # and-ed with VALID on the device, and the last completed call is written to
 # DONE on the device after decode; the host reads and writes both with no CUDA call.
+#
+# The and-ing writes a new tensor and leaves decode's own: the device-side
+# decisions read false once a call was invalidated, but a rank whose deadline
+# passed just as its collective completed, and whose claim then lost to a
+# peer's "completed" (FailurePath.expire: revalidate), must still read the
+# call's decisions on the host like every other rank. Host reads take decode's
+# tensor after the verdict, so they cannot split there.
 VALID, DONE = 0, 1
 # How often construction polls a non-blocking communicator's state.
 INIT_POLL_S = 0.005
@@ -47,7 +54,9 @@ class Transport(Protocol):
     name: str | None
     self_timing: bool  # raises in the caller at its own timeout (gloo): abort is a no-op
 
-    def sync(self, p: Prepared, seq: int, policy: str) -> tuple[torch.Tensor, torch.Tensor]: ...
+    # (decisions for the device, the report, decode's own decisions for host reads after the
+    # verdict, or None where nothing masks them)
+    def sync(self, p: Prepared, seq: int, policy: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
     def completed_seq(self) -> int | None: ...   # last call completed on the device; None: unknown
     def failed(self) -> bool: ...                # the communicator reports an error (no CUDA call)
     def invalidate(self) -> None: ...            # decisions read false from here on (no CUDA call)
@@ -81,7 +90,8 @@ class LocalTransport:
 
     def sync(self, p: Prepared, seq: int, policy: str):
         buf = ops.pack(p.votes, p.stages, p.targets, seq, p.site, policy, 0, 1, p.poison, p.policies, p.digests)
-        return ops.decode(buf, p.votes.shape[0], 1, policy)
+        decision, report = ops.decode(buf, p.votes.shape[0], 1, policy)
+        return decision, report, None
 
     def completed_seq(self) -> int | None:
         return None
@@ -123,14 +133,15 @@ class C10dTransport:
     def sync(self, p: Prepared, seq: int, policy: str):
         args = (p.votes, p.stages, p.targets, seq, p.site, policy, self.name, p.poison, p.policies, p.digests)
         if self._words is None:
-            return torch.ops.esper_gate.sync.default(*args)
+            decision, report = torch.ops.esper_gate.sync.default(*args)
+            return decision, report, None
         # The gate device's current stream, whatever the thread's current device is
         # (ProcessGroupNCCL orders its stream after the caller's current stream).
         with torch.cuda.device(self.device):
-            decision, report = torch.ops.esper_gate.sync.default(*args)
-            decision.logical_and_(self._words.device[VALID])
+            decoded, report = torch.ops.esper_gate.sync.default(*args)
+            decision = torch.logical_and(decoded, self._words.device[VALID])
             self._words.device[DONE].fill_(seq)
-        return decision, report
+        return decision, report, decoded
 
     def completed_seq(self) -> int | None:
         return None if self._words is None else int(self._words.host[DONE])
@@ -286,10 +297,10 @@ class OwnedTransport:
         buf = ops.pack(p.votes, p.stages, p.targets, seq, p.site, policy, self.rank, self.world, p.poison,
                        p.policies, p.digests)
         self.comm.all_reduce_(buf)  # CUDA: enqueued (ncclAllReduce, SUM, int64); CPU double: blocks
-        decision, report = ops.decode(buf, p.votes.shape[0], self.world, policy)
-        decision.logical_and_(self._words.device[VALID])
+        decoded, report = ops.decode(buf, p.votes.shape[0], self.world, policy)
+        decision = torch.logical_and(decoded, self._words.device[VALID])
         self._words.device[DONE].fill_(seq)
-        return decision, report
+        return decision, report, decoded
 
     def completed_seq(self) -> int | None:
         """The last call whose decode ran on the device: a host read of mapped memory."""

@@ -32,6 +32,12 @@ class GateConsensus:
     aborted has ``decisions`` all false, and every host read here raises its
     GateTimeoutError.
 
+    The host reads (``host_decisions``, ``report``) give the call's one
+    outcome, the same on every rank. The device-side ``decisions`` tensor is
+    conservative: on a rank whose deadline passed just as its collective
+    completed, it can read all false for a call that stands on every rank
+    (the rank invalidated it, then lost the verdict to a peer's completion).
+
     Args:
         seq: the call number.
         decisions, report: the op's outputs.
@@ -42,15 +48,19 @@ class GateConsensus:
         verdict: the gate's Verdict, when the call's shared outcome is still to be
             read (CUDA): the first host read confirms it, and raises a failure
             that a peer decided first.
+        decoded: decode's decisions before the and-ing with the validity word (None:
+            the same as ``decisions``); host reads take these once the verdict is known.
     """
 
     __slots__ = ("seq", "decisions", "_gate", "_latch", "_prepared", "_ready", "_verdict", "_report_tensor",
-                 "_report", "_report_words", "_diverged")
+                 "_report", "_report_words", "_diverged", "_decoded")
 
     def __init__(self, seq: int, decisions: torch.Tensor, report: torch.Tensor, *, gate: GateView,
-                 latch: FailureLatch | None = None, prepared: Prepared | None = None, ready=None, verdict=None):
+                 latch: FailureLatch | None = None, prepared: Prepared | None = None, ready=None, verdict=None,
+                 decoded: torch.Tensor | None = None):
         self.seq = seq
         self.decisions = decisions
+        self._decoded = decisions if decoded is None else decoded
         self._gate = gate
         self._latch = latch if latch is not None else FailureLatch()
         self._prepared = prepared
@@ -103,9 +113,10 @@ class GateConsensus:
         return self._report
 
     def host_decisions(self) -> list[bool]:
-        """The decisions as a Python list (on CUDA, waits for the GPU, bounded by the deadline)."""
+        """The decisions as a Python list (on CUDA, waits for the GPU, bounded by the deadline):
+        the call's shared outcome, read after its verdict (see the class's note)."""
         self._wait_ready()
-        return self.decisions.tolist()
+        return self._decoded.tolist()
 
     def _own_poison_reason(self) -> str | None:
         """Why the kernels refuse this rank's input (None: they don't).

@@ -235,11 +235,11 @@ class GateSync:
     def _run(self, prepared, seq: int, names: Sequence[str] | None = None) -> GateConsensus:
         ready = None
         if not self.distributed:
-            decision, report = self._transport.sync(prepared, seq, self.policy)
+            decision, report, decoded = self._transport.sync(prepared, seq, self.policy)
         else:
             call = self._watcher.begin(seq, time.monotonic() + self.timeout.total_seconds())
             try:
-                decision, report = self._transport.sync(prepared, seq, self.policy)
+                decision, report, decoded = self._transport.sync(prepared, seq, self.policy)
                 if decision.is_cuda:
                     # Recorded on the gate device's current stream (the one the call ran
                     # on), not the thread's current device's: there it would fire at once.
@@ -260,7 +260,7 @@ class GateSync:
                 self._verdict.confirm(seq, self.latch)
         view = GateView(self.rank, self.policy, self.slot_names if names is None else names, self.vocabulary)
         return GateConsensus(seq, decision, report, gate=view, latch=self.latch, prepared=prepared, ready=ready,
-                             verdict=self._verdict if ready is not None else None)
+                             verdict=self._verdict if ready is not None else None, decoded=decoded)
 
     def __call__(self, votes, stages, targets, *, site: int | None = None, names: Sequence[str] | None = None,
                  policies: Sequence[str | None] | None = None, digests=None) -> GateConsensus:

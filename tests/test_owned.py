@@ -332,6 +332,52 @@ def test_skipped_frozen_and_killed_ranks_at_other_world_sizes(world):
     _run_faults(world)
 
 
+# ---- spawned: a deadline that passes as the collective completes --------------------
+
+def _late_deadline_main(rank, world):
+    import owned_double
+    from esper_gate._verdict import OK
+
+    gs = esper_gate.GateSync(4, timeout=T, _owned=owned_double)
+    votes, out = [1, 0, 1, 1], {}
+    if rank == 1:
+        calls, begin = [], gs._watcher.begin
+        gs._watcher.begin = lambda seq, deadline: calls.append(begin(seq, deadline)) or calls[-1]
+        reduce = gs._transport.comm.all_reduce_
+
+        def reduce_then_deadline(buf):
+            reduce(buf)
+            # Rank 0's collective completed and it confirmed the call; this rank's deadline
+            # passes now, before its decode: the watcher's first step clears VALID.
+            while gs._verdict.state(1)[0] != OK:
+                time.sleep(0.005)
+            gs._transport.invalidate()
+
+        gs._transport.comm.all_reduce_ = reduce_then_deadline
+    res = gs(votes, [3] * 4, [4] * 4)
+    if rank == 1:
+        gs._transport.comm.all_reduce_ = reduce
+        out["device"] = res.decisions.tolist()   # decode ran while invalid
+        gs._failure.expire(calls[0])             # its claim finds the call completed: revalidate
+    out["host"] = res.host_decisions()
+    out["passed"] = [s.decided for s in res.report().slots]
+    out["failure"] = None if gs.failure is None else str(gs.failure)
+    out["next"] = gs(votes, [3] * 4, [4] * 4).host_decisions()
+    gs.close()
+    return out
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_a_rank_whose_deadline_passes_as_its_call_completes_reads_the_call_like_its_peers():
+    r0, r1 = values(spawn_ranks(_late_deadline_main, 2, timeout=90))
+    agreed = [True, False, True, True]
+    assert r1["device"] == [False] * 4   # the device-side decisions are conservative
+    for r in (r0, r1):
+        assert r["host"] == agreed and r["passed"] == agreed and r["failure"] is None, (r0, r1)
+        assert r["next"] == agreed
+
+
 # ---- spawned: the store's host exits right after its raise -------------------------
 
 SKIPPER = 2
