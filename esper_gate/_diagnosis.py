@@ -126,7 +126,7 @@ class Diagnosis:
         last = {r: max(b[1] if b is not None else -1, completed_here) for r, b in beats.items()}
         what = "GateSync construction" if seq == 0 else f"esper_gate call {seq}"
         if missing:
-            done = ", ".join(f"rank {r}: {last[r]}" for r in missing)
+            done = ", ".join(f"rank {r}: {last[r] if last[r] >= 0 else 'none'}" for r in missing)
             elsewhere = self._elsewhere(missing)
             absent = [r for r in missing if r not in elsewhere]
             parts = [f"rank {r} is waiting in gate #{g} of this group (its call {c} there), not in this gate "

@@ -68,6 +68,17 @@ def gate_group_timeout(timeout: datetime.timedelta, self_timing: bool) -> dateti
     return timeout if self_timing else timeout + max(_GROUP_TIMEOUT_MARGIN, timeout)
 
 
+def supports_set_timeout() -> bool:
+    """Whether this torch's ProcessGroup has ``set_timeout`` (the timeout of every later op)."""
+    return hasattr(dist.ProcessGroup, "set_timeout")
+
+
+def set_group_timeout(group, timeout: datetime.timedelta) -> None:
+    """Every later op of ``group`` times out after ``timeout`` (ProcessGroup.set_timeout, which
+    torch forwards to each backend of the group: gloo's ProcessGroupGloo::setTimeout)."""
+    group.set_timeout(timeout)
+
+
 @contextlib.contextmanager
 def _named(name: str):
     """new_group() calls inside name their group ``name``.

@@ -66,13 +66,13 @@ class Transport(Protocol):
 
 
 def mapped_words(device: torch.device, nccl=None):
-    """Two host-mapped int64 words on ``device`` (VALID = 1, DONE = 0), from ``_nccl.MappedWords``
+    """Two host-mapped int64 words on ``device`` (VALID = 1, DONE = -1), from ``_nccl.MappedWords``
     (or ``nccl``'s, a test double), for the transports of CUDA gates."""
     if nccl is None:
         from . import _nccl as nccl  # built with the CUDA extension only
     words = nccl.MappedWords(2, device)
     words.host[VALID] = 1
-    words.host[DONE] = 0
+    words.host[DONE] = -1  # no call completed yet, not even construction's warm-up (call 0)
     return words
 
 

@@ -65,9 +65,11 @@ class Watcher:
         # diagnosis can tell a rank that is in another gate from one that is absent.
         self._where = whereabouts
         self._where_key = f"where/{rank}"
-        self.entered = 0
+        # -1: no call entered or completed yet; call 0 is construction's warm-up, so a
+        # rank that has not reached it reads as absent from it.
+        self.entered = -1
         self._entered_at = time.monotonic()
-        self.completed = 0
+        self.completed = -1
         self.inflight: collections.deque[Call] = collections.deque()
         self.expired = False
         self._on_expired = on_expired
@@ -80,7 +82,8 @@ class Watcher:
         # that a dead store costs exactly one failed request.
         self._store_lock = threading.Lock()
         self._stop = threading.Event()
-        self._written = (-1, 0)  # so the first write also says "in this gate" (call 0: its construction)
+        self._written = (-2, -2)
+        self._where_written: int | None = None  # so the first write also says "in this gate"
         self._written = self._write()
         self._last_write = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"esper_gate-watch-{rank}", daemon=True)
@@ -125,9 +128,14 @@ class Watcher:
     def _write(self) -> tuple[int, int]:
         state = (self.entered, self.completed)
         self._beat += 1
-        if self._where is not None and state[0] != self._written[0]:
+        # Construction (-1) and its warm-up (0) are one whereabout, published once, at
+        # construction: a second, later write for the warm-up could land after this
+        # rank's next gate has published its call, and hide where the rank waits.
+        where = max(state[0], 0)
+        if self._where is not None and where != self._where_written:
             store, gate = self._where
-            store.set(self._where_key, f"{gate},{state[0]}")
+            store.set(self._where_key, f"{gate},{where}")
+            self._where_written = where
         waited_ms = int((time.monotonic() - self._entered_at) * 1000) if state[0] > state[1] else -1
         self._store.set(self._key, f"{state[0]},{state[1]},{self._beat},{waited_ms}")
         return state

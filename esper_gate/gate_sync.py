@@ -36,18 +36,27 @@ from . import wire
 from ._diagnosis import Diagnosis
 from ._failure import FailurePath
 from ._group import (Rendezvous, config_error, gate_group_timeout, new_gate_group, parent_group, self_timing,
-                     shared_devices)
-from ._inputs import as_timedelta, check_settings, prepare, site_fingerprint
+                     set_group_timeout, shared_devices, supports_set_timeout)
+from ._inputs import as_timedelta, check_settings, prepare, site_fingerprint, timeout_text
 from ._latch import FailureLatch
 from ._transport import C10dTransport, LocalTransport, OwnedTransport
 from ._verdict import Verdict
 from ._watcher import Call, Watcher
 from .consensus import GateConsensus, GateView
-from .errors import GateConfigError, GateError, GateInputError
+from .report import ranks_text
+from .errors import GateConfigError, GateError, GateInputError, GateTimeoutError
 
 __all__ = ["GateSync", "GateConsensus", "site_fingerprint"]
 
 log = logging.getLogger("esper_gate")
+
+# After a rank that met the others last at the rendezvous, the least time the
+# others give construction's remaining steps (its communicator and warm-up).
+BUILD_GRACE_S = 3.0
+
+
+def _left(deadline: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=max(deadline - time.monotonic(), 0.05))
 
 
 # Every GateSync whose watcher thread may still run, for _stop_watchers_at_exit.
@@ -109,8 +118,9 @@ class GateSync:
             reports (default: the ids themselves, "stage 3 -> target 2").
 
     Construction is collective: a store rendezvous, a dedicated group and
-    one warm-up sync that creates its communicator, all bounded by
-    ``timeout``. Outside an initialized process group, or in a world of one,
+    one warm-up sync that creates its communicator, together bounded by
+    ``timeout`` from this rank's start (or BUILD_GRACE_S after the last rank
+    met the others, if that is later). Outside an initialized process group, or in a world of one,
     it decides locally and issues no collective.
     """
 
@@ -120,6 +130,7 @@ class GateSync:
                  transport: str | None = None, _owned=None):
         # _owned: a module with _nccl's interface (unique_id, NcclComm, MappedWords) that
         # replaces esper_gate._nccl, on any device: the tests' CPU double (tests/owned_double.py).
+        start = time.monotonic()
         if transport not in (None, "owned", "c10d"):
             raise GateInputError(f"transport must be None, 'owned' or 'c10d', got {transport!r}")
         self.num_slots, self.policy, self.timeout = num_slots, policy, as_timedelta(timeout)
@@ -154,7 +165,7 @@ class GateSync:
         self._owned = _owned
         self.transport = "owned" if _owned is not None or (self.device.type == "cuda" and transport != "c10d") \
             else "c10d"
-        self._build(parent)
+        self._build(parent, start)
 
     # ---- construction ---------------------------------------------------
     def _where(self) -> dict:
@@ -168,10 +179,18 @@ class GateSync:
             where["device"] = f"{self.device} (GPU {uuid})"
         return where
 
-    def _build(self, parent) -> None:
+    def _build(self, parent, start: float) -> None:
         rendezvous = Rendezvous(parent.group_name, self.rank, self.world_size, self.timeout)
         mine = {"num_slots": self.num_slots, "policy": self.policy, "site": self.site, "world": self.world_size}
         configs = rendezvous.meet({**mine, **self._where()})
+        # Construction as a whole returns or raises within the timeout and a few
+        # seconds of this rank's start (invariant 4 of the failure path): the steps
+        # after the rendezvous share one deadline instead of a timeout each (a rank
+        # late to the rendezvous, then slow to set up its communicator, then gone
+        # before the warm-up made it about three timeouts). A rank that met late
+        # still leaves the others BUILD_GRACE_S (or the timeout, if shorter).
+        total = self.timeout.total_seconds()
+        deadline = max(start + total, time.monotonic() + min(total, BUILD_GRACE_S))
         self._config_error = config_error(configs, mine, self.rank)
         if self.device.type == "cuda":
             shared = shared_devices(configs)
@@ -195,15 +214,24 @@ class GateSync:
         try:
             if self.transport == "owned":
                 self._transport = OwnedTransport(rendezvous.store, self.rank, self.world_size, self.device,
-                                                 time.monotonic() + self.timeout.total_seconds(),
-                                                 rendezvous.group_name, nccl=self._owned, timeout=self.timeout)
+                                                 deadline, rendezvous.group_name, nccl=self._owned,
+                                                 timeout=self.timeout)
+                if self._config_error is None:  # ranks with other slot counts would all_reduce other sizes
+                    self._warm_up(deadline)
             else:
-                group = new_gate_group(self.ranks, self.backend, self.device,
-                                       gate_group_timeout(self.timeout, self_timing(self.backend, self.device)),
-                                       rendezvous.group_name)
+                timing = self_timing(self.backend, self.device)
+                calls_timeout = gate_group_timeout(self.timeout, timing)
+                # gloo times its own ops (the watcher does not abort it): its connect and
+                # the warm-up get what is left of the deadline, later calls the timeout.
+                bounded = timing and supports_set_timeout()
+                group = self._new_group(rendezvous, _left(deadline) if bounded else calls_timeout)
                 self._transport = C10dTransport(group, self.backend, self.device)
-            if self._config_error is None:  # ranks with other slot counts would all_reduce other sizes
-                self._warm_up()
+                if self._config_error is None:
+                    if bounded:
+                        set_group_timeout(group, _left(deadline))
+                    self._warm_up(deadline)
+                if bounded:
+                    set_group_timeout(group, calls_timeout)
         except BaseException as e:
             rendezvous.abandon()
             watcher.close()
@@ -215,14 +243,32 @@ class GateSync:
             raise
         rendezvous.commit()
 
-    def _warm_up(self) -> None:
+    def _new_group(self, rendezvous, timeout: datetime.timedelta):
+        """The gate's c10d group; a rank that does not set it up in time is named (not c10d's raw
+        store or connect error)."""
+        store = rendezvous.store
+        store.set(f"group/started/{self.rank}", "1")
+        try:
+            return new_gate_group(self.ranks, self.backend, self.device, timeout, rendezvous.group_name)
+        except Exception as e:  # noqa: BLE001 - a connect or store timeout, a peer gone
+            try:
+                absent = [r for r in range(self.world_size) if not store.check([f"group/started/{r}"])]
+            except Exception:  # noqa: BLE001 - the store's host is gone
+                absent = []
+            who = ranks_text(absent) if absent else "a rank"
+            raise GateTimeoutError(
+                f"GateSync construction: {who} did not set up the gate's {self.backend} group within what was left "
+                f"of the {timeout_text(self.timeout)} timeout ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                f"build a new GateSync on every rank to retry.", absent, {r: -1 for r in absent}, call=0) from e
+
+    def _warm_up(self, deadline: float) -> None:
         """One sync at construction: it creates the communicator (NCCL sets it up
         lazily on the first collective, which blocks the host) and loads the
         kernels, under the gate's deadline, so that the first gate call costs
         what every later one does."""
         zeros = torch.zeros(self.num_slots, dtype=torch.int64, device=self.device)
         result = self._run(prepare(zeros.bool(), zeros, zeros, None, num_slots=self.num_slots,
-                                   device=self.device, default_site=self.site, call="warm-up"), 0)
+                                   device=self.device, default_site=self.site, call="warm-up"), 0, deadline=deadline)
         result.report_words()
 
     # ---- failures ---------------------------------------------------------
@@ -232,12 +278,15 @@ class GateSync:
         self._failure.expire(call)
 
     # ---- calls ----------------------------------------------------------
-    def _run(self, prepared, seq: int, names: Sequence[str] | None = None) -> GateConsensus:
+    def _run(self, prepared, seq: int, names: Sequence[str] | None = None,
+             deadline: float | None = None) -> GateConsensus:
         ready = None
         if not self.distributed:
             decision, report, decoded = self._transport.sync(prepared, seq, self.policy)
         else:
-            call = self._watcher.begin(seq, time.monotonic() + self.timeout.total_seconds())
+            if deadline is None:
+                deadline = time.monotonic() + self.timeout.total_seconds()
+            call = self._watcher.begin(seq, deadline)
             try:
                 decision, report, decoded = self._transport.sync(prepared, seq, self.policy)
                 if decision.is_cuda:

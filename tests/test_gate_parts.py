@@ -277,7 +277,11 @@ def test_a_call_is_announced_in_the_heartbeat_within_two_polls():
     store, expired = DictStore(), []
     watcher = Watcher(store, 0, expired.append)
     try:
-        assert store.get("hb/0").decode().startswith("0,0,")
+        assert store.get("hb/0").decode().startswith("-1,-1,")   # before the warm-up (call 0)
+        watcher.begin(0, time.monotonic() + 60)
+        assert _wait_for(lambda: store.get("hb/0").decode().startswith("0,-1,"), polls=2), store.get("hb/0")
+        watcher.end_host(0)
+        assert _wait_for(lambda: store.get("hb/0").decode().startswith("0,0,"), polls=2), store.get("hb/0")
         watcher.begin(1, time.monotonic() + 60)
         assert _wait_for(lambda: store.get("hb/0").decode().startswith("1,0,"), polls=2), store.get("hb/0")
         watcher.end_host(1)

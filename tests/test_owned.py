@@ -165,12 +165,33 @@ def test_the_watcher_reads_completion_from_the_mapped_word_and_never_queries_an_
         call = watcher.begin(1, time.monotonic() + 60)
         call.event = _NoCuda()
         time.sleep(3 * WATCH_POLL_S)
-        assert watcher.completed == 0 and watcher.inflight
+        assert watcher.completed == -1 and watcher.inflight   # nothing completed yet
         words.device[1].fill_(1)  # what the transport's last kernel does after decode
         deadline = time.monotonic() + 2
         while watcher.inflight and time.monotonic() < deadline:
             time.sleep(WATCH_POLL_S)
         assert watcher.completed == 1 and not watcher.inflight and not expired
+    finally:
+        watcher.close()
+
+
+def test_the_warm_up_call_0_is_watched_until_its_deadline_on_the_mapped_word():
+    # The words as a CUDA gate's transport makes them: before any decode, no call has
+    # completed, not even construction's warm-up (call 0). Before, DONE started at 0, so
+    # the watcher took the warm-up as done at once and a warm-up stuck on the GPU (a
+    # peer frozen between its init and its warm-up) was never aborted: construction hung.
+    from esper_gate._transport import DONE, mapped_words
+
+    words = mapped_words("cpu", owned_double)
+    expired = []
+    watcher = Watcher(_DictStore(), 0, expired.append, progress=lambda: int(words.host[DONE]))
+    try:
+        call = watcher.begin(0, time.monotonic() + 0.3)
+        call.event = _NoCuda()
+        deadline = time.monotonic() + 5
+        while not expired and time.monotonic() < deadline:
+            time.sleep(WATCH_POLL_S)
+        assert [c.seq for c in expired] == [0] and watcher.completed < 0
     finally:
         watcher.close()
 
@@ -376,6 +397,59 @@ def test_a_rank_whose_deadline_passes_as_its_call_completes_reads_the_call_like_
     for r in (r0, r1):
         assert r["host"] == agreed and r["passed"] == agreed and r["failure"] is None, (r0, r1)
         assert r["next"] == agreed
+
+
+# ---- spawned: construction is bounded as a whole -------------------------------------
+
+T_BUILD = 4.0
+LATE = 2
+
+
+def _late_builder_main(rank, world, kind, fate):
+    import owned_double
+    from esper_gate import gate_sync
+
+    if rank == LATE:
+        # Within the timeout at every step, and the steps add up: late to the
+        # rendezvous, slow to set up its communicator, then gone (or stuck) before
+        # the warm-up.
+        time.sleep(0.9 * T_BUILD)
+        slow = (0.9 if fate == "gone" else 0.5) * T_BUILD   # stuck: the others reach their warm-up
+        if kind == "owned":
+            comm = owned_double.NcclComm
+            owned_double.NcclComm = lambda *a, **k: time.sleep(slow) or comm(*a, **k)
+        else:
+            new_group = dist.new_group
+            dist.new_group = lambda *a, **k: time.sleep(slow) or new_group(*a, **k)
+        gate_sync.GateSync._warm_up = (lambda self, *a, **k: os._exit(0)) if fate == "gone" else \
+            (lambda self, *a, **k: time.sleep(120))
+    t0 = time.monotonic()
+    try:
+        esper_gate.GateSync(4, timeout=T_BUILD, **({"_owned": owned_double} if kind == "owned" else {}))
+        out = ("built",)
+    except Exception as e:  # noqa: BLE001 - the test reports what it was
+        out = ("raised", type(e).__name__, getattr(e, "missing_ranks", None), str(e)[:300])
+    return {"outcome": out, "elapsed": time.monotonic() - t0}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["gloo", "owned"])
+@pytest.mark.parametrize("fate", ["gone", pytest.param("stuck", marks=pytest.mark.slow)])
+def test_construction_raises_within_the_timeout_and_five_seconds_when_its_steps_add_up(kind, fate):
+    from esper_gate._group import supports_set_timeout
+
+    if kind == "gloo" and not supports_set_timeout():
+        pytest.skip(f"torch {torch.__version__} has no ProcessGroup.set_timeout: gloo's connect and warm-up keep "
+                    f"the group's timeout each")
+    results = spawn_ranks(_late_builder_main, 3, kind, fate, timeout=90, expect_dead=(LATE,))
+    for rank, r in enumerate(values([x for x in results if x.rank != LATE])):
+        print(f"\n[{kind}, {fate}] rank {rank}: {r['outcome'][:3]} after {r['elapsed']:.2f} s")
+        assert r["outcome"][0] == "raised", r
+        assert r["elapsed"] < T_BUILD + 5, r   # before: the rendezvous, the communicator and the warm-up each had it
+        assert r["outcome"][1] == "GateTimeoutError", r   # named, not c10d's raw store or connect error
+        if kind == "owned":
+            assert r["outcome"][2] == [LATE], r
 
 
 # ---- spawned: the store's host exits right after its raise -------------------------
