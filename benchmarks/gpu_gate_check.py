@@ -135,12 +135,12 @@ def case_owned_transport(args):
     p = _prepared(dev)
     got = []
     for seq in (1, 2, 3):
-        d, _ = t.sync(p, seq, "unanimous")
+        d, _, _ = t.sync(p, seq, "unanimous")
         got.append(d.tolist())
     # DONE advances on the device; this thread only reads mapped host memory.
     torch.cuda.synchronize()
     _spin(torch, dev, 0.2)  # the next call's decode runs ~200 ms from now
-    d, _ = t.sync(p, 4, "unanimous")
+    d, _, _ = t.sync(p, 4, "unanimous")
     seen_before = t.completed_seq()
     t0 = time.monotonic()
     polls = 0
@@ -151,10 +151,10 @@ def case_owned_transport(args):
     advanced = seen_before == 3 and t.completed_seq() == 4
     # invalidate: the next call's decisions read false (a host write, no CUDA call)
     t.invalidate()
-    d_inv, _ = t.sync(p, 5, "unanimous")
+    d_inv, _, decoded_inv = t.sync(p, 5, "unanimous")
     t.revalidate()
-    d_re, _ = t.sync(p, 6, "unanimous")
-    inv, re = d_inv.tolist(), d_re.tolist()
+    d_re, _, _ = t.sync(p, 6, "unanimous")
+    inv, re, dec_inv = d_inv.tolist(), d_re.tolist(), decoded_inv.tolist()
     failed_before = t.failed()
     t.abort()
     failed_after = t.failed()
@@ -165,10 +165,10 @@ def case_owned_transport(args):
         refused = str(e)
     t.close()
     ok = (all(g == want for g in got) and d.tolist() == want and advanced and inv == [False] * 4 and re == want
-          and not failed_before and failed_after and "aborted" in refused)
+          and dec_inv == want and not failed_before and failed_after and "aborted" in refused)
     return ok, (f"3 calls {'= reference' if all(g == want for g in got) else got} {want}; DONE {seen_before} "
                 f"right after call 4's enqueue, 4 after {done_s * 1000:.0f} ms of {polls} host reads"
-                f"{'' if advanced else ' (WRONG)'}; invalidated call {inv}, revalidated {re}; failed() "
+                f"{'' if advanced else ' (WRONG)'}; invalidated call {inv} (decode's own {dec_inv}), revalidated {re}; failed() "
                 f"{failed_before} -> {failed_after} after abort; next call: {refused[:80]}")
 
 
@@ -348,7 +348,7 @@ def _c10d_child(port, out):
                                 device_id=dev)
         group = new_gate_group([0], "nccl", dev, datetime.timedelta(seconds=20), "esper_gate.gpu_check")
         t = C10dTransport(group, "nccl", dev)
-        d, _ = t.sync(_prepared(dev), 1, "unanimous")
+        d, _, _ = t.sync(_prepared(dev), 1, "unanimous")
         first = d.tolist()
         x = torch.ones(4, device=dev)
         dist.all_reduce(x)  # the default group works
