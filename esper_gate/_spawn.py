@@ -33,7 +33,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank, world, port, backend, pg_timeout_s, args, out, release):
+def _store(rank, world, port, port_ready, timeout: datetime.timedelta):
+    """The job's TCPStore: rank 0 binds a port the system picks and passes it on; the others
+    connect to it. (A port picked in the parent and bound later by rank 0 could be taken in
+    between by another process: seen once as EADDRINUSE in a loaded CI run.)"""
+    import torch.distributed as dist
+
+    if rank == 0:
+        store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=timeout, wait_for_workers=False)
+        port.value = store.port
+        port_ready.set()
+        return store
+    if not port_ready.wait(timeout=timeout.total_seconds()):
+        raise TimeoutError(f"rank 0 did not start the job's store within {timeout.total_seconds():.0f} s")
+    return dist.TCPStore("127.0.0.1", port.value, world, is_master=False, timeout=timeout)
+
+
+def _entry(fn, rank, world, port, port_ready, backend, pg_timeout_s, args, out, release):
     import torch
     import torch.distributed as dist
 
@@ -41,8 +57,9 @@ def _entry(fn, rank, world, port, backend, pg_timeout_s, args, out, release):
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank % torch.cuda.device_count())
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=datetime.timedelta(seconds=pg_timeout_s))
+        timeout = datetime.timedelta(seconds=pg_timeout_s)
+        dist.init_process_group(backend, store=_store(rank, world, port, port_ready, timeout), rank=rank,
+                                world_size=world, timeout=timeout)
         out.put(RankResult(rank, value=fn(rank, world, *args)))
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
         tb = traceback.format_exc()
@@ -82,9 +99,9 @@ def spawn_ranks(fn: Callable, world: int, *args, backend: str = "gloo", timeout:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     release = ctx.Event()
-    port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, backend, pg_timeout_s, args, out, release),
-                         daemon=True) for r in range(world)]
+    port, port_ready = ctx.Value("i", 0), ctx.Event()
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, port_ready, backend, pg_timeout_s, args, out,
+                                              release), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     results: dict[int, RankResult] = {}
