@@ -82,6 +82,7 @@ class Watcher:
         # that a dead store costs exactly one failed request.
         self._store_lock = threading.Lock()
         self._stop = threading.Event()
+        self.failure_threads: list[threading.Thread] = []
         self._written = (-2, -2)
         self._where_written: int | None = None  # so the first write also says "in this gate"
         self._written = self._write()
@@ -123,7 +124,15 @@ class Watcher:
         if self.expired:
             return
         self.expired = True
-        threading.Thread(target=self._on_expired, args=(call,), daemon=True, name="esper_gate-diagnose").start()
+        t = threading.Thread(target=self._on_expired, args=(call,), daemon=True, name="esper_gate-diagnose")
+        # Kept for the exit hook (gate_sync._stop_watchers_at_exit), which joins them too:
+        # they make store requests like this thread.
+        self.failure_threads = [x for x in self.failure_threads if x.is_alive()] + [t]
+        t.start()
+
+    def pause(self, seconds: float) -> None:
+        """A diagnosis's wait: cut short when the watcher stops (close, or the interpreter's exit)."""
+        self._stop.wait(seconds)
 
     def _write(self) -> tuple[int, int]:
         state = (self.entered, self.completed)

@@ -86,6 +86,11 @@ def _stop_watchers_at_exit() -> None:
         # Its last store request (milliseconds when the store is alive) must return first.
         # Bounded, so that exit never hangs on a dead store.
         w._thread.join(timeout=EXIT_JOIN_S)
+        # A failure in progress (SIGTERM from a launcher often lands during one): its
+        # diagnosis waits through Watcher.pause, which the stop cuts short, and then
+        # makes its last store requests.
+        for t in list(w.failure_threads):
+            t.join(timeout=EXIT_JOIN_S)
 
 
 atexit.register(_stop_watchers_at_exit)
@@ -208,7 +213,8 @@ class GateSync:
         self._verdict = Verdict(watcher.store_request, rank=self.rank)
         store_host = self.ranks.index(0) if 0 in self.ranks else None
         self._diagnosis = Diagnosis(watcher.read_heartbeats, self.rank, self.world_size, store_host, self.timeout,
-                                    read_whereabouts=watcher.read_whereabouts, gate_index=rendezvous.index)
+                                    read_whereabouts=watcher.read_whereabouts, gate_index=rendezvous.index,
+                                    sleep=watcher.pause)
         self._failure = FailurePath(lambda: self._transport, watcher, self._diagnosis, self._verdict, self.latch,
                                     self.timeout, self.rank, self.world_size, store_host)
         try:

@@ -557,3 +557,37 @@ def test_verdicts_go_around_a_ring_of_keys_without_mixing_calls():
     on_tcp, _ = _verdict(dist.PrefixStore("g/", tcp))
     assert on_tcp.completed(7) is None and on_tcp.completed(7 + RING) is None
     assert on_tcp.peek(7 + RING) == (True, None)
+
+
+def test_the_exit_hook_cuts_a_diagnosis_short_and_waits_for_its_last_store_requests():
+    # A launcher's SIGTERM often lands while a failure is being diagnosed. A diagnosis
+    # thread still in a store request when the interpreter finalizes ends in
+    # pthread_exit through a noexcept destructor: SIGABRT (the watcher's own case, in
+    # gate_sync._stop_watchers_at_exit's note). The exit hook stops its waits and joins it.
+    from esper_gate import gate_sync
+
+    started, finished = threading.Event(), threading.Event()
+
+    def diagnose(call):
+        started.set()
+        watcher.pause(30)   # waiting for heartbeats to settle
+        time.sleep(0.3)     # then its last store requests
+        finished.set()
+
+    watcher = Watcher(DictStore(), 0, diagnose)
+
+    class _Gate:
+        _watcher = watcher
+
+    gate = _Gate()
+    gate_sync._live.add(gate)
+    try:
+        watcher.begin(1, time.monotonic() - 1)   # already past its deadline
+        assert started.wait(5)
+        t0 = time.monotonic()
+        gate_sync._stop_watchers_at_exit()
+        assert finished.is_set() and not any(t.is_alive() for t in watcher.failure_threads)
+        assert time.monotonic() - t0 < 3
+    finally:
+        gate_sync._live.discard(gate)
+        watcher.close()
