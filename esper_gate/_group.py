@@ -68,6 +68,18 @@ def gate_group_timeout(timeout: datetime.timedelta, self_timing: bool) -> dateti
     return timeout if self_timing else timeout + max(_GROUP_TIMEOUT_MARGIN, timeout)
 
 
+def not_started_error(store, key: str, world: int, message) -> GateTimeoutError:
+    """A construction step that some rank did not finish in time: the error naming the ranks
+    that never set ``{key}/{rank}`` in ``store`` (none when the store's host is gone);
+    ``message(who)`` words it."""
+    try:
+        absent = [r for r in range(world) if not store.check([f"{key}/{r}"])]
+    except Exception:  # noqa: BLE001 - the store's host is gone
+        absent = []
+    who = ranks_text(absent) if absent else "a rank"
+    return GateTimeoutError(message(who), absent, {r: -1 for r in absent}, call=0)
+
+
 def supports_set_timeout() -> bool:
     """Whether this torch's ProcessGroup has ``set_timeout`` (the timeout of every later op)."""
     return hasattr(dist.ProcessGroup, "set_timeout")

@@ -26,10 +26,9 @@ import torch
 import torch.distributed as dist
 
 from . import ops
-from ._group import self_timing
+from ._group import not_started_error, self_timing
 from ._inputs import Prepared, timeout_text
 from .errors import GateError, GateTimeoutError
-from .report import ranks_text
 
 __all__ = ["Transport", "C10dTransport", "LocalTransport", "OwnedTransport", "mapped_words"]
 
@@ -273,15 +272,10 @@ class OwnedTransport:
             time.sleep(INIT_POLL_S)
         # ncclCommInitRankConfig (non-blocking) never gives up by itself: abort it.
         self.abort()
-        try:
-            absent = [r for r in range(self.world) if not self._store.check([f"owned/started/{r}"])]
-        except Exception:  # noqa: BLE001 - the store's host is gone
-            absent = []
-        who = ranks_text(absent) if absent else "a rank"
-        raise GateTimeoutError(
+        raise not_started_error(self._store, "owned/started", self.world, lambda who: (
             f"GateSync construction: {who} did not initialize the gate's communicator within "
             f"{timeout_text(self._timeout)} (every rank of the group must construct GateSync); the initialization "
-            f"was aborted. Build a new GateSync on every rank to retry.", absent, {r: -1 for r in absent}, call=0)
+            f"was aborted. Build a new GateSync on every rank to retry."))
 
     def sync(self, p: Prepared, seq: int, policy: str):
         if self._aborted:

@@ -35,16 +35,15 @@ import torch.distributed as dist
 from . import wire
 from ._diagnosis import Diagnosis
 from ._failure import FailurePath
-from ._group import (Rendezvous, config_error, gate_group_timeout, new_gate_group, parent_group, self_timing,
-                     set_group_timeout, shared_devices, supports_set_timeout)
+from ._group import (Rendezvous, config_error, gate_group_timeout, new_gate_group, not_started_error, parent_group,
+                     self_timing, set_group_timeout, shared_devices, supports_set_timeout)
 from ._inputs import as_timedelta, check_settings, prepare, site_fingerprint, timeout_text
 from ._latch import FailureLatch
 from ._transport import C10dTransport, LocalTransport, OwnedTransport
 from ._verdict import Verdict
 from ._watcher import Call, Watcher
 from .consensus import GateConsensus, GateView
-from .report import ranks_text
-from .errors import GateConfigError, GateError, GateInputError, GateTimeoutError
+from .errors import GateConfigError, GateError, GateInputError
 
 __all__ = ["GateSync", "GateConsensus", "site_fingerprint"]
 
@@ -257,15 +256,11 @@ class GateSync:
         try:
             return new_gate_group(self.ranks, self.backend, self.device, timeout, rendezvous.group_name)
         except Exception as e:  # noqa: BLE001 - a connect or store timeout, a peer gone
-            try:
-                absent = [r for r in range(self.world_size) if not store.check([f"group/started/{r}"])]
-            except Exception:  # noqa: BLE001 - the store's host is gone
-                absent = []
-            who = ranks_text(absent) if absent else "a rank"
-            raise GateTimeoutError(
-                f"GateSync construction: {who} did not set up the gate's {self.backend} group within what was left "
-                f"of the {timeout_text(self.timeout)} timeout ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                f"build a new GateSync on every rank to retry.", absent, {r: -1 for r in absent}, call=0) from e
+            why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            raise not_started_error(store, "group/started", self.world_size, lambda who: (
+                f"GateSync construction: {who} did not set up the gate's {self.backend} group within what was "
+                f"left of the {timeout_text(self.timeout)} timeout ({why}); build a new GateSync on every rank "
+                f"to retry.")) from e
 
     def _warm_up(self, deadline: float) -> None:
         """One sync at construction: it creates the communicator (NCCL sets it up
