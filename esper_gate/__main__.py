@@ -67,11 +67,17 @@ def nccl_lines() -> list[str]:
         info = _nccl.library_info()
     except Exception as e:  # noqa: BLE001 - info reports, it does not fail on this
         return [f"{'gate NCCL':14s} unknown: {type(e).__name__}: {e}"]
-    torch_nccl = ".".join(map(str, info["torch_version"])) if info["torch_version"] else "none"
-    lines = [f"{'torch NCCL':14s} {torch_nccl}"]
+    def v(t):
+        return ".".join(map(str, t)) if t else "none"
+
+    # Two versions, and they may differ: torch.cuda.nccl.version() is the nccl.h torch was
+    # built with; the library loaded is whatever nvidia-nccl wheel is installed now.
+    lines = [f"{'torch NCCL':14s} {v(info['torch_version'])} (torch's build-time nccl.h)"]
     if info["path"]:
-        lines.append(f"{'gate NCCL':14s} {info['path']} (version {'.'.join(map(str, info['version']))}, "
-                     f"header {'.'.join(map(str, info['header_version']))})")
+        lines.append(f"{'loaded NCCL':14s} {info['path']} (version {v(info['version'])}; this build's header "
+                     f"{v(info['header_version'])}, the gate needs >= {v(info['min_version'])})")
+    if info["differs"]:
+        lines.append(f"{'NCCL versions':14s} differ: {info['differs']}")
     lines.append(f"{'gate NCCL use':14s} " + ("yes" if info["usable"] else f"no: {info['why']}"))
     return lines
 

@@ -12,12 +12,24 @@ this order:
    while its call waits (NCCL requires every active rank to abort its
    communicator). From then on no rank can decide ``ok``; if a peer's
    collective completed the call first, nothing failed and the call stands;
-3. **abort** the transport (ncclCommAbort on the owned communicator,
-   ProcessGroup.abort on the c10d fallback; a no-op on gloo, which raises at
-   its own timeout): the stuck collective returns on this rank;
-4. **diagnose**: name the ranks from the heartbeats, and write that over
+3. **diagnose**: name the ranks from the heartbeats, and write that over
    FAILING; the first diagnosis written is the one every rank raises
-   (ranks adopt it, and acknowledge it).
+   (ranks adopt it, and acknowledge it);
+4. **latch** that verdict: from here every host read of the call raises it;
+5. **abort** the transport (ncclCommAbort on the owned communicator,
+   ProcessGroup.abort on the c10d fallback; a no-op on gloo, which raises at
+   its own timeout) on a thread of its own.
+
+The abort comes last because it can block for as long as this rank's stream
+is stuck: ncclCommAbort synchronizes NCCL's device stream, which waits on the
+caller's stream (csrc/nccl/nccl_comm.cpp, comm_abort). A peer that died during
+DDP's all_reduce leaves the caller's stream stuck until c10d's watchdog ends
+that collective; an abort in the watcher's thread before the latch meant no
+GateTimeoutError at all, and the watchdog killed the process first. Host
+reads and ``close()`` wait for the abort at most ABORT_WAIT_S, then go on;
+an abort still running then is named on the error (a note: the error's text
+is the call's one verdict, the same on every rank), and it finishes by itself
+when the stream moves.
 
 The rank hosting the job's store waits, before its first raise, until the
 present ranks acknowledged the verdict (at most ACK_WAIT_S): a process that
@@ -28,18 +40,64 @@ instead of the rank that never came.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 from ._diagnosis import BOUND_S, short
 from ._inputs import timeout_text
 from ._verdict import FAILING, OK
 from .errors import GateError
 
-__all__ = ["FailurePath", "ACK_WAIT_S"]
+__all__ = ["FailurePath", "BackgroundAbort", "ACK_WAIT_S", "ABORT_WAIT_S"]
 
 log = logging.getLogger("esper_gate")
 
 # The longest the store's host delays its raise for the others to read the verdict.
 ACK_WAIT_S = 2.0
+# The longest a host read (or close) waits for this rank's abort before it goes on.
+ABORT_WAIT_S = 1.0
+
+
+class BackgroundAbort:
+    """A transport's abort on a thread of its own, waited for with a bound."""
+
+    def __init__(self, abort, what: str):
+        self.what = what
+        self._abort = abort
+        self._done = threading.Event()
+        self.started: float | None = None
+        self.seconds: float | None = None  # how long the abort took, once it returned
+        self.thread = threading.Thread(target=self._run, name="esper_gate-abort", daemon=True)
+
+    def start(self) -> "BackgroundAbort":
+        self.started = time.monotonic()
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            self._abort()
+        except Exception:  # noqa: BLE001 - the failure is decided already; the abort only frees
+            log.exception("esper_gate: %s failed", self.what)
+        finally:
+            self.seconds = time.monotonic() - self.started
+            self._done.set()
+
+    @property
+    def returned(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the abort to return; whether it did."""
+        return self._done.wait(timeout)
+
+    def stuck_note(self) -> str | None:
+        """A sentence for the error while the abort has not returned, else None."""
+        if self.returned or self.started is None:
+            return None
+        return (f"the gate's {self.what} has not returned after {time.monotonic() - self.started:.1f} s: this "
+                f"rank's stream is blocked behind other work (the abort waits for that stream); it ends by "
+                f"itself when the stream moves on, and a new GateSync works from then on")
 
 
 class FailurePath:
@@ -59,6 +117,7 @@ class FailurePath:
         self.watcher, self.diagnosis, self.verdict, self.latch = watcher, diagnosis, verdict, latch
         self.timeout = timeout
         self.rank, self.world, self.store_host = rank, world, store_host
+        self.abort: BackgroundAbort | None = None  # this gate's abort, once a failure asked for it
         latch.before_delivery = self._before_delivery
 
     # ---- the watcher's side ---------------------------------------------------
@@ -74,7 +133,8 @@ class FailurePath:
 
     def expire(self, call) -> None:
         """The call passed its deadline, its communicator failed, or a peer published its
-        failure: invalidate, publish, abort, diagnose (in that order), and latch the verdict."""
+        failure: invalidate, publish, diagnose, latch, and only then abort (the module's
+        docstring says why in that order)."""
         seq = call.seq
         transport = self._transport()
         transport.invalidate()                      # 1. no CUDA call
@@ -84,8 +144,7 @@ class FailurePath:
             transport.revalidate()
             self.watcher.settle(call, self.timeout.total_seconds())
             return
-        transport.abort()                           # 3.
-        if failure is None:                         # 4. nobody has diagnosed it yet
+        if failure is None:                         # 3. nobody has diagnosed it yet
             try:
                 late = TimeoutError(f"call {seq} did not complete within {timeout_text(self.timeout)} of being made")
                 err = self.diagnosis.diagnose(seq, late, self.watcher.completed, call.started)
@@ -95,8 +154,16 @@ class FailurePath:
             failure = self.verdict.failed(seq, err)
             if failure is None:  # cannot happen once claimed; kept so that no call is left undecided
                 failure = err
-        err = self.latch.record(seq, failure)
+        if not getattr(transport, "self_timing", False) and self.abort is None:
+            self.abort = BackgroundAbort(transport.abort, getattr(transport, "abort_what", "abort"))
+        err = self.latch.record(seq, failure)       # 4. host reads raise it from here
+        if self.abort is not None and self.abort.started is None:
+            self.abort.start()                      # 5. may block for as long as the stream is stuck
         log.error("%s", err)
+
+    def wait_abort(self, bound_s: float = ABORT_WAIT_S) -> bool:
+        """Wait up to ``bound_s`` for this gate's abort, if one runs; whether none is left running."""
+        return self.abort is None or self.abort.wait(bound_s)
 
     # ---- the caller's side ----------------------------------------------------
     def failed_in_call(self, call, exc: BaseException) -> GateError:
@@ -121,7 +188,12 @@ class FailurePath:
         return self.latch.deliver()
 
     def _before_delivery(self, seq, error) -> None:
-        """The store's host: before its first raise, let the present ranks read the verdict."""
+        """Before the first raise: wait (bounded) for this rank's abort, naming it on the error
+        if it is stuck; the store's host also lets the present ranks read the verdict."""
+        if self.abort is not None and not self.abort.wait(ABORT_WAIT_S):
+            note = self.abort.stuck_note()
+            if note is not None and hasattr(error, "add_note"):
+                error.add_note(note)
         if self.store_host != self.rank or seq is None:
             return
         named = set(getattr(error, "missing_ranks", None) or [])

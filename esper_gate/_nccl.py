@@ -28,10 +28,10 @@ import time
 
 import torch
 
-from .errors import GateConfigError
+from .errors import GateConfigError, GateError
 
-__all__ = ["library_info", "check_library", "unique_id", "config_probe", "NcclComm", "MappedWords",
-           "version_code", "UNIQUE_ID_BYTES"]
+__all__ = ["library_info", "check_library", "check_blocking_env", "wait_enqueued", "unique_id", "config_probe",
+           "NcclComm", "MappedWords", "version_code", "UNIQUE_ID_BYTES", "MIN_VERSION"]
 
 UNIQUE_ID_BYTES = 128  # NCCL_UNIQUE_ID_BYTES in nccl.h
 
@@ -86,21 +86,30 @@ def _torch_nccl_version():
     return (tuple(v) if isinstance(v, (tuple, list)) else _version_tuple(int(v))), None
 
 
-def library_info(expected_version=None) -> dict:
+MIN_VERSION = (2, 14, 0)  # kMinNcclVersion in csrc/nccl/nccl_comm.cpp, which says why
+
+
+def library_info() -> dict:
     """Which NCCL the gate would use, and whether it can.
 
     Keys: ``path`` (the loaded libnccl, realpath), ``version`` (its
     ``ncclGetVersion``, a tuple), ``header_version`` (of the nccl.h this build
-    was compiled against), ``torch_version`` (``torch.cuda.nccl.version()``,
-    or ``expected_version`` when given: tests inject a mismatch through it),
-    ``torch_path`` (the torch those come from), ``copies`` (every libnccl.so*
-    mapped in this process), ``usable`` and ``why`` (empty when usable).
+    was compiled against), ``min_version`` (the oldest the gate can drive),
+    ``torch_version`` (``torch.cuda.nccl.version()``: the nccl.h torch was
+    built with, a constant of the build, not the library loaded),
+    ``torch_path``, ``copies`` (every libnccl.so* mapped in this process),
+    ``differs`` (a sentence when the loaded library is not the version torch
+    was built with, else empty), ``usable`` and ``why`` (empty when usable).
+
+    The gate refuses only what it cannot work with: no library, two copies
+    (the gate could not tell which one torch uses), or one older than
+    ``min_version``. A loaded library newer than torch's build-time version is
+    the usual result of upgrading the nvidia-nccl wheel, and torch runs on it too.
     """
     torch_version, torch_why = _torch_nccl_version()
-    if expected_version is not None:
-        torch_version = tuple(expected_version)
-    out = {"path": None, "version": None, "header_version": None, "torch_version": torch_version,
-           "torch_path": os.path.dirname(torch.__file__), "copies": [], "usable": False, "why": ""}
+    out = {"path": None, "version": None, "header_version": None, "min_version": MIN_VERSION,
+           "torch_version": torch_version, "torch_path": os.path.dirname(torch.__file__), "copies": [],
+           "differs": "", "usable": False, "why": ""}
     ops = _ops()
     if ops is None:
         out["why"] = _unbuilt_reason()
@@ -110,27 +119,95 @@ def library_info(expected_version=None) -> dict:
     out["path"] = raw["path"] or None
     out["version"] = _version_tuple(raw["version"])
     out["header_version"] = _version_tuple(raw["header_version"])
+    if raw.get("min_version"):
+        out["min_version"] = _version_tuple(raw["min_version"])
+    if torch_version is not None and out["version"] is not None and version_code(torch_version) != raw["version"]:
+        out["differs"] = (f"the loaded NCCL ({_fmt(out['version'])}) is not the version torch {torch.__version__} "
+                          f"was built with ({_fmt(torch_version)}, torch.cuda.nccl.version()); torch and the gate "
+                          f"both use the loaded one")
+    elif torch_version is None:
+        out["differs"] = f"torch reports no build-time NCCL version ({torch_why})"
     if raw["why"]:
         out["why"] = raw["why"]
-    elif torch_version is None:
-        out["why"] = f"torch {torch.__version__} reports no NCCL version ({torch_why})"
-    elif version_code(torch_version) != raw["version"]:
-        out["why"] = (f"the NCCL loaded in this process, {out['path']}, is version {_fmt(out['version'])}, but "
-                      f"torch {torch.__version__} at {out['torch_path']} reports NCCL {_fmt(torch_version)} "
-                      f"(torch.cuda.nccl.version()): the gate must use the NCCL torch uses")
-    elif raw["version"] < raw["header_version"]:
-        out["why"] = (f"esper_gate was compiled against nccl.h {_fmt(out['header_version'])}, newer than the "
-                      f"loaded {out['path']} ({_fmt(out['version'])}): rebuild against the torch you run")
+    elif raw["version"] < version_code(out["min_version"]):
+        out["why"] = (f"the loaded {out['path']} is NCCL {_fmt(out['version'])}, older than the "
+                      f"{_fmt(out['min_version'])} the gate needs (ncclConfig_t with `blocking`, "
+                      f"ncclCommInitRankConfig, ncclCommFinalize): upgrade the nvidia-nccl wheel")
     out["usable"] = not out["why"]
     return out
 
 
-def check_library(expected_version=None) -> dict:
+def check_library() -> dict:
     """``library_info()``, or ``GateConfigError`` saying why the gate cannot use NCCL."""
-    info = library_info(expected_version)
+    info = library_info()
     if not info["usable"]:
         raise GateConfigError(f"esper_gate cannot use NCCL: {info['why']}")
     return info
+
+
+BLOCKING_ENV = "NCCL_COMM_BLOCKING"
+
+
+def check_blocking_env(environ=None) -> None:
+    """Refuse ``NCCL_COMM_BLOCKING=1`` with a GateConfigError naming it.
+
+    NCCL lets that variable override ``config.blocking`` (envConfigOverride in
+    src/init.cc at v2.28.9-1 and v2.30.7-1: 0 and 1 win over the config, other
+    values are ignored). A blocking communicator waits on the host for the
+    peers in init and in every collective, and an abort then waits behind
+    them: no deadline of the gate could end a call whose peer never comes.
+    NCCL parses the value as an integer (strtoll); so does this check.
+    """
+    value = (os.environ if environ is None else environ).get(BLOCKING_ENV)
+    if value is None:
+        return
+    try:
+        number = int(value.strip(), 0)
+    except ValueError:
+        return  # NCCL warns and keeps the config's value
+    if number == 1:
+        raise GateConfigError(
+            f"{BLOCKING_ENV}={value} makes every NCCL communicator blocking, the gate's own too: a rank that "
+            f"never arrives would then block its peers' init and collective on the host with no deadline, and "
+            f"the gate's abort would wait behind them. Unset {BLOCKING_ENV} (or set it to 0) for processes that "
+            f"build a GateSync on CUDA")
+
+
+# How the host waits while NCCL enqueues an all_reduce (every call of a world of
+# two or more on a non-blocking communicator: see all_reduce_start_ in
+# csrc/nccl/nccl_comm.cpp). NCCL's launch thread takes tens of microseconds, so
+# the wait spins on ncclCommGetAsyncError (an atomic load) for ENQUEUE_SPIN_S
+# and only then sleeps, doubling from ENQUEUE_FIRST_SLEEP_S to
+# ENQUEUE_MAX_SLEEP_S (the first collective, when NCCL connects to the peers,
+# or a peer that never comes). A fixed sleep per look made every call cost at
+# least one sleep (~200 us plus the kernel's timer slack).
+ENQUEUE_SPIN_S = 200e-6
+ENQUEUE_FIRST_SLEEP_S = 20e-6
+ENQUEUE_MAX_SLEEP_S = 1e-3
+
+
+def wait_enqueued(poll, *, timeout_s: float = 0.0, what: str = "the all_reduce", clock=time.perf_counter,
+                  sleep=time.sleep) -> int:
+    """Call ``poll()`` until it returns 0 (enqueued); return how many sleeps the wait took.
+
+    ``poll`` raises when the communicator failed or was aborted, which is how a
+    wait ends when a peer never comes (the gate's deadline aborts it). With
+    ``timeout_s`` > 0 it also ends by itself, in a GateError.
+    """
+    start = clock()
+    nap, sleeps = ENQUEUE_FIRST_SLEEP_S, 0
+    while poll():
+        waited = clock() - start
+        if waited < ENQUEUE_SPIN_S:
+            continue
+        if 0 < timeout_s <= waited:
+            raise GateError(f"{what} was still being enqueued after {waited:.3f} s (NCCL connects to the peers "
+                            f"at the first collective; a peer that never calls keeps it pending): abort the "
+                            f"communicator")
+        sleep(nap)
+        sleeps += 1
+        nap = min(2 * nap, ENQUEUE_MAX_SLEEP_S)
+    return sleeps
 
 
 def unique_id() -> bytes:
@@ -175,10 +252,12 @@ class NcclComm:
                              f"(expected integers with 0 <= rank < world)")
         self.rank, self.world = rank, world
         self._handle = None
+        self.enqueue_sleeps = 0  # sleeps taken while NCCL enqueued this communicator's calls
         self._lock = threading.Lock()  # close() and destroy() from several threads release once
         index = _cuda_index(device, "NcclComm")
         self.device = torch.device("cuda", index)
         ops = _require()
+        check_blocking_env()
         uid = torch.frombuffer(bytearray(unique_id), dtype=torch.uint8)
         # Returns at once: ncclCommInitRankConfig with config.blocking = 0 (csrc/nccl/nccl_comm.cpp).
         self._handle = ops.nccl_comm_init(uid, rank, world, index)
@@ -200,11 +279,16 @@ class NcclComm:
         The gate stream waits for the caller's current stream, runs one
         ncclAllReduce, and the caller's stream waits for it: returns without
         waiting for the GPU. Refuses a communicator that is not ``ready``.
-        While NCCL still connects to the peers (first call) it waits on the
-        host until the operation is enqueued, or ``enqueue_timeout_s`` (0: until
-        ``abort()`` from another thread).
+        NCCL enqueues every call of a world of two or more on a thread of its
+        own; the host waits for that (``wait_enqueued``: spins, then sleeps),
+        until ``enqueue_timeout_s`` (0: until ``abort()`` from another thread).
         """
-        torch.ops.esper_gate.nccl_all_reduce_(buf, self.handle, float(enqueue_timeout_s))
+        ops = torch.ops.esper_gate
+        handle = self.handle
+        if ops.nccl_all_reduce_start_(buf, handle):
+            self.enqueue_sleeps += wait_enqueued(lambda: ops.nccl_all_reduce_poll(buf, handle),
+                                                 timeout_s=enqueue_timeout_s,
+                                                 what=f"the all_reduce (rank {self.rank} of {self.world})")
         return buf
 
     def abort(self) -> None:

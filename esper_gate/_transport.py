@@ -52,6 +52,7 @@ INIT_POLL_S = 0.005
 class Transport(Protocol):
     name: str | None
     self_timing: bool  # raises in the caller at its own timeout (gloo): abort is a no-op
+    abort_what: str    # what abort() is, for an error that says it has not returned
 
     # (decisions for the device, the report, decode's own decisions for host reads after the
     # verdict, or None where nothing masks them)
@@ -60,6 +61,7 @@ class Transport(Protocol):
     def failed(self) -> bool: ...                # the communicator reports an error (no CUDA call)
     def invalidate(self) -> None: ...            # decisions read false from here on (no CUDA call)
     def revalidate(self) -> None: ...            # undo invalidate (a peer completed the call)
+    def void(self) -> bool: ...                  # invalidated (not restored) or aborted: no host reads
     def abort(self) -> None: ...
     def close(self) -> None: ...
 
@@ -75,6 +77,18 @@ def mapped_words(device: torch.device, nccl=None):
     return words
 
 
+def mark_done(words, seq: int) -> None:
+    """On the device, after decode: DONE = ``seq`` where VALID still holds, else DONE stays.
+
+    An aborted collective's kernel exits and the stream runs on (NCCL), so
+    this write runs after an abort too; a plain ``fill_(seq)`` there made the
+    failed call read as completed (the watcher's heartbeat and the error's
+    "last call completed" said so). VALID is 0 or 1:
+    DONE += VALID * (seq - DONE), two kernels, no host sync."""
+    d = words.device
+    d[DONE:DONE + 1].addcmul_(d[VALID:VALID + 1], torch.rsub(d[DONE:DONE + 1], seq))
+
+
 def _broken(state: str) -> bool:
     """An NcclComm state that no call can succeed on: "error: <NCCL's text>" (ncclCommGetAsyncError),
     "aborted" or "destroyed" ("pending" is an init or enqueue in progress)."""
@@ -86,6 +100,7 @@ class LocalTransport:
 
     name = None
     self_timing = True
+    abort_what = "abort"
 
     def sync(self, p: Prepared, seq: int, policy: str):
         buf = ops.pack(p.votes, p.stages, p.targets, seq, p.site, policy, 0, 1, p.poison, p.policies, p.digests)
@@ -104,6 +119,9 @@ class LocalTransport:
     def revalidate(self) -> None:
         pass
 
+    def void(self) -> bool:
+        return False
+
     def abort(self) -> None:
         pass
 
@@ -120,6 +138,8 @@ class C10dTransport:
     written to a second mapped word after decode, which the watcher reads
     instead of querying a CUDA event.
     """
+
+    abort_what = "process group abort"
 
     def __init__(self, group, backend: str, device: torch.device, words=None):
         self.group = group
@@ -139,7 +159,7 @@ class C10dTransport:
         with torch.cuda.device(self.device):
             decoded, report = torch.ops.esper_gate.sync.default(*args)
             decision = torch.logical_and(decoded, self._words.device[VALID])
-            self._words.device[DONE].fill_(seq)
+            mark_done(self._words, seq)
         return decision, report, decoded
 
     def completed_seq(self) -> int | None:
@@ -167,6 +187,9 @@ class C10dTransport:
     def revalidate(self) -> None:
         if self._words is not None:
             self._words.host[VALID] = 1
+
+    def void(self) -> bool:
+        return self._words is not None and int(self._words.host[VALID]) == 0
 
     def abort(self) -> None:
         """Stop a stuck collective (nothing to do where the backend times out by itself).
@@ -208,9 +231,9 @@ class OwnedTransport:
     A call packs on the caller's stream, all-reduces (SUM, int64; the
     communicator orders its stream after the caller's and back), decodes,
     ands the decisions with the mapped VALID word and writes the call number
-    to the mapped DONE word on the device, which the watcher reads on the
-    host. On a CPU double ``all_reduce_`` blocks until done and raises once
-    aborted, as gloo does.
+    to the mapped DONE word on the device where VALID still holds, which the
+    watcher reads on the host. On the CPU double ``all_reduce_`` returns when
+    the (modelled) device work ran, or exited on an abort, as on a GPU.
 
     Args:
         store: the gate's prefix store (the rendezvous's).
@@ -222,13 +245,16 @@ class OwnedTransport:
     """
 
     self_timing = False
+    abort_what = "NCCL abort"
 
     def __init__(self, store, rank: int, world: int, device: torch.device, deadline: float, name: str,
                  nccl=None, timeout: datetime.timedelta | None = None):
-        if nccl is None:
-            from . import _nccl as nccl  # built with the CUDA extension only
+        from . import _nccl as real  # importable in every build
 
-            nccl.check_library()  # a second libnccl, or another version than torch's: GateConfigError
+        real.check_blocking_env()  # NCCL_COMM_BLOCKING=1 would make every wait unbounded: GateConfigError
+        if nccl is None:
+            nccl = real
+            nccl.check_library()  # no NCCL, two copies, or one older than the gate needs: GateConfigError
         self.name = name
         self.rank, self.world, self.device = rank, world, device
         self._store = store
@@ -290,10 +316,10 @@ class OwnedTransport:
     def _sync(self, p: Prepared, seq: int, policy: str):
         buf = ops.pack(p.votes, p.stages, p.targets, seq, p.site, policy, self.rank, self.world, p.poison,
                        p.policies, p.digests)
-        self.comm.all_reduce_(buf)  # CUDA: enqueued (ncclAllReduce, SUM, int64); CPU double: blocks
+        self.comm.all_reduce_(buf)  # CUDA: enqueued (ncclAllReduce, SUM, int64); CPU double: device work done
         decoded, report = ops.decode(buf, p.votes.shape[0], self.world, policy)
         decision = torch.logical_and(decoded, self._words.device[VALID])
-        self._words.device[DONE].fill_(seq)
+        mark_done(self._words, seq)
         return decision, report, decoded
 
     def completed_seq(self) -> int | None:
@@ -316,8 +342,15 @@ class OwnedTransport:
     def revalidate(self) -> None:
         self._words.host[VALID] = 1
 
+    def void(self) -> bool:
+        """Invalidated (and not restored by a peer's completion), or aborted: a host read of
+        mapped memory and a flag, no CUDA call."""
+        return self._aborted or int(self._words.host[VALID]) == 0
+
     def abort(self) -> None:
-        """ncclCommAbort: stops this rank's part of a stuck collective; the communicator is unusable after."""
+        """ncclCommAbort: stops this rank's part of a stuck collective; the communicator is unusable after.
+        Blocks while this rank's stream is stuck (csrc/nccl/nccl_comm.cpp, comm_abort): the failure path
+        calls it on a thread of its own, after the call's failure is latched."""
         self._aborted = True
         if self.comm is None:
             return
@@ -331,6 +364,8 @@ class OwnedTransport:
         return self._aborted
 
     def close(self) -> None:
+        """Free the communicator. After an abort, only the handle is released: an abort still
+        blocked on the stream keeps what it frees until it returns, and close() does not wait."""
         comm, self.comm = self.comm, None
         if comm is None:
             return

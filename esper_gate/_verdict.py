@@ -145,6 +145,9 @@ class Verdict:
             got = self._decide(seq, OK)
         except Exception:  # noqa: BLE001 - the store's host is gone; its death is named elsewhere
             return None
+        return self._after_completion(seq, got)
+
+    def _after_completion(self, seq: int, got: str) -> GateError | None:
         if got == OK:
             return None
         if got == FAILING:
@@ -154,11 +157,29 @@ class Verdict:
                 f"arrive; no rank applied a transition for this call")
         return _decode(got)
 
-    def confirm(self, seq: int, latch) -> None:
+    def confirm(self, seq: int, latch, void=None) -> None:
         """Before call ``seq``'s decisions are read on the host: raise its failure if it
-        failed here or on a peer (latching it), else return."""
+        failed here or on a peer (latching it), else return.
+
+        ``void()`` says whether this rank's own call is void: its decisions were
+        invalidated (and not restored by a peer's completion) or its communicator
+        aborted. Such a buffer may be an aborted collective's, on which the stream
+        ran on: with no store to say that a peer completed the call, it raises
+        (the verdict its watcher latches, or a GateError) instead of standing."""
         latch.raise_for(seq)
-        failure = self.completed(seq)
+        try:
+            got = self._decide(seq, OK)
+        except Exception as e:  # noqa: BLE001 - the store's host is gone
+            if void is None or not void():
+                return  # the collective completed here; nothing says otherwise
+            latch.wait(FINAL_WAIT_S)  # the watcher is failing it: take its verdict
+            latch.record(seq, GateError(
+                f"esper_gate call {seq} was invalidated on this rank (its deadline passed or its communicator was "
+                f"aborted), and the job's store, which would say whether a peer completed it, stopped answering "
+                f"({type(e).__name__}); this rank applies no transition for it"))
+            latch.raise_for(seq)
+            return
+        failure = self._after_completion(seq, got)
         if failure is not None:
             latch.record(seq, failure)
             latch.raise_for(seq)

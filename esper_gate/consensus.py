@@ -50,15 +50,18 @@ class GateConsensus:
             that a peer decided first.
         decoded: decode's decisions before the and-ing with the validity word (None:
             the same as ``decisions``); host reads take these once the verdict is known.
+        void: says whether this rank's call is void (invalidated, or its communicator
+            aborted): with no store to confirm the call, such a call raises.
     """
 
     __slots__ = ("seq", "decisions", "_gate", "_latch", "_prepared", "_ready", "_verdict", "_report_tensor",
-                 "_report", "_report_words", "_diverged", "_decoded")
+                 "_report", "_report_words", "_diverged", "_decoded", "_void")
 
     def __init__(self, seq: int, decisions: torch.Tensor, report: torch.Tensor, *, gate: GateView,
                  latch: FailureLatch | None = None, prepared: Prepared | None = None, ready=None, verdict=None,
-                 decoded: torch.Tensor | None = None):
+                 decoded: torch.Tensor | None = None, void=None):
         self.seq = seq
+        self._void = void
         self.decisions = decisions
         self._decoded = decisions if decoded is None else decoded
         self._gate = gate
@@ -95,7 +98,7 @@ class GateConsensus:
                     time.sleep(0.0002)
         self._latch.raise_for(self.seq)
         if self._verdict is not None:
-            self._verdict.confirm(self.seq, self._latch)
+            self._verdict.confirm(self.seq, self._latch, void=self._void)
             self._verdict = None
 
     def report_words(self) -> list[int]:

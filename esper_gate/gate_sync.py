@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from . import wire
 from ._diagnosis import Diagnosis
-from ._failure import FailurePath
+from ._failure import ABORT_WAIT_S, BackgroundAbort, FailurePath
 from ._group import (Rendezvous, config_error, gate_group_timeout, new_gate_group, not_started_error, parent_group,
                      self_timing, set_group_timeout, shared_devices, supports_set_timeout)
 from ._inputs import as_timedelta, check_settings, prepare, site_fingerprint, timeout_text
@@ -241,7 +241,10 @@ class GateSync:
             rendezvous.abandon()
             watcher.close()
             self._watcher = None
-            self._transport.abort()
+            if self._failure.abort is None:  # the abort can block on the stream: bounded here too
+                BackgroundAbort(self._transport.abort, self._transport.abort_what).start().wait(ABORT_WAIT_S)
+            else:
+                self._failure.wait_abort()
             self._transport.close()
             if self.latch.error is not None:
                 raise self.latch.error from e
@@ -298,6 +301,10 @@ class GateSync:
                     ready.record(torch.cuda.current_stream(self.device))
                     call.event = ready
                 else:
+                    if getattr(self._transport, "aborted", False):
+                        # The collective was aborted under the call and the stream ran on (the
+                        # owned communicator): the buffer decoded is not the sum of every rank's.
+                        raise GateError(f"esper_gate call {seq}'s collective was aborted on rank {self.rank}")
                     self._watcher.end_host(seq)
             except Exception as e:
                 raise self._failure.failed_in_call(call, e) from e
@@ -307,10 +314,11 @@ class GateSync:
                 self._watcher.forget(seq)
                 raise
             if ready is None:
-                self._verdict.confirm(seq, self.latch)
+                self._verdict.confirm(seq, self.latch, void=self._transport.void)
         view = GateView(self.rank, self.policy, self.slot_names if names is None else names, self.vocabulary)
         return GateConsensus(seq, decision, report, gate=view, latch=self.latch, prepared=prepared, ready=ready,
-                             verdict=self._verdict if ready is not None else None, decoded=decoded)
+                             verdict=self._verdict if ready is not None else None, decoded=decoded,
+                             void=self._transport.void)
 
     def __call__(self, votes, stages, targets, *, site: int | None = None, names: Sequence[str] | None = None,
                  policies: Sequence[str | None] | None = None, digests=None) -> GateConsensus:
@@ -393,6 +401,10 @@ class GateSync:
         if self._watcher is not None:
             self._watcher.close()
             self._watcher = None
+        if self.distributed:
+            # An abort still blocked on this rank's stream is not waited for past the bound:
+            # it ends by itself when the stream moves (_failure.BackgroundAbort).
+            self._failure.wait_abort()
         self._transport.close()
 
     def __repr__(self) -> str:

@@ -108,13 +108,13 @@ def _sync_fake(votes, stages, targets, seq, site, policy, group_name, poison=0, 
 # schema is functional (no mutated argument), which FX's dead-code
 # elimination (torch.fx.Node.is_impure, Graph.eliminate_dead_code, run by
 # Dynamo, AOTAutograd and Inductor) would treat as removable;
-# torch.fx.node.has_side_effect marks it impure. The NCCL all_reduce op
-# mutates its buffer, which already keeps it, and is marked too.
+# torch.fx.node.has_side_effect marks it impure. The NCCL all_reduce
+# ops mutate their buffer, which already keeps them, and are marked too.
 def _mark_side_effects() -> None:
     import torch.fx.node
 
     ops = torch.ops.esper_gate
-    for name in ("sync", "nccl_all_reduce_"):
+    for name in ("sync", "nccl_all_reduce_start_", "nccl_all_reduce_poll"):
         if hasattr(ops, name):
             packet = getattr(ops, name)
             torch.fx.node.has_side_effect(packet)

@@ -17,7 +17,8 @@
 //   nccl_config_probe() -> str            JSON: the ncclConfig_t that init passes
 //   nccl_comm_init(Tensor id, int rank, int world, int device) -> int
 //   nccl_comm_state(int comm) -> str      "pending" | "ready" | "error: ..." | "aborted" | "destroyed"
-//   nccl_all_reduce_(Tensor(a!) buf, int comm, float enqueue_timeout_s) -> ()
+//   nccl_all_reduce_start_(Tensor(a!) buf, int comm) -> int   0: enqueued; 1: NCCL still enqueues it
+//   nccl_all_reduce_poll(Tensor(a!) buf, int comm) -> int     the same, one look later
 //   nccl_comm_abort / nccl_comm_finalize / nccl_comm_destroy / nccl_comm_release (int comm) -> ()
 //   nccl_mapped_words(int n, int device) -> (Tensor host, Tensor device)
 #include <dlfcn.h>
@@ -39,12 +40,15 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 #include <torch/library.h>
+
+#include "device_scope.h"
 
 namespace esper_gate {
 namespace {
@@ -133,6 +137,19 @@ int version_of(const std::string& path, std::string* why) {
   return version;
 }
 
+// The oldest NCCL the gate can drive: ncclConfig_t with `blocking`,
+// ncclCommInitRankConfig and ncclCommFinalize came in 2.14.0. The loaded
+// library may be older or newer than the nccl.h this build saw: init passes
+// the header's sizeof and version, and NCCL copies only min(config->size, its
+// own sizeof) and resets the fields a config's version predates
+// (parseCommConfig, src/init.cc at v2.28.9-1 and v2.30.7-1), so a library older
+// than the header ignores commName, and a newer one keeps its defaults for
+// fields this header lacks. Neither is a reason to refuse it. Nor is a version
+// other than torch.cuda.nccl.version(), which is the header torch was built
+// with: users upgrade the nvidia-nccl wheel under torch, and torch then runs
+// on the newer library too. What must hold is one copy, shared with torch.
+constexpr int kMinNcclVersion = NCCL_VERSION(2, 14, 0);
+
 struct NcclApi {
   std::string path;
   int version = 0;
@@ -215,12 +232,9 @@ const NcclApi& api(bool rescan = false) {
   TORCH_CHECK(why.empty(), "esper_gate NCCL: ", why, " (", s.copies[0], ")");
   TORCH_CHECK(t->GetVersion(&t->version) == ncclSuccess, "esper_gate NCCL: ncclGetVersion failed in ",
               s.copies[0]);
-  // ncclConfig_t grows with NCCL versions, and init passes the header's
-  // sizeof and version: a library older than the header may not know the
-  // fields this build fills in.
-  TORCH_CHECK(t->version >= NCCL_VERSION_CODE, "esper_gate NCCL: built against nccl.h ", NCCL_VERSION_CODE,
-              " but the loaded ", s.copies[0], " is ", t->version,
-              ", older than the header: rebuild esper_gate against the torch you run");
+  TORCH_CHECK(t->version >= kMinNcclVersion, "esper_gate NCCL: the loaded ", s.copies[0], " is version code ",
+              t->version, ", older than the ", kMinNcclVersion, " the gate needs (ncclConfig_t with `blocking`, "
+              "ncclCommInitRankConfig, ncclCommFinalize); upgrade NCCL (the nvidia-nccl wheel torch depends on)");
   table = std::move(t);
   return *table;
 }
@@ -232,6 +246,7 @@ std::string library_info() {
   j.str("path", s.copies.size() == 1 ? s.copies[0] : "");
   j.num("version", s.versions.size() == 1 ? s.versions[0] : 0);
   j.num("header_version", NCCL_VERSION_CODE);
+  j.num("min_version", kMinNcclVersion);
   std::ostringstream versions;
   for (size_t i = 0; i < s.versions.size(); ++i) versions << (i ? "," : "") << s.versions[i];
   j.str("copy_versions", versions.str());
@@ -349,17 +364,26 @@ c10::cuda::CUDAStream gate_stream(int device) {
 
 enum class Life { Live, Aborted, Destroyed };
 
-// Runs f with `device` current and restores the previous device, throwing
+// Runs f with `device` current and puts the thread's device back, throwing
 // nothing: destructors call it, possibly late in the process's exit, when the
 // CUDA runtime may already be unloading (a c10::cuda::CUDAGuard would throw
-// there, and a throw from a destructor terminates the process).
+// there, and a throw from a destructor terminates the process). The way back
+// never creates a context (csrc/nccl/device_scope.h says why).
+struct C10DeviceApi {
+  bool get(int* d) {
+    c10::DeviceIndex i = -1;
+    if (c10::cuda::GetDevice(&i) != cudaSuccess) return false;
+    *d = i;
+    return true;
+  }
+  bool set(int d) { return c10::cuda::SetDevice(static_cast<c10::DeviceIndex>(d)) == cudaSuccess; }
+  void maybe_set(int d) { (void)c10::cuda::MaybeSetDevice(static_cast<c10::DeviceIndex>(d)); }
+};
+
 template <typename F>
 void on_device_quietly(int device, F&& f) {
-  int previous = -1;
-  if (cudaGetDevice(&previous) == cudaSuccess && cudaSetDevice(device) == cudaSuccess) {
-    f();
-    cudaSetDevice(previous);
-  }
+  C10DeviceApi api;
+  ::esper_gate::on_device_quietly(api, device, std::forward<F>(f));
   (void)cudaGetLastError();
 }
 
@@ -376,6 +400,7 @@ struct Comm {
   std::atomic<bool> aborting{false};  // set by abort before it takes `mu`
   cudaEvent_t caller_done = nullptr;  // recorded on the caller's stream, waited on by the gate stream
   cudaEvent_t gate_done = nullptr;    // recorded on the gate stream, waited on by the caller's stream
+  cudaStream_t pending_caller = nullptr;  // the caller's stream of an all_reduce still being enqueued
 
   ~Comm() {
     // Only events here: the communicator itself was aborted or destroyed by
@@ -428,6 +453,15 @@ int64_t comm_init(const at::Tensor& id, int64_t rank, int64_t world, int64_t dev
   TORCH_CHECK(world >= 1 && rank >= 0 && rank < world, "esper_gate NCCL: rank ", rank,
               " is not in a world of ", world, " (expected 0 <= rank < world, world >= 1)");
   check_device(device);
+  // NCCL_COMM_BLOCKING overrides config.blocking (envConfigOverride, src/init.cc
+  // at v2.28.9-1 and v2.30.7-1). With 1 the communicator is blocking: init and
+  // every collective wait on the host for the peers, inside `mu`, and an abort
+  // waits for `mu` behind them, so no deadline could end a wait. Python refuses
+  // it first with a GateConfigError (esper_gate/_nccl.py); this is the backstop.
+  const char* blocking = std::getenv("NCCL_COMM_BLOCKING");
+  TORCH_CHECK(blocking == nullptr || std::atoi(blocking) != 1, "esper_gate NCCL: NCCL_COMM_BLOCKING=", blocking,
+              " makes NCCL's communicators blocking, and the gate's must not be (a missing peer would block "
+              "init and the collective with no deadline); unset it");
   auto c = std::make_shared<Comm>();
   c->device = static_cast<int>(device);
   c->rank = static_cast<int>(rank);
@@ -468,7 +502,31 @@ std::string comm_state(int64_t handle) {
   return "error: " + error_text(nccl, c->comm, s);
 }
 
-void all_reduce_(at::Tensor& buf, int64_t handle, double enqueue_timeout_s) {
+// The caller's stream waits for the collective once NCCL has put it on the gate
+// stream, and the allocator must not hand the buffer's memory to the caller's
+// stream again before the gate stream is done with it. Called with `mu` held.
+void order_after_enqueue(Comm& c, at::Tensor& buf, const c10::cuda::CUDAStream& gate) {
+  C10_CUDA_CHECK(cudaEventRecord(c.gate_done, gate.stream()));
+  C10_CUDA_CHECK(cudaStreamWaitEvent(c.pending_caller, c.gate_done, 0));
+  c10::cuda::CUDACachingAllocator::recordStream(buf.storage().data_ptr(), gate);
+  c.pending_caller = nullptr;
+}
+
+// Starts the gate's all_reduce: 0 when it is on the gate stream and the
+// caller's stream ordered after it, 1 when NCCL still enqueues it.
+//
+// On a non-blocking communicator every collective of a world of two or more
+// returns ncclInProgress: ncclGroupEndInternal hands the launch to a new
+// thread (groupLaunchNonBlocking) and sets the communicator's async state to
+// ncclInProgress until that thread is done (src/group.cc at v2.28.9-1 and
+// v2.30.7-1). Only a world of one returns ncclSuccess here (ncclLaunchOneRank,
+// no task and no thread). So every real call is enqueued in two steps: this
+// one, then all_reduce_poll until ncclCommGetAsyncError says ncclSuccess; only
+// then may the caller's stream wait on the gate stream (an event recorded
+// before NCCL enqueued would let it run ahead of the collective). The waiting
+// between polls is the Python side's (esper_gate/_nccl.py, wait_enqueued), so
+// that its policy is one piece of code that the CPU double runs too.
+int64_t all_reduce_start_(at::Tensor& buf, int64_t handle) {
   auto c = lookup(handle);
   const NcclApi& nccl = api();
   TORCH_CHECK(buf.is_cuda() && buf.device().index() == c->device, "esper_gate NCCL: the buffer is on ",
@@ -487,63 +545,48 @@ void all_reduce_(at::Tensor& buf, int64_t handle, double enqueue_timeout_s) {
   c10::cuda::CUDAStream gate = gate_stream(c->device);
   TORCH_CHECK(!c->aborting.load(), "esper_gate NCCL: the communicator (rank ", c->rank, " of ", c->world,
               ") was aborted; build a new one");
-  {
-    std::lock_guard<std::mutex> lock(c->mu);
-    TORCH_CHECK(c->life == Life::Live, "esper_gate NCCL: the communicator (rank ", c->rank, " of ", c->world,
-                ") was ", c->life == Life::Aborted ? "aborted" : "destroyed", "; build a new one");
-    ncclResult_t s = async_state(nccl, c->comm);
-    TORCH_CHECK(s != ncclInProgress, "esper_gate NCCL: the communicator (rank ", c->rank, " of ", c->world,
-                ") is not ready: its init or its previous call is still in progress (state() is 'pending')");
-    TORCH_CHECK(s == ncclSuccess, "esper_gate NCCL: the communicator (rank ", c->rank, " of ", c->world,
-                ") has failed: ", error_text(nccl, c->comm, s));
-    // The gate stream starts when the caller's stream has produced the buffer.
-    C10_CUDA_CHECK(cudaEventRecord(c->caller_done, caller.stream()));
-    C10_CUDA_CHECK(cudaStreamWaitEvent(gate.stream(), c->caller_done, 0));
-    ncclResult_t r = nccl.AllReduce(buf.data_ptr(), buf.data_ptr(), static_cast<size_t>(buf.numel()),
-                                    ncclInt64, ncclSum, c->comm, gate.stream());
-    TORCH_CHECK(r == ncclSuccess || r == ncclInProgress, "esper_gate NCCL: ncclAllReduce failed: ",
-                error_text(nccl, c->comm, r));
-    if (r == ncclSuccess) {
-      C10_CUDA_CHECK(cudaEventRecord(c->gate_done, gate.stream()));
-      C10_CUDA_CHECK(cudaStreamWaitEvent(caller.stream(), c->gate_done, 0));
-      // The allocator must not hand the buffer's memory to the caller's
-      // stream again before the gate stream is done with it.
-      c10::cuda::CUDACachingAllocator::recordStream(buf.storage().data_ptr(), gate);
-      return;
-    }
-  }
-  // ncclInProgress from a collective of a non-blocking communicator: the
-  // operation "may not yet be enqueued" on the stream (NCCL user guide,
-  // nonblocking communicators) until ncclCommGetAsyncError says ncclSuccess,
-  // typically while NCCL connects to the peers at the first collective
-  // (NCCL_RUNTIME_CONNECT). The caller's stream may only wait after that.
-  // The lock is released between polls, so an abort from the deadline thread
-  // ends this wait; the GIL is released by torch.ops' call.
-  auto start = std::chrono::steady_clock::now();
-  for (;;) {
-    TORCH_CHECK(!c->aborting.load(), "esper_gate NCCL: the communicator (rank ", c->rank, " of ", c->world,
-                ") was aborted while its all_reduce was being enqueued");
-    {
-      std::lock_guard<std::mutex> lock(c->mu);
-      TORCH_CHECK(c->life == Life::Live, "esper_gate NCCL: the communicator (rank ", c->rank, " of ",
-                  c->world, ") was aborted while its all_reduce was being enqueued");
-      ncclResult_t s = async_state(nccl, c->comm);
-      TORCH_CHECK(s == ncclSuccess || s == ncclInProgress, "esper_gate NCCL: ncclAllReduce failed: ",
-                  error_text(nccl, c->comm, s));
-      if (s == ncclSuccess) {
-        C10_CUDA_CHECK(cudaEventRecord(c->gate_done, gate.stream()));
-        C10_CUDA_CHECK(cudaStreamWaitEvent(caller.stream(), c->gate_done, 0));
-        c10::cuda::CUDACachingAllocator::recordStream(buf.storage().data_ptr(), gate);
-        return;
-      }
-    }
-    double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    TORCH_CHECK(enqueue_timeout_s <= 0 || waited < enqueue_timeout_s, "esper_gate NCCL: the all_reduce ",
-                "(rank ", c->rank, " of ", c->world, ") was still being enqueued after ", waited,
-                " s (NCCL connects to the peers at the first collective; a peer that never calls keeps it "
-                "pending): abort the communicator");
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
-  }
+  std::lock_guard<std::mutex> lock(c->mu);
+  TORCH_CHECK(c->life == Life::Live, "esper_gate NCCL: the communicator (rank ", c->rank, " of ", c->world,
+              ") was ", c->life == Life::Aborted ? "aborted" : "destroyed", "; build a new one");
+  ncclResult_t s = async_state(nccl, c->comm);
+  TORCH_CHECK(s != ncclInProgress, "esper_gate NCCL: the communicator (rank ", c->rank, " of ", c->world,
+              ") is not ready: its init or its previous call is still in progress (state() is 'pending')");
+  TORCH_CHECK(s == ncclSuccess, "esper_gate NCCL: the communicator (rank ", c->rank, " of ", c->world,
+              ") has failed: ", error_text(nccl, c->comm, s));
+  // The gate stream starts when the caller's stream has produced the buffer.
+  C10_CUDA_CHECK(cudaEventRecord(c->caller_done, caller.stream()));
+  C10_CUDA_CHECK(cudaStreamWaitEvent(gate.stream(), c->caller_done, 0));
+  c->pending_caller = caller.stream();
+  ncclResult_t r = nccl.AllReduce(buf.data_ptr(), buf.data_ptr(), static_cast<size_t>(buf.numel()), ncclInt64,
+                                  ncclSum, c->comm, gate.stream());
+  TORCH_CHECK(r == ncclSuccess || r == ncclInProgress, "esper_gate NCCL: ncclAllReduce failed: ",
+              error_text(nccl, c->comm, r));
+  if (r == ncclInProgress) return 1;
+  order_after_enqueue(*c, buf, gate);
+  return 0;
+}
+
+// One look at an all_reduce that all_reduce_start_ left in progress: 1 while
+// NCCL's launch thread still runs, 0 once it is on the gate stream (and the
+// caller's stream was ordered after it). Raises when the communicator failed
+// or was aborted meanwhile. Holds `mu` only for the look, so an abort from
+// the deadline's thread never waits behind a poll.
+int64_t all_reduce_poll(at::Tensor& buf, int64_t handle) {
+  auto c = lookup(handle);
+  const NcclApi& nccl = api();
+  TORCH_CHECK(!c->aborting.load(), "esper_gate NCCL: the communicator (rank ", c->rank, " of ", c->world,
+              ") was aborted while its all_reduce was being enqueued");
+  CudaScope scope(c->device);
+  std::lock_guard<std::mutex> lock(c->mu);
+  TORCH_CHECK(c->life == Life::Live, "esper_gate NCCL: the communicator (rank ", c->rank, " of ", c->world,
+              ") was aborted while its all_reduce was being enqueued");
+  TORCH_CHECK(c->pending_caller != nullptr, "esper_gate NCCL: no all_reduce of the communicator (rank ", c->rank,
+              " of ", c->world, ") is being enqueued");
+  ncclResult_t s = async_state(nccl, c->comm);
+  if (s == ncclInProgress) return 1;
+  TORCH_CHECK(s == ncclSuccess, "esper_gate NCCL: ncclAllReduce failed: ", error_text(nccl, c->comm, s));
+  order_after_enqueue(*c, buf, gate_stream(c->device));
+  return 0;
 }
 
 // On the deadline the gate calls ncclCommAbort, not ncclCommRevoke or
@@ -569,8 +612,19 @@ void all_reduce_(at::Tensor& buf, int64_t handle, double enqueue_timeout_s) {
 // only for that call, so abort gets the lock promptly, and it is the last
 // NCCL call on the handle (life becomes Aborted under the same lock).
 // When another call holds the lock, `aborting` is set before waiting for it,
-// so state() and a waiting all_reduce_ see the abort at once instead of
-// queueing behind it.
+// so state() and a poll see the abort at once instead of queueing behind it.
+//
+// ncclCommAbort itself blocks, and can wait on the device: it sets the abort
+// flags, then runs commReclaim in the caller's thread (destroyFlag makes its
+// group blocking: ncclAsyncLaunch, src/group.cc), whose commDestroySync
+// synchronizes NCCL's device stream (src/init.cc at v2.28.9-1 and v2.30.7-1).
+// That stream waits on the gate stream, which waits on the caller's stream
+// (caller_done). When the caller's stream is stuck behind another
+// communicator's collective (a peer died during DDP's all_reduce), the abort
+// returns only when that collective ends (NCCL issue #829 shows the stack).
+// So the gate never calls it from a thread that must return: the failure
+// path decides and latches the call's failure first, then aborts on a thread
+// of its own and waits for it with a bound (esper_gate/_failure.py).
 void comm_abort(int64_t handle) {
   std::shared_ptr<Comm> c;
   {
@@ -635,6 +689,9 @@ void comm_destroy(int64_t handle) {
 
 // Forgets the handle. A communicator still live is aborted first, so a
 // release never leaks NCCL's threads and memory.
+// An abort already running on another thread (possibly blocked on the device,
+// see comm_abort) owns the communicator: the handle is forgotten without
+// waiting for it, and the Comm lives on in that thread until its abort returns.
 void comm_release(int64_t handle) {
   std::shared_ptr<Comm> c;
   {
@@ -643,7 +700,7 @@ void comm_release(int64_t handle) {
     if (it == registry.end()) return;
     c = it->second;
   }
-  comm_abort(handle);
+  if (!c->aborting.load()) comm_abort(handle);
   std::lock_guard<std::mutex> lock(registry_mu);
   registry.erase(handle);
 }
@@ -688,7 +745,7 @@ std::tuple<at::Tensor, at::Tensor> mapped_words(int64_t n, int64_t device) {
   return {host, dev};
 }
 
-void all_reduce_meta(at::Tensor&, int64_t, double) {}
+int64_t all_reduce_meta(at::Tensor&, int64_t) { return 0; }
 
 }  // namespace
 
@@ -698,7 +755,8 @@ TORCH_LIBRARY_FRAGMENT(esper_gate, m) {
   m.def("nccl_config_probe() -> str");
   m.def("nccl_comm_init(Tensor unique_id, int rank, int world, int device) -> int");
   m.def("nccl_comm_state(int comm) -> str");
-  m.def("nccl_all_reduce_(Tensor(a!) buf, int comm, float enqueue_timeout_s=0.) -> ()");
+  m.def("nccl_all_reduce_start_(Tensor(a!) buf, int comm) -> int");
+  m.def("nccl_all_reduce_poll(Tensor(a!) buf, int comm) -> int");
   m.def("nccl_comm_abort(int comm) -> ()");
   m.def("nccl_comm_finalize(int comm) -> ()");
   m.def("nccl_comm_destroy(int comm) -> ()");
@@ -719,8 +777,14 @@ TORCH_LIBRARY_IMPL(esper_gate, CompositeImplicitAutograd, m) {
   m.impl("nccl_mapped_words", &mapped_words);
 }
 
-TORCH_LIBRARY_IMPL(esper_gate, CUDA, m) { m.impl("nccl_all_reduce_", &all_reduce_); }
+TORCH_LIBRARY_IMPL(esper_gate, CUDA, m) {
+  m.impl("nccl_all_reduce_start_", &all_reduce_start_);
+  m.impl("nccl_all_reduce_poll", &all_reduce_poll);
+}
 
-TORCH_LIBRARY_IMPL(esper_gate, Meta, m) { m.impl("nccl_all_reduce_", &all_reduce_meta); }
+TORCH_LIBRARY_IMPL(esper_gate, Meta, m) {
+  m.impl("nccl_all_reduce_start_", &all_reduce_meta);
+  m.impl("nccl_all_reduce_poll", &all_reduce_meta);
+}
 
 }  // namespace esper_gate
