@@ -97,13 +97,13 @@ def test_round_arguments_are_checked_before_any_collective():
 
     slots = [slot_at("r0c0", SeedStage.TRAINING), slot_at("r0c1", None)]
     results = [gate(GateLevel.G2, True), None]
-    with pytest.raises(GateInputError, match="gate_round got 2 slots but 1 gate results"):
+    with pytest.raises(GateInputError, match="gate_round: got 2 slots but 1 gate results"):
         kasmina.gate_round(slots, results[:1])
-    with pytest.raises(GateInputError, match="policies has 1 entries for 2 slots"):
+    with pytest.raises(GateInputError, match="gate_round: policies must have 2 entries, got 1"):
         kasmina.gate_round(slots, results, policies=["any"])
-    with pytest.raises(GateInputError, match="names must be a sequence of 2 values"):
+    with pytest.raises(GateInputError, match="names must be a sequence of 2 slot names, got the string 'env0/r0c0'"):
         kasmina.gate_round(slots, results, names="env0/r0c0")
-    with pytest.raises(GateInputError, match="digests has 3 entries for 2 slots"):
+    with pytest.raises(GateInputError, match="digests must have 2 entries, got 3"):
         kasmina.gate_round(slots, results, digests=[1, 2, 3])
 
 
@@ -431,3 +431,4 @@ def test_ranks_that_skip_a_first_gate_or_a_later_round_are_named_not_waited_for(
         later = res["later"]
         assert later["error"] == "GateTimeoutError" and later["missing"] == [0], later
         assert later["elapsed"] < TIMEOUT_S + 5
+
