@@ -389,6 +389,12 @@ class GateSync:
         return self._seq
 
     @property
+    def config_error(self) -> GateConfigError | None:
+        """The GateConfigError every call raises when the ranks built this gate with other
+        settings (the same on every rank: each saw every rank's settings), or None."""
+        return self._config_error
+
+    @property
     def failure(self) -> GateError | None:
         """The error that made this GateSync unusable, or None."""
         return self.latch.error

@@ -95,6 +95,11 @@ def cached_gate_sync(num_slots: int, *, policy: str = "unanimous", group=None, t
     (default: ``$ESPER_GATE_TIMEOUT`` seconds, else 60 s) is fixed when the
     GateSync is built. The caller must have checked that ``group`` spans more
     than one rank. Its reports print Esper's stage and gate names.
+
+    Ranks that built it with other settings (a slot fewer on one rank) get its
+    GateConfigError here, every one of them, and none keeps the gate: the next
+    call builds anew on every rank, so the error ends with the round that
+    caused it.
     """
     parent = group if group is not None else dist.group.WORLD
     key = (parent.group_name, num_slots, policy)
@@ -106,6 +111,12 @@ def cached_gate_sync(num_slots: int, *, policy: str = "unanimous", group=None, t
         del _cache[key]
     gs = GateSync(num_slots, policy=policy, group=parent, timeout=_resolve_timeout(timeout),
                   vocabulary=VOCABULARY)
+    if gs.config_error is not None:
+        # Every rank saw every rank's settings at the rendezvous, so every rank is here.
+        # Kept on some ranks and not others, it would pair one rank's call with
+        # another's construction in a later round: a timeout there, or a split.
+        gs.close()
+        raise gs.config_error
     _cache[key] = (parent, gs)
     return gs
 
