@@ -20,7 +20,7 @@ import torch
 from . import wire
 from .errors import GateInputError
 
-__all__ = ["Prepared", "prepare", "check_settings", "check_names", "as_timedelta", "timeout_text",
+__all__ = ["Prepared", "prepare", "check_settings", "check_names", "names_problem", "as_timedelta", "timeout_text",
            "site_fingerprint", "state_digest", "bad_values_text", "MAX_TIMEOUT_S", "UINT32"]
 
 UINT32 = 0xFFFFFFFF
@@ -149,6 +149,22 @@ def check_names(names, num_slots: int, what: str = "names") -> list[str]:
     if len(out) != num_slots:
         raise GateInputError(f"{what} has {len(out)} names for num_slots={num_slots}")
     return out
+
+
+def names_problem(names, num_slots: int) -> str | None:
+    """Why ``names`` cannot name a call's ``num_slots`` slots, or None when they can
+    (None names, or a sized sequence of that many)."""
+    if names is None:
+        return None
+    if isinstance(names, (str, bytes)):
+        got = f"the string {names!r}"
+    elif not hasattr(names, "__len__") or not hasattr(names, "__iter__"):
+        got = f"{type(names).__name__} {names!r}"
+    elif len(names) != num_slots:
+        got = f"{len(names)} names"
+    else:
+        return None
+    return f"names must be a sequence of {num_slots} slot names, got {got}"
 
 
 def bad_values_text(call: str, reason: str | None) -> str:
@@ -298,17 +314,19 @@ def _slot_digests(digests, num_slots: int, device: torch.device, problems: list)
 
 def prepare(votes, stages, targets, site, *, num_slots: int, device: torch.device, default_site: int,
             call: str, policies=None, digests=None, default_policy: str = "unanimous",
-            names: Sequence[str] | None = None) -> Prepared:
+            names: Sequence[str] | None = None, bad_input: str | None = None) -> Prepared:
     """The inputs of one call as the op takes them (``call`` names the call in problem texts).
 
     ``policies`` (names, None = ``default_policy``) and ``digests`` (ints, None = 0) are
     per slot; ``names``, when given and ``site`` is None, make the call's fingerprint, so
-    ranks that pass other names for the same call are told apart.
+    ranks that pass other names for the same call are told apart. ``bad_input``: what
+    the caller found wrong before it could make these inputs (its own objects), sent
+    as ``wire.REASON_INPUT`` ahead of anything found here.
     """
     given = site
     # Names a rank cannot use travel as bad input, like the tensors: raising here
     # would leave the other ranks waiting in the collective.
-    bad_names = names is not None and (isinstance(names, (str, bytes)) or len(names) != num_slots)
+    bad_names = names_problem(names, num_slots)
     if site is None:
         site = default_site if names is None or bad_names else _names_site(tuple(str(n) for n in names))
     elif not (type(site) is int and 0 <= site <= UINT32):
@@ -316,13 +334,14 @@ def prepare(votes, stages, targets, site, *, num_slots: int, device: torch.devic
             site = operator.index(site)
         except TypeError:
             site = -1
-    if policies is None and digests is None and not bad_names and 0 <= site <= UINT32 \
+    if policies is None and digests is None and not bad_names and bad_input is None and 0 <= site <= UINT32 \
             and _fast(votes, stages, targets, (num_slots,), device):
         return Prepared(votes, stages, targets, site)
     problems: list = []
+    if bad_input is not None:
+        problems.append((wire.REASON_INPUT, str(bad_input)))
     if bad_names:
-        got = f"the string {names!r}" if isinstance(names, (str, bytes)) else f"{len(names)} names"
-        problems.append((wire.REASON_SHAPE, f"names must be a sequence of {num_slots} slot names, got {got}"))
+        problems.append((wire.REASON_SHAPE, bad_names))
     coerced = [_coerce(name, x, num_slots, device, problems)
                for name, x in (("votes", votes), ("stages", stages), ("targets", targets))]
     if not 0 <= site <= UINT32:

@@ -321,7 +321,8 @@ class GateSync:
                              void=self._transport.void)
 
     def __call__(self, votes, stages, targets, *, site: int | None = None, names: Sequence[str] | None = None,
-                 policies: Sequence[str | None] | None = None, digests=None) -> GateConsensus:
+                 policies: Sequence[str | None] | None = None, digests=None,
+                 bad_input: str | None = None) -> GateConsensus:
         """One sync of all slots. Every rank of the group must call it, in the same order.
 
         ``votes`` (bool or 0/1), ``stages`` and ``targets`` (ids 0..63) are
@@ -346,18 +347,23 @@ class GateSync:
           and the report names which ranks hold which digest.
 
         Bad input of any kind on one rank is a GateInputError there and a
-        GatePeerInputError on the others, in the same call.
+        GatePeerInputError on the others, in the same call. A caller that reads
+        its own objects into these inputs (the Esper adapters read slots and
+        gate results) and finds one it cannot read passes why as ``bad_input``
+        (with inputs of the right length, e.g. zeros) instead of raising: the
+        call then runs poisoned, so that its peers are not left waiting.
         """
         if self.distributed and self._watcher is None:
             raise GateError("this GateSync was closed; build a new one on every rank")
         self.latch.check_usable()
         if self._config_error is not None:
             raise self._config_error
-        if names is not None and not isinstance(names, (str, bytes)):
-            names = [str(n) for n in names]  # a wrong count travels as bad input (prepare)
+        if names is not None and not isinstance(names, (str, bytes)) and hasattr(names, "__iter__"):
+            names = [str(n) for n in names]  # a wrong count travels as bad input (prepare), as does a non-sequence
         prepared = prepare(votes, stages, targets, site, num_slots=self.num_slots, device=self.device,
                            default_site=self.site, call=f"esper_gate call {self._seq + 1} on rank {self.rank}",
-                           policies=policies, digests=digests, default_policy=self.policy, names=names)
+                           policies=policies, digests=digests, default_policy=self.policy, names=names,
+                           bad_input=bad_input)
         self._seq += 1
         result = self._run(prepared, self._seq, names if prepared.problem is None else None)
         if prepared.problem is not None:
@@ -389,6 +395,12 @@ class GateSync:
     def calls(self) -> int:
         """Number of calls made so far (the seq of the last call)."""
         return self._seq
+
+    @property
+    def config_error(self) -> GateConfigError | None:
+        """The GateConfigError every call raises when the ranks built this gate with other
+        settings (the same on every rank: each saw every rank's settings), or None."""
+        return self._config_error
 
     @property
     def failure(self) -> GateError | None:

@@ -21,20 +21,26 @@ vocabulary:
   names the ranks and what they hold.
 
 A rank that never arrives is a ``GateTimeoutError`` naming it; bad input on a
-rank is a ``GateInputError`` there and a ``GatePeerInputError`` elsewhere.
+rank is a ``GateInputError`` there and a ``GatePeerInputError`` elsewhere, in
+the same call. That includes a slot or gate result the adapter cannot read (a
+missing field, a stage or gate given by name, a gate id of ``NO_GATE``): it is
+sent as this rank's bad input, never raised before the collective, where the
+other ranks would wait out the timeout for this rank.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import datetime
+import operator
 import os
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
+import torch
 import torch.distributed as dist
 
 from ._group import parent_group
-from ._inputs import as_timedelta
+from ._inputs import as_timedelta, names_problem, prepare
 from .errors import GateDivergenceError, GateInputError
 from .esper import VOCABULARY, SeedStage
 from .gate_sync import GateSync, site_fingerprint
@@ -89,6 +95,11 @@ def cached_gate_sync(num_slots: int, *, policy: str = "unanimous", group=None, t
     (default: ``$ESPER_GATE_TIMEOUT`` seconds, else 60 s) is fixed when the
     GateSync is built. The caller must have checked that ``group`` spans more
     than one rank. Its reports print Esper's stage and gate names.
+
+    Ranks that built it with other settings (a slot fewer on one rank) get its
+    GateConfigError here, every one of them, and none keeps the gate: the next
+    call builds anew on every rank, so the error ends with the round that
+    caused it.
     """
     parent = group if group is not None else dist.group.WORLD
     key = (parent.group_name, num_slots, policy)
@@ -100,16 +111,89 @@ def cached_gate_sync(num_slots: int, *, policy: str = "unanimous", group=None, t
         del _cache[key]
     gs = GateSync(num_slots, policy=policy, group=parent, timeout=_resolve_timeout(timeout),
                   vocabulary=VOCABULARY)
+    if gs.config_error is not None:
+        # Every rank saw every rank's settings at the rendezvous, so every rank is here.
+        # Kept on some ranks and not others, it would pair one rank's call with
+        # another's construction in a later round: a timeout there, or a split.
+        gs.close()
+        raise gs.config_error
     _cache[key] = (parent, gs)
     return gs
 
 
 # ---- reading a slot and a gate result -------------------------------------------
+#
+# What cannot be read is noted, not raised: with peers it travels as this rank's
+# bad input in the call (a poisoned call), so every rank fails in that call.
 
-def _slot_stage(slot) -> int:
+_MISSING = object()
+MAX_PROBLEMS_TEXT = 3  # problems spelled out in one error; the rest are counted
+
+
+def _field(obj, name: str, where: str, problems: list):
+    """``obj.name``, or _MISSING after noting why it cannot be read."""
+    try:
+        return getattr(obj, name)
+    except AttributeError:
+        problems.append(f"{where} ({type(obj).__name__}) has no {name}")
+    except Exception as e:  # noqa: BLE001 - a property that raises: still this rank's input
+        problems.append(f"{where}.{name} raised {type(e).__name__}: {e}")
+    return _MISSING
+
+
+def _id(value, what: str, example: str, where: str, problems: list) -> int:
+    """An id as an int (out-of-range ids are left to the kernel, which names them)."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        problems.append(f"{where}.{what} is {value!r}, expected a {what} id (an int such as {example})")
+        return 0
+
+
+def _slot_stage(slot, where: str, problems: list) -> int:
+    """The slot's stage id; an empty slot (no state, or no stage) is DORMANT."""
     state = getattr(slot, "state", None)
     stage = getattr(state, "stage", None) if state is not None else None
-    return int(SeedStage.DORMANT) if stage is None else int(stage)
+    if stage is None:
+        return int(SeedStage.DORMANT)
+    return _id(stage, "stage", "SeedStage.TRAINING", f"{where}.state", problems)
+
+
+def _slot_id(slot, where: str, problems: list) -> str:
+    slot_id = _field(slot, "slot_id", where, problems)
+    return "?" if slot_id is _MISSING else str(slot_id)
+
+
+def _passed(result, where: str, problems: list) -> bool:
+    passed = _field(result, "passed", where, problems)
+    if passed is _MISSING:
+        return False
+    try:
+        return bool(passed)
+    except Exception as e:  # noqa: BLE001 - e.g. a tensor of several values
+        problems.append(f"{where}.passed is {passed!r}, expected a bool ({type(e).__name__}: {e})")
+        return False
+
+
+def _gate(result, where: str, problems: list, hint: str) -> int:
+    """The gate result's gate id. ``NO_GATE`` is refused: it would read as "no gate here"
+    and quietly veto the slot."""
+    gate = _field(result, "gate", where, problems)
+    if gate is _MISSING:
+        return 0
+    gate = _id(gate, "gate", "GateLevel.G2", where, problems)
+    if gate == NO_GATE:
+        problems.append(f"{where}.gate is {NO_GATE}, which is esper_gate.NO_GATE (the entry of a slot "
+                        f"without a gate), not a gate id{hint}")
+    return gate
+
+
+def _problem_text(problems: list[str]) -> str | None:
+    if not problems:
+        return None
+    shown = problems[:MAX_PROBLEMS_TEXT]
+    more = len(problems) - len(shown)
+    return "; ".join(shown + ([f"… and {more} more"] if more else []))
 
 
 def _with(gate_result, **changes):
@@ -223,16 +307,19 @@ def _sync_report(gs: GateSync, votes: list[bool], stages: list[int], targets: li
 
 def _sync_slots(gs: GateSync, slot_ids: list[str], votes: list[bool], stages: list[int],
                 targets: list[int], policies: Sequence[str | None] | None = None,
-                digests: Sequence[int | None] | None = None, names: list[str] | None = None) -> list[_SlotOutcome]:
+                digests: Sequence[int | None] | None = None, names: list[str] | None = None,
+                bad_input: str | None = None) -> list[_SlotOutcome]:
     """One sync of these slots, and each slot's outcome on this rank. ``names`` (default:
-    the slot ids) are what the notes and the call's fingerprint use."""
+    the slot ids) are what the notes and the call's fingerprint use. ``bad_input``: what
+    could not be read from this rank's slots and gate results; the call runs poisoned."""
     n = len(slot_ids)
     given = names
-    names = slot_ids if names is None or isinstance(names, (str, bytes)) or len(names) != n else names
+    names = slot_ids if names is None or names_problem(names, n) is not None else names
     site = site_fingerprint(n, names)
-    # A wrong count of names, policies or digests is this rank's bad input, raised by GateSync.
+    # Names, policies or digests this rank cannot use are its bad input, raised by GateSync
+    # after the call, as is what it could not read.
     rep = _sync_report(gs, votes, stages, targets, site, names=given if given is not None else names,
-                       policies=policies, digests=digests)
+                       policies=policies, digests=digests, bad_input=bad_input)
     if not rep.header_ok:
         note = _call_mismatch_note(rep, site, names)
         return [_SlotOutcome(False, DIVERGENCE_CHECK, note, targets[i], True) for i in range(n)]
@@ -259,13 +346,29 @@ def sync_gate_decision(slot, gate_result, *, policy: str = "unanimous", group=No
     ``passed`` is the consensus; see the module docstring for the
     ``checks_failed`` entries. Every rank must make the same gate calls in the
     same order; a rank that does not is reported, never waited on forever.
+    A slot or gate result it cannot read (``gate_result`` None, a missing
+    field, a gate id of ``NO_GATE``) is a GateInputError here and a
+    GatePeerInputError on the other ranks, in the same call; without peers,
+    a GateInputError.
     """
+    problems: list[str] = []
+    slot_id, stage = _slot_id(slot, "slot", problems), _slot_stage(slot, "slot", problems)
+    if gate_result is None:
+        problems.append("gate_result is None: sync_gate_decision decides a gate this rank checked "
+                        "(gate_round takes None for a slot without a gate)")
+        vote, target = False, 0
+    else:
+        vote = _passed(gate_result, "gate_result", problems)
+        target = _gate(gate_result, "gate_result", problems, "")
+    problem = _problem_text(problems)
     parent = parent_group(group)
     if parent is None:
+        if problem is not None:
+            raise GateInputError(f"sync_gate_decision: {problem}")
         return gate_result
     gs = cached_gate_sync(1, policy=policy, group=parent, timeout=timeout)
-    [outcome] = _sync_slots(gs, [str(slot.slot_id)], [bool(gate_result.passed)], [_slot_stage(slot)],
-                            [int(gate_result.gate)])
+    [outcome] = _sync_slots(gs, [slot_id], [vote], [stage], [target],
+                            bad_input=None if problem is None else f"sync_gate_decision: {problem}")
     return _resolved(gate_result, outcome)
 
 
@@ -295,52 +398,80 @@ class RoundOutcome:
     gate_result: Any = None
 
 
-def _round_inputs(slots: list, gate_results: list, what: str):
-    if len(slots) != len(gate_results):
-        raise GateInputError(f"{what} got {len(slots)} slots but {len(gate_results)} gate results")
-    votes = [bool(r is not None and s.is_active and r.passed) for s, r in zip(slots, gate_results)]
-    # A gate result whose gate id is NO_GATE's would read as "no gate": send it out of
-    # range instead, so it poisons the round on every rank as a bad target.
-    targets = [NO_GATE if r is None else (wire.MAX_ID + 1 if int(r.gate) == NO_GATE else int(r.gate))
-               for r in gate_results]
-    stages = [_slot_stage(s) for s in slots]
-    return votes, stages, targets
+class _RoundInputs(NamedTuple):
+    """A round's slots and gate results as the sync takes them, one entry per slot."""
+    results: list        # the gate results, None where a slot has none
+    ids: list[str]
+    votes: list[bool]    # passed, on an active seed
+    passed: list[bool]   # the gate result's own passed (False where there is none)
+    stages: list[int]
+    targets: list[int]   # the gate id, NO_GATE where there is no gate result
+    problem: str | None  # what could not be read, or None
 
 
-def _per_slot(values, n: int, what: str) -> list | None:
-    if values is None:
-        return None
-    if isinstance(values, (str, bytes)):
-        raise GateInputError(f"{what} must be a sequence of {n} values (or None), got the string {values!r}")
-    values = list(values)
-    if len(values) != n:
-        raise GateInputError(f"{what} has {len(values)} entries for {n} slots")
-    return values
+def _round_inputs(slots: list, gate_results, what: str) -> _RoundInputs:
+    n = len(slots)
+    problems: list[str] = []
+    try:
+        results = list(gate_results)
+    except TypeError:
+        problems.append(f"gate_results must be a sequence of {n} gate results (or None), "
+                        f"got {type(gate_results).__name__}")
+        results = []
+    if len(results) != n and not problems:
+        problems.append(f"got {n} slots but {len(results)} gate results")
+    results = (results + [None] * n)[:n]
+    ids = [_slot_id(s, f"slots[{i}]", problems) for i, s in enumerate(slots)]
+    stages = [_slot_stage(s, f"slots[{i}]", problems) for i, s in enumerate(slots)]
+    passed, votes, targets = [], [], []
+    for i, (s, r) in enumerate(zip(slots, results)):
+        if r is None:
+            passed.append(False)
+            votes.append(False)
+            targets.append(NO_GATE)
+            continue
+        where = f"gate_results[{i}]"
+        passed.append(_passed(r, where, problems))
+        active = _field(s, "is_active", f"slots[{i}]", problems)
+        votes.append(passed[-1] and active is not _MISSING and bool(active))
+        targets.append(_gate(r, where, problems, "; pass None as the gate result of a slot without a gate"))
+    problem = _problem_text(problems)
+    return _RoundInputs(results, ids, votes, passed, stages, targets, None if problem is None else f"{what}: {problem}")
+
+
+def _check_alone(inputs: _RoundInputs, n: int, *, policy, policies, names, digests, what: str) -> None:
+    """Without peers nothing waits on this rank: bad input raises here, found by the same
+    rules as with peers (``prepare``, which a GateSync runs on every call)."""
+    p = prepare(inputs.votes, inputs.stages, inputs.targets, None, num_slots=n, device=torch.device("cpu"),
+                default_site=0, call=what, policies=policies, digests=digests, default_policy=policy, names=names,
+                bad_input=inputs.problem)
+    if p.problem is not None:
+        raise GateInputError(p.problem)
 
 
 def _round(slots, gate_results, *, policy, policies, names, digests, group, timeout, what):
-    """The shared body of gate_round and sync_gate_decisions: (outcomes, votes, targets), or
-    None outside a multi-rank process group."""
-    slots, gate_results = list(slots), list(gate_results)
-    votes, stages, targets = _round_inputs(slots, gate_results, what)
+    """The shared body of gate_round and sync_gate_decisions: (outcomes or None outside a
+    multi-rank process group, the round's inputs)."""
+    try:
+        slots = list(slots)
+    except TypeError:
+        # Without a slot count there is no gate to send it on: the layout itself is wrong.
+        raise GateInputError(f"{what}: slots must be a sequence of slots, got {type(slots).__name__}") from None
+    inputs = _round_inputs(slots, gate_results, what)
     n = len(slots)
+    if names is not None and not isinstance(names, (str, bytes)) and hasattr(names, "__iter__"):
+        names = [str(x) for x in names]  # a wrong count or a non-sequence travels as bad input (prepare)
     parent = parent_group(group)
     if parent is None or not slots:
-        # No peers wait on this rank: a wrong count is raised here. With peers it
-        # travels to them as this rank's bad input (GateSync's prepare).
-        _per_slot(policies, n, "policies")
-        _per_slot(digests, n, "digests")
-        _per_slot(names, n, "names")
-        return None, votes, targets
-    if names is not None and not isinstance(names, (str, bytes)):
-        names = [str(x) for x in names]
+        _check_alone(inputs, n, policy=policy, policies=policies, names=names, digests=digests, what=what)
+        return None, inputs
     gs = cached_gate_sync(n, policy=policy, group=parent, timeout=timeout)
-    outcomes = _sync_slots(gs, [str(s.slot_id) for s in slots], votes, stages, targets, policies=policies,
-                           digests=digests, names=names)
-    for result, vote, outcome in zip(gate_results, votes, outcomes):
-        if result is not None and result.passed and not vote and outcome.note is None:
+    outcomes = _sync_slots(gs, inputs.ids, inputs.votes, inputs.stages, inputs.targets, policies=policies,
+                           digests=digests, names=names, bad_input=inputs.problem)
+    for passed, vote, outcome in zip(inputs.passed, inputs.votes, outcomes):
+        if passed and not vote and outcome.note is None:
             outcome.note = "this rank voted no: the slot has no active seed here"
-    return outcomes, votes, targets
+    return outcomes, inputs
 
 
 def sync_gate_decisions(slots: Sequence, gate_results: Sequence, *, policy: str = "unanimous", group=None,
@@ -358,12 +489,11 @@ def sync_gate_decisions(slots: Sequence, gate_results: Sequence, *, policy: str 
     outside a multi-rank process group, the given objects unchanged.
     ``policies``, ``names`` and ``digests`` are as in ``gate_round``.
     """
-    outcomes, _votes, _targets = _round(slots, gate_results, policy=policy, policies=policies, names=names,
-                                        digests=digests, group=group, timeout=timeout, what="sync_gate_decisions")
-    gate_results = list(gate_results)
+    outcomes, inputs = _round(slots, gate_results, policy=policy, policies=policies, names=names,
+                              digests=digests, group=group, timeout=timeout, what="sync_gate_decisions")
     if outcomes is None:
-        return gate_results
-    return [None if r is None else _resolved(r, o) for r, o in zip(gate_results, outcomes)]
+        return inputs.results
+    return [None if r is None else _resolved(r, o) for r, o in zip(inputs.results, outcomes)]
 
 
 def gate_round(slots: Sequence, gate_results: Sequence, *, policy: str = "unanimous",
@@ -392,15 +522,18 @@ def gate_round(slots: Sequence, gate_results: Sequence, *, policy: str = "unanim
     slot's outcome, including slots where it had no gate. Apply a transition
     exactly where ``passed`` is True. Outside a multi-rank process group each
     gate result stands as it is (``passed`` is its own ``passed``).
+
+    Bad input on a rank (a gate result missing or unreadable, a gate id of
+    ``NO_GATE``, a stage by name, names, policies or digests of the wrong kind
+    or count) is a GateInputError there and a GatePeerInputError on the other
+    ranks, in this round; without peers, a GateInputError.
     """
-    slots, gate_results = list(slots), list(gate_results)
-    outcomes, _votes, targets = _round(slots, gate_results, policy=policy, policies=policies, names=names,
-                                       digests=digests, group=group, timeout=timeout, what="gate_round")
-    labels = [str(x) for x in names] if names is not None and len(names) == len(slots) \
-        else [str(s.slot_id) for s in slots]
+    outcomes, inputs = _round(slots, gate_results, policy=policy, policies=policies, names=names,
+                              digests=digests, group=group, timeout=timeout, what="gate_round")
+    labels = [str(x) for x in names] if names is not None else inputs.ids
     if outcomes is None:
-        return [RoundOutcome(labels[i], None if r is None else int(r.gate), bool(r is not None and r.passed),
-                             False, None, r) for i, r in enumerate(gate_results)]
+        return [RoundOutcome(labels[i], None if r is None else inputs.targets[i], inputs.passed[i],
+                             False, None, r) for i, r in enumerate(inputs.results)]
     return [RoundOutcome(labels[i], o.gate if o.gate != NO_GATE else None, o.passed, o.diverged, o.note,
                          None if r is None else _resolved(r, o))
-            for i, (r, o) in enumerate(zip(gate_results, outcomes))]
+            for i, (r, o) in enumerate(zip(inputs.results, outcomes))]

@@ -58,6 +58,7 @@ REASON_CALLER_MIN = 16  # codes from here up are declared by the caller, not fou
 REASON_DTYPE = 16
 REASON_SHAPE = 17
 REASON_DEVICE = 18
+REASON_INPUT = 19  # found by the caller in its own objects before it had ids to send (a field missing, a name)
 REASON_MAX = 31  # the largest code the 5-bit field holds; pack refuses a larger poison
 REASON_TEXT = {
     REASON_NONE: "no error",
@@ -70,6 +71,7 @@ REASON_TEXT = {
     REASON_DTYPE: "a tensor of the wrong dtype",
     REASON_SHAPE: "tensors of the wrong shape or length",
     REASON_DEVICE: "a tensor on the wrong device",
+    REASON_INPUT: "input its caller refused before the op; that rank's GateInputError says what",
 }
 
 # Record header fields: (name, bit offset, bit width).

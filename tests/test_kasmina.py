@@ -97,13 +97,13 @@ def test_round_arguments_are_checked_before_any_collective():
 
     slots = [slot_at("r0c0", SeedStage.TRAINING), slot_at("r0c1", None)]
     results = [gate(GateLevel.G2, True), None]
-    with pytest.raises(GateInputError, match="gate_round got 2 slots but 1 gate results"):
+    with pytest.raises(GateInputError, match="gate_round: got 2 slots but 1 gate results"):
         kasmina.gate_round(slots, results[:1])
-    with pytest.raises(GateInputError, match="policies has 1 entries for 2 slots"):
+    with pytest.raises(GateInputError, match="gate_round: policies must have 2 entries, got 1"):
         kasmina.gate_round(slots, results, policies=["any"])
-    with pytest.raises(GateInputError, match="names must be a sequence of 2 values"):
+    with pytest.raises(GateInputError, match="names must be a sequence of 2 slot names, got the string 'env0/r0c0'"):
         kasmina.gate_round(slots, results, names="env0/r0c0")
-    with pytest.raises(GateInputError, match="digests has 3 entries for 2 slots"):
+    with pytest.raises(GateInputError, match="digests must have 2 entries, got 3"):
         kasmina.gate_round(slots, results, digests=[1, 2, 3])
 
 
@@ -431,3 +431,43 @@ def test_ranks_that_skip_a_first_gate_or_a_later_round_are_named_not_waited_for(
         later = res["later"]
         assert later["error"] == "GateTimeoutError" and later["missing"] == [0], later
         assert later["elapsed"] < TIMEOUT_S + 5
+
+
+def _asymmetric_round_main(rank, world):
+    """Epoch 1: model A has one slot fewer on rank 1, then model B (2 slots, the same on
+    every rank). Epoch 2: model A is whole again on every rank, then model B."""
+    from esper_gate import kasmina
+
+    out = {}
+    for epoch in (1, 2):
+        model_a = [slot_at(f"r0c{i}", SeedStage.TRAINING) for i in range(3)]
+        if epoch == 1 and rank == 1:
+            model_a = model_a[:2]
+        model_b = [slot_at(f"r1c{i}", SeedStage.TRAINING) for i in range(2)]
+        for model, slots in (("A", model_a), ("B", model_b)):
+            try:
+                rounds = kasmina.gate_round(slots, [gate(GateLevel.G2, True)] * len(slots), timeout=TIMEOUT_S)
+                res = {"error": None, "passed": [o.passed for o in rounds]}
+            except Exception as e:  # noqa: BLE001 - the outcome is what is tested
+                res = {"error": type(e).__name__, "text": str(e)}
+            res["cache"] = sorted((k[1], k[2]) for k in kasmina._cache)
+            out[(epoch, model)] = res
+    kasmina.clear_cache()
+    return out
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_a_config_error_leaves_every_cache_alike_and_ends_with_its_round():
+    r0, r1 = values(spawn_ranks(_asymmetric_round_main, 2, timeout=90))
+    for out in (r0, r1):
+        a = out[(1, "A")]
+        assert a["error"] == "GateConfigError", a
+        assert "rank 0: num_slots=3" in a["text"] and "rank 1: num_slots=2" in a["text"]
+        # model B right after, and both models in the next epoch, agree on every rank
+        for when in ((1, "B"), (2, "A"), (2, "B")):
+            assert out[when]["error"] is None, (when, out[when])
+            assert all(out[when]["passed"]), (when, out[when])
+        assert a["cache"] == [], "the gate the ranks built with other settings is kept by no rank"
+        assert out[(1, "B")]["cache"] == [(2, "unanimous")]
+        assert out[(2, "B")]["cache"] == [(2, "unanimous"), (3, "unanimous")]

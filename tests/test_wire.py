@@ -18,7 +18,7 @@ DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "wire-format.md
 # Constants of wire.py that the C++ side has no counterpart for: the caller's
 # own reason codes (checked below to lie in the caller's range) and tables
 # derived from checked constants (checked below against their source).
-PYTHON_ONLY = {"REASON_DTYPE", "REASON_SHAPE", "REASON_DEVICE", "REASON_TEXT",
+PYTHON_ONLY = {"REASON_DTYPE", "REASON_SHAPE", "REASON_DEVICE", "REASON_INPUT", "REASON_TEXT",
                "POLICY_CODES", "HEADER_FIELD_WIDTH", "MAX_DIGEST"}
 
 
@@ -44,7 +44,7 @@ def test_every_constant_matches_cpp():
 
 def test_python_only_constants_follow_the_checked_ones():
     cpp = _cpp_constants()
-    for name in ("REASON_DTYPE", "REASON_SHAPE", "REASON_DEVICE"):
+    for name in ("REASON_DTYPE", "REASON_SHAPE", "REASON_DEVICE", "REASON_INPUT"):
         code = getattr(wire, name)
         assert cpp["REASON_CALLER_MIN"] <= code <= cpp["REASON_MAX"], f"wire.{name} = {code} is no caller code"
     assert wire.HEADER_FIELD_WIDTH == {n: w for n, _o, w in cpp["HEADER_FIELDS"]}
