@@ -35,8 +35,9 @@ import torch.distributed as dist
 from . import wire
 from ._diagnosis import Diagnosis
 from ._failure import FailurePath
-from ._group import (Rendezvous, config_error, gate_group_timeout, new_gate_group, not_started_error, parent_group,
-                     self_timing, set_group_timeout, shared_devices, supports_set_timeout)
+from ._group import (Rendezvous, check_group_backend, config_error, gate_group_timeout, new_gate_group,
+                     not_started_error, parent_group, self_timing, set_group_timeout, shared_devices,
+                     supports_set_timeout)
 from ._inputs import as_timedelta, check_settings, prepare, site_fingerprint, timeout_text
 from ._latch import FailureLatch
 from ._transport import C10dTransport, LocalTransport, OwnedTransport
@@ -169,6 +170,8 @@ class GateSync:
         self._owned = _owned
         self.transport = "owned" if _owned is not None or (self.device.type == "cuda" and transport != "c10d") \
             else "c10d"
+        if self.transport == "c10d":
+            check_group_backend(self.backend, self.device)
         self._build(parent, start)
 
     # ---- construction ---------------------------------------------------
@@ -254,7 +257,8 @@ class GateSync:
         store = rendezvous.store
         store.set(f"group/started/{self.rank}", "1")
         try:
-            return new_gate_group(self.ranks, self.backend, self.device, timeout, rendezvous.group_name)
+            return new_gate_group(self.ranks, self.backend, self.device, timeout, rendezvous.group_name,
+                                  store=rendezvous.store)
         except Exception as e:  # noqa: BLE001 - a connect or store timeout, a peer gone
             why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
             raise not_started_error(store, "group/started", self.world_size, lambda who: (

@@ -591,3 +591,55 @@ def test_the_exit_hook_cuts_a_diagnosis_short_and_waits_for_its_last_store_reque
     finally:
         gate_sync._live.discard(gate)
         watcher.close()
+
+
+# ---- the gate's group ---------------------------------------------------------------
+
+def _gloo_plugin(extended):
+    """A backend registered the way third-party ones are, serving the gate's group with gloo."""
+    name = f"gloo_plugin_{int(extended)}"
+    if name.upper() not in dist.Backend._plugins:
+        if extended:
+            def create(opts, _backend_options):
+                return dist.ProcessGroupGloo(opts.store, opts.group_rank, opts.group_size, opts.timeout)
+        else:
+            def create(store, rank, size, timeout):
+                return dist.ProcessGroupGloo(store, rank, size, timeout)
+        dist.Backend.register_backend(name, create, extended_api=extended, devices=["cpu"])
+    return name
+
+
+@pytest.mark.parametrize("backend", ["gloo", "plugin", "extended_plugin"])
+def test_a_gates_group_is_found_by_the_op_and_leaves_c10ds_own_state_alone(one_rank_group, backend):
+    import torch.distributed.distributed_c10d as c10d
+
+    from esper_gate._group import free_gate_group, new_gate_group
+
+    if backend != "gloo":
+        backend = _gloo_plugin(backend == "extended_plugin")
+    count, names = c10d._world.group_count, dict(c10d._world.pg_names)
+    name = f"esper_gate.test.{backend}"
+    group = new_gate_group([0], backend, CPU, datetime.timedelta(seconds=10), name)
+    assert group.group_name == name and (group.rank(), group.size()) == (0, 1)
+    # c10d names and counts its groups as if the gate's did not exist
+    assert (c10d._world.group_count, dict(c10d._world.pg_names)) == (count, names)
+    assert dist.new_group([0]).group_name == str(count)
+    votes, stages, targets = torch.tensor([True, False]), torch.tensor([3, 3]), torch.tensor([4, 4])
+    decision, _ = esper_gate.sync(votes, stages, targets, 1, 7, "unanimous", name)
+    assert decision.tolist() == [True, False]
+    free_gate_group(group)
+    with pytest.raises(ValueError, match=f"unknown process group name '{name}'"):
+        esper_gate.sync(votes, stages, targets, 2, 7, "unanimous", name)
+    # the name is free again: freeing forgot it
+    again = new_gate_group([0], backend, CPU, datetime.timedelta(seconds=10), name)
+    free_gate_group(again)
+
+
+def test_a_backend_the_gates_group_cannot_use_is_refused_by_name():
+    from esper_gate._group import check_group_backend
+
+    with pytest.raises(esper_gate.GateInputError, match="backend 'mpi'.*register_backend"):
+        check_group_backend("mpi", CPU)
+    with pytest.raises(esper_gate.GateInputError, match="on cpu would use backend 'nccl'"):
+        check_group_backend("nccl", CPU)
+    check_group_backend("cpu:gloo,cuda:nccl", CPU)
