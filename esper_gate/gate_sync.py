@@ -42,7 +42,7 @@ from ._inputs import as_timedelta, check_settings, prepare, site_fingerprint, ti
 from ._latch import FailureLatch
 from ._transport import C10dTransport, LocalTransport, OwnedTransport
 from ._verdict import Verdict
-from ._watcher import Call, Watcher
+from ._watcher import Call, Watcher, Whereabouts
 from .consensus import GateConsensus, GateView
 from .errors import GateConfigError, GateError, GateInputError
 
@@ -207,7 +207,8 @@ class GateSync:
         cuda = self.device.type == "cuda"
         watcher = Watcher(rendezvous.store, self.rank, self._expire,
                           (lambda: self._transport.failed()) if cuda or self._owned is not None else None,
-                          whereabouts=(rendezvous.parent_store, rendezvous.index),
+                          whereabouts=(rendezvous.parent_store, rendezvous.index,
+                                       Whereabouts.of(parent.group_name, self.rank)),
                           progress=(lambda: self._transport.completed_seq()) if cuda else None,
                           news=lambda call: self._failure.news(call))
         self._watcher = watcher
@@ -249,6 +250,7 @@ class GateSync:
             if self.latch.error is not None:
                 raise self.latch.error from e
             raise
+        watcher.built()
         rendezvous.commit()
 
     def _new_group(self, rendezvous, timeout: datetime.timedelta):

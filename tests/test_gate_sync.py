@@ -395,6 +395,37 @@ def test_gates_on_subgroups_and_in_other_orders_leave_later_gates_working():
         assert "built in a different order" in order["text"] and "did not arrive" not in order["text"]
 
 
+def _in_turn_main(rank, world, late):
+    """Two gates used in turn; rank ``late`` completes every call, then comes to gate #1's
+    third call after the others have diagnosed it (past their deadline and the settle)."""
+    first, second = _gs(2), _gs(2)
+    args = ([1, 1], [3, 3], [4, 4])
+    out = {}
+    for call in (1, 2, 3):
+        first(*args)
+        if call == 3 and rank == late:
+            time.sleep(TIMEOUT_S + 3)
+        name, text, e = _outcome(second, *args)
+        out[call] = {"error": name, "text": text if name else None, "missing": getattr(e, "missing_ranks", None)}
+    out["indexes"] = (first.index, second.index)
+    first.close()
+    second.close()
+    return out
+
+
+def test_a_rank_late_into_the_next_of_two_gates_used_in_turn_is_named_absent_not_elsewhere():
+    late = 2
+    results = values(spawn_ranks(_in_turn_main, 3, late, timeout=90))
+    for rank, res in enumerate(results):
+        assert res["indexes"] == (0, 1)
+        assert res[1]["error"] is None and res[2]["error"] is None, res
+        third = res[3]
+        assert third["error"] == "GateTimeoutError" and third["missing"] == [late], (rank, third)
+        # every call of gate #0 completed on the late rank: it is waiting in no gate
+        assert f"rank {late} did not arrive" in third["text"], (rank, third)
+        assert "waiting in gate" not in third["text"], (rank, third)
+
+
 _CYCLES_RANK = r'''
 import os, sys
 import torch.distributed as dist
