@@ -54,6 +54,10 @@ class Diagnosis:
             that process is outside the group.
         timeout: the gate's timeout, for the messages.
         sleep: how to wait (injectable for tests).
+        read_whereabouts: ``ranks -> {rank: (gate, call, completed) | None}``, where each
+            rank last was among the parent group's gates (``_watcher.Whereabouts``); raises
+            when the store is gone.
+        gate_index: this gate's index among them.
     """
 
     def __init__(self, read_heartbeats: Callable[[int], Beats], rank: int, world: int,
@@ -140,15 +144,18 @@ class Diagnosis:
         return GateError(f"{what} failed in the collective: {short(exc)}")
 
     def _elsewhere(self, missing: list[int]) -> dict[int, tuple[int, int]]:
-        """{rank: (gate, call)} for missing ranks whose last call was in another gate on the
-        same parent group (gates built in different orders on different ranks)."""
+        """{rank: (gate, call)} for missing ranks waiting in a call of another gate on the
+        same parent group (gates built in different orders on different ranks): the call
+        they entered last, not completed there. A rank that completed its last call
+        elsewhere is waiting nowhere: it did not arrive."""
         if self._read_where is None:
             return {}
         try:
             where = self._read_where(missing)
         except Exception:  # noqa: BLE001 - a hint only; a dead store is named elsewhere
             return {}
-        return {r: w for r, w in where.items() if w is not None and w[0] != self.gate_index}
+        return {r: (w[0], w[1]) for r, w in where.items()
+                if w is not None and w[0] >= 0 and w[0] != self.gate_index and not w[2]}
 
     def _late_error(self, seq, late, beats, completed_here, exc) -> GateTimeoutError:
         ranks = sorted(late)

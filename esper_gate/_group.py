@@ -16,17 +16,19 @@ import contextlib
 import datetime
 import json
 import os
+import threading
 import time
 
 import torch
 import torch.distributed as dist
-import torch.distributed.distributed_c10d as c10d
+from torch._C._distributed_c10d import _register_process_group, _unregister_process_group
 
 from ._inputs import timeout_text
-from .errors import GateConfigError, GateTimeoutError
+from .errors import GateConfigError, GateInputError, GateTimeoutError
 from .report import ranks_text
 
-__all__ = ["parent_group", "config_error", "device_backend", "gate_group_timeout", "new_gate_group", "Rendezvous",
+__all__ = ["parent_group", "config_error", "check_group_backend", "device_backend", "free_gate_group",
+           "gate_group_timeout", "new_gate_group", "Rendezvous",
            "SELF_TIMING_BACKENDS", "self_timing", "shared_devices"]
 
 STORE_PREFIX = "esper_gate"
@@ -68,6 +70,31 @@ def gate_group_timeout(timeout: datetime.timedelta, self_timing: bool) -> dateti
     return timeout if self_timing else timeout + max(_GROUP_TIMEOUT_MARGIN, timeout)
 
 
+_client_lock = threading.Lock()
+_client: tuple = (None, None)  # (the job's store, this process's client of it for gate traffic)
+
+
+def gate_store():
+    """This process's own client of the job's store, which every gate's requests go through.
+
+    A store client runs one request at a time, a blocking wait included (TCPStore's
+    activeOpLock_). On the client c10d and the user share, a gate's requests would queue
+    behind whatever another thread waits for there, such as a user's new_group waiting
+    for its peers' keys; and when those peers' new_group waited in turn behind their own
+    gate's wait for this rank, no rank made progress until a timeout (seen with a user
+    thread making groups while gates were built). One client for all gates, made when the
+    first gate is built on a job's store, costs the store's host one connection per rank.
+    """
+    global _client
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    store = _get_default_store()
+    with _client_lock:
+        if _client[0] is not store:  # the first gate, or a new job's store after destroy and init
+            _client = (store, store.clone())
+        return _client[1]
+
+
 def not_started_error(store, key: str, world: int, message) -> GateTimeoutError:
     """A construction step that some rank did not finish in time: the error naming the ranks
     that never set ``{key}/{rank}`` in ``store`` (none when the store's host is gone);
@@ -89,48 +116,6 @@ def set_group_timeout(group, timeout: datetime.timedelta) -> None:
     """Every later op of ``group`` times out after ``timeout`` (ProcessGroup.set_timeout, which
     torch forwards to each backend of the group: gloo's ProcessGroupGloo::setTimeout)."""
     group.set_timeout(timeout)
-
-
-@contextlib.contextmanager
-def _named(name: str):
-    """new_group() calls inside name their group ``name``.
-
-    With use_local_synchronization=True, new_group derives a group's name from
-    per-process state that only members advance (torch 2.14: _world.group_count,
-    bumped after the non-members have returned; 2.13: len(_world.pg_names)), so
-    after a gate on a subgroup the ranks would name the next group differently
-    and meet on different store prefixes (a raw DistStoreError, or a hang). A
-    gate's group is named from its rendezvous instead, which every member
-    shares and which never repeats, and that state is left as it was.
-    """
-    original = c10d._process_group_name
-    c10d._process_group_name = lambda ranks, use_hashed_name: name
-    try:
-        yield
-    finally:
-        c10d._process_group_name = original
-
-
-@contextlib.contextmanager
-def _no_split():
-    """new_group() calls inside create their communicator from scratch, never by
-    ncclCommSplit of the default group's.
-
-    torch 2.14 (distributed_c10d.py, _new_process_group_helper): when the
-    default group was created with ``device_id`` (``bound_device_id``), a new
-    NCCL group is split from it (``_get_split_source``), and "we will need to
-    call ncclCommSplit on *all* ranks in this new group's parent group, even
-    those not in the new group"; with use_local_synchronization=True the
-    non-members never call new_group, so a subgroup gate would hang in its
-    construction. Without a split source the group makes its own communicator,
-    and non-members need do nothing.
-    """
-    original = c10d._get_split_source
-    c10d._get_split_source = lambda pg: None
-    try:
-        yield
-    finally:
-        c10d._get_split_source = original
 
 
 # ProcessGroupNCCL reads these in its constructor (torch 2.14.1,
@@ -160,25 +145,114 @@ def _env(values: dict[str, str]):
                 os.environ[k] = v
 
 
-def new_gate_group(ranks: list[int], backend: str, device: torch.device, timeout: datetime.timedelta, name: str):
+def _plugin(name: str):
+    """The backend registered with ``dist.Backend.register_backend`` under ``name``, or None."""
+    return getattr(dist.Backend, "_plugins", {}).get(name.upper())
+
+
+def check_group_backend(backend: str, device: torch.device) -> None:
+    """Refuse, before anything collective, a backend that new_gate_group does not build."""
+    chosen = device_backend(backend, device.type)
+    if chosen == "gloo" or (chosen == "nccl" and device.type == "cuda") or _plugin(chosen) is not None:
+        return
+    raise GateInputError(
+        f"GateSync: the gate's group on {device.type} would use backend {chosen!r} (from {backend!r}); esper_gate "
+        f"builds it with gloo, with nccl for a CUDA gate, or with a backend registered through "
+        f"torch.distributed.Backend.register_backend")
+
+
+def new_gate_group(ranks: list[int], backend: str, device: torch.device, timeout: datetime.timedelta, name: str,
+                   store=None):
     """The dedicated process group ``name`` of a gate (every rank in ``ranks`` calls this).
     CUDA gates use their own communicator (_transport.OwnedTransport); this makes the c10d
-    group of CPU gates and of the opt-in ProcessGroupNCCL fallback (``transport="c10d"``)."""
-    if "nccl" not in device_backend(backend, device.type):
-        with _named(name):
-            return dist.new_group(ranks=ranks, backend=backend, timeout=timeout, use_local_synchronization=True)
-    # * A high-priority stream comes from its own per-device pool, apart
-    #   from the one every default-priority group and torch.cuda.Stream()
-    #   draw from (c10/cuda/CUDAStream.h); docs/integrating-esper.md says
-    #   what that guarantees.
-    # * device_id makes new_group create the communicator now, while every
-    #   rank has just met at the rendezvous (distributed_c10d.py, 2.14:
-    #   _new_process_group_helper -> eager_connect_single_device); with
-    #   _no_split() it is a communicator of the gate's ranks only.
-    opts = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
-    with _env(_FALLBACK_ENV), _named(name), _no_split():
-        return dist.new_group(ranks=ranks, backend="nccl", timeout=timeout, use_local_synchronization=True,
-                              pg_options=opts, device_id=device)
+    group of CPU gates and of the opt-in ProcessGroupNCCL fallback (``transport="c10d"``).
+
+    ``store``: where the ranks meet (the gate's rendezvous store; default: ``gate_store()``
+    under a prefix of ``name``). ``free_gate_group`` frees the group.
+
+    The group is assembled from its backend the way c10d's new_group assembles one
+    (distributed_c10d._new_process_group_helper: a ProcessGroup over a PrefixStore, the
+    backend registered on it), but no per-process state of c10d's is read or changed:
+    not the counter that names default-named groups (``_world.group_count``), not what
+    local-sync names derive from (``len(_world.pg_names)``), none of ``_world``'s maps. A
+    user's thread may make its own groups meanwhile, and a gate on a subgroup leaves later
+    names alike on every rank. Only the op needs to find the group, by name
+    (``c10d::resolve_process_group``): it is registered under ``name``, unique in the
+    process, and the registry holds it weakly (the caller keeps it alive).
+    """
+    rank, size = ranks.index(dist.get_rank()), len(ranks)
+    if store is None:
+        store = dist.PrefixStore(f"{STORE_PREFIX}/group/{name}/", gate_store())
+    check_group_backend(backend, device)
+    chosen = device_backend(backend, device.type)
+    group_store = dist.PrefixStore("group/", store)
+    backend_store = dist.PrefixStore(f"{device.type}/", group_store)
+    pg = dist.ProcessGroup(group_store, rank, size)
+    devices = [device.type]
+    if chosen == "gloo":
+        impl = dist.ProcessGroupGloo(backend_store, rank, size, timeout=timeout)  # connects every rank now
+        impl.options.global_ranks_in_group = list(ranks)
+        impl.options.group_name = name
+        impl._set_sequence_number_for_group()
+        kind = dist.ProcessGroup.BackendType.GLOO
+        devices = sorted({"cpu", device.type})  # gloo serves CPU tensors, and CUDA ones when given them
+    elif chosen == "nccl":
+        # * A high-priority stream comes from its own per-device pool, apart
+        #   from the one every default-priority group and torch.cuda.Stream()
+        #   draw from (c10/cuda/CUDAStream.h); docs/integrating-esper.md says
+        #   what that guarantees.
+        # * No split_from: the communicator is made for the gate's ranks from
+        #   scratch, never by ncclCommSplit of the default group's. new_group
+        #   splits when the default group has a bound device (torch 2.14,
+        #   _new_process_group_helper: _get_split_source), and then "we will
+        #   need to call ncclCommSplit on *all* ranks in this new group's parent
+        #   group, even those not in the new group": a subgroup gate, which
+        #   non-members never build, would hang in its construction.
+        opts = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
+        opts._timeout = timeout
+        opts.global_ranks_in_group = list(ranks)
+        opts.group_name = name
+        with _env(_FALLBACK_ENV):
+            impl = dist.ProcessGroupNCCL(backend_store, rank, size, opts)
+        impl._set_sequence_number_for_group()
+        kind = dist.ProcessGroup.BackendType.NCCL
+        pg.bound_device_id = device  # before the backend is registered, which copies it
+    else:
+        plugin = _plugin(chosen)
+        if plugin.extended_api:
+            from torch._C._distributed_c10d import _DistributedBackendOptions
+
+            opts = _DistributedBackendOptions()
+            opts.store, opts.group_rank, opts.group_size, opts.timeout = backend_store, rank, size, timeout
+            opts.group_id, opts.global_ranks_in_group = name, list(ranks)
+            impl = plugin.creator_fn(opts, None)
+        else:
+            impl = plugin.creator_fn(backend_store, rank, size, timeout)
+        kind = dist.ProcessGroup.BackendType.CUSTOM
+    if isinstance(impl, dist.ProcessGroup):  # a plugin may return a whole group, as new_group allows
+        pg = impl
+    else:
+        pg._set_default_backend(kind)
+        for d in devices:
+            pg._register_backend(torch.device(d), kind, impl)
+    pg._set_group_name(name)
+    if chosen == "nccl":
+        # The communicator is created now, while every rank has just met at the
+        # rendezvous, not by the first collective: what new_group(device_id=...)
+        # does (distributed_c10d.py, 2.14: _new_process_group_helper ->
+        # eager_connect_single_device).
+        impl.eager_connect_single_device(device)
+    _register_process_group(name, pg)
+    return pg
+
+
+def free_gate_group(group) -> None:
+    """Free a group from new_gate_group: its name, its communicators, its threads and sockets
+    (the last with the last reference, which the caller drops)."""
+    try:
+        _unregister_process_group(group.group_name)
+    finally:
+        group.shutdown()
 
 
 def shared_devices(configs: dict[int, dict]) -> GateConfigError | None:
@@ -229,9 +303,7 @@ class Rendezvous:
     def __init__(self, parent_name: str, rank: int, world: int, timeout: datetime.timedelta, base_store=None,
                  counts: dict[str, int] | None = None):
         if base_store is None:
-            from torch.distributed.distributed_c10d import _get_default_store
-
-            base_store = _get_default_store()
+            base_store = gate_store()
         self._counts = counts if counts is not None else Rendezvous._built
         self._parent_name = parent_name
         self._built_count = self._counts.get(parent_name, 0)

@@ -23,10 +23,9 @@ import time
 from typing import Protocol
 
 import torch
-import torch.distributed as dist
 
 from . import ops
-from ._group import not_started_error, self_timing
+from ._group import free_gate_group, not_started_error, self_timing
 from ._inputs import Prepared, timeout_text
 from .errors import GateError, GateTimeoutError
 
@@ -207,12 +206,12 @@ class C10dTransport:
             log.exception("esper_gate: aborting the gate's process group failed")
 
     def close(self) -> None:
-        """Free the group: its threads, sockets and communicator (its name is never reused)."""
+        """Free the group: its name, threads, sockets and communicator (its name is never reused)."""
         group, self.group = self.group, None
         if group is None:
             return
         try:
-            dist.destroy_process_group(group)
+            free_gate_group(group)
         except Exception:  # noqa: BLE001 - already gone with the job's teardown
             pass
 

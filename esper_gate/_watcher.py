@@ -29,6 +29,80 @@ class Call:
         self.started = time.monotonic()
 
 
+class Whereabouts:
+    """Where this rank last was among the gates of one parent group, for its peers'
+    diagnoses: the last call it entered in any of them, and whether that call has completed
+    on this rank since. Published as ``where/<rank>`` = ``gate,call,completed`` in the
+    parent's store.
+
+    One per parent group in a process (``of``), shared by the watchers of its gates: the
+    watcher of the gate the rank last entered publishes the rank's latest state, whichever
+    gate's event changed it. (With each watcher publishing its own gate's calls, the store
+    held whichever watcher wrote last, and calls entered but not whether they completed: a
+    rank that had completed every call of one gate and was late into another was reported
+    waiting in the first.) A call that failed stays not completed: the rank was held there
+    while its peers waited for it elsewhere.
+    """
+
+    _shared: dict[tuple[str, int], "Whereabouts"] = {}  # (parent group name, rank there) -> this process's
+
+    @classmethod
+    def of(cls, parent: str, rank: int) -> "Whereabouts":
+        return cls._shared.setdefault((parent, rank), cls(rank))
+
+    def __init__(self, rank: int):
+        self.key = f"where/{rank}"
+        # (gate, call) last entered; set by one assignment on the caller's thread
+        self._entered = (-1, -1)
+        self._done: dict[int, int] = {}  # open gate -> last call completed there
+        self._lock = threading.Lock()
+        self._publishing = threading.Lock()
+        self._written: tuple | None = None
+
+    def open(self, gate: int) -> None:
+        """Gate ``gate`` is being built here: construction is its call 0, entered now."""
+        with self._lock:
+            self._done[gate] = -1
+        self._entered = (gate, 0)
+
+    def enter(self, gate: int, seq: int) -> None:
+        self._entered = (gate, seq)
+
+    def completed(self, gate: int, seq: int) -> None:
+        with self._lock:
+            if self._done.get(gate, seq) < seq:
+                self._done[gate] = seq
+
+    def close(self, gate: int) -> None:
+        with self._lock:
+            self._done.pop(gate, None)
+
+    def state(self) -> tuple[int, int, bool]:
+        """(gate, call, completed); a closed gate's call is over too."""
+        gate, seq = self._entered
+        last = self._done.get(gate)
+        return gate, seq, last is None or last >= seq
+
+    def due(self, gate: int) -> bool:
+        """Whether the watcher of ``gate`` should publish: the rank last entered ``gate`` and
+        its state there is not yet in the store."""
+        state = self.state()
+        return state[0] == gate and state != self._written
+
+    def publish(self, store) -> None:
+        """Write the latest state, unless another watcher is writing it now (then the
+        next poll sees whether it is still due)."""
+        if not self._publishing.acquire(blocking=False):
+            return
+        try:
+            state = self.state()
+            if state != self._written:
+                store.set(self.key, f"{state[0]},{state[1]},{int(state[2])}")
+                self._written = state
+        finally:
+            self._publishing.release()
+
+
 class Watcher:
     """This rank's background thread for one GateSync.
 
@@ -60,11 +134,12 @@ class Watcher:
         self._last_news = 0.0
         self._store = store
         self._key = f"hb/{rank}"
-        # (store shared by every gate on the parent group, this gate's index there):
-        # each call entered is also published as "where/<rank>" = "gate,seq", so a
-        # diagnosis can tell a rank that is in another gate from one that is absent.
+        # (store shared by every gate on the parent group, this gate's index there, the
+        # parent's Whereabouts): where this rank is among the parent's gates, so that a
+        # diagnosis can tell a rank waiting in another gate from one that is absent.
         self._where = whereabouts
-        self._where_key = f"where/{rank}"
+        if whereabouts is not None:
+            whereabouts[2].open(whereabouts[1])
         # -1: no call entered or completed yet; call 0 is construction's warm-up, so a
         # rank that has not reached it reads as absent from it.
         self.entered = -1
@@ -84,7 +159,6 @@ class Watcher:
         self._stop = threading.Event()
         self.failure_threads: list[threading.Thread] = []
         self._written = (-2, -2)
-        self._where_written: int | None = None  # so the first write also says "in this gate"
         self._written = self._write()
         self._last_write = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"esper_gate-watch-{rank}", daemon=True)
@@ -95,7 +169,17 @@ class Watcher:
         self.inflight.append(call)
         self.entered = seq
         self._entered_at = time.monotonic()
+        if self._where is not None:
+            self._where[2].enter(self._where[1], seq)
         return call
+
+    def _done(self, seq: int) -> None:
+        if self._where is not None:
+            self._where[2].completed(self._where[1], seq)
+
+    def built(self) -> None:
+        """Construction completed on this rank (its warm-up, call 0, done or skipped)."""
+        self._done(0)
 
     def end_host(self, seq: int) -> None:
         """A call whose collective finished on the host (CPU tensors)."""
@@ -104,6 +188,7 @@ class Watcher:
             self.inflight.popleft()
         else:
             self.forget(seq)
+        self._done(seq)
 
     def forget(self, seq: int) -> None:
         """Stop watching call ``seq`` (it failed in its caller's thread, or completed out of order)."""
@@ -134,17 +219,14 @@ class Watcher:
         """A diagnosis's wait: cut short when the watcher stops (close, or the interpreter's exit)."""
         self._stop.wait(seconds)
 
+    def _where_due(self) -> bool:
+        return self._where is not None and self._where[2].due(self._where[1])
+
     def _write(self) -> tuple[int, int]:
         state = (self.entered, self.completed)
         self._beat += 1
-        # Construction (-1) and its warm-up (0) are one whereabout, published once, at
-        # construction: a second, later write for the warm-up could land after this
-        # rank's next gate has published its call, and hide where the rank waits.
-        where = max(state[0], 0)
-        if self._where is not None and where != self._where_written:
-            store, gate = self._where
-            store.set(self._where_key, f"{gate},{where}")
-            self._where_written = where
+        if self._where_due():
+            self._where[2].publish(self._where[0])
         waited_ms = int((time.monotonic() - self._entered_at) * 1000) if state[0] > state[1] else -1
         self._store.set(self._key, f"{state[0]},{state[1]},{self._beat},{waited_ms}")
         return state
@@ -162,6 +244,7 @@ class Watcher:
                 break
             self.completed = call.seq
             self.inflight.popleft()
+            self._done(call.seq)
         if self.inflight and self._group_failed is not None and self._group_failed():
             # The communicator reports an asynchronous error (ncclCommGetAsyncError):
             # the call in flight will not complete; it takes the deadline's path now.
@@ -204,7 +287,8 @@ class Watcher:
                 continue
             waiting = self.entered > self.completed and now - self._entered_at > LONG_CALL_S
             due = LONG_CALL_POLL_S if waiting else HEARTBEAT_INTERVAL_S
-            if (self.entered, self.completed) == self._written and now - self._last_write < due:
+            if ((self.entered, self.completed) == self._written and now - self._last_write < due
+                    and not self._where_due()):
                 continue
             try:
                 with self._store_lock:
@@ -241,10 +325,10 @@ class Watcher:
             call.deadline = time.monotonic() + extend_s
         self.resume()
 
-    def read_whereabouts(self, ranks) -> dict[int, tuple[int, int] | None]:
-        """For each rank, (gate index, call) of the last call it entered in any gate on the
-        parent group, or None; raises the store's error."""
-        out: dict[int, tuple[int, int] | None] = {r: None for r in ranks}
+    def read_whereabouts(self, ranks) -> dict[int, tuple[int, int, bool] | None]:
+        """For each rank, (gate index, call, completed) of the last call it entered in any gate
+        on the parent group, or None; raises the store's error."""
+        out: dict[int, tuple[int, int, bool] | None] = {r: None for r in ranks}
         if self._where is None:
             return out
         store = self._where[0]
@@ -254,14 +338,16 @@ class Watcher:
             for r in ranks:
                 key = f"where/{r}"
                 if store.check([key]):
-                    gate, seq = (int(x) for x in store.get(key).decode().split(","))
-                    out[r] = (gate, seq)
+                    gate, seq, done = (int(x) for x in store.get(key).decode().split(","))
+                    out[r] = (gate, seq, bool(done))
         return out
 
     def close(self) -> None:
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=2 * HEARTBEAT_INTERVAL_S)
+        if self._where is not None:
+            self._where[2].close(self._where[1])
 
 
 def read_heartbeats(store, world: int) -> dict[int, tuple[int, ...] | None]:

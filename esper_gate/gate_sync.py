@@ -35,13 +35,14 @@ import torch.distributed as dist
 from . import wire
 from ._diagnosis import Diagnosis
 from ._failure import ABORT_WAIT_S, BackgroundAbort, FailurePath
-from ._group import (Rendezvous, config_error, gate_group_timeout, new_gate_group, not_started_error, parent_group,
-                     self_timing, set_group_timeout, shared_devices, supports_set_timeout)
+from ._group import (Rendezvous, check_group_backend, config_error, gate_group_timeout, new_gate_group,
+                     not_started_error, parent_group, self_timing, set_group_timeout, shared_devices,
+                     supports_set_timeout)
 from ._inputs import as_timedelta, check_settings, prepare, site_fingerprint, timeout_text
 from ._latch import FailureLatch
 from ._transport import C10dTransport, LocalTransport, OwnedTransport
 from ._verdict import Verdict
-from ._watcher import Call, Watcher
+from ._watcher import Call, Watcher, Whereabouts
 from .consensus import GateConsensus, GateView
 from .errors import GateConfigError, GateError, GateInputError
 
@@ -169,6 +170,8 @@ class GateSync:
         self._owned = _owned
         self.transport = "owned" if _owned is not None or (self.device.type == "cuda" and transport != "c10d") \
             else "c10d"
+        if self.transport == "c10d":
+            check_group_backend(self.backend, self.device)
         self._build(parent, start)
 
     # ---- construction ---------------------------------------------------
@@ -204,7 +207,8 @@ class GateSync:
         cuda = self.device.type == "cuda"
         watcher = Watcher(rendezvous.store, self.rank, self._expire,
                           (lambda: self._transport.failed()) if cuda or self._owned is not None else None,
-                          whereabouts=(rendezvous.parent_store, rendezvous.index),
+                          whereabouts=(rendezvous.parent_store, rendezvous.index,
+                                       Whereabouts.of(parent.group_name, self.rank)),
                           progress=(lambda: self._transport.completed_seq()) if cuda else None,
                           news=lambda call: self._failure.news(call))
         self._watcher = watcher
@@ -249,6 +253,7 @@ class GateSync:
             if self.latch.error is not None:
                 raise self.latch.error from e
             raise
+        watcher.built()
         rendezvous.commit()
 
     def _new_group(self, rendezvous, timeout: datetime.timedelta):
@@ -257,7 +262,8 @@ class GateSync:
         store = rendezvous.store
         store.set(f"group/started/{self.rank}", "1")
         try:
-            return new_gate_group(self.ranks, self.backend, self.device, timeout, rendezvous.group_name)
+            return new_gate_group(self.ranks, self.backend, self.device, timeout, rendezvous.group_name,
+                                  store=rendezvous.store)
         except Exception as e:  # noqa: BLE001 - a connect or store timeout, a peer gone
             why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
             raise not_started_error(store, "group/started", self.world_size, lambda who: (

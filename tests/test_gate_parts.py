@@ -246,6 +246,18 @@ def test_a_store_that_stopped_answering_names_its_host():
     assert err.missing_ranks == [] and "global rank 0 (outside this group)" in str(err)
 
 
+def test_a_missing_rank_is_waiting_in_another_gate_only_while_its_call_there_has_not_completed():
+    # rank 1 completed its call 3 in gate #0, rank 2 is still in its call 4 of gate #2
+    where = {1: (0, 3, True), 2: (2, 4, False)}
+    beats = _Beats({0: (5, 4, 9), 1: (4, 4, 9), 2: (4, 4, 9)})
+    diagnosis = Diagnosis(beats.read, 0, 3, 0, datetime.timedelta(seconds=3), sleep=beats.sleep,
+                          read_whereabouts=lambda ranks: {r: where[r] for r in ranks}, gate_index=1)
+    err = diagnosis.diagnose(5, TimeoutError("stuck"), completed_here=4)
+    assert err.missing_ranks == [1, 2]
+    assert "rank 1 did not arrive" in str(err) and "rank 1 is waiting" not in str(err)
+    assert "rank 2 is waiting in gate #2 of this group (its call 4 there)" in str(err)
+
+
 # ---- the watcher ------------------------------------------------------------------
 
 class DictStore:
@@ -314,6 +326,41 @@ def test_a_deadline_fires_once_and_again_after_a_near_miss():
         assert lock.wait(2) and fired == [1, 2]
     finally:
         watcher.close()
+
+
+def _where_after(store, rank, want, polls=4):
+    return _wait_for(lambda: store.data.get(f"where/{rank}") == want, polls) or store.data.get(f"where/{rank}")
+
+
+def test_two_gates_publish_where_the_rank_is_and_whether_its_call_there_completed():
+    from esper_gate._watcher import Whereabouts
+
+    store, where = DictStore(), Whereabouts(0)
+    first = Watcher(store, 0, lambda call: None, whereabouts=(store, 0, where))
+    second = Watcher(store, 0, lambda call: None, whereabouts=(store, 1, where))
+    try:
+        assert _where_after(store, 0, b"1,0,0") is True          # building gate #1: its call 0
+        second.built()
+        assert _where_after(store, 0, b"1,0,1") is True
+        first.begin(3, time.monotonic() + 60)
+        assert _where_after(store, 0, b"0,3,0") is True          # waiting in gate #0
+        first.end_host(3)
+        assert _where_after(store, 0, b"0,3,1") is True          # done there: waiting nowhere
+        # gate #0's call 4 completes (as a GPU call does, seen a poll later) after the rank
+        # entered gate #1's call 8, where it waits: gate #1's stands
+        first.begin(4, time.monotonic() + 60)
+        second.begin(8, time.monotonic() + 60)
+        first.end_host(4)
+        assert _where_after(store, 0, b"1,8,0") is True
+        time.sleep(4 * WATCH_POLL_S)
+        assert store.data["where/0"] == b"1,8,0"
+        # a call that failed is not completed: the rank was held there
+        second.forget(8)
+        time.sleep(4 * WATCH_POLL_S)
+        assert store.data["where/0"] == b"1,8,0"
+    finally:
+        first.close()
+        second.close()
 
 
 # ---- the rendezvous ----------------------------------------------------------------
@@ -591,3 +638,55 @@ def test_the_exit_hook_cuts_a_diagnosis_short_and_waits_for_its_last_store_reque
     finally:
         gate_sync._live.discard(gate)
         watcher.close()
+
+
+# ---- the gate's group ---------------------------------------------------------------
+
+def _gloo_plugin(extended):
+    """A backend registered the way third-party ones are, serving the gate's group with gloo."""
+    name = f"gloo_plugin_{int(extended)}"
+    if name.upper() not in dist.Backend._plugins:
+        if extended:
+            def create(opts, _backend_options):
+                return dist.ProcessGroupGloo(opts.store, opts.group_rank, opts.group_size, opts.timeout)
+        else:
+            def create(store, rank, size, timeout):
+                return dist.ProcessGroupGloo(store, rank, size, timeout)
+        dist.Backend.register_backend(name, create, extended_api=extended, devices=["cpu"])
+    return name
+
+
+@pytest.mark.parametrize("backend", ["gloo", "plugin", "extended_plugin"])
+def test_a_gates_group_is_found_by_the_op_and_leaves_c10ds_own_state_alone(one_rank_group, backend):
+    import torch.distributed.distributed_c10d as c10d
+
+    from esper_gate._group import free_gate_group, new_gate_group
+
+    if backend != "gloo":
+        backend = _gloo_plugin(backend == "extended_plugin")
+    count, names = c10d._world.group_count, dict(c10d._world.pg_names)
+    name = f"esper_gate.test.{backend}"
+    group = new_gate_group([0], backend, CPU, datetime.timedelta(seconds=10), name)
+    assert group.group_name == name and (group.rank(), group.size()) == (0, 1)
+    # c10d names and counts its groups as if the gate's did not exist
+    assert (c10d._world.group_count, dict(c10d._world.pg_names)) == (count, names)
+    assert dist.new_group([0]).group_name == str(count)
+    votes, stages, targets = torch.tensor([True, False]), torch.tensor([3, 3]), torch.tensor([4, 4])
+    decision, _ = esper_gate.sync(votes, stages, targets, 1, 7, "unanimous", name)
+    assert decision.tolist() == [True, False]
+    free_gate_group(group)
+    with pytest.raises(ValueError, match=f"unknown process group name '{name}'"):
+        esper_gate.sync(votes, stages, targets, 2, 7, "unanimous", name)
+    # the name is free again: freeing forgot it
+    again = new_gate_group([0], backend, CPU, datetime.timedelta(seconds=10), name)
+    free_gate_group(again)
+
+
+def test_a_backend_the_gates_group_cannot_use_is_refused_by_name():
+    from esper_gate._group import check_group_backend
+
+    with pytest.raises(esper_gate.GateInputError, match="backend 'mpi'.*register_backend"):
+        check_group_backend("mpi", CPU)
+    with pytest.raises(esper_gate.GateInputError, match="on cpu would use backend 'nccl'"):
+        check_group_backend("nccl", CPU)
+    check_group_backend("cpu:gloo,cuda:nccl", CPU)

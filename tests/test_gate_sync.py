@@ -395,6 +395,37 @@ def test_gates_on_subgroups_and_in_other_orders_leave_later_gates_working():
         assert "built in a different order" in order["text"] and "did not arrive" not in order["text"]
 
 
+def _in_turn_main(rank, world, late):
+    """Two gates used in turn; rank ``late`` completes every call, then comes to gate #1's
+    third call after the others have diagnosed it (past their deadline and the settle)."""
+    first, second = _gs(2), _gs(2)
+    args = ([1, 1], [3, 3], [4, 4])
+    out = {}
+    for call in (1, 2, 3):
+        first(*args)
+        if call == 3 and rank == late:
+            time.sleep(TIMEOUT_S + 3)
+        name, text, e = _outcome(second, *args)
+        out[call] = {"error": name, "text": text if name else None, "missing": getattr(e, "missing_ranks", None)}
+    out["indexes"] = (first.index, second.index)
+    first.close()
+    second.close()
+    return out
+
+
+def test_a_rank_late_into_the_next_of_two_gates_used_in_turn_is_named_absent_not_elsewhere():
+    late = 2
+    results = values(spawn_ranks(_in_turn_main, 3, late, timeout=90))
+    for rank, res in enumerate(results):
+        assert res["indexes"] == (0, 1)
+        assert res[1]["error"] is None and res[2]["error"] is None, res
+        third = res[3]
+        assert third["error"] == "GateTimeoutError" and third["missing"] == [late], (rank, third)
+        # every call of gate #0 completed on the late rank: it is waiting in no gate
+        assert f"rank {late} did not arrive" in third["text"], (rank, third)
+        assert "waiting in gate" not in third["text"], (rank, third)
+
+
 _CYCLES_RANK = r'''
 import os, sys
 import torch.distributed as dist
@@ -456,3 +487,64 @@ def test_close_frees_the_gates_group_threads_and_fds(n):
     # Leaked groups made exit wait on their threads (3.5 s after 200 cycles); a
     # generous bound, so that a loaded machine cannot fail it.
     assert max(exit_s) < 5
+
+
+# ---- the user's own groups, made on another thread while gates are built ---------------
+
+USER_GROUPS = 30
+THREAD_GATES = 6
+
+
+def _user_groups_main(rank, world):
+    """A user thread makes groups with dist.new_group in a loop while this thread builds and
+    uses gates: the user's groups must be named and counted as if no gate existed."""
+    import threading
+
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    count = c10d._world.group_count
+    made, errors, spans = [], [], {"user": [], "gates": []}
+
+    def user():
+        try:
+            for _ in range(USER_GROUPS):
+                t0 = time.monotonic()
+                group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=15))
+                made.append(group.group_name)
+                spans["user"].append((t0, time.monotonic()))
+                dist.destroy_process_group(group)
+        except Exception as e:  # noqa: BLE001 - what the user's thread saw is what is tested
+            errors.append(f"{type(e).__name__}: {e}")
+
+    thread = threading.Thread(target=user, name="user-groups")
+    thread.start()
+    gates = []
+    try:
+        for _ in range(THREAD_GATES):
+            t0 = time.monotonic()
+            gs = _gs(2, timeout=datetime.timedelta(seconds=15))
+            gates.append(gs([1, 1], [3, 3], [4, 4]).decisions.tolist())
+            spans["gates"].append((t0, time.monotonic()))
+            gs.close()
+    finally:
+        thread.join(timeout=60)
+    return {"made": made, "errors": errors, "count": (count, c10d._world.group_count), "gates": gates,
+            "spans": spans, "gate_names": sorted(n for n in c10d._world.pg_names.values() if "esper_gate" in n)}
+
+
+@pytest.mark.timeout(180)
+def test_a_user_thread_making_groups_while_gates_are_built_keeps_its_names_and_counter():
+    results = values(spawn_ranks(_user_groups_main, 3, timeout=150))
+    for rank, res in enumerate(results):
+        assert res["errors"] == [], (rank, res["errors"])
+        # default-named groups are numbered by c10d's counter, in the order the user made them
+        start = res["count"][0]
+        assert res["made"] == [str(start + i) for i in range(USER_GROUPS)], (rank, res["made"])
+        assert res["count"][1] == start + USER_GROUPS, (rank, res["count"])
+        assert res["gates"] == [[True, True]] * THREAD_GATES, (rank, res["gates"])
+        assert res["gate_names"] == [], (rank, res["gate_names"])
+        # the scenario happened: gates were built while the user's thread was making groups
+        first, last = res["spans"]["user"][0][0], res["spans"]["user"][-1][1]
+        during = [g for g in res["spans"]["gates"] if first < g[1] and g[0] < last]
+        assert len(during) >= 2, (rank, res["spans"])
