@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from ._inputs import timeout_text
+from ._store import StoreUnresponsive
 from .errors import GateError, GateTimeoutError
 from .report import ranks_text
 
@@ -30,6 +31,9 @@ BOUND_S = SETTLE_S + DEAD_RANK_GRACE_S + 2.0
 # rank's wait minus the timeout: more than its heartbeat can be stale
 # (_watcher.LONG_CALL_POLL_S) plus a store round trip and a poll.
 LATE_SLACK_S = 0.15
+# A stop of this process (Watcher.stalled_s) this long before its call (beyond the
+# timeout) still counts as the reason its peers gave up on the call.
+STALL_WINDOW_S = 5.0
 
 # What the op raises before its collective: structural checks, an unknown
 # (destroyed) group, no memory. Errors of the collective itself are others.
@@ -63,8 +67,10 @@ class Diagnosis:
     def __init__(self, read_heartbeats: Callable[[int], Beats], rank: int, world: int,
                  store_host: int | None, timeout, sleep: Callable[[float], None] = time.sleep,
                  read_whereabouts: Callable | None = None, gate_index: int = 0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, stalled: Callable[[float], float] | None = None):
         self._read = read_heartbeats
+        # since -> the longest stop of this process that ended after ``since`` (Watcher.stalled_s)
+        self._stalled = stalled
         self._read_where = read_whereabouts
         self._clock = clock
         self.gate_index = gate_index
@@ -102,6 +108,10 @@ class Diagnosis:
                 f"esper_gate call {seq}: rank {self.rank} did not arrive at the collective: its op failed "
                 f"before it ({short(exc)}). No rank applied a transition for this call.", [self.rank],
                 {self.rank: completed_here}, call=seq)
+        if self._stalled is not None and started is not None:
+            stalled = self._stalled(started - self.timeout.total_seconds() - STALL_WINDOW_S)
+            if stalled >= min(self.timeout.total_seconds(), DEAD_RANK_GRACE_S):
+                return self.stopped_here(seq, stalled, exc)
         try:
             beats = self._read(self.world)
             missing = self._absent(beats, seq)
@@ -160,17 +170,34 @@ class Diagnosis:
     def _late_error(self, seq, late, beats, completed_here, exc) -> GateTimeoutError:
         ranks = sorted(late)
         last = {r: max(b[1] if b is not None else -1, completed_here) for r, b in beats.items()}
-        return GateTimeoutError(
+        err = GateTimeoutError(
             f"esper_gate call {seq}: {ranks_text(ranks)} arrived too late: after this rank had waited "
             f"{timeout_text(self.timeout)}. No rank applied a transition for this call. Collective error: "
             f"{short(exc)}", ranks, last, call=seq)
+        err.late_ranks = ranks  # in the call: they read this verdict, and the store's host waits for that
+        return err
+
+    def stopped_here(self, seq: int, stalled_s: float, exc: BaseException) -> GateTimeoutError:
+        """This process was stopped (SIGSTOP, a debugger) or starved for ``stalled_s`` around the
+        call: its peers' deadlines passed while it could not answer, so it names itself, as they do."""
+        host = " (it hosts the job's store, so no rank's store request was answered meanwhile)" \
+            if self.store_host == self.rank else ""
+        return GateTimeoutError(
+            f"esper_gate call {seq}: rank {self.rank} was stopped or starved for {stalled_s:.1f} s around this call"
+            f"{host}, longer than its peers wait ({timeout_text(self.timeout)}). No rank applied a transition for "
+            f"this call. Collective error: {short(exc)}", [self.rank], {self.rank: None}, call=seq)
 
     def store_gone(self, seq: int, store_exc: BaseException, exc: BaseException) -> GateTimeoutError:
         host = self.store_host
         who = f"rank {host}" if host is not None else "global rank 0 (outside this group)"
         missing = [host] if host is not None else []
+        what = "GateSync construction" if seq == 0 else f"esper_gate call {seq}"
+        if isinstance(store_exc, StoreUnresponsive):
+            text = (f"{what}: {who}, which hosts the job's store, has not answered for {store_exc.seconds:.1f} s "
+                    f"(stopped or overloaded?).")
+        else:
+            text = (f"{what}: {who} did not arrive: it hosts the job's store, which stopped answering "
+                    f"({short(store_exc)}), so that process has most likely died.")
         return GateTimeoutError(
-            f"esper_gate call {seq}: {who} did not arrive: it hosts the job's store, which stopped "
-            f"answering ({short(store_exc)}), so that process has most likely died. No rank applied a "
-            f"transition for this call. Collective error: {short(exc)}", missing,
+            f"{text} No rank applied a transition for this call. Collective error: {short(exc)}", missing,
             {r: None for r in missing}, call=seq)

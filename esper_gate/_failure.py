@@ -56,6 +56,11 @@ log = logging.getLogger("esper_gate")
 ACK_WAIT_S = 2.0
 # The longest a host read (or close) waits for this rank's abort before it goes on.
 ABORT_WAIT_S = 1.0
+# The longest the watcher's look at a peer's news waits for the store.
+NEWS_BOUND_S = 0.2
+# How long the store's host, before its raise, looks for a rank it named absent entering
+# the call after all (a late rank shows the call LONG_CALL_S + LONG_CALL_POLL_S after it came).
+LATE_ENTRY_S = 0.6
 
 
 class BackgroundAbort:
@@ -126,7 +131,9 @@ class FailurePath:
         failed (FAILING or a diagnosis). A diagnosis read here is latched at once, so
         this rank holds the verdict even if the store's host exits before its own
         diagnosis is done."""
-        kind, failure = self.verdict.state(call.seq)
+        # Briefly: the watcher's thread asks, and a store that does not answer must not
+        # hold the deadlines it watches (the deadline then takes the failure path).
+        kind, failure = self.verdict.state(call.seq, NEWS_BOUND_S)
         if failure is not None:
             self.latch.record(call.seq, failure)
         return kind in (FAILING, "failed")
@@ -196,7 +203,26 @@ class FailurePath:
                 error.add_note(note)
         if self.store_host != self.rank or seq is None:
             return
-        named = set(getattr(error, "missing_ranks", None) or [])
+        # Ranks in the call read the verdict (their watcher polls it) and acknowledge it. Those
+        # named as late are in it; so is a rank named absent that enters it now, a little later
+        # still (its heartbeat shows the call LONG_CALL_S after it entered). Each is waited
+        # for, or the host's exit would leave it naming the host instead of itself.
+        named = set(getattr(error, "missing_ranks", None) or []) - set(getattr(error, "late_ranks", None) or [])
         present = [r for r in range(self.world) if r != self.rank and r not in named]
-        if present:
-            self.verdict.wait_read(seq, present, ACK_WAIT_S)
+        absent = [r for r in named if r != self.rank]
+        start = time.monotonic()
+        while True:
+            left = self.verdict.wait_read(seq, present, 0.0) if present else []
+            now = time.monotonic()
+            if absent and now - start < LATE_ENTRY_S:
+                try:
+                    beats = self.watcher.read_heartbeats(self.world)
+                    came = [r for r in absent if beats.get(r) is not None and beats[r][0] >= seq]
+                except Exception:  # noqa: BLE001 - a courtesy; the store's errors are named elsewhere
+                    came = []
+                present += came
+                absent = [r for r in absent if r not in came]
+                left += came
+            if (not left and (not absent or now - start >= LATE_ENTRY_S)) or now - start >= ACK_WAIT_S:
+                return
+            time.sleep(0.02)

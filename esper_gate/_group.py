@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import _register_process_group, _unregister_process_group
 
 from ._inputs import timeout_text
+from ._store import StoreUnresponsive, StoreWorker
 from .errors import GateConfigError, GateInputError, GateTimeoutError
 from .report import ranks_text
 
@@ -41,6 +42,11 @@ SELF_TIMING_BACKENDS = ("gloo",)
 _GROUP_TIMEOUT_MARGIN = datetime.timedelta(seconds=60)
 _NCCL_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
 _ABANDONED = "abandoned:"
+# The longest a store request of construction waits past construction's deadline
+# (the watcher's STORE_BOUND_S), and the longest the store's host delays its raise
+# for the present ranks to read a construction verdict (the calls' ACK_WAIT_S).
+STORE_BOUND_S = 2.0
+BUILD_ACK_WAIT_S = 2.0
 
 
 def parent_group(group=None):
@@ -301,7 +307,7 @@ class Rendezvous:
     _built: dict[str, int] = {}
 
     def __init__(self, parent_name: str, rank: int, world: int, timeout: datetime.timedelta, base_store=None,
-                 counts: dict[str, int] | None = None):
+                 counts: dict[str, int] | None = None, store_host: int | None = None):
         if base_store is None:
             base_store = gate_store()
         self._counts = counts if counts is not None else Rendezvous._built
@@ -311,45 +317,82 @@ class Rendezvous:
         self.parent_store = dist.PrefixStore(f"{STORE_PREFIX}/{self._parent_name}/", base_store)
         self._base = dist.PrefixStore(f"{self._built_count}/", self.parent_store)
         self.rank, self.world, self.timeout = rank, world, timeout
+        # the group rank whose process hosts the job's store (None: outside the group)
+        self.store_host = store_host
         self.store = None
         self._epoch: int | None = None
+        self._worker: StoreWorker | None = None
 
-    def _epoch_now(self) -> int:
-        return int(self._base.add("epoch", 0))
+    def _ask(self, fn, deadline: float):
+        """``fn(store)`` on the rendezvous's store worker, answered by ``deadline`` (plus the
+        bound a store request gets), or StoreUnresponsive."""
+        return self._worker.request(fn, max(deadline - time.monotonic(), 0.0) + STORE_BOUND_S)
 
     def meet(self, config: dict) -> dict[int, dict]:
         """Publish this rank's ``config`` and return every rank's, bounded by the timeout."""
         deadline = time.monotonic() + self.timeout.total_seconds()
         keys = [f"cfg/{r}" for r in range(self.world)]
+        self._worker = StoreWorker(self._base, name=f"esper_gate-rendezvous-{self.rank}")
         try:
             while True:
-                epoch = self._epoch_now()
+                epoch = self._ask(lambda base: int(base.add("epoch", 0)), deadline)
                 store = dist.PrefixStore(f"{epoch}/", self._base)
-                store.set(f"cfg/{self.rank}", json.dumps(config))
-                left = deadline - time.monotonic()
-                try:
-                    store.wait(keys, datetime.timedelta(seconds=max(left, 0.001)))
-                    mine = "ok"
-                except Exception:  # noqa: BLE001 - a timeout; a dead store fails the next request too
-                    missing = [r for r in range(self.world) if not store.check([f"cfg/{r}"])]
-                    # Every key may have landed since the wait gave up: then all are here.
-                    mine = _ABANDONED + ",".join(map(str, missing)) if missing else "ok"
-                verdict = store.compare_set("verdict", "", mine).decode()
+                self._ask(lambda _: store.set(f"cfg/{self.rank}", json.dumps(config)), deadline)
+
+                def wait(_):
+                    left = deadline - time.monotonic()
+                    try:
+                        store.wait(keys, datetime.timedelta(seconds=max(left, 0.001)))
+                        return "ok"
+                    except Exception:  # noqa: BLE001 - a timeout; a dead store fails the next request too
+                        missing = [r for r in range(self.world) if not store.check([f"cfg/{r}"])]
+                        # Every key may have landed since the wait gave up: then all are here.
+                        return _ABANDONED + ",".join(map(str, missing)) if missing else "ok"
+                mine = self._ask(wait, deadline)
+                verdict = self._ask(lambda _: store.compare_set("verdict", "", mine).decode(), deadline)
                 if verdict == "ok":
                     self._epoch, self.store = epoch, store
-                    return {r: json.loads(store.get(k).decode()) for r, k in enumerate(keys)}
-                self._base.compare_set("epoch", str(epoch), str(epoch + 1))
+                    return self._ask(lambda _: {r: json.loads(store.get(k).decode()) for r, k in enumerate(keys)},
+                                     deadline)
+                self._ask(lambda base: base.compare_set("epoch", str(epoch), str(epoch + 1)), deadline)
                 missing = [int(r) for r in verdict[len(_ABANDONED):].split(",") if r]
                 if self.rank not in missing or time.monotonic() >= deadline:
+                    self._acknowledge(store, missing)
                     raise self._timeout_error(missing)
                 # This rank came after the others gave up on that attempt: meet them at the next.
         except GateTimeoutError:
             raise
+        except StoreUnresponsive as e:
+            host = f"rank {self.store_host}" if self.store_host is not None else "global rank 0"
+            raise GateTimeoutError(
+                f"GateSync construction: {host}, which hosts the job's store, has not answered for "
+                f"{e.seconds:.1f} s (stopped or overloaded?). No collective was issued.",
+                [self.store_host] if self.store_host is not None else [], {}, call=0) from e
         except Exception as e:  # noqa: BLE001 - the store stopped answering
             raise GateTimeoutError(
                 f"GateSync construction: the job's store stopped answering ({type(e).__name__}: "
                 f"{str(e).strip()[:200]}); the process hosting it (global rank 0) has most likely died. "
                 f"No collective was issued.", [], {}, call=0) from e
+        finally:
+            self._worker.close()
+
+    def _acknowledge(self, store, missing: list[int]) -> None:
+        """This rank read an attempt's ``abandoned`` verdict. The store's host waits, before it
+        raises (and, usually, exits with the store), until the present ranks have read it too:
+        a peer that still waits for the verdict would otherwise find the store gone and name
+        the host instead of the ranks that never came."""
+        deadline = time.monotonic() + BUILD_ACK_WAIT_S
+        try:
+            self._ask(lambda _: store.set(f"ack/{self.rank}", "1"), deadline)
+            if self.rank != self.store_host:
+                return
+            present = [f"ack/{r}" for r in range(self.world) if r != self.rank and r not in missing]
+            while present and time.monotonic() < deadline:
+                if self._ask(lambda _: store.check(present), deadline):
+                    return
+                time.sleep(0.02)
+        except Exception:  # noqa: BLE001 - a courtesy to the peers; the verdict is raised regardless
+            pass
 
     def _timeout_error(self, missing: list[int]) -> GateTimeoutError:
         who = ranks_text(missing) if missing else "a rank"
@@ -372,10 +415,14 @@ class Rendezvous:
         """After the group could not be built on this rank: the next attempt meets on a new epoch."""
         if self._epoch is None:
             return
+        worker = StoreWorker(self._base, name=f"esper_gate-rendezvous-{self.rank}")
         try:
-            self._base.compare_set("epoch", str(self._epoch), str(self._epoch + 1))
-        except Exception:  # noqa: BLE001 - the store is gone; nothing left to meet on
+            worker.request(lambda base: base.compare_set("epoch", str(self._epoch), str(self._epoch + 1)),
+                           STORE_BOUND_S)
+        except Exception:  # noqa: BLE001 - the store is gone or stopped; nothing left to meet on
             pass
+        finally:
+            worker.close()
 
     def commit(self) -> None:
         """The gate is built on this rank: the next construction on the parent meets anew."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 
+from ._store import StoreUnresponsive
 from .errors import GateError, GateTimeoutError
 
 __all__ = ["Verdict", "OK"]
@@ -24,14 +25,17 @@ OK = "ok"
 def _encode(err: GateError) -> str:
     if isinstance(err, GateTimeoutError):
         return json.dumps({"kind": "timeout", "text": str(err), "missing": err.missing_ranks,
-                           "last": {str(r): c for r, c in err.last_completed.items()}, "call": err.call})
+                           "last": {str(r): c for r, c in err.last_completed.items()}, "call": err.call,
+                           "late": list(getattr(err, "late_ranks", []))})
     return json.dumps({"kind": "error", "text": str(err)})
 
 
 def _decode(text: str) -> GateError:
     v = json.loads(text)
     if v["kind"] == "timeout":
-        return GateTimeoutError(v["text"], v["missing"], {int(r): c for r, c in v["last"].items()}, call=v["call"])
+        err = GateTimeoutError(v["text"], v["missing"], {int(r): c for r, c in v["last"].items()}, call=v["call"])
+        err.late_ranks = list(v.get("late", []))  # named, but in the call: they read the verdict
+        return err
     return GateError(v["text"])
 
 
@@ -60,10 +64,12 @@ class Verdict:
             raises (and, usually, exits: ``wait_read``).
     """
 
-    def __init__(self, request, rank: int | None = None, sleep=time.sleep):
+    def __init__(self, request, rank: int | None = None, sleep=time.sleep, unresponsive=None):
         self._request = request
         self._rank = rank
         self._sleep = sleep
+        # (seq, StoreUnresponsive) -> the GateError naming the store's host
+        self._unresponsive = unresponsive
 
     def _ack(self, store, seq: int) -> None:
         if self._rank is not None:
@@ -89,9 +95,9 @@ class Verdict:
                 seen = "" if got == seen else got
         return self._request(decide)
 
-    def state(self, seq: int) -> tuple[str | None, GateError | None]:
+    def state(self, seq: int, bound_s: float | None = None) -> tuple[str | None, GateError | None]:
         """(None | OK | FAILING | "failed", failure) of call ``seq``, without deciding it.
-        A failure read here is acknowledged. No store: (None, None)."""
+        A failure read here is acknowledged. No store (or none within ``bound_s``): (None, None)."""
         def read(store):
             key, want = f"v/{seq % RING}", f"{seq}:"
             got = store.get(key).decode() if store.check([key]) else ""
@@ -102,7 +108,7 @@ class Verdict:
                 self._ack(store, seq)
             return outcome
         try:
-            got = self._request(read)
+            got = self._request(read) if bound_s is None else self._request(read, bound_s)
         except Exception:  # noqa: BLE001 - no store: nothing decided that this rank can see
             return None, None
         if got in (None, OK, FAILING):
@@ -169,6 +175,15 @@ class Verdict:
         latch.raise_for(seq)
         try:
             got = self._decide(seq, OK)
+        except StoreUnresponsive as e:
+            # No decisions after the deadline's bound: the store's host, stopped or
+            # overloaded, is named (the request sent may still land when it resumes;
+            # docs/integrating-esper.md §5 says what that leaves open).
+            err = self._unresponsive(seq, e) if self._unresponsive is not None else GateError(
+                f"esper_gate call {seq}: {e}; this rank applies no transition for it")
+            latch.record(seq, err)
+            latch.raise_for(seq)
+            return
         except Exception as e:  # noqa: BLE001 - the store's host is gone
             if void is None or not void():
                 return  # the collective completed here; nothing says otherwise

@@ -2,7 +2,18 @@
 
 A gate call only appends its number and deadline to a deque and sets an
 int; everything that waits, polls or talks to the store happens here, off
-the training loop's thread.
+the training loop's thread. Its store requests go through a StoreWorker
+(``_store``), so a store that does not answer never stops this thread:
+deadlines fire whatever the store does.
+
+Store load, per rank (the formula docs/integrating-esper.md §5 states):
+
+* idle, or calls completing normally: one heartbeat per HEARTBEAT_INTERVAL_S
+  (1 per second), whatever the call rate;
+* while a call has waited longer than LONG_CALL_S (a peer is missing: the
+  rare case the store is for): a heartbeat and a whereabouts write every
+  LONG_CALL_POLL_S, and a read of the call's verdict key every
+  LONG_CALL_POLL_S, so a diagnosis sees where every rank is and when it came.
 """
 from __future__ import annotations
 
@@ -10,13 +21,23 @@ import collections
 import threading
 import time
 
+from ._store import StoreWorker
+
 HEARTBEAT_INTERVAL_S = 1.0
 # How often the watcher looks at deadlines, GPU completion and its heartbeat.
 WATCH_POLL_S = 0.05
 # A call that waits longer than this is republished every LONG_CALL_POLL_S
 # (a healthy call takes milliseconds, so only stuck ones cost store writes).
-LONG_CALL_S = 0.5
+# Shorter than the diagnosis's settling time (_diagnosis.SETTLE_S), so a rank
+# that entered a stuck call shows it before a peer's diagnosis reads again.
+LONG_CALL_S = 0.3
 LONG_CALL_POLL_S = 0.1
+# The longest a store request of the gate waits for an answer (a heartbeat's
+# write is never waited for); past it the store's host is named as not answering.
+STORE_BOUND_S = 2.0
+# A gap this long between two of this thread's polls means this process was
+# stopped (SIGSTOP, a debugger) or starved: a diagnosis then names this rank.
+STALL_S = 1.5
 
 
 class Call:
@@ -149,20 +170,29 @@ class Watcher:
         self.expired = False
         self._on_expired = on_expired
         self._beat = 0
-        # The first store error, here or in a diagnosis. The store's host (rank
-        # 0) is then gone, and every further request would only add one more
-        # c10d warning with a C++ stack to stderr.
-        self.store_error: BaseException | None = None
-        # One store request at a time, from this thread or a diagnosis, so
-        # that a dead store costs exactly one failed request.
-        self._store_lock = threading.Lock()
+        # Every store request of this gate, in order, on a thread of its own: a store that
+        # does not answer never stops this thread, and a dead one costs one failed request.
+        self._worker = StoreWorker(store, name=f"esper_gate-store-{rank}")
+        self._pending_beat = None
         self._stop = threading.Event()
         self.failure_threads: list[threading.Thread] = []
-        self._written = (-2, -2)
-        self._written = self._write()
+        # (when, seconds) of each gap between two polls longer than STALL_S: this process stopped
+        self.stalls: list[tuple[float, float]] = []
+        self._last_loop = time.monotonic()
+        self._written = self._publish()
         self._last_write = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"esper_gate-watch-{rank}", daemon=True)
         self._thread.start()
+
+    @property
+    def store_error(self) -> BaseException | None:
+        """The store's first error (its host died): every later request raises it at once."""
+        return self._worker.error
+
+    @property
+    def store_requests(self) -> int:
+        """Store requests this gate has sent so far (heartbeats, whereabouts, verdicts, reads)."""
+        return self._worker.requests
 
     def begin(self, seq: int, deadline: float) -> Call:
         call = Call(seq, deadline)
@@ -222,14 +252,26 @@ class Watcher:
     def _where_due(self) -> bool:
         return self._where is not None and self._where[2].due(self._where[1])
 
-    def _write(self) -> tuple[int, int]:
+    def _publish(self) -> tuple[int, int]:
+        """Queue this rank's heartbeat (and, when it moved, its whereabouts) on the store
+        worker; nothing waits for it. Both go out at the heartbeat's pace: once a second,
+        and every LONG_CALL_POLL_S while a call waits long (the rare case a diagnosis
+        reads them for)."""
         state = (self.entered, self.completed)
         self._beat += 1
-        if self._where_due():
-            self._where[2].publish(self._where[0])
+        where = self._where if self._where_due() else None
         waited_ms = int((time.monotonic() - self._entered_at) * 1000) if state[0] > state[1] else -1
-        self._store.set(self._key, f"{state[0]},{state[1]},{self._beat},{waited_ms}")
+        beat = f"{state[0]},{state[1]},{self._beat},{waited_ms}"
+
+        def write(store, key=self._key):
+            if where is not None:
+                where[2].publish(where[0])
+            store.set(key, beat)
+        self._pending_beat = self._worker.submit(write)
         return state
+
+    def _waiting_long(self, now: float) -> bool:
+        return self.entered > self.completed and now - self._entered_at > LONG_CALL_S
 
     def _advance_gpu(self) -> None:
         if self._progress is None:
@@ -276,6 +318,10 @@ class Watcher:
 
     def _run(self) -> None:
         while not self._stop.wait(WATCH_POLL_S):
+            now = time.monotonic()
+            if now - self._last_loop > STALL_S:
+                self.stalls.append((self._last_loop, now - self._last_loop))
+            self._last_loop = now
             try:
                 self._advance_gpu()
             except Exception:  # noqa: BLE001 - a broken CUDA context: the deadline still fires
@@ -285,30 +331,23 @@ class Watcher:
             self._check_news(now)
             if self.store_error is not None:
                 continue
-            waiting = self.entered > self.completed and now - self._entered_at > LONG_CALL_S
-            due = LONG_CALL_POLL_S if waiting else HEARTBEAT_INTERVAL_S
-            if ((self.entered, self.completed) == self._written and now - self._last_write < due
-                    and not self._where_due()):
+            due = LONG_CALL_POLL_S if self._waiting_long(now) else HEARTBEAT_INTERVAL_S
+            if now - self._last_write < due:
                 continue
-            try:
-                with self._store_lock:
-                    if self.store_error is None:
-                        self._written = self._write()
-                        self._last_write = now
-            except Exception as e:  # noqa: BLE001
-                self.store_error = e
+            if self._pending_beat is not None and not self._pending_beat.done():
+                continue  # the store has not answered the last one: no pile-up behind it
+            self._written = self._publish()
+            self._last_write = now
 
-    def store_request(self, request):
-        """``request(store)`` in turn with this watcher's own requests; raises the store's
-        error, the first time or again (a dead store costs one failed request)."""
-        with self._store_lock:
-            if self.store_error is not None:
-                raise self.store_error
-            try:
-                return request(self._store)
-            except Exception as e:
-                self.store_error = e
-                raise
+    def stalled_s(self, since: float) -> float:
+        """The longest stop of this process (a gap between two polls) that ended after ``since``."""
+        return max((gap for at, gap in self.stalls if at + gap >= since), default=0.0)
+
+    def store_request(self, request, bound_s: float = STORE_BOUND_S):
+        """``request(store)`` in turn with this watcher's own requests, answered within
+        ``bound_s`` (``_store.StoreUnresponsive`` otherwise); raises the store's error, the
+        first time or again (a dead store costs one failed request)."""
+        return self._worker.request(request, bound_s)
 
     def read_heartbeats(self, world: int) -> dict[int, tuple[int, ...] | None]:
         """Every rank's heartbeat; raises the store's error."""
@@ -332,15 +371,15 @@ class Watcher:
         if self._where is None:
             return out
         store = self._where[0]
-        with self._store_lock:
-            if self.store_error is not None:
-                raise self.store_error
+
+        def read(_):
             for r in ranks:
                 key = f"where/{r}"
                 if store.check([key]):
                     gate, seq, done = (int(x) for x in store.get(key).decode().split(","))
                     out[r] = (gate, seq, bool(done))
-        return out
+            return out
+        return self.store_request(read)
 
     def close(self) -> None:
         self._stop.set()
@@ -348,6 +387,7 @@ class Watcher:
             self._thread.join(timeout=2 * HEARTBEAT_INTERVAL_S)
         if self._where is not None:
             self._where[2].close(self._where[1])
+        self._worker.close()
 
 
 def read_heartbeats(store, world: int) -> dict[int, tuple[int, ...] | None]:

@@ -91,6 +91,9 @@ def _stop_watchers_at_exit() -> None:
         # makes its last store requests.
         for t in list(w.failure_threads):
             t.join(timeout=EXIT_JOIN_S)
+        # The store worker makes the requests: its last one must return before finalization too.
+        w._worker.close()
+        w._worker.join(EXIT_JOIN_S)
 
 
 atexit.register(_stop_watchers_at_exit)
@@ -187,7 +190,8 @@ class GateSync:
         return where
 
     def _build(self, parent, start: float) -> None:
-        rendezvous = Rendezvous(parent.group_name, self.rank, self.world_size, self.timeout)
+        rendezvous = Rendezvous(parent.group_name, self.rank, self.world_size, self.timeout,
+                                store_host=self.ranks.index(0) if 0 in self.ranks else None)
         mine = {"num_slots": self.num_slots, "policy": self.policy, "site": self.site, "world": self.world_size}
         configs = rendezvous.meet({**mine, **self._where()})
         # Construction as a whole returns or raises within the timeout and a few
@@ -213,11 +217,12 @@ class GateSync:
                           news=lambda call: self._failure.news(call))
         self._watcher = watcher
         _live.add(self)
-        self._verdict = Verdict(watcher.store_request, rank=self.rank)
         store_host = self.ranks.index(0) if 0 in self.ranks else None
         self._diagnosis = Diagnosis(watcher.read_heartbeats, self.rank, self.world_size, store_host, self.timeout,
                                     read_whereabouts=watcher.read_whereabouts, gate_index=rendezvous.index,
-                                    sleep=watcher.pause)
+                                    sleep=watcher.pause, stalled=watcher.stalled_s)
+        self._verdict = Verdict(watcher.store_request, rank=self.rank,
+                                unresponsive=lambda seq, e: self._diagnosis.store_gone(seq, e, e))
         self._failure = FailurePath(lambda: self._transport, watcher, self._diagnosis, self._verdict, self.latch,
                                     self.timeout, self.rank, self.world_size, store_host)
         try:

@@ -40,8 +40,10 @@ NCCL source it follows (NVIDIA/nccl, read at tags v2.28.9-1 and v2.30.7-1):
    communicator's lock, and ``abort()`` waits for that lock.
 
 Collectives go through the job's store: each rank writes its buffer under a
-per-communicator, per-operation key and waits in short polls for the others'
-(then sums); nothing times out by itself. A store request that fails (the
+per-communicator, per-operation key and waits in short polls for the others',
+then says it received them and waits until every rank did (a rank completes
+only when every rank took part to the end, as in NCCL's ring and tree
+algorithms), then sums; nothing times out by itself. A store request that fails (the
 store's host died) makes ``state()`` report "error: ..."
 (``ncclCommGetAsyncError``) and the collective raise.
 
@@ -305,6 +307,17 @@ class NcclComm:
         total = torch.zeros_like(buf)
         for k in keys:
             total += torch.frombuffer(bytearray(self._guard(lambda k=k: self._store.get(k))), dtype=buf.dtype)
+        # A rank completes only once every rank has received every contribution, as in
+        # NCCL's ring and tree algorithms, where each rank forwards what it received: a
+        # rank that aborted (or stopped) before it got the others' data holds the rest up.
+        got = [f"op/{op}/got/{r}" for r in range(self.world)]
+        self._guard(lambda: self._store.set(got[self.rank], "1"))
+        while not self._guard(lambda: self._store.check(got)):
+            if self._aborted.is_set():
+                if self.blocking:
+                    raise AbortedError(f"owned_double: the collective was aborted on rank {self.rank} (op {op})")
+                return
+            time.sleep(POLL_S)
         buf.copy_(total)
 
     # ---- the end ------------------------------------------------------------------

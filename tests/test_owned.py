@@ -63,7 +63,7 @@ class _FakeTransport:
 
 class _RecordingVerdict(Verdict):
     def __init__(self, rec, store, rank):
-        super().__init__(lambda request: request(store), rank=rank)
+        super().__init__(lambda request, *bound: request(store), rank=rank)
         self.rec = rec
 
     def claim(self, seq):
@@ -144,10 +144,10 @@ def test_an_abort_that_blocks_neither_holds_the_verdict_nor_the_host_read_and_is
 
 def test_once_published_no_rank_can_complete_the_call_and_a_peer_that_completed_first_wins():
     store = dist.HashStore()
-    mine = Verdict(lambda request: request(store), rank=0)
+    mine = Verdict(lambda request, *bound: request(store), rank=0)
     assert mine.claim(7) == (FAILING, None)
     # a peer whose collective completes now must not apply it: it waits for the diagnosis
-    peer = Verdict(lambda request: request(store), rank=1, sleep=lambda s: None)
+    peer = Verdict(lambda request, *bound: request(store), rank=1, sleep=lambda s: None)
     threading.Timer(0.05, lambda: mine.failed(7, esper_gate.GateError("rank 2 did not arrive"))).start()
     assert str(peer.completed(7)) == "rank 2 did not arrive"
     # the other way round: a completed call is not failed, and the flag is restored
@@ -163,7 +163,7 @@ def test_the_store_host_raises_after_the_present_ranks_read_the_verdict_or_two_s
     host, _, latch, _ = _path(store, rank=0, missing=2, store_host=0)
     host.expire(Call(3, time.monotonic()))
     host.wait_abort(5.0)
-    peer = Verdict(lambda request: request(store), rank=1)
+    peer = Verdict(lambda request, *bound: request(store), rank=1)
     threading.Timer(0.3, lambda: peer.peek(3)).start()   # rank 1 reads it 0.3 s later
     t0 = time.monotonic()
     with pytest.raises(esper_gate.GateTimeoutError):
