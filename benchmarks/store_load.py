@@ -68,7 +68,8 @@ def load_watcher(path: str | None):
 
 def measure(watcher_mod, rate: float, seconds: float) -> dict:
     store = CountingStore()
-    w = watcher_mod.Watcher(store, 0, lambda call: None, whereabouts=(store, 0))
+    where = (store, 0, watcher_mod.Whereabouts(0)) if hasattr(watcher_mod, "Whereabouts") else (store, 0)
+    w = watcher_mod.Watcher(store, 0, lambda call: None, whereabouts=where)
     request = getattr(w, "store_request")
     verdict = Verdict(lambda fn, *bound: request(fn), rank=0)
     time.sleep(0.3)

@@ -18,9 +18,10 @@ from .report import ranks_text
 
 __all__ = ["Diagnosis", "short", "SETTLE_S", "DEAD_RANK_GRACE_S", "BOUND_S"]
 
-# Heartbeats are written asynchronously: a rank that arrived just before the
-# failure may need this long to show it.
-SETTLE_S = 0.6
+# Heartbeats are written asynchronously, once a second (_watcher.HEARTBEAT_INTERVAL_S)
+# unless a call waits long: a rank that arrived just before the failure, and whose
+# call completed at once, may need this long to show it.
+SETTLE_S = 1.2
 # Longer than two heartbeat intervals (_watcher.HEARTBEAT_INTERVAL_S = 1 s):
 # a rank whose beat did not move in this time is dead or frozen.
 DEAD_RANK_GRACE_S = 2.5

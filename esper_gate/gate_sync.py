@@ -3,8 +3,8 @@
 A façade over parts with one job each:
 
 * ``_inputs.prepare``: a call's inputs as tensors the op takes (pure);
-* ``_group.Rendezvous`` and ``new_gate_group``: meeting every rank in the
-  store, then the gate's dedicated process group;
+* ``_build``: construction (the rendezvous of ``_group``, the parts wired
+  together, the transport and the warm-up, under one deadline);
 * ``_transport``: the call's one collective, its completion and error state
   (read with no CUDA call), its invalidation and its abort: the gate's own
   NCCL communicator for CUDA gates (``OwnedTransport``), a c10d group for
@@ -12,7 +12,7 @@ A façade over parts with one job each:
 * ``_watcher.Watcher``: heartbeats, GPU completion and deadlines, on a
   thread of its own (a call only appends to a deque and sets an int);
 * ``_failure.FailurePath``: a failed call's steps, in order (invalidate,
-  publish, abort, diagnose);
+  publish, diagnose, latch, abort);
 * ``_diagnosis.Diagnosis``: which ranks a failed call names, from heartbeats;
 * ``_verdict.Verdict``: each call's one outcome, shared through the store,
   so every rank applies the call or raises the same error;
@@ -21,83 +21,26 @@ A façade over parts with one job each:
 """
 from __future__ import annotations
 
-import atexit
 import datetime
 import logging
-import socket
 import time
-import weakref
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 
-from . import wire
-from ._diagnosis import Diagnosis
-from ._failure import ABORT_WAIT_S, BackgroundAbort, FailurePath
-from ._group import (Rendezvous, check_group_backend, config_error, gate_group_timeout, new_gate_group,
-                     not_started_error, parent_group, self_timing, set_group_timeout, shared_devices,
-                     supports_set_timeout)
-from ._inputs import as_timedelta, check_settings, prepare, site_fingerprint, timeout_text
+from ._build import _live, _stop_watchers_at_exit, assemble, place  # noqa: F401 - the exit hook's too
+from ._group import parent_group
+from ._inputs import as_timedelta, check_settings, prepare, site_fingerprint
 from ._latch import FailureLatch
-from ._transport import C10dTransport, LocalTransport, OwnedTransport
+from ._transport import LocalTransport
 from ._verdict import Verdict
-from ._watcher import Call, Watcher, Whereabouts
+from ._watcher import Watcher
 from .consensus import GateConsensus, GateView
 from .errors import GateConfigError, GateError, GateInputError
 
 __all__ = ["GateSync", "GateConsensus", "site_fingerprint"]
 
 log = logging.getLogger("esper_gate")
-
-# After a rank that met the others last at the rendezvous, the least time the
-# others give construction's remaining steps (its communicator and warm-up).
-BUILD_GRACE_S = 3.0
-
-
-def _left(deadline: float) -> datetime.timedelta:
-    return datetime.timedelta(seconds=max(deadline - time.monotonic(), 0.05))
-
-
-# Every GateSync whose watcher thread may still run, for _stop_watchers_at_exit.
-EXIT_JOIN_S = 5.0
-_live: "weakref.WeakSet[GateSync]" = weakref.WeakSet()
-
-
-def _stop_watchers_at_exit() -> None:
-    """Stop the watcher threads of the GateSyncs still open when the interpreter exits.
-
-    The watcher is a daemon thread that makes c10d Store requests (TCPStore set/get/check,
-    bound with ``py::call_guard<py::gil_scoped_release>`` in torch 2.14.1's
-    torch/csrc/distributed/c10d/init.cpp). When a request returns after Py_FinalizeEx has
-    marked the runtime as finalizing, CPython 3.11 ends the thread in take_gil
-    (Python/ceval_gil.h) with PyThread_exit_thread(), that is pthread_exit(); its forced
-    unwind runs through ``~gil_scoped_release()``, which is noexcept, so libstdc++ calls
-    std::terminate: "terminate called without an active exception", SIGABRT (seen under
-    gdb: take_gil <- PyEval_RestoreThread <- ~gil_scoped_release <- a Store lambda).
-    Py_FinalizeEx runs the atexit callbacks before it marks the runtime as finalizing, so
-    joining the watchers here closes that window. The gates' groups are left to the
-    process's own teardown, as before; only the threads stop.
-    """
-    watchers = [w for w in (gs._watcher for gs in list(_live)) if w is not None]
-    for w in watchers:  # all stop at once, then each is waited for
-        w._stop.set()
-    for w in watchers:
-        # Its last store request (milliseconds when the store is alive) must return first.
-        # Bounded, so that exit never hangs on a dead store.
-        w._thread.join(timeout=EXIT_JOIN_S)
-        # A failure in progress (SIGTERM from a launcher often lands during one): its
-        # diagnosis waits through Watcher.pause, which the stop cuts short, and then
-        # makes its last store requests.
-        for t in list(w.failure_threads):
-            t.join(timeout=EXIT_JOIN_S)
-        # The store worker makes the requests: its last one must return before finalization too.
-        w._worker.close()
-        w._worker.join(EXIT_JOIN_S)
-
-
-atexit.register(_stop_watchers_at_exit)
-
 
 class GateSync:
     """Cross-rank gate consensus for ``num_slots`` slots; build it on every rank.
@@ -157,140 +100,8 @@ class GateSync:
             self.rank, self.world_size, self.ranks = 0, 1, [0]
             self.device = torch.device(device if device is not None else "cpu")
             return
-        self.ranks = dist.get_process_group_ranks(parent)
-        self.world_size, self.rank = len(self.ranks), dist.get_rank(parent)
-        if self.rank < 0:
-            raise GateError("GateSync: this process is not a member of the given group")
-        if self.world_size > wire.MAX_WORLD:
-            raise GateInputError(f"esper_gate supports up to {wire.MAX_WORLD} ranks, the group has {self.world_size}")
-        self.backend = str(backend) if backend is not None else str(dist.get_backend(parent))
-        if device is None and "nccl" in self.backend:
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.device = torch.device(device if device is not None else "cpu")
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        # The owned communicator whenever the gate's device is CUDA, whatever the backend string.
-        self._owned = _owned
-        self.transport = "owned" if _owned is not None or (self.device.type == "cuda" and transport != "c10d") \
-            else "c10d"
-        if self.transport == "c10d":
-            check_group_backend(self.backend, self.device)
-        self._build(parent, start)
-
-    # ---- construction ---------------------------------------------------
-    def _where(self) -> dict:
-        """Where this rank runs, for the rendezvous: its host and (CUDA) its GPU's UUID."""
-        where = {"host": socket.gethostname()}
-        if self.device.type == "cuda":
-            try:
-                uuid = str(torch.cuda.get_device_properties(self.device).uuid)
-            except Exception:  # noqa: BLE001
-                uuid = "?"
-            where["device"] = f"{self.device} (GPU {uuid})"
-        return where
-
-    def _build(self, parent, start: float) -> None:
-        rendezvous = Rendezvous(parent.group_name, self.rank, self.world_size, self.timeout,
-                                store_host=self.ranks.index(0) if 0 in self.ranks else None)
-        mine = {"num_slots": self.num_slots, "policy": self.policy, "site": self.site, "world": self.world_size}
-        configs = rendezvous.meet({**mine, **self._where()})
-        # Construction as a whole returns or raises within the timeout and a few
-        # seconds of this rank's start (invariant 4 of the failure path): the steps
-        # after the rendezvous share one deadline instead of a timeout each (a rank
-        # late to the rendezvous, then slow to set up its communicator, then gone
-        # before the warm-up made it about three timeouts). A rank that met late
-        # still leaves the others BUILD_GRACE_S (or the timeout, if shorter).
-        total = self.timeout.total_seconds()
-        deadline = max(start + total, time.monotonic() + min(total, BUILD_GRACE_S))
-        self._config_error = config_error(configs, mine, self.rank)
-        if self.device.type == "cuda":
-            shared = shared_devices(configs)
-            if shared is not None:
-                rendezvous.abandon()
-                raise shared
-        cuda = self.device.type == "cuda"
-        watcher = Watcher(rendezvous.store, self.rank, self._expire,
-                          (lambda: self._transport.failed()) if cuda or self._owned is not None else None,
-                          whereabouts=(rendezvous.parent_store, rendezvous.index,
-                                       Whereabouts.of(parent.group_name, self.rank)),
-                          progress=(lambda: self._transport.completed_seq()) if cuda else None,
-                          news=lambda call: self._failure.news(call))
-        self._watcher = watcher
-        _live.add(self)
-        store_host = self.ranks.index(0) if 0 in self.ranks else None
-        self._diagnosis = Diagnosis(watcher.read_heartbeats, self.rank, self.world_size, store_host, self.timeout,
-                                    read_whereabouts=watcher.read_whereabouts, gate_index=rendezvous.index,
-                                    sleep=watcher.pause, stalled=watcher.stalled_s)
-        self._verdict = Verdict(watcher.store_request, rank=self.rank,
-                                unresponsive=lambda seq, e: self._diagnosis.store_gone(seq, e, e))
-        self._failure = FailurePath(lambda: self._transport, watcher, self._diagnosis, self._verdict, self.latch,
-                                    self.timeout, self.rank, self.world_size, store_host)
-        try:
-            if self.transport == "owned":
-                self._transport = OwnedTransport(rendezvous.store, self.rank, self.world_size, self.device,
-                                                 deadline, rendezvous.group_name, nccl=self._owned,
-                                                 timeout=self.timeout)
-                if self._config_error is None:  # ranks with other slot counts would all_reduce other sizes
-                    self._warm_up(deadline)
-            else:
-                timing = self_timing(self.backend, self.device)
-                calls_timeout = gate_group_timeout(self.timeout, timing)
-                # gloo times its own ops (the watcher does not abort it): its connect and
-                # the warm-up get what is left of the deadline, later calls the timeout.
-                bounded = timing and supports_set_timeout()
-                group = self._new_group(rendezvous, _left(deadline) if bounded else calls_timeout)
-                self._transport = C10dTransport(group, self.backend, self.device)
-                if self._config_error is None:
-                    if bounded:
-                        set_group_timeout(group, _left(deadline))
-                    self._warm_up(deadline)
-                if bounded:
-                    set_group_timeout(group, calls_timeout)
-        except BaseException as e:
-            rendezvous.abandon()
-            watcher.close()
-            self._watcher = None
-            if self._failure.abort is None:  # the abort can block on the stream: bounded here too
-                BackgroundAbort(self._transport.abort, self._transport.abort_what).start().wait(ABORT_WAIT_S)
-            else:
-                self._failure.wait_abort()
-            self._transport.close()
-            if self.latch.error is not None:
-                raise self.latch.error from e
-            raise
-        watcher.built()
-        rendezvous.commit()
-
-    def _new_group(self, rendezvous, timeout: datetime.timedelta):
-        """The gate's c10d group; a rank that does not set it up in time is named (not c10d's raw
-        store or connect error)."""
-        store = rendezvous.store
-        store.set(f"group/started/{self.rank}", "1")
-        try:
-            return new_gate_group(self.ranks, self.backend, self.device, timeout, rendezvous.group_name,
-                                  store=rendezvous.store)
-        except Exception as e:  # noqa: BLE001 - a connect or store timeout, a peer gone
-            why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
-            raise not_started_error(store, "group/started", self.world_size, lambda who: (
-                f"GateSync construction: {who} did not set up the gate's {self.backend} group within what was "
-                f"left of the {timeout_text(self.timeout)} timeout ({why}); build a new GateSync on every rank "
-                f"to retry.")) from e
-
-    def _warm_up(self, deadline: float) -> None:
-        """One sync at construction: it creates the communicator (NCCL sets it up
-        lazily on the first collective, which blocks the host) and loads the
-        kernels, under the gate's deadline, so that the first gate call costs
-        what every later one does."""
-        zeros = torch.zeros(self.num_slots, dtype=torch.int64, device=self.device)
-        result = self._run(prepare(zeros.bool(), zeros, zeros, None, num_slots=self.num_slots,
-                                   device=self.device, default_site=self.site, call="warm-up"), 0, deadline=deadline)
-        result.report_words()
-
-    # ---- failures ---------------------------------------------------------
-    def _expire(self, call: Call) -> None:
-        """The watcher's deadline for ``call`` passed (or its communicator failed, or a
-        peer published its failure): _failure.FailurePath.expire, on the watcher's thread."""
-        self._failure.expire(call)
+        place(self, parent, device, backend, transport, _owned)
+        assemble(self, parent, start)
 
     # ---- calls ----------------------------------------------------------
     def _run(self, prepared, seq: int, names: Sequence[str] | None = None,
@@ -358,11 +169,10 @@ class GateSync:
           and the report names which ranks hold which digest.
 
         Bad input of any kind on one rank is a GateInputError there and a
-        GatePeerInputError on the others, in the same call. A caller that reads
-        its own objects into these inputs (the Esper adapters read slots and
-        gate results) and finds one it cannot read passes why as ``bad_input``
-        (with inputs of the right length, e.g. zeros) instead of raising: the
-        call then runs poisoned, so that its peers are not left waiting.
+        GatePeerInputError on the others, in the same call. A caller that cannot
+        read its own objects into these inputs (the Esper adapters) passes why as
+        ``bad_input`` (with inputs of the right length) instead of raising: the
+        call runs poisoned, and its peers are not left waiting.
         """
         if self.distributed and self._watcher is None:
             raise GateError("this GateSync was closed; build a new one on every rank")
@@ -424,9 +234,7 @@ class GateSync:
         if self._watcher is not None:
             self._watcher.close()
             self._watcher = None
-        if self.distributed:
-            # An abort still blocked on this rank's stream is not waited for past the bound:
-            # it ends by itself when the stream moves (_failure.BackgroundAbort).
+        if self.distributed:  # an abort blocked on the stream ends when it moves (BackgroundAbort)
             self._failure.wait_abort()
         self._transport.close()
 

@@ -119,8 +119,10 @@ def _rate(store, seconds, during=None):
 
 
 def test_heartbeats_stay_within_one_a_second_idle_and_two_busy_and_speed_up_only_for_a_stuck_call():
+    from esper_gate._watcher import Whereabouts
+
     store = CountingStore()
-    watcher = Watcher(store, 0, lambda call: None, whereabouts=(store, 0))
+    watcher = Watcher(store, 0, lambda call: None, whereabouts=(store, 0, Whereabouts(0)))
     try:
         time.sleep(0.2)
         idle = _rate(store, 3.0)

@@ -333,7 +333,11 @@ def test_a_deadline_fires_once_and_again_after_a_near_miss():
         watcher.close()
 
 
-def _where_after(store, rank, want, polls=4):
+def _where_after(store, rank, want, polls=None):
+    # whereabouts go out with the heartbeat, once a second (the store's budget)
+    from esper_gate._watcher import HEARTBEAT_INTERVAL_S
+
+    polls = HEARTBEAT_INTERVAL_S / WATCH_POLL_S + 6 if polls is None else polls
     return _wait_for(lambda: store.data.get(f"where/{rank}") == want, polls) or store.data.get(f"where/{rank}")
 
 

@@ -750,7 +750,7 @@ LATE = 2
 
 def _late_builder_main(rank, world, kind, fate):
     import owned_double
-    from esper_gate import gate_sync
+    from esper_gate import _build
 
     if rank == LATE:
         # Within the timeout at every step, and the steps add up: late to the
@@ -762,10 +762,9 @@ def _late_builder_main(rank, world, kind, fate):
             comm = owned_double.NcclComm
             owned_double.NcclComm = lambda *a, **k: time.sleep(slow) or comm(*a, **k)
         else:
-            new_group = dist.new_group
-            dist.new_group = lambda *a, **k: time.sleep(slow) or new_group(*a, **k)
-        gate_sync.GateSync._warm_up = (lambda self, *a, **k: os._exit(0)) if fate == "gone" else \
-            (lambda self, *a, **k: time.sleep(120))
+            new_group = _build.new_gate_group
+            _build.new_gate_group = lambda *a, **k: time.sleep(slow) or new_group(*a, **k)
+        _build.warm_up = (lambda *a, **k: os._exit(0)) if fate == "gone" else (lambda *a, **k: time.sleep(120))
     t0 = time.monotonic()
     try:
         esper_gate.GateSync(4, timeout=T_BUILD, **({"_owned": owned_double} if kind == "owned" else {}))

@@ -130,6 +130,9 @@ def _bench_rank(rank: int, world: int, cfg: dict) -> dict | None:
     backend = cfg["backend"]
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     ctrl = dist.new_group(backend="gloo")  # barriers, calibration and gathering; never timed
+    # The old designs run on a c10d group of the gate's backend, as Esper's calls do (the
+    # gate's own group is not in c10d's registry, so torch.distributed's calls refuse it).
+    compared = dist.new_group(backend=backend)
     designs = list(cfg["designs"])
     cells = []
     for num_slots in cfg["slots"]:
@@ -137,7 +140,7 @@ def _bench_rank(rank: int, world: int, cfg: dict) -> dict | None:
                                  device=device)
         # In a world of one GateSync decides locally and builds no group; the
         # collective designs then use the world group.
-        group = gs.group if gs.distributed else dist.group.WORLD
+        group = compared if gs.distributed else dist.group.WORLD
         fns, vote_list, inputs = _make_designs(rank, world, num_slots, gs, group, device)
 
         # warm-up, a correctness check, and the per-design round time for calibration
