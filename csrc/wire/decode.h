@@ -30,8 +30,9 @@ EG_HD bool decode_reason_counts(const int64_t* buf, const Layout& L, int64_t poi
   const uint64_t W = static_cast<uint64_t>(L.world);
   bool sane = true;
   uint64_t total = 0;
+  CounterCursor cursor = counters_at(buf, L, L.reasons_offset, 0);
   for (int64_t code = 1; code <= kReasonMax; ++code) {
-    const uint64_t c = reason_counter_at(buf, L, code);
+    const uint64_t c = next_counter(buf, L, &cursor);
     out[code - 1] = static_cast<int64_t>(c);
     if (c > W) sane = false;
     total += c;
@@ -113,7 +114,7 @@ EG_HD bool decode_global(
 // One rank's header, from the lanes (exact mode only).
 EG_HD void decode_rank(const int64_t* buf, const Layout& L, int64_t rank, int64_t* out) {
   for (int f = 0; f < kNumHeaderFields; ++f) {
-    out[f] = static_cast<int64_t>(lane_field(buf, L, rank, field_offset(f), field_width(f)));
+    out[f] = static_cast<int64_t>(lane_bits(buf, L, rank, field_offset(f), field_width(f)));
   }
   out[kRankWords - 1] = 0;
 }
@@ -127,12 +128,16 @@ EG_HD void decode_rank(const int64_t* buf, const Layout& L, int64_t rank, int64_
 EG_HD int64_t decode_slot(const int64_t* buf, const Layout& L, int64_t s, int64_t* out, int64_t* slot_ranks) {
   const int64_t W = L.world;
   const int64_t off = kHeaderBits + s * kSlotBits;
-  const uint64_t votes = counter_at(buf, L, off + kSlotVoteBit);
-  const uint64_t root_vote = root_bit(buf, L, off + kSlotVoteBit);
-  const FieldSummary st = summarize_field(buf, L, off + kSlotStageBit, kIdBits);
-  const FieldSummary tg = summarize_field(buf, L, off + kSlotTargetBit, kIdBits);
-  const FieldSummary po = summarize_field(buf, L, off + kSlotPolicyBit, kPolicyWidth);
-  const FieldSummary dg = summarize_field(buf, L, off + kSlotDigestBit, kDigestBits);
+  // Rank 0's whole slot from ROOT, then the slot's counters in record order.
+  const uint64_t root = root_bits(buf, L, off, kSlotBits);
+  CounterCursor c = counters_at(buf, L, L.counts_offset, off);
+  const uint64_t votes = next_counter(buf, L, &c);
+  const uint64_t root_vote = (root >> kSlotVoteBit) & 1u;
+  const FieldSummary st = summarize_counters(buf, L, &c, (root >> kSlotStageBit) & kMaxId, kIdBits);
+  const FieldSummary tg = summarize_counters(buf, L, &c, (root >> kSlotTargetBit) & kMaxId, kIdBits);
+  const FieldSummary po =
+      summarize_counters(buf, L, &c, (root >> kSlotPolicyBit) & field_mask(kFieldPolicy), kPolicyWidth);
+  const FieldSummary dg = summarize_counters(buf, L, &c, (root >> kSlotDigestBit) & kDigestMask, kDigestBits);
   bool sane = st.sane && tg.sane && po.sane && dg.sane && votes <= static_cast<uint64_t>(W) &&
               !(root_vote == 1 && votes == 0) && !(root_vote == 0 && votes == static_cast<uint64_t>(W));
   int64_t stage_differ = st.differ_lb;
@@ -150,11 +155,12 @@ EG_HD int64_t decode_slot(const int64_t* buf, const Layout& L, int64_t s, int64_
     uint64_t stage_and = kMaxId, stage_or = 0, target_and = kMaxId, target_or = 0;
     uint64_t policy_and = field_mask(kFieldPolicy), policy_or = 0, digest_and = kDigestMask, digest_or = 0;
     for (int64_t r = 0; r < W; ++r) {
-      const uint64_t v = lane_bit(buf, L, r, off + kSlotVoteBit);
-      const uint64_t sr = lane_field(buf, L, r, off + kSlotStageBit, kIdBits);
-      const uint64_t tr = lane_field(buf, L, r, off + kSlotTargetBit, kIdBits);
-      const uint64_t pr = lane_field(buf, L, r, off + kSlotPolicyBit, kPolicyWidth);
-      const uint64_t dr = lane_field(buf, L, r, off + kSlotDigestBit, kDigestBits);
+      const uint64_t rec = lane_bits(buf, L, r, off, kSlotBits);
+      const uint64_t v = (rec >> kSlotVoteBit) & 1u;
+      const uint64_t sr = (rec >> kSlotStageBit) & kMaxId;
+      const uint64_t tr = (rec >> kSlotTargetBit) & kMaxId;
+      const uint64_t pr = (rec >> kSlotPolicyBit) & field_mask(kFieldPolicy);
+      const uint64_t dr = (rec >> kSlotDigestBit) & kDigestMask;
       if (slot_ranks != nullptr) slot_ranks[r] = slot_entry(v, sr, tr, pr, dr);
       lane_votes += v;
       stage_and &= sr;

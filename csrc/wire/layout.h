@@ -137,6 +137,11 @@ EG_HD int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
+// The low n bits of v (n in 0..64).
+EG_HD uint64_t low_bits(uint64_t v, int64_t n) {
+  return n >= 64 ? v : v & ((uint64_t{1} << n) - 1);
+}
+
 // Slot capacity of the buffer: the next power of two >= num_slots. Ranks whose
 // slot counts differ but round to the same capacity exchange equal-sized
 // buffers and are told "slot count mismatch" by the header.

@@ -298,6 +298,39 @@ TEST_CASE(record_bit_reads_slots_and_pads_with_zeros) {
   }
 }
 
+TEST_CASE(runs_of_bits_read_what_single_bits_read) {
+  // record_bits and section_bits read up to 63 bits at once; bit k of a run
+  // must be bit i + k, whatever word and slot boundaries the run crosses.
+  Rng rng(11);
+  std::vector<uint64_t> records(5);
+  for (auto& r : records) r = rng.next() & ((uint64_t{1} << wire::kSlotBits) - 1);
+  const wire::HeaderBits h{rng.next(), rng.next() & ((uint64_t{1} << (wire::kHeaderBits - 64)) - 1)};
+  auto bit = [&](int64_t i) -> uint64_t {  // written out from the layout, not from record_bits
+    if (i < 64) return (h.lo >> i) & 1u;
+    if (i < wire::kHeaderBits) return (h.hi >> (i - 64)) & 1u;
+    const int64_t s = (i - wire::kHeaderBits) / wire::kSlotBits;
+    return s < 4 ? (records[s] >> ((i - wire::kHeaderBits) % wire::kSlotBits)) & 1u : 0;  // 4 of 5 sent
+  };
+  const int64_t record_len = wire::kHeaderBits + 8 * wire::kSlotBits;
+  std::vector<int64_t> section(12);
+  for (auto& w : section) w = rng.word();  // bit 63 set in some: never read
+  for (int iter = 0; iter < 20000; ++iter) {
+    const int64_t n = rng.below(64);
+    const int64_t i = rng.below(record_len - n + 1);
+    uint64_t want = 0;
+    for (int64_t k = 0; k < n; ++k) want |= bit(i + k) << k;
+    CONTEXT("record bits " << i << " + " << n);
+    if (!EXPECT_EQ(wire::record_bits(h, records.data(), 4, i, n), want)) break;
+    const int64_t g = rng.below(11 * 63 - n + 1);
+    uint64_t section_want = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      section_want |= ((static_cast<uint64_t>(section[1 + (g + k) / 63]) >> ((g + k) % 63)) & 1u) << k;
+    }
+    CONTEXT("section bits " << g << " + " << n);
+    if (!EXPECT_EQ(wire::section_bits(section.data(), 1, g, n), section_want)) break;
+  }
+}
+
 TEST_CASE(pack_word_puts_each_section_in_place) {
   const int64_t n = 3;
   for (int64_t world : {1, 3, 64, 65}) {
