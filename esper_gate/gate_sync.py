@@ -37,7 +37,7 @@ from ._diagnosis import Diagnosis
 from ._failure import FailurePath
 from ._group import (Rendezvous, config_error, gate_group_timeout, new_gate_group, not_started_error, parent_group,
                      self_timing, set_group_timeout, shared_devices, supports_set_timeout)
-from ._inputs import as_timedelta, check_settings, prepare, site_fingerprint, timeout_text
+from ._inputs import as_timedelta, check_settings, prepare, site_fingerprint, slot_state_defaults, timeout_text
 from ._latch import FailureLatch
 from ._transport import C10dTransport, LocalTransport, OwnedTransport
 from ._verdict import Verdict
@@ -120,6 +120,16 @@ class GateSync:
             always use a c10d group.
         vocabulary: a ``report.Vocabulary`` naming stage and target ids in
             reports (default: the ids themselves, "stage 3 -> target 2").
+        slot_state: whether calls carry each slot's own policy and state
+            digest (default True: ``policies`` and ``digests`` may be given
+            per call). False halves the wire or better (13 bits per slot
+            instead of 47: 80 int64 words instead of 254 at 64 slots and 2
+            ranks) and makes pack and decode cheaper; such a gate refuses
+            digests and per-slot policies other than its own as bad input.
+            The buffer's size depends on it, so every rank must pass the
+            same: it enters the slot layout fingerprint, and ranks built
+            otherwise get the GateConfigError of mismatched settings at
+            construction, before any collective.
 
     Construction is collective: a store rendezvous, a dedicated group and
     one warm-up sync that creates its communicator, together bounded by
@@ -131,7 +141,7 @@ class GateSync:
     def __init__(self, num_slots: int, *, policy: str = "unanimous", group=None,
                  timeout=datetime.timedelta(seconds=60), slot_names: Sequence[str] | None = None,
                  device: torch.device | str | None = None, backend: str | None = None, vocabulary=None,
-                 transport: str | None = None, _owned=None):
+                 transport: str | None = None, slot_state: bool = True, _owned=None):
         # _owned: a module with _nccl's interface (unique_id, NcclComm, MappedWords) that
         # replaces esper_gate._nccl, on any device: the tests' CPU double (tests/owned_double.py).
         start = time.monotonic()
@@ -139,7 +149,13 @@ class GateSync:
             raise GateInputError(f"transport must be None, 'owned' or 'c10d', got {transport!r}")
         self.num_slots, self.policy, self.timeout = num_slots, policy, as_timedelta(timeout)
         self.slot_names = check_settings(num_slots, policy, slot_names)
-        self.site = site_fingerprint(num_slots, None if slot_names is None else self.slot_names)
+        if not isinstance(slot_state, bool):
+            raise GateInputError(f"slot_state must be True or False, got {slot_state!r}")
+        self.slot_state = slot_state
+        # The slot state sizes the buffer, like the slot count: it is part of the layout.
+        self.site = site_fingerprint(num_slots, None if slot_names is None else self.slot_names,
+                                     tag="" if slot_state else "no slot state")
+        self._slot_state_defaults = None
         self.vocabulary = vocabulary
         self.latch = FailureLatch()
         self._seq = 0
@@ -152,6 +168,7 @@ class GateSync:
         if parent is None:
             self.rank, self.world_size, self.ranks = 0, 1, [0]
             self.device = torch.device(device if device is not None else "cpu")
+            self._make_slot_state_defaults()
             return
         self.ranks = dist.get_process_group_ranks(parent)
         self.world_size, self.rank = len(self.ranks), dist.get_rank(parent)
@@ -169,7 +186,18 @@ class GateSync:
         self._owned = _owned
         self.transport = "owned" if _owned is not None or (self.device.type == "cuda" and transport != "c10d") \
             else "c10d"
+        self._make_slot_state_defaults()
         self._build(parent, start)
+
+    def _make_slot_state_defaults(self) -> None:
+        """The policies and digests every call of a gate with the slot state sends where the
+        caller gives none, built once. Complete before the first call: a call may run on
+        another stream than this one."""
+        if not self.slot_state:
+            return
+        self._slot_state_defaults = slot_state_defaults(self.num_slots, self.policy, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
 
     # ---- construction ---------------------------------------------------
     def _where(self) -> dict:
@@ -185,7 +213,8 @@ class GateSync:
 
     def _build(self, parent, start: float) -> None:
         rendezvous = Rendezvous(parent.group_name, self.rank, self.world_size, self.timeout)
-        mine = {"num_slots": self.num_slots, "policy": self.policy, "site": self.site, "world": self.world_size}
+        mine = {"num_slots": self.num_slots, "policy": self.policy, "site": self.site, "world": self.world_size,
+                "slot_state": self.slot_state}
         configs = rendezvous.meet({**mine, **self._where()})
         # Construction as a whole returns or raises within the timeout and a few
         # seconds of this rank's start (invariant 4 of the failure path): the steps
@@ -269,7 +298,8 @@ class GateSync:
         what every later one does."""
         zeros = torch.zeros(self.num_slots, dtype=torch.int64, device=self.device)
         result = self._run(prepare(zeros.bool(), zeros, zeros, None, num_slots=self.num_slots,
-                                   device=self.device, default_site=self.site, call="warm-up"), 0, deadline=deadline)
+                                   device=self.device, default_site=self.site, call="warm-up",
+                                   slot_state=self._slot_state_defaults), 0, deadline=deadline)
         result.report_words()
 
     # ---- failures ---------------------------------------------------------
@@ -337,6 +367,9 @@ class GateSync:
           tensor on the gate's device; ranks that differ diverge on the slot,
           and the report names which ranks hold which digest.
 
+        A gate built with ``slot_state=False`` takes ``policies`` only when
+        they all name its own policy, and no ``digests``.
+
         Bad input of any kind on one rank is a GateInputError there and a
         GatePeerInputError on the others, in the same call.
         """
@@ -349,7 +382,8 @@ class GateSync:
             names = [str(n) for n in names]  # a wrong count travels as bad input (prepare)
         prepared = prepare(votes, stages, targets, site, num_slots=self.num_slots, device=self.device,
                            default_site=self.site, call=f"esper_gate call {self._seq + 1} on rank {self.rank}",
-                           policies=policies, digests=digests, default_policy=self.policy, names=names)
+                           policies=policies, digests=digests, default_policy=self.policy, names=names,
+                           slot_state=self._slot_state_defaults)
         self._seq += 1
         result = self._run(prepared, self._seq, names if prepared.problem is None else None)
         if prepared.problem is not None:
