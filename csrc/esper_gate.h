@@ -211,7 +211,8 @@ inline PackCall pack_call(
     const wire::HeaderValues& header, const c10::SymInt& num_slots, int64_t rank, int64_t world_size,
     const at::TensorOptions& options, const std::optional<at::Tensor>& policies,
     const std::optional<at::Tensor>& digests) {
-  const auto L = wire::make_layout(capacity_for(num_slots), world_size, policies.has_value() || digests.has_value());
+  const bool slot_state = policies.has_value() || digests.has_value();
+  const auto L = wire::make_layout(capacity_for(num_slots), world_size, slot_state);
   return {header, L, num_slots.maybe_as_int().value_or(0), rank,
           at::empty({L.total_words}, options.dtype(at::kLong)),
           policies.has_value() ? *policies : at::Tensor(), digests.has_value() ? *digests : at::Tensor()};
