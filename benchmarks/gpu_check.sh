@@ -33,7 +33,9 @@
 #      is in flight; capture refused with the clear error (no replay
 #      of a stale call number); set_sync_debug_mode("error")
 #   7. figures, GPU to itself: host enqueue time of one sync (target    gate_figures.log
-#      <= 30 us); pack/decode kernel times up to S=1024, W=64
+#      <= 30 us); pack/decode kernel times up to S=1024, W=64; what
+#      per-slot policies and digests cost (bytes, kernel times, with
+#      and without them)
 #   8. the benchmark's NCCL rows with one rank, S in {1,4,16,64,256}:    bench.log, bench/bench.{md,json,png}
 #      per-slot all_reduce(MIN)+.item(), bare floor, GateSync, raw op
 #      (skipped when too little of the budget is left)
@@ -46,7 +48,7 @@
 # env + GPU probe ~10 s, build ~60-90 s, info ~5 s; test_cuda ~50 s while the
 # background steps run (c10d_fallback ~50 s, test_cuda_ranks ~50 s,
 # compile ~30 s, gate_owned ~30 s, nccl_lib ~20 s); owned_nccl ~70 s;
-# gate_figures ~12 s; bench ~30 s: ~260-290 s. Steps that find less than their need left are skipped (FAIL
+# gate_figures ~20 s; bench ~30 s: ~260-290 s. Steps that find less than their need left are skipped (FAIL
 # for the checks, SKIPPED for the benchmark). Exit status: 0 every step
 # passed; 1 a step failed or timed out; 3 no GPU is visible to torch: the GPU
 # steps are SKIPPED (the scripts' no-GPU paths, a CPU test subset and a quick
@@ -358,7 +360,7 @@ fi
 
 # ---- 7. figures, the GPU to itself: enqueue time, pack/decode kernel times ----------------
 if [ "$GPU_OK" = 1 ]; then
-  step gate_figures 60 "$PY" benchmarks/gpu_gate_check.py --only enqueue kernels
+  step gate_figures 90 "$PY" benchmarks/gpu_gate_check.py --only enqueue kernels wire_growth
   cases "cases:gate:$OUT/gate_figures.log"
 else
   not_run gate_figures

@@ -27,6 +27,9 @@ Cases:
                      100, queued behind a spin, target <= 30 us)
   kernels            FIGURE: pack and decode kernel times (CUDA events, median of 50) for S in
                      {1, 64, 256, 1024} and W in {1, 4, 64}; the largest buffer is S=1024, W=64
+  wire_growth        FIGURE: what the per-slot policies and digests (the slot state, 47-bit slots
+                     instead of 13) cost on the GPU: buffer bytes, pack and decode kernel times with
+                     and without them at S=64 W=2, S=16 W=8 and S=1024 W=64 (docs/wire-format.md §10)
   c10d_fallback      TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=10: a child process with a one-rank NCCL world
                      builds the gate's c10d group (new_gate_group, backend nccl), syncs on it, aborts it
                      (C10dTransport.abort); for 10 + 20 s no `exception_dump` key appears in the job's
@@ -51,8 +54,8 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-CASES = ("owned_transport", "gate_sync_owned", "no_host_sync", "enqueue", "kernels", "c10d_fallback")
-FIGURES = ("enqueue", "kernels")
+CASES = ("owned_transport", "gate_sync_owned", "no_host_sync", "enqueue", "kernels", "wire_growth", "c10d_fallback")
+FIGURES = ("enqueue", "kernels", "wire_growth")
 # TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC for the c10d case, and the watch after the abort (issue 16 item 8).
 HEARTBEAT_S, WATCH_EXTRA_S = 10, 20
 
@@ -330,6 +333,44 @@ def case_kernels(args):
             rows.append(f"S={slots} W={world} ({buf.numel()} words): pack {cost['pack']:.1f} us, "
                         f"decode {cost['decode']:.1f} us")
     return True, "GPU time per kernel (CUDA events, queued behind a spin, median of 50): " + "; ".join(rows)
+
+
+def case_wire_growth(args):
+    import torch
+
+    import esper_gate
+
+    dev = _device()
+
+    def gpu_us(fn):  # CUDA events around each call, all queued behind a spin (as case_kernels)
+        for _ in range(5):
+            fn()
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(50)]
+        torch.cuda.synchronize()
+        _spin(torch, dev, 0.05)
+        for a, b in ev:
+            a.record()
+            fn()
+            b.record()
+        torch.cuda.synchronize()
+        return statistics.median(a.elapsed_time(b) for a, b in ev) * 1000
+
+    rows = []
+    for slots, world in ((64, 2), (16, 8), (1024, 64)):
+        v = torch.tensor([i % 3 != 0 for i in range(slots)], device=dev)
+        st = torch.full((slots,), 3, dtype=torch.int64, device=dev)
+        tg = torch.full((slots,), 4, dtype=torch.int64, device=dev)
+        cells = []
+        for slot_state in (False, True):
+            extra = (torch.zeros(slots, dtype=torch.int64, device=dev),
+                     torch.arange(slots, dtype=torch.int64, device=dev)) if slot_state else (None, None)
+            pack = lambda: esper_gate.pack(v, st, tg, 1, 7, "unanimous", 0, world, 0, *extra)  # noqa: E731
+            buf = pack()  # decode's work does not depend on the values (as in case_kernels)
+            cells.append(f"{'with' if slot_state else 'without'} {buf.numel() * 8} B, pack {gpu_us(pack):.1f} us, "
+                         f"decode {gpu_us(lambda: esper_gate.decode(buf, slots, world, 'unanimous')):.1f} us")
+        rows.append(f"S={slots} W={world}: " + " / ".join(cells))
+    return True, ("the slot state (per-slot policies and digests) on the GPU, kernel times by CUDA events, "
+                  "median of 50: " + "; ".join(rows))
 
 
 def _c10d_child(port, out):

@@ -167,7 +167,13 @@ inline wire::HeaderValues checked_pack_header(
   return make_header(seq, site, p, slot_count(votes), world_size, poison);
 }
 
-inline void check_decode_inputs(
+// Every check of decode's arguments, then the layout of the reduced buffer:
+// the one of the two layouts of (capacity, world), without and with the slot
+// state, whose size it has. Both are computed here from local values; the
+// size picks one and never sizes anything, and the two always differ
+// (wire::slot_state_adds_counter_words). Every rank's own pack sized its
+// buffer, so inside sync the size is this rank's layout.
+inline wire::Layout decode_layout(
     const std::string& op, const at::Tensor& reduced, int64_t num_slots, int64_t world_size) {
   check_slot_count(op, num_slots);
   check_world(op, 0, world_size);
@@ -175,15 +181,22 @@ inline void check_decode_inputs(
   TORCH_CHECK_TYPE(
       reduced.scalar_type() == at::kLong, op, ": expected reduced of dtype torch.int64, got ",
       reduced.scalar_type());
-  const auto L = wire::make_layout(wire::capacity_for(num_slots), world_size);
+  const int64_t capacity = wire::capacity_for(num_slots);
+  const auto core = wire::make_layout(capacity, world_size, false);
+  const auto with_state = wire::make_layout(capacity, world_size, true);
+  const c10::SymInt words = reduced.sym_numel();
   TORCH_CHECK_VALUE(
-      reduced.sym_numel() == L.total_words, op, ": expected a reduced buffer of ", L.total_words,
-      " words for ", num_slots, " slots and world_size ", world_size, ", got ", reduced.sym_numel());
+      words == core.total_words || words == with_state.total_words, op, ": expected a reduced buffer of ",
+      core.total_words, " words (no per-slot policies or digests) or ", with_state.total_words,
+      " words (with them) for ", num_slots, " slots and world_size ", world_size, ", got ", words);
+  return words == with_state.total_words ? with_state : core;
 }
 
 // What a pack kernel needs once its arguments passed: the header, the layout
 // and the buffer to fill, allocated here so that every device (Meta included)
-// returns the size the layout gives.
+// returns the size the layout gives. The layout carries the slot state
+// exactly when the call passes policies or digests; the ranks of one call
+// must agree on that as on the capacity (GateSync fixes it per gate).
 struct PackCall {
   wire::HeaderValues header;
   wire::Layout layout;
@@ -198,7 +211,8 @@ inline PackCall pack_call(
     const wire::HeaderValues& header, const c10::SymInt& num_slots, int64_t rank, int64_t world_size,
     const at::TensorOptions& options, const std::optional<at::Tensor>& policies,
     const std::optional<at::Tensor>& digests) {
-  const auto L = wire::make_layout(capacity_for(num_slots), world_size);
+  const bool slot_state = policies.has_value() || digests.has_value();
+  const auto L = wire::make_layout(capacity_for(num_slots), world_size, slot_state);
   return {header, L, num_slots.maybe_as_int().value_or(0), rank,
           at::empty({L.total_words}, options.dtype(at::kLong)),
           policies.has_value() ? *policies : at::Tensor(), digests.has_value() ? *digests : at::Tensor()};
@@ -219,8 +233,9 @@ struct DecodeCall {
 };
 
 inline DecodeCall decode_call(
-    int64_t num_slots, int64_t world_size, int64_t policy, const at::TensorOptions& options) {
-  return {wire::make_layout(wire::capacity_for(num_slots), world_size), num_slots, policy,
+    const wire::Layout& layout, int64_t num_slots, int64_t world_size, int64_t policy,
+    const at::TensorOptions& options) {
+  return {layout, num_slots, policy,
           at::empty({num_slots}, options.dtype(at::kBool)),
           at::empty({wire::report_words(num_slots, world_size)}, options.dtype(at::kLong))};
 }
@@ -253,11 +268,11 @@ template <c10::DeviceType kDevice, DecodeKernel kKernel>
 std::tuple<at::Tensor, at::Tensor> decode_op(
     const at::Tensor& reduced, int64_t num_slots, int64_t world_size, c10::string_view policy) {
   const std::string op = "esper_gate.decode";
-  check_decode_inputs(op, reduced, num_slots, world_size);
+  const wire::Layout layout = decode_layout(op, reduced, num_slots, world_size);
   const int64_t p = parse_policy(op, std::string(policy));
   TORCH_CHECK_VALUE(
       reduced.device().type() == kDevice, op, ": ", kDevice, " kernel got reduced on ", reduced.device());
-  return kKernel(decode_call(num_slots, world_size, p, reduced.options()), reduced);
+  return kKernel(decode_call(layout, num_slots, world_size, p, reduced.options()), reduced);
 }
 
 // CPU kernels (csrc/cpu/gate_kernels.cpp); the C++ tests call them directly.

@@ -135,7 +135,7 @@ TORCH_LIBRARY(esper_gate, m) {
       "str group_name, int poison=0, Tensor? policies=None, Tensor? digests=None) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   m.def("wire_constants() -> str");
-  m.def("wire_sizes(int num_slots, int world_size) -> str");
+  m.def("wire_sizes(int num_slots, int world_size, bool slot_state=False) -> str");
 }
 
 TORCH_LIBRARY_IMPL(esper_gate, Meta, m) {

@@ -3,8 +3,8 @@
 //     the report, keyed by the names in esper_gate/wire.py. tests/test_wire.py
 //     compares the two, so the constants the report parser uses cannot drift
 //     from the kernels.
-//   esper_gate::wire_sizes(num_slots, world_size) -> str: the buffer layout
-//     (wire::make_layout) and the report's size and section offsets
+//   esper_gate::wire_sizes(num_slots, world_size, slot_state) -> str: the
+//     buffer layout (wire::make_layout) and the report's size and section offsets
 //     (wire/report.h) for one call, which esper_gate/wire.py serves to Python
 //     instead of computing them a second time.
 #include <torch/library.h>
@@ -77,7 +77,8 @@ std::string wire_constants() {
       .add("REASON_CALLER_MIN", kReasonCallerMin).add("REASON_MAX", kReasonMax);
   // record and buffer layout
   j.add_fields("HEADER_FIELDS");
-  j.add("HEADER_BITS", kHeaderBits).add("SLOT_BITS", kSlotBits).add("SLOT_VOTE_BIT", kSlotVoteBit)
+  j.add("HEADER_BITS", kHeaderBits).add("SLOT_BITS", kSlotBits).add("SLOT_CORE_BITS", kSlotCoreBits)
+      .add("SLOT_VOTE_BIT", kSlotVoteBit)
       .add("SLOT_STAGE_BIT", kSlotStageBit).add("SLOT_TARGET_BIT", kSlotTargetBit)
       .add("SLOT_POLICY_BIT", kSlotPolicyBit).add("SLOT_DIGEST_BIT", kSlotDigestBit)
       .add("FIXED_WORDS", kFixedWords).add("WORD_PRESENCE", kWordPresence)
@@ -94,7 +95,8 @@ std::string wire_constants() {
   j.add("FLAG_SEQ_MISMATCH", kFlagSeqMismatch).add("FLAG_SITE_MISMATCH", kFlagSiteMismatch)
       .add("FLAG_POLICY_MISMATCH", kFlagPolicyMismatch).add("FLAG_SLOTS_MISMATCH", kFlagSlotsMismatch)
       .add("FLAG_WORLD_MISMATCH", kFlagWorldMismatch).add("FLAG_POISONED", kFlagPoisoned)
-      .add("FLAG_CORRUPT", kFlagCorrupt).add("FLAG_EXACT", kFlagExact).add("FLAG_HEADER_OK", kFlagHeaderOk);
+      .add("FLAG_CORRUPT", kFlagCorrupt).add("FLAG_EXACT", kFlagExact).add("FLAG_HEADER_OK", kFlagHeaderOk)
+      .add("FLAG_SLOT_STATE", kFlagSlotState);
   j.add("S_STATUS", kSStatus).add("S_VOTES", kSVotes).add("S_ROOT_VOTE", kSRootVote)
       .add("S_ROOT_STAGE", kSRootStage).add("S_ROOT_TARGET", kSRootTarget).add("S_STAGE_AND", kSStageAnd)
       .add("S_STAGE_OR", kSStageOr).add("S_TARGET_AND", kSTargetAnd).add("S_TARGET_OR", kSTargetOr)
@@ -113,14 +115,15 @@ std::string wire_constants() {
   return j.str();
 }
 
-std::string wire_sizes(int64_t num_slots, int64_t world_size) {
+std::string wire_sizes(int64_t num_slots, int64_t world_size, bool slot_state) {
   const std::string op = "esper_gate.wire_sizes";
   check_slot_count(op, num_slots);
   check_world(op, 0, world_size);
-  const auto L = wire::make_layout(wire::capacity_for(num_slots), world_size);
+  const auto L = wire::make_layout(wire::capacity_for(num_slots), world_size, slot_state);
   JsonObject j;
   // Keys are the fields of wire.Layout, then the report's.
-  j.add("capacity", L.capacity).add("world", L.world).add("record_bits", L.record_bits)
+  j.add("capacity", L.capacity).add("world", L.world).add("slot_state", L.slot_state ? 1 : 0)
+      .add("slot_bits", L.slot_bits).add("record_bits", L.record_bits)
       .add("counter_width", L.counter_width).add("counters_per_word", L.counters_per_word)
       .add("counts_offset", L.counts_offset).add("counts_words", L.counts_words)
       .add("root_offset", L.root_offset).add("root_words", L.root_words)

@@ -22,13 +22,13 @@ from ._diagnosis import Diagnosis
 from ._failure import ABORT_WAIT_S, BackgroundAbort, FailurePath
 from ._group import (Rendezvous, check_group_backend, config_error, gate_group_timeout, new_gate_group,
                      not_started_error, self_timing, set_group_timeout, shared_devices, supports_set_timeout)
-from ._inputs import prepare, timeout_text
+from ._inputs import prepare, slot_state_defaults, timeout_text
 from ._transport import C10dTransport, OwnedTransport
 from ._verdict import Verdict
 from ._watcher import Watcher, Whereabouts
 from .errors import GateError, GateInputError
 
-__all__ = ["assemble", "place", "BUILD_GRACE_S"]
+__all__ = ["assemble", "place", "slot_state_inputs", "warm_up", "BUILD_GRACE_S"]
 
 # After a rank that met the others last at the rendezvous, the least time the
 # others give construction's remaining steps (its communicator and warm-up).
@@ -116,7 +116,8 @@ def _where(gate) -> dict:
 def assemble(gate, parent, start: float) -> None:
     rendezvous = Rendezvous(parent.group_name, gate.rank, gate.world_size, gate.timeout,
                             store_host=gate.ranks.index(0) if 0 in gate.ranks else None)
-    mine = {"num_slots": gate.num_slots, "policy": gate.policy, "site": gate.site, "world": gate.world_size}
+    mine = {"num_slots": gate.num_slots, "policy": gate.policy, "site": gate.site, "world": gate.world_size,
+            "slot_state": gate.slot_state}
     configs = rendezvous.meet({**mine, **_where(gate)})
     # Construction as a whole returns or raises within the timeout and a few
     # seconds of this rank's start (invariant 4 of the failure path): the steps
@@ -209,5 +210,18 @@ def warm_up(gate, deadline: float) -> None:
     what every later one does."""
     zeros = torch.zeros(gate.num_slots, dtype=torch.int64, device=gate.device)
     result = gate._run(prepare(zeros.bool(), zeros, zeros, None, num_slots=gate.num_slots, device=gate.device,
-                               default_site=gate.site, call="warm-up"), 0, deadline=deadline)
+                               default_site=gate.site, call="warm-up", slot_state=gate._slot_state_defaults), 0,
+                       deadline=deadline)
     result.report_words()
+
+
+def slot_state_inputs(gate):
+    """The policies and digests every call of a gate with the slot state sends where the
+    caller gives none, built once (None for a gate without it). Complete before the first
+    call: a call may run on another stream than this one."""
+    if not gate.slot_state:
+        return None
+    defaults = slot_state_defaults(gate.num_slots, gate.policy, gate.device)
+    if gate.device.type == "cuda":
+        torch.cuda.current_stream(gate.device).synchronize()
+    return defaults

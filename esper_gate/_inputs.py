@@ -21,7 +21,8 @@ from . import wire
 from .errors import GateInputError
 
 __all__ = ["Prepared", "prepare", "check_settings", "check_names", "names_problem", "as_timedelta", "timeout_text",
-           "site_fingerprint", "state_digest", "bad_values_text", "MAX_TIMEOUT_S", "UINT32"]
+           "site_fingerprint", "state_digest", "bad_values_text", "MAX_TIMEOUT_S", "UINT32", "slot_state_defaults",
+           "check_slot_state"]
 
 UINT32 = 0xFFFFFFFF
 
@@ -32,7 +33,9 @@ class Prepared(NamedTuple):
     ``poison`` is 0 or the reason code of ``problem``, this rank's text for it;
     with a problem the tensors are zeros that stand in for the bad ones.
     ``policies`` (policy codes) and ``digests`` are None when the call sends
-    none: every slot then has the gate's policy, and digest 0.
+    none: every slot then has the gate's policy, and digest 0, and the buffer
+    carries no slot state. A gate with the slot state gives both in every
+    call, its defaults included, so all its buffers have one size.
     """
     votes: torch.Tensor
     stages: torch.Tensor
@@ -312,9 +315,22 @@ def _slot_digests(digests, num_slots: int, device: torch.device, problems: list)
     return items
 
 
+def check_slot_state(slot_state) -> bool:
+    if not isinstance(slot_state, bool):
+        raise GateInputError(f"slot_state must be True or False, got {slot_state!r}")
+    return slot_state
+
+
+def slot_state_defaults(num_slots: int, policy: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a gate with the slot state sends for slots a call leaves at their default:
+    ``policy``'s code in every slot, and digest 0 (read-only; built once per gate)."""
+    codes = torch.full((num_slots,), wire.POLICY_CODES[policy], dtype=torch.int64, device=device)
+    return codes, torch.zeros(num_slots, dtype=torch.int64, device=device)
+
+
 def prepare(votes, stages, targets, site, *, num_slots: int, device: torch.device, default_site: int,
             call: str, policies=None, digests=None, default_policy: str = "unanimous",
-            names: Sequence[str] | None = None, bad_input: str | None = None) -> Prepared:
+            names: Sequence[str] | None = None, bad_input: str | None = None, slot_state=None) -> Prepared:
     """The inputs of one call as the op takes them (``call`` names the call in problem texts).
 
     ``policies`` (names, None = ``default_policy``) and ``digests`` (ints, None = 0) are
@@ -322,6 +338,13 @@ def prepare(votes, stages, targets, site, *, num_slots: int, device: torch.devic
     ranks that pass other names for the same call are told apart. ``bad_input``: what
     the caller found wrong before it could make these inputs (its own objects), sent
     as ``wire.REASON_INPUT`` ahead of anything found here.
+
+    ``slot_state``: the gate's ``slot_state_defaults`` when it carries the slot state; every
+    call then sends policies and digests (these defaults where the call gives none), so
+    its buffer has the one size every rank of the gate expects. None for a gate without
+    it: a policy other than ``default_policy`` or any digest is then this rank's bad
+    input (it cannot be sent, and a buffer with the slot state would be another size than
+    the peers').
     """
     given = site
     # Names a rank cannot use travel as bad input, like the tensors: raising here
@@ -334,9 +357,10 @@ def prepare(votes, stages, targets, site, *, num_slots: int, device: torch.devic
             site = operator.index(site)
         except TypeError:
             site = -1
+    default_codes, default_digests = slot_state if slot_state is not None else (None, None)
     if policies is None and digests is None and not bad_names and bad_input is None and 0 <= site <= UINT32 \
             and _fast(votes, stages, targets, (num_slots,), device):
-        return Prepared(votes, stages, targets, site)
+        return Prepared(votes, stages, targets, site, policies=default_codes, digests=default_digests)
     problems: list = []
     if bad_input is not None:
         problems.append((wire.REASON_INPUT, str(bad_input)))
@@ -347,11 +371,23 @@ def prepare(votes, stages, targets, site, *, num_slots: int, device: torch.devic
     if not 0 <= site <= UINT32:
         problems.append((wire.REASON_SITE, f"site must be an int in 0..2**32-1, got {given!r}"))
     codes = _slot_policies(policies, num_slots, default_policy, problems)
-    dig = _slot_digests(digests, num_slots, device, problems)
+    if slot_state is None and codes is not None:
+        problems.append((wire.REASON_POLICY, f"per-slot policies other than the gate's {default_policy!r} given to "
+                                             f"a gate built with slot_state=False, which sends none (build every "
+                                             f"rank's gate with slot_state=True)"))
+        codes = None
+    if slot_state is None and digests is not None:
+        problems.append((wire.REASON_DIGEST, "digests given to a gate built with slot_state=False, which sends no "
+                                             "digests (pass digests=None, or build every rank's gate with "
+                                             "slot_state=True)"))
+        dig = None
+    else:
+        dig = _slot_digests(digests, num_slots, device, problems)
     if problems:
         zeros = torch.zeros(num_slots, dtype=torch.int64, device=device)
         text = f"{call}: " + "; ".join(p for _, p in problems)
-        return Prepared(zeros.bool(), zeros, zeros, 0, problems[0][0], text)
+        return Prepared(zeros.bool(), zeros, zeros, 0, problems[0][0], text, policies=default_codes,
+                        digests=default_digests)
     extra = [x for x in (codes, dig) if isinstance(x, list)]
     lists = [i for i, c in enumerate(coerced) if isinstance(c, list)]
     if lists or extra:
@@ -363,4 +399,5 @@ def prepare(votes, stages, targets, site, *, num_slots: int, device: torch.devic
             codes, moved = moved[0], moved[1:]
         if isinstance(dig, list):
             dig = moved[0]
-    return Prepared(*coerced, site, policies=codes, digests=dig)
+    return Prepared(*coerced, site, policies=default_codes if codes is None else codes,
+                    digests=default_digests if dig is None else dig)

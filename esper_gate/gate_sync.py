@@ -28,9 +28,9 @@ from typing import Sequence
 
 import torch
 
-from ._build import _live, _stop_watchers_at_exit, assemble, place  # noqa: F401 - the exit hook's too
+from ._build import _live, _stop_watchers_at_exit, assemble, place, slot_state_inputs  # noqa: F401
 from ._group import parent_group
-from ._inputs import as_timedelta, check_settings, prepare, site_fingerprint
+from ._inputs import as_timedelta, check_settings, check_slot_state, prepare, site_fingerprint
 from ._latch import FailureLatch
 from ._transport import LocalTransport
 from ._verdict import Verdict
@@ -67,6 +67,9 @@ class GateSync:
             always use a c10d group.
         vocabulary: a ``report.Vocabulary`` naming stage and target ids in
             reports (default: the ids themselves, "stage 3 -> target 2").
+        slot_state: whether calls carry each slot's own policy and state digest
+            (default True). False sends 13 bits a slot instead of 47 and refuses
+            them as bad input; every rank must pass the same (docs/wire-format.md).
 
     Construction is collective: a store rendezvous, a dedicated group and
     one warm-up sync that creates its communicator, together bounded by
@@ -78,7 +81,7 @@ class GateSync:
     def __init__(self, num_slots: int, *, policy: str = "unanimous", group=None,
                  timeout=datetime.timedelta(seconds=60), slot_names: Sequence[str] | None = None,
                  device: torch.device | str | None = None, backend: str | None = None, vocabulary=None,
-                 transport: str | None = None, _owned=None):
+                 transport: str | None = None, slot_state: bool = True, _owned=None):
         # _owned: a module with _nccl's interface (unique_id, NcclComm, MappedWords) that
         # replaces esper_gate._nccl, on any device: the tests' CPU double (tests/owned_double.py).
         start = time.monotonic()
@@ -86,7 +89,9 @@ class GateSync:
             raise GateInputError(f"transport must be None, 'owned' or 'c10d', got {transport!r}")
         self.num_slots, self.policy, self.timeout = num_slots, policy, as_timedelta(timeout)
         self.slot_names = check_settings(num_slots, policy, slot_names)
-        self.site = site_fingerprint(num_slots, None if slot_names is None else self.slot_names)
+        self.slot_state = check_slot_state(slot_state)  # it sizes the buffer: part of the layout
+        self.site = site_fingerprint(num_slots, None if slot_names is None else self.slot_names,
+                                     tag="" if slot_state else "no slot state")
         self.vocabulary = vocabulary
         self.latch = FailureLatch()
         self._seq = 0
@@ -99,8 +104,10 @@ class GateSync:
         if parent is None:
             self.rank, self.world_size, self.ranks = 0, 1, [0]
             self.device = torch.device(device if device is not None else "cpu")
+            self._slot_state_defaults = slot_state_inputs(self)
             return
         place(self, parent, device, backend, transport, _owned)
+        self._slot_state_defaults = slot_state_inputs(self)
         assemble(self, parent, start)
 
     # ---- calls ----------------------------------------------------------
@@ -184,7 +191,7 @@ class GateSync:
         prepared = prepare(votes, stages, targets, site, num_slots=self.num_slots, device=self.device,
                            default_site=self.site, call=f"esper_gate call {self._seq + 1} on rank {self.rank}",
                            policies=policies, digests=digests, default_policy=self.policy, names=names,
-                           bad_input=bad_input)
+                           bad_input=bad_input, slot_state=self._slot_state_defaults)
         self._seq += 1
         result = self._run(prepared, self._seq, names if prepared.problem is None else None)
         if prepared.problem is not None:

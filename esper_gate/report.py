@@ -252,6 +252,9 @@ class DivergenceReport:
     # ranks themselves are named in poison_reasons up to 64 ranks, or when alone)
     reason_counts: dict[str, int] = field(default_factory=dict)
     vocabulary: Vocabulary = field(default_factory=lambda: DEFAULT_VOCABULARY, repr=False, compare=False)
+    # the call carried per-slot policies and digests; without, each slot's policy
+    # is its rank's call policy and no digest was compared
+    slot_state: bool = False
 
     @property
     def ok(self) -> bool:
@@ -445,4 +448,5 @@ def parse_report(report: Sequence[int], slot_names: Sequence[str] | None = None,
         poisoned_ranks=poisoned_ranks, poison_reasons=reasons, poisoned_count=g[wire.G_POISON_COUNT],
         corrupt=bool(flags & wire.FLAG_CORRUPT), rank_calls=rank_calls, field_summaries=summaries,
         diverged_slots=diverged, decided_count=g[wire.G_DECIDED], diverged_count=g[wire.G_DIVERGED],
-        slots=slots, reason_counts=reason_counts, vocabulary=vocabulary)
+        slots=slots, reason_counts=reason_counts, vocabulary=vocabulary,
+        slot_state=bool(flags & wire.FLAG_SLOT_STATE))

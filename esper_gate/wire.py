@@ -86,13 +86,15 @@ HEADER_FIELDS = (
 )
 HEADER_FIELD_WIDTH = {name: width for name, _offset, width in HEADER_FIELDS}
 HEADER_BITS = 100
-# Per slot: the vote, then the stage id, then the target id.
+# Per slot: the vote, then the stage id, then the target id (the slot's core),
+# then, in a call that carries the slot state, the slot's policy and digest.
 SLOT_VOTE_BIT = 0
 SLOT_STAGE_BIT = 1
 SLOT_TARGET_BIT = SLOT_STAGE_BIT + ID_BITS
 SLOT_POLICY_BIT = SLOT_TARGET_BIT + ID_BITS
+SLOT_CORE_BITS = SLOT_POLICY_BIT
 SLOT_DIGEST_BIT = SLOT_POLICY_BIT + HEADER_FIELD_WIDTH["policy"]
-SLOT_BITS = SLOT_DIGEST_BIT + DIGEST_BITS
+SLOT_BITS = SLOT_DIGEST_BIT + DIGEST_BITS  # with the slot state
 # Fixed words at the start of the buffer.
 WORD_PRESENCE, WORD_RANK_SUM, WORD_POISON_RANK = 0, 1, 2
 FIXED_WORDS = 3
@@ -119,6 +121,7 @@ FLAG_POISONED = 1 << 5
 FLAG_CORRUPT = 1 << 6
 FLAG_EXACT = 1 << 7
 FLAG_HEADER_OK = 1 << 8
+FLAG_SLOT_STATE = 1 << 9  # the call carried per-slot policies and digests
 
 S_STATUS, S_VOTES, S_ROOT_VOTE, S_ROOT_STAGE, S_ROOT_TARGET = 0, 1, 2, 3, 4
 S_STAGE_AND, S_STAGE_OR, S_TARGET_AND, S_TARGET_OR = 5, 6, 7, 8
@@ -183,8 +186,13 @@ def slot_entry_digest(entry: int) -> int:
 # The buffer layout and the report's size and offsets are computed by the C++
 # that the kernels use (wire::make_layout, wire::report_words and the report
 # offsets), through the op esper_gate::wire_sizes; nothing here recomputes
-# them. The values depend only on (num_slots, world) and are read on host
-# paths (report parsing, buffer allocation), hence the cache.
+# them. The values depend only on (num_slots, world, slot_state) and are read
+# on host paths (report parsing, buffer allocation), hence the cache.
+#
+# slot_state: whether the call carries per-slot policies and digests, as pack
+# and sync do exactly when they are given either (a GateSync built with
+# slot_state=True, the default, always gives both). The report's size does
+# not depend on it.
 
 @dataclass(frozen=True)
 class Layout:
@@ -192,6 +200,8 @@ class Layout:
 
     capacity: int
     world: int
+    slot_state: bool
+    slot_bits: int
     record_bits: int
     counter_width: int
     counters_per_word: int
@@ -208,16 +218,17 @@ class Layout:
 
 
 @functools.lru_cache(maxsize=4096)
-def _sizes(num_slots: int, world: int) -> dict:
+def _sizes(num_slots: int, world: int, slot_state: bool = False) -> dict:
     import torch
 
-    return json.loads(torch.ops.esper_gate.wire_sizes(num_slots, world))
+    return json.loads(torch.ops.esper_gate.wire_sizes(num_slots, world, slot_state))
 
 
-def layout(num_slots: int, world: int) -> Layout:
-    """The packed-buffer layout for ``num_slots`` slots and ``world`` ranks."""
-    fields = {f.name: _sizes(num_slots, world)[f.name] for f in dataclasses.fields(Layout)}
+def layout(num_slots: int, world: int, slot_state: bool = False) -> Layout:
+    """The packed-buffer layout for ``num_slots`` slots and ``world`` ranks, without or with the slot state."""
+    fields = {f.name: _sizes(num_slots, world, bool(slot_state))[f.name] for f in dataclasses.fields(Layout)}
     fields["exact"] = bool(fields["exact"])
+    fields["slot_state"] = bool(fields["slot_state"])
     return Layout(**fields)
 
 
@@ -226,9 +237,10 @@ def capacity_for(num_slots: int) -> int:
     return _sizes(num_slots, 1)["capacity"]
 
 
-def buffer_words(num_slots: int, world: int) -> int:
-    """Number of int64 elements the one all_reduce carries."""
-    return _sizes(num_slots, world)["total_words"]
+def buffer_words(num_slots: int, world: int, slot_state: bool = False) -> int:
+    """Number of int64 elements the one all_reduce carries (a call with per-slot policies or
+    digests carries the slot state: ``slot_state=True``)."""
+    return _sizes(num_slots, world, bool(slot_state))["total_words"]
 
 
 def report_words(num_slots: int, world: int) -> int:

@@ -20,13 +20,15 @@ def capacity_for(num_slots: int) -> int:
     return c
 
 
-def buffer_words(num_slots: int, world: int) -> int:
+def buffer_words(num_slots: int, world: int, slot_state: bool = False) -> int:
     """Words of the packed buffer, from docs/wire-format.md's arithmetic:
     three fixed words, then COUNTS (one bit_length(W)-bit counter per record
     bit), ROOT (the record), up to MAX_EXACT_WORLD ranks LANES (every rank's
     record, back to back), and REASONS (one counter as wide as COUNTS' per
-    reason code 1..REASON_MAX)."""
-    record_bits = wire.HEADER_BITS + wire.SLOT_BITS * capacity_for(num_slots)
+    reason code 1..REASON_MAX). A slot is 13 record bits (vote, stage,
+    target), or 47 with the slot state (its policy and digest too)."""
+    slot_bits = 47 if slot_state else 13
+    record_bits = wire.HEADER_BITS + slot_bits * capacity_for(num_slots)
     counters_per_word = wire.BITS_PER_WORD // world.bit_length()
     words = wire.FIXED_WORDS + -(-record_bits // counters_per_word) + -(-record_bits // wire.BITS_PER_WORD)
     if world <= wire.MAX_EXACT_WORLD:
@@ -67,13 +69,20 @@ class RankInput:
         return 0 if self.digests is None else int(self.digests[s])
 
 
+def carries_slot_state(inputs: Sequence[RankInput]) -> bool:
+    """Whether a call carries the slot state: some rank sends per-slot policies or
+    digests. The ranks of a call agree on it (a GateSync fixes it at construction),
+    so the others send their defaults then: the call's policy, digest 0."""
+    return any(inp.policies is not None or inp.digests is not None for inp in inputs)
+
+
 @dataclass
 class _Record:
     header: dict
     slots: list = field(default_factory=list)  # (vote, stage, target, policy, digest) per capacity slot
 
 
-def _record(inp: RankInput, world: int, capacity: int) -> _Record:
+def _record(inp: RankInput, world: int, capacity: int, slot_state: bool) -> _Record:
     n = len(inp.votes)
     reason = inp.poison
     if reason == 0 and not (0 <= inp.site <= wire.header_field_mask("site")):
@@ -106,6 +115,10 @@ def _record(inp: RankInput, world: int, capacity: int) -> _Record:
     slots = [(int(inp.votes[s]) & 1, inp.stages[s] & ids, inp.targets[s] & ids,
               inp.slot_policy(s) & wire.header_field_mask("policy"), inp.slot_digest(s) & wire.MAX_DIGEST)
              if s < n else (0, 0, 0, 0, 0) for s in range(capacity)]
+    if not slot_state:
+        # Without the slot state the wire has no policy or digest per slot: every
+        # slot, padding included, has the rank's call policy and digest 0.
+        slots = [(v, st, t, header["policy"], 0) for v, st, t, _p, _d in slots]
     return _Record(header, slots)
 
 
@@ -148,7 +161,8 @@ def expected(inputs: Sequence[RankInput], *, view: int = 0) -> tuple[list[bool],
     num_slots = len(me.votes)
     policy = me.policy
     capacity = capacity_for(num_slots)
-    records = [_record(inp, world, capacity) for inp in inputs]
+    slot_state = carries_slot_state(inputs)
+    records = [_record(inp, world, capacity, slot_state) for inp in inputs]
     exact = world <= wire.MAX_EXACT_WORLD
 
     g = [0] * wire.GLOBAL_WORDS
@@ -180,6 +194,8 @@ def expected(inputs: Sequence[RankInput], *, view: int = 0) -> tuple[list[bool],
         flags |= wire.FLAG_POISONED
     if exact:
         flags |= wire.FLAG_EXACT
+    if slot_state:
+        flags |= wire.FLAG_SLOT_STATE
     header_ok = not poisoned_ranks and all_equal
     if header_ok:
         flags |= wire.FLAG_HEADER_OK

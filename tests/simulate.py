@@ -7,10 +7,13 @@ import torch
 
 import esper_gate
 from esper_gate import wire
-from reference import RankInput
+from reference import RankInput, carries_slot_state
 
 
-def _tensors(inp: RankInput, device) -> tuple:
+def _tensors(inp: RankInput, device, slot_state: bool | None = None) -> tuple:
+    """The op's arguments for one rank. ``slot_state`` (default: whether this rank sends
+    policies or digests) True sends the defaults where the rank has none, as a GateSync
+    with the slot state does, so every rank of the call packs a buffer of one size."""
     votes = torch.tensor([int(v) for v in inp.votes], dtype=torch.int64, device=device)
     if all(int(v) in (0, 1) for v in inp.votes):
         votes = votes.bool()
@@ -20,6 +23,12 @@ def _tensors(inp: RankInput, device) -> tuple:
         [wire.POLICY_CODES[p] if isinstance(p, str) else int(p) for p in inp.policies], dtype=torch.int64,
         device=device)
     digests = None if inp.digests is None else torch.tensor(list(inp.digests), dtype=torch.int64, device=device)
+    if slot_state:
+        n = len(inp.votes)
+        if policies is None:
+            policies = torch.full((n,), wire.POLICY_CODES[inp.policy], dtype=torch.int64, device=device)
+        if digests is None:
+            digests = torch.zeros(n, dtype=torch.int64, device=device)
     return votes, stages, targets, policies, digests
 
 
@@ -33,18 +42,20 @@ def pack_rank(inp: RankInput, rank: int, world: int, device="cpu", tensors=None)
 def reduce_all(inputs: Sequence[RankInput], device="cpu") -> torch.Tensor:
     """Every rank's buffer summed, as the all_reduce leaves it on every rank.
 
-    A running sum, so memory stays one buffer at any world size; ranks with
+    The call carries the slot state when some rank sends policies or digests
+    (the others send the defaults). A running sum, so memory stays one buffer at any world size; ranks with
     the same slot values share their input tensors (the pack op still runs
     once per rank, with that rank's id)."""
     world = len(inputs)
+    slot_state = carries_slot_state(inputs)
     cache: dict = {}
     total = None
     for r, inp in enumerate(inputs):
         key = (tuple(int(v) for v in inp.votes), tuple(inp.stages), tuple(inp.targets),
                None if inp.policies is None else tuple(inp.policies),
-               None if inp.digests is None else tuple(inp.digests))
+               None if inp.digests is None else tuple(inp.digests), inp.policy)
         if key not in cache:
-            cache[key] = _tensors(inp, device)
+            cache[key] = _tensors(inp, device, slot_state)
         buf = pack_rank(inp, r, world, device, cache[key])
         total = buf if total is None else total.add_(buf)
     return total

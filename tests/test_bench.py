@@ -110,7 +110,8 @@ def test_bench_rejects_bad_arguments():
 def test_local_costs_rows():
     rows = bench.local_costs([1, 4], min_run_time=0.01)
     assert {(r["slots"], r["what"]) for r in rows} == {
-        (s, w) for s in (1, 4) for w in ("pack", "decode", "pack_decode_read", "gate_sync_local")}
+        (s, w) for s in (1, 4)
+        for w in ("pack", "decode", "pack_decode_read", "gate_sync_local", "pack_decode_read_slot_state")}
     assert all(r["median_us"] > 0 for r in rows)
 
 

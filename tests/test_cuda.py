@@ -23,14 +23,23 @@ needs_cuda_build = pytest.mark.skipif(not CUDA_BUILD, reason="esper_gate was bui
 def _random_inputs(rng, world, slots, bad=False):
     policy = rng.choice(wire.POLICIES)
     stages = [rng.randrange(64) for _ in range(slots)]
+    # half the cases carry the slot state (47-bit slots), the others 13-bit slots
+    slot_state = rng.random() < 0.5
+    policies = [rng.choice(wire.POLICIES) for _ in range(slots)]
+    digests = [rng.randrange(2**32) for _ in range(slots)]
     inputs = []
     for _ in range(world):
         st = list(stages)
         if rng.random() < 0.3:
             st[rng.randrange(slots)] = rng.randrange(64)
+        dg = list(digests)
+        if rng.random() < 0.2:
+            dg[rng.randrange(slots)] ^= 1 << rng.randrange(32)
         inputs.append(RankInput([rng.randrange(2) for _ in range(slots)], st,
                                 [rng.randrange(64) if rng.random() < 0.1 else 2 for _ in range(slots)],
-                                seq=rng.randrange(2**33), site=rng.randrange(2**32), policy=policy))
+                                seq=rng.randrange(2**33), site=rng.randrange(2**32), policy=policy,
+                                policies=list(policies) if slot_state else None,
+                                digests=dg if slot_state else None))
     if bad:
         inputs[rng.randrange(world)].stages[rng.randrange(slots)] = rng.choice([-3, 64, 500])
     return inputs
@@ -57,12 +66,13 @@ def test_cuda_decode_of_random_buffers_matches_cpu():
     gen = torch.Generator().manual_seed(3)
     for world in (1, 2, 5, 64, 65, 1024):
         for slots in (1, 9, 256):
-            n = wire.buffer_words(slots, world)
-            buf = torch.randint(-2**63, 2**63 - 1, (n,), dtype=torch.int64, generator=gen)
-            for policy in wire.POLICIES:
-                a = esper_gate.decode(buf, slots, world, policy)
-                b = esper_gate.decode(buf.cuda(), slots, world, policy)
-                assert torch.equal(a[0], b[0].cpu()) and torch.equal(a[1], b[1].cpu())
+            for slot_state in (False, True):  # both layouts: the size picks one
+                n = wire.buffer_words(slots, world, slot_state)
+                buf = torch.randint(-2**63, 2**63 - 1, (n,), dtype=torch.int64, generator=gen)
+                for policy in wire.POLICIES:
+                    a = esper_gate.decode(buf, slots, world, policy)
+                    b = esper_gate.decode(buf.cuda(), slots, world, policy)
+                    assert torch.equal(a[0], b[0].cpu()) and torch.equal(a[1], b[1].cpu())
     torch.cuda.synchronize()
 
 

@@ -17,7 +17,8 @@ import esper_gate
 from esper_gate import wire
 from esper_gate._diagnosis import DEAD_RANK_GRACE_S, SETTLE_S, Diagnosis
 from esper_gate._group import Rendezvous
-from esper_gate._inputs import MAX_TIMEOUT_S, as_timedelta, prepare, site_fingerprint, timeout_text
+from esper_gate._inputs import (MAX_TIMEOUT_S, as_timedelta, prepare, site_fingerprint, slot_state_defaults,
+                                timeout_text)
 from esper_gate._latch import FailureLatch
 from esper_gate._watcher import WATCH_POLL_S, Watcher
 from esper_gate.consensus import GateConsensus, GateView
@@ -116,6 +117,48 @@ def test_numpy_arrays_are_checked_as_tensors_are(which, make, code, words):
     args[which] = make(np)
     p = _prepare(**args)
     assert p.poison == code and words in p.problem, p.problem
+
+
+def test_a_gate_with_the_slot_state_sends_it_in_every_call_and_one_without_never():
+    """Every call of a gate packs one buffer size: a gate with the slot state sends its
+    defaults where a call gives no policies or digests (bad input included); a gate
+    without it refuses them as bad input rather than send a larger buffer."""
+    codes, zeros = slot_state_defaults(N, "majority", CPU)
+    assert codes.tolist() == [wire.POLICY_CODES["majority"]] * N and zeros.tolist() == [0] * N
+
+    def prep(slot_state, **kw):
+        args = dict(zip(("votes", "stages", "targets"), GOOD))
+        args.update(kw)
+        return prepare(args.pop("votes"), args.pop("stages"), args.pop("targets"), None, num_slots=N, device=CPU,
+                       default_site=77, call="c", default_policy="majority", slot_state=slot_state, **args)
+
+    with_state = (codes, zeros)
+    p = prep(with_state)  # the fast path
+    assert p.policies is codes and p.digests is zeros and p.problem is None
+    p = prep(with_state, policies=[None, "any", None, None])
+    assert p.policies.tolist() == [2, 3, 2, 2] and p.digests is zeros
+    p = prep(with_state, digests=[1, None, 3, 4], policies=["majority"] * N)
+    assert p.policies is codes and p.digests.tolist() == [1, 0, 3, 4]
+    p = prep(with_state, stages=[3, 3, 3])  # bad input still sends the slot state
+    assert p.problem is not None and p.policies is codes and p.digests is zeros
+
+    p = prep(None)
+    assert p.policies is None and p.digests is None and p.problem is None
+    p = prep(None, policies=["majority", None, "majority", None])  # the gate's own: nothing to send
+    assert p.problem is None and p.policies is None
+    p = prep(None, policies=["any", None, None, None])
+    assert p.poison == wire.REASON_POLICY and "slot_state=False" in p.problem and p.policies is None
+    p = prep(None, digests=[0, 0, 0, 0])
+    assert p.poison == wire.REASON_DIGEST and "slot_state=False" in p.problem and p.digests is None
+
+
+def test_the_slot_state_is_part_of_the_layout_fingerprint():
+    from esper_gate import GateSync
+
+    assert GateSync(3).site == site_fingerprint(3, None)
+    assert GateSync(3, slot_state=False).site != GateSync(3).site
+    with pytest.raises(esper_gate.GateInputError, match="slot_state must be True or False, got 1"):
+        GateSync(3, slot_state=1)
 
 
 def test_the_layout_fingerprint_tells_apart_names_that_a_separator_would_join_alike():

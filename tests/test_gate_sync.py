@@ -111,7 +111,7 @@ def _slow_rank(rank, world):
 
 def _config_mismatch(rank, world):
     out = {}
-    for what in ("num_slots", "policy", "names"):
+    for what in ("num_slots", "policy", "names", "slot_state"):
         kw, n = {}, 4
         if rank == world - 1:
             if what == "num_slots":
@@ -120,10 +120,31 @@ def _config_mismatch(rank, world):
                 kw["policy"] = "majority"
             elif what == "names":
                 kw["slot_names"] = ["a", "b", "c", "x"]
+            elif what == "slot_state":  # its buffers would be 2 words short of the others'
+                kw["slot_state"] = False
         kw.setdefault("slot_names", ["a", "b", "c", "d", "e"][:n])
         gs = _gs(n, **kw)
         out[what] = _outcome(gs, [1] * n, [3] * n, [4] * n)[:2]
         gs.close()
+    return out
+
+
+def _no_slot_state(rank, world):
+    """A gate built with slot_state=False on every rank: its calls decide as any gate's, and
+    a rank that passes digests or per-slot policies to it is bad input in that call."""
+    gs = _gs(slot_state=False)
+    out = {"decisions": gs([1, 1, 0, 1], [3] * 4, [4] * 4).decisions.tolist()}
+    out["slot_state"] = gs([1, 1, 1, 1], [3] * 4, [4] * 4).report().slot_state
+    for kind, extra in (("digests", {"digests": [1, 2, 3, 4]}), ("policies", {"policies": ["any"] * 4})):
+        kw = extra if rank == 1 else {}
+        t0 = time.monotonic()
+        name, text, e = _outcome(gs, [1] * 4, [3] * 4, [4] * 4, **kw)
+        out[kind] = {"error": name, "text": text, "ranks": getattr(e, "ranks", None),
+                     "elapsed": time.monotonic() - t0,
+                     "next": gs([1, 1, 1, 1], [3] * 4, [4] * 4).decisions.tolist()}
+    # the gate's own policy named per slot is no per-slot state: accepted
+    out["own_policy"] = gs([1] * 4, [3] * 4, [4] * 4, policies=["unanimous", None] * 2).decisions.tolist()
+    gs.close()
     return out
 
 
@@ -152,7 +173,7 @@ def _no_pickle(rank, world):
 def _all_present_main(rank, world):
     return {"divergence": _divergence(rank, world), "bad": _bad_inputs(rank, world),
             "slow": _slow_rank(rank, world), "config": _config_mismatch(rank, world),
-            "no_pickle": _no_pickle(rank, world)}
+            "no_slot_state": _no_slot_state(rank, world), "no_pickle": _no_pickle(rank, world)}
 
 
 @pytest.fixture(scope="module")
@@ -195,11 +216,25 @@ def test_slow_rank_within_timeout_succeeds(all_present):
         assert res["slow"] == [True, True, False, True]
 
 
-@pytest.mark.parametrize("what", ["num_slots", "policy", "names"])
+@pytest.mark.parametrize("what", ["num_slots", "policy", "names", "slot_state"])
 def test_configuration_mismatch_fails_all_ranks_on_first_call(all_present, what):
     for name, text in (r["config"][what] for r in all_present):
         assert name == "GateConfigError"
         assert "rank 2:" in text and "different settings" in text
+
+
+def test_a_gate_without_the_slot_state_decides_and_refuses_slot_state_as_bad_input(all_present):
+    for rank, res in enumerate(r["no_slot_state"] for r in all_present):
+        assert res["decisions"] == [True, True, False, True]
+        assert res["slot_state"] is False
+        assert res["own_policy"] == [True] * 4
+        for kind in ("digests", "policies"):
+            got = res[kind]
+            assert got["elapsed"] < TIMEOUT_S and got["next"] == [True] * 4, got
+            if rank == 1:
+                assert got["error"] == "GateInputError" and "slot_state=False" in got["text"], got
+            else:
+                assert got["error"] == "GatePeerInputError" and got["ranks"] == [1], got
 
 
 def test_no_pickle_anywhere_on_the_wire(all_present):

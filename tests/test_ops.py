@@ -190,10 +190,12 @@ _DECODE_CASES = [
     ("reduced int32", dict(reduced=lambda d: torch.zeros(buffer_words(4, 2), dtype=torch.int32, device=d)),
      TypeError, "expected reduced of dtype torch.int64, got Int"),
     ("wrong buffer length", dict(reduced=lambda d: torch.zeros(3, dtype=torch.int64, device=d)), ValueError,
-     f"expected a reduced buffer of {buffer_words(4, 2)} words for 4 slots and world_size 2, got 3"),
+     rf"expected a reduced buffer of {buffer_words(4, 2)} words \(no per-slot policies or digests\) or "
+     rf"{buffer_words(4, 2, slot_state=True)} words \(with them\) for 4 slots and world_size 2, got 3"),
     ("buffer for another world", dict(world=3), ValueError,
-     f"expected a reduced buffer of {buffer_words(4, 3)} words for 4 slots and world_size 3, "
-     f"got {buffer_words(4, 2)}"),
+     rf"expected a reduced buffer of {buffer_words(4, 3)} words \(no per-slot policies or digests\) or "
+     rf"{buffer_words(4, 3, slot_state=True)} words \(with them\) for 4 slots and world_size 3, "
+     rf"got {buffer_words(4, 2)}"),
     ("unknown policy", dict(policy="rank1"), ValueError, "unknown policy 'rank1', expected one of"),
     ("world 0", dict(world=0), ValueError, f"world_size must be in 1..{wire.MAX_WORLD}, got 0"),
     (f"world {wire.MAX_WORLD + 1}", dict(world=wire.MAX_WORLD + 1), ValueError,
@@ -286,6 +288,11 @@ def test_pack_and_decode_on_meta_propagate_shapes():
     decision, report = esper_gate.decode(buf, 4, 3, "any")
     assert decision.device.type == "meta" and decision.shape == (4,)
     assert report.shape == (wire.report_words(4, 3),)
+    # digests make the call carry the slot state: the larger buffer, the same report
+    buf = esper_gate.pack(votes, stages, targets, 1, 2, "any", 2, 3, digests=stages)
+    assert buf.device.type == "meta" and buf.shape == (buffer_words(4, 3, slot_state=True),)
+    decision, report = esper_gate.decode(buf, 4, 3, "any")
+    assert decision.shape == (4,) and report.shape == (wire.report_words(4, 3),)
 
 
 def _pack(votes, stages, targets, **kw):

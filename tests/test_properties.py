@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import esper_gate
 from esper_gate import wire
-from reference import RankInput, expected
+from reference import RankInput, carries_slot_state, expected
 from esper_gate.report import parse_report
 from simulate import decode_view, pack_rank, reduce_all, simulate
 
@@ -190,11 +190,15 @@ def _reason(inp: RankInput) -> int:
     return wire.REASON_NONE
 
 
-def _slot_key(inp: RankInput, s: int) -> tuple[int, int, int, int, int]:
+def _slot_key(inp: RankInput, s: int, slot_state: bool) -> tuple[int, int, int, int, int]:
     """(vote, stage, target, policy code, digest) as the wire carries them."""
+    # Without the slot state every slot has the rank's call policy and digest 0.
+    call_policy = wire.POLICY_CODES[inp.policy]
     # A rank with fewer slots sends zeros for the rest (capacity padding).
     if s >= len(inp.votes):
-        return 0, 0, 0, 0, 0
+        return 0, 0, 0, 0 if slot_state else call_policy, 0
+    if not slot_state:
+        return int(inp.votes[s]) & 1, inp.stages[s] & wire.MAX_ID, inp.targets[s] & wire.MAX_ID, call_policy, 0
     return (int(inp.votes[s]) & 1, inp.stages[s] & wire.MAX_ID, inp.targets[s] & wire.MAX_ID,
             inp.slot_policy(s) & 3, inp.slot_digest(s) & wire.MAX_DIGEST)
 
@@ -253,7 +257,9 @@ def check_view_report(inputs: list[RankInput], view: int, rep, decision: list[bo
     assert rep.reason_counts == counts
     assert rep.header_ok == header_ok
 
-    keys = [[_slot_key(inp, s) for inp in inputs] for s in range(n)]
+    slot_state = carries_slot_state(inputs)
+    assert rep.slot_state == slot_state
+    keys = [[_slot_key(inp, s, slot_state) for inp in inputs] for s in range(n)]
     differing = [s for s in range(n) if len({k[1:] for k in keys[s]}) > 1]
     assert [d.slot for d in rep.diverged_slots] == differing
     for d in rep.diverged_slots:

@@ -81,32 +81,38 @@ def test_python_only_constants_follow_the_checked_ones():
     assert cpp["NO_GATE"] == cpp["MAX_ID"]
 
 
-# S and W of the buffer-size table in docs/wire-format.md.
+# S and W of the buffer-size tables in docs/wire-format.md, one without and
+# one with the slot state.
 TABLE_SLOTS = (1, 16, 64, 256, 1024)
 TABLE_WORLDS = (2, 64, 65, 1024, 16384, 65536)
+TABLE_HEADS = {False: "S \\ W, no slot state", True: "S \\ W, slot state"}
 
 
-def _docs_buffer_table() -> dict:
+def _docs_buffer_table(slot_state: bool) -> dict:
     text = DOCS.read_text()
-    head = "| S \\ W | " + " | ".join(str(w) for w in TABLE_WORLDS) + " |"
+    head = f"| {TABLE_HEADS[slot_state]} | " + " | ".join(str(w) for w in TABLE_WORLDS) + " |"
     start = text.index(head)
     rows = {}
     for line in text[start:].splitlines()[2:2 + len(TABLE_SLOTS)]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        rows[int(cells[0])] = [int(c) for c in cells[1:]]
+        rows[int(cells[0])] = [int(c.replace("**", "")) for c in cells[1:]]
     return rows
 
 
-def test_buffer_size_table_in_docs_is_what_pack_returns():
-    table = _docs_buffer_table()
+@pytest.mark.parametrize("slot_state", [False, True])
+def test_buffer_size_table_in_docs_is_what_pack_returns(slot_state):
+    table = _docs_buffer_table(slot_state)
     assert sorted(table) == sorted(TABLE_SLOTS)
     for s in TABLE_SLOTS:
         ones = torch.ones(s, dtype=torch.bool)
         ids = torch.zeros(s, dtype=torch.int64)
+        # digests alone make a call carry the slot state
+        digests = ids if slot_state else None
         for w, documented in zip(TABLE_WORLDS, table[s]):
-            real = esper_gate.pack(ones, ids, ids, 0, 0, "unanimous", w - 1, w).numel()
-            assert real == wire.buffer_words(s, w) == documented, f"S={s}, W={w}: pack {real}, " \
-                f"wire.buffer_words {wire.buffer_words(s, w)}, docs {documented}"
+            real = esper_gate.pack(ones, ids, ids, 0, 0, "unanimous", w - 1, w, digests=digests).numel()
+            expected_words = wire.buffer_words(s, w, slot_state=slot_state)
+            assert real == expected_words == documented, f"S={s}, W={w}: pack {real}, " \
+                f"wire.buffer_words {expected_words}, docs {documented}"
 
 
 def _scale_inputs(world: int, case: str) -> list:
@@ -150,13 +156,23 @@ def test_scale_simulation_matches_reference(world, case):
 def test_buffer_and_report_sizes_match_cpp(slots, world):
     ones = torch.ones(slots, dtype=torch.bool)
     ids = torch.zeros(slots, dtype=torch.int64)
-    buf = esper_gate.pack(ones, ids, ids, 0, 0, "unanimous", world - 1, world)
-    words = reference.buffer_words(slots, world)
-    assert buf.dtype == torch.int64 and buf.shape == (words,)
-    assert wire.buffer_words(slots, world) == wire.layout(slots, world).total_words == words
-    decision, report = esper_gate.decode(buf * world, slots, world, "unanimous")
-    assert decision.shape == (slots,) and decision.dtype == torch.bool
-    assert report.shape == (reference.report_words(slots, world),)
+    sizes = {}
+    # policies, digests or both make a call carry the slot state
+    for extra in ({}, {"policies": ids}, {"digests": ids}, {"policies": ids, "digests": ids}):
+        slot_state = bool(extra)
+        buf = esper_gate.pack(ones, ids, ids, 0, 0, "unanimous", world - 1, world, **extra)
+        words = reference.buffer_words(slots, world, slot_state)
+        assert buf.dtype == torch.int64 and buf.shape == (words,)
+        L = wire.layout(slots, world, slot_state)
+        assert wire.buffer_words(slots, world, slot_state) == L.total_words == words
+        assert L.slot_state == slot_state and L.slot_bits == (wire.SLOT_BITS if slot_state else wire.SLOT_CORE_BITS)
+        decision, report = esper_gate.decode(buf * world, slots, world, "unanimous")
+        assert decision.shape == (slots,) and decision.dtype == torch.bool
+        assert report.shape == (reference.report_words(slots, world),)
+        # decode picks the layout by the buffer's size, and says which it read
+        assert bool(report[wire.G_FLAGS] & wire.FLAG_SLOT_STATE) == slot_state
+        sizes[slot_state] = words
+    assert sizes[False] < sizes[True]
     assert wire.report_words(slots, world) == reference.report_words(slots, world)
     assert wire.capacity_for(slots) == wire.layout(slots, world).capacity == reference.capacity_for(slots)
 
@@ -183,12 +199,24 @@ def test_report_offsets_are_where_the_reference_puts_each_rank(world):
             assert rep[slot_ranks + s * world + r] == wire.slot_entry(inp.votes[s], inp.stages[s], inp.targets[s])
 
 
-def test_buffer_size_depends_only_on_capacity_and_world():
+def test_buffer_size_depends_only_on_capacity_world_and_slot_state():
     # 9..16 slots share a capacity, so ranks that disagree on the slot count
     # still exchange equal-sized buffers and are told so by the header.
-    sizes = {wire.buffer_words(s, 4) for s in range(9, 17)}
-    assert len(sizes) == 1
-    assert wire.buffer_words(8, 4) < wire.buffer_words(9, 4)
+    for slot_state in (False, True):
+        sizes = {wire.buffer_words(s, 4, slot_state) for s in range(9, 17)}
+        assert len(sizes) == 1
+        assert wire.buffer_words(8, 4, slot_state) < wire.buffer_words(9, 4, slot_state)
+
+
+def test_the_slot_state_always_changes_the_size():
+    """decode tells the two layouts apart by the buffer's size, so they differ at every
+    capacity and at every counter width, with lanes and without (csrc/wire/layout.h
+    checks the counter words at compile time; this checks the totals)."""
+    worlds = sorted({w for w in range(1, 66)} | {2**k + d for k in range(7, 17) for d in (-1, 0)})
+    for capacity in (2**k for k in range(11)):
+        for world in worlds:
+            assert wire.buffer_words(capacity, world, False) < wire.buffer_words(capacity, world, True), \
+                (capacity, world)
 
 
 def test_lanes_only_up_to_64_ranks():
@@ -197,15 +225,16 @@ def test_lanes_only_up_to_64_ranks():
 
 
 def test_layout_sections_follow_one_another():
-    for slots, world in [(1, 1), (16, 64), (100, 65), (1024, wire.MAX_WORLD)]:
-        L = wire.layout(slots, world)
+    for slots, world, slot_state in [(1, 1, False), (1, 1, True), (16, 64, False), (16, 64, True),
+                                     (100, 65, True), (1024, wire.MAX_WORLD, False)]:
+        L = wire.layout(slots, world, slot_state)
         assert L.counts_offset == wire.FIXED_WORDS
         assert L.root_offset == L.counts_offset + L.counts_words
         assert L.lanes_offset == L.root_offset + L.root_words
         assert L.reasons_offset == L.lanes_offset + L.lanes_words
         assert L.reasons_words == -(-wire.REASON_MAX // L.counters_per_word)
         assert L.total_words == L.reasons_offset + L.reasons_words
-        assert L.record_bits == wire.HEADER_BITS + wire.SLOT_BITS * L.capacity
+        assert L.record_bits == wire.HEADER_BITS + L.slot_bits * L.capacity
 
 
 def test_sizes_refuse_what_the_kernels_refuse():

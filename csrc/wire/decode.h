@@ -30,8 +30,9 @@ EG_HD bool decode_reason_counts(const int64_t* buf, const Layout& L, int64_t poi
   const uint64_t W = static_cast<uint64_t>(L.world);
   bool sane = true;
   uint64_t total = 0;
+  CounterCursor cursor = counters_at(buf, L, L.reasons_offset, 0);
   for (int64_t code = 1; code <= kReasonMax; ++code) {
-    const uint64_t c = reason_counter_at(buf, L, code);
+    const uint64_t c = next_counter(buf, L, &cursor);
     out[code - 1] = static_cast<int64_t>(c);
     if (c > W) sane = false;
     total += c;
@@ -97,6 +98,7 @@ EG_HD bool decode_global(
   if (poisoned) flags |= kFlagPoisoned;
   if (corrupt) flags |= kFlagCorrupt;
   if (L.exact) flags |= kFlagExact;
+  if (L.slot_state) flags |= kFlagSlotState;
   const bool ok = !corrupt && !poisoned && all_equal;
   if (ok) flags |= kFlagHeaderOk;
   g[kGFlags] = flags;
@@ -113,7 +115,7 @@ EG_HD bool decode_global(
 // One rank's header, from the lanes (exact mode only).
 EG_HD void decode_rank(const int64_t* buf, const Layout& L, int64_t rank, int64_t* out) {
   for (int f = 0; f < kNumHeaderFields; ++f) {
-    out[f] = static_cast<int64_t>(lane_field(buf, L, rank, field_offset(f), field_width(f)));
+    out[f] = static_cast<int64_t>(lane_bits(buf, L, rank, field_offset(f), field_width(f)));
   }
   out[kRankWords - 1] = 0;
 }
@@ -123,16 +125,28 @@ EG_HD void decode_rank(const int64_t* buf, const Layout& L, int64_t rank, int64_
 // kStatusDiverged, which need the global verdict (see finish_slot). The
 // slot's policy is its own, read from the wire: ranks that disagree on it
 // diverge like ranks at other stages, so rank 0's is everyone's when it
-// decides anything.
-EG_HD int64_t decode_slot(const int64_t* buf, const Layout& L, int64_t s, int64_t* out, int64_t* slot_ranks) {
+// decides anything. Without the slot state a slot's policy is its rank's
+// call policy (the header field, read the same way) and its digest is 0;
+// with lanes, call_policies holds each rank's, read once from its lane.
+EG_HD int64_t decode_slot(
+    const int64_t* buf, const Layout& L, int64_t s, int64_t* out, int64_t* slot_ranks,
+    const uint8_t* call_policies) {
   const int64_t W = L.world;
-  const int64_t off = kHeaderBits + s * kSlotBits;
-  const uint64_t votes = counter_at(buf, L, off + kSlotVoteBit);
-  const uint64_t root_vote = root_bit(buf, L, off + kSlotVoteBit);
-  const FieldSummary st = summarize_field(buf, L, off + kSlotStageBit, kIdBits);
-  const FieldSummary tg = summarize_field(buf, L, off + kSlotTargetBit, kIdBits);
-  const FieldSummary po = summarize_field(buf, L, off + kSlotPolicyBit, kPolicyWidth);
-  const FieldSummary dg = summarize_field(buf, L, off + kSlotDigestBit, kDigestBits);
+  const int64_t off = kHeaderBits + s * L.slot_bits;
+  // Rank 0's whole slot from ROOT, then the slot's counters in record order.
+  const uint64_t root = root_bits(buf, L, off, L.slot_bits);
+  CounterCursor c = counters_at(buf, L, L.counts_offset, off);
+  const uint64_t votes = next_counter(buf, L, &c);
+  const uint64_t root_vote = (root >> kSlotVoteBit) & 1u;
+  const FieldSummary st = summarize_counters(buf, L, &c, (root >> kSlotStageBit) & kMaxId, kIdBits);
+  const FieldSummary tg = summarize_counters(buf, L, &c, (root >> kSlotTargetBit) & kMaxId, kIdBits);
+  const FieldSummary po =
+      L.slot_state
+          ? summarize_counters(buf, L, &c, (root >> kSlotPolicyBit) & field_mask(kFieldPolicy), kPolicyWidth)
+          : summarize_field(buf, L, kPolicyOffset, kPolicyWidth);
+  const FieldSummary dg = L.slot_state
+                              ? summarize_counters(buf, L, &c, (root >> kSlotDigestBit) & kDigestMask, kDigestBits)
+                              : FieldSummary{0, 0, 0, 0, true, true};
   bool sane = st.sane && tg.sane && po.sane && dg.sane && votes <= static_cast<uint64_t>(W) &&
               !(root_vote == 1 && votes == 0) && !(root_vote == 0 && votes == static_cast<uint64_t>(W));
   int64_t stage_differ = st.differ_lb;
@@ -150,11 +164,12 @@ EG_HD int64_t decode_slot(const int64_t* buf, const Layout& L, int64_t s, int64_
     uint64_t stage_and = kMaxId, stage_or = 0, target_and = kMaxId, target_or = 0;
     uint64_t policy_and = field_mask(kFieldPolicy), policy_or = 0, digest_and = kDigestMask, digest_or = 0;
     for (int64_t r = 0; r < W; ++r) {
-      const uint64_t v = lane_bit(buf, L, r, off + kSlotVoteBit);
-      const uint64_t sr = lane_field(buf, L, r, off + kSlotStageBit, kIdBits);
-      const uint64_t tr = lane_field(buf, L, r, off + kSlotTargetBit, kIdBits);
-      const uint64_t pr = lane_field(buf, L, r, off + kSlotPolicyBit, kPolicyWidth);
-      const uint64_t dr = lane_field(buf, L, r, off + kSlotDigestBit, kDigestBits);
+      const uint64_t rec = lane_bits(buf, L, r, off, L.slot_bits);
+      const uint64_t v = (rec >> kSlotVoteBit) & 1u;
+      const uint64_t sr = (rec >> kSlotStageBit) & kMaxId;
+      const uint64_t tr = (rec >> kSlotTargetBit) & kMaxId;
+      const uint64_t pr = L.slot_state ? (rec >> kSlotPolicyBit) & field_mask(kFieldPolicy) : call_policies[r];
+      const uint64_t dr = L.slot_state ? (rec >> kSlotDigestBit) & kDigestMask : 0;
       if (slot_ranks != nullptr) slot_ranks[r] = slot_entry(v, sr, tr, pr, dr);
       lane_votes += v;
       stage_and &= sr;
@@ -232,6 +247,9 @@ struct DecodeShared {
   int any_corrupt;  // slots whose counters are inconsistent (only != 0 matters)
   int diverged;
   int decided;
+  // Without the slot state and with lanes: each rank's call policy, which is
+  // every one of its slots' policy (read once here, not once per slot).
+  uint8_t call_policies[kMaxExactWorld];
 };
 
 // The one decode sequence: global (with the reason counts), then per slot, finish, the corrupt flag,
@@ -249,13 +267,18 @@ EG_HD void decode_buffer(
     sh->any_corrupt = 0;
     sh->diverged = 0;
     sh->decided = 0;
+    if (L.exact && !L.slot_state) {
+      for (int64_t r = 0; r < world; ++r) {
+        sh->call_policies[r] = static_cast<uint8_t>(lane_bits(buf, L, r, kPolicyOffset, kPolicyWidth));
+      }
+    }
   }
   loop.sync();
   int64_t* slot_ranks = L.exact ? rep + slot_ranks_offset(num_slots, world) : nullptr;
   loop.for_each(num_slots, [&](int64_t s) {
     const int64_t status = decode_slot(
         buf, L, s, rep + slots_offset() + kSlotWords * s,
-        slot_ranks ? slot_ranks + s * world : nullptr);
+        slot_ranks ? slot_ranks + s * world : nullptr, sh->call_policies);
     if (status & kStatusCorrupt) loop.add_into(&sh->any_corrupt, 1);
   });
   loop.sync();

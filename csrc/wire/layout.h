@@ -1,5 +1,6 @@
-// Where each bit lives: the record (header fields, then 47 bits per slot) and
-// the packed buffer built from it (fixed words, COUNTS, ROOT, LANES, REASONS).
+// Where each bit lives: the record (header fields, then one slot record per
+// slot: 13 bits, or 47 with the slot state) and the packed buffer built from
+// it (fixed words, COUNTS, ROOT, LANES, REASONS).
 //
 // Every rank writes a *record* into a buffer of int64 words, and the buffer is
 // all-reduced once with SUM. Three sections make one SUM give everything:
@@ -18,8 +19,11 @@
 //     only the OR of the codes).
 // Three fixed words (presence, rank-id sum, poisoned-rank sum) detect missing,
 // duplicated and poisoned contributions. Nothing read from the wire is ever
-// used as an index: all offsets derive from (capacity, world) known locally.
-// docs/wire-format.md explains the design with a worked example.
+// used as an index: all offsets derive from (capacity, world, slot state)
+// known locally. The slot state (each slot's own policy and state digest) is
+// carried only by calls that pass it, and every rank of a call must agree on
+// it before the collective, as on the capacity: docs/wire-format.md explains
+// why and how, and the design with a worked example.
 #pragma once
 
 #include <cstdint>
@@ -95,17 +99,23 @@ EG_HD uint64_t field_mask(int f) {
   return (uint64_t{1} << field_width(f)) - 1;
 }
 
-// Per slot: bit 0 vote, bits 1..6 stage, bits 7..12 target, bits 13..14 the
-// slot's policy, bits 15..46 its state digest. Stage, target, policy and
-// digest must be equal on every rank for the slot to be decided.
+// Per slot: bit 0 vote, bits 1..6 stage, bits 7..12 target (the slot's core,
+// kSlotCoreBits), then, in a call that carries the slot state, bits 13..14
+// the slot's policy and bits 15..46 its state digest. Stage, target, policy
+// and digest must be equal on every rank for the slot to be decided. A call
+// without the slot state gives every slot its rank's call policy (the
+// header's) and digest 0, and pays for neither on the wire.
 constexpr int64_t kSlotVoteBit = 0;
 constexpr int64_t kSlotStageBit = 1;
 constexpr int64_t kSlotTargetBit = kSlotStageBit + kIdBits;
 constexpr int64_t kSlotPolicyBit = kSlotTargetBit + kIdBits;
+constexpr int64_t kSlotCoreBits = kSlotPolicyBit;
 constexpr int64_t kSlotDigestBit = kSlotPolicyBit + kPolicyWidth;
-constexpr int64_t kSlotBits = kSlotDigestBit + kDigestBits;
+constexpr int64_t kSlotBits = kSlotDigestBit + kDigestBits;  // with the slot state
 // encode_slot returns a slot's bits as one uint64_t.
 static_assert(kSlotBits <= 64, "a slot record must fit 64 bits");
+
+EG_HD int64_t slot_bits_for(bool slot_state) { return slot_state ? kSlotBits : kSlotCoreBits; }
 
 // Fixed words at the start of the buffer.
 constexpr int64_t kWordPresence = 0;     // each rank adds 1
@@ -118,7 +128,9 @@ static_assert(kMaxWorld < (int64_t{1} << 31), "the rank-id sum must fit 63 bits"
 struct Layout {
   int64_t capacity;           // slots the buffer has room for
   int64_t world;
-  int64_t record_bits;        // kHeaderBits + kSlotBits * capacity
+  bool slot_state;            // slots carry their policy and digest
+  int64_t slot_bits;          // slot_bits_for(slot_state)
+  int64_t record_bits;        // kHeaderBits + slot_bits * capacity
   int64_t counter_width;      // bits per counter: enough to hold `world`
   int64_t counters_per_word;
   int64_t counts_offset, counts_words;
@@ -137,6 +149,11 @@ EG_HD int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
+// The low n bits of v (n in 0..64).
+EG_HD uint64_t low_bits(uint64_t v, int64_t n) {
+  return n >= 64 ? v : v & ((uint64_t{1} << n) - 1);
+}
+
 // Slot capacity of the buffer: the next power of two >= num_slots. Ranks whose
 // slot counts differ but round to the same capacity exchange equal-sized
 // buffers and are told "slot count mismatch" by the header.
@@ -146,11 +163,13 @@ EG_HD int64_t capacity_for(int64_t num_slots) {
   return c;
 }
 
-EG_HD Layout make_layout(int64_t capacity, int64_t world) {
+EG_HD Layout make_layout(int64_t capacity, int64_t world, bool slot_state) {
   Layout L;
   L.capacity = capacity;
   L.world = world;
-  L.record_bits = kHeaderBits + kSlotBits * capacity;
+  L.slot_state = slot_state;
+  L.slot_bits = slot_bits_for(slot_state);
+  L.record_bits = kHeaderBits + L.slot_bits * capacity;
   L.counter_width = bit_length(world);
   L.counters_per_word = kBitsPerWord / L.counter_width;
   L.counts_offset = kFixedWords;
@@ -165,6 +184,24 @@ EG_HD Layout make_layout(int64_t capacity, int64_t world) {
   L.total_words = L.reasons_offset + L.reasons_words;
   return L;
 }
+
+// decode tells the two layouts of a (capacity, world) apart by the reduced
+// buffer's size (esper_gate.h, decode_layout), so the slot state must always
+// add words. It adds 34 bits per slot to the record, so COUNTS, ROOT and
+// LANES never shrink, and COUNTS grows by at least one word at every
+// capacity and counter width: checked here for all of them.
+constexpr bool slot_state_adds_counter_words() {
+  for (int64_t capacity = 1; capacity <= kMaxSlots; capacity <<= 1) {
+    for (int64_t width = 1; width <= bits_for(kMaxWorld); ++width) {
+      const int64_t per_word = kBitsPerWord / width;
+      const int64_t core = kHeaderBits + kSlotCoreBits * capacity;
+      const int64_t full = kHeaderBits + kSlotBits * capacity;
+      if ((full + per_word - 1) / per_word <= (core + per_word - 1) / per_word) return false;
+    }
+  }
+  return true;
+}
+static_assert(slot_state_adds_counter_words(), "a buffer with the slot state must be larger than one without");
 
 // Reason code `code` (1..kReasonMax) counts in REASONS at this word and shift.
 EG_HD int64_t reason_counter_word(const Layout& L, int64_t code) {

@@ -100,15 +100,50 @@ EG_HD uint64_t encode_slot(
          (d << kSlotDigestBit);
 }
 
-// Bit i of a rank's record. Slots at or past num_slots (capacity padding)
-// are all zeros.
-EG_HD uint64_t record_bit(const HeaderBits& h, const uint64_t* slot_records, int64_t num_slots, int64_t i) {
-  if (i < 64) return (h.lo >> i) & 1u;
-  if (i < kHeaderBits) return (h.hi >> (i - 64)) & 1u;
-  const int64_t j = i - kHeaderBits;
-  const int64_t s = j / kSlotBits;
-  if (s >= num_slots) return 0;
-  return (slot_records[s] >> (j % kSlotBits)) & 1u;
+// n (0..63) bits of a rank's record from record bit i: bit k of the result
+// is record bit i + k. Each slot takes the low slot_bits of its record (the
+// core alone when the call carries no slot state). Slots at or past
+// num_slots (capacity padding) are all zeros. A run touches the header halves and at most a few slot records, so a
+// buffer word costs a few shifts, not one call per bit.
+EG_HD uint64_t record_bits(
+    const HeaderBits& h, const uint64_t* slot_records, int64_t num_slots, int64_t slot_bits, int64_t i,
+    int64_t n) {
+  uint64_t v = 0;
+  int64_t got = 0;
+  while (got < n && i + got < kHeaderBits) {
+    const int64_t at = i + got;
+    const uint64_t from = at < 64 ? h.lo >> at : h.hi >> (at - 64);
+    const int64_t avail = (at < 64 ? 64 : kHeaderBits) - at;
+    const int64_t take = avail < n - got ? avail : n - got;
+    v |= low_bits(from, take) << got;
+    got += take;
+  }
+  if (got < n) {
+    const int64_t j = i + got - kHeaderBits;
+    int64_t s = j / slot_bits;
+    int64_t b = j - s * slot_bits;
+    while (got < n) {
+      const int64_t take = slot_bits - b < n - got ? slot_bits - b : n - got;
+      if (s < num_slots) v |= low_bits(slot_records[s] >> b, take) << got;
+      got += take;
+      ++s;
+      b = 0;
+    }
+  }
+  return v;
+}
+
+EG_HD uint64_t record_bit(
+    const HeaderBits& h, const uint64_t* slot_records, int64_t num_slots, int64_t slot_bits, int64_t i) {
+  return record_bits(h, slot_records, num_slots, slot_bits, i, 1);
+}
+
+// The low n bits of `bits` spread out to one counter each, `width` bits apart.
+EG_HD uint64_t spread_to_counters(uint64_t bits, int64_t n, int64_t width) {
+  if (width == 1) return bits;
+  uint64_t v = 0;
+  for (int64_t k = 0; k < n; ++k) v |= ((bits >> k) & 1u) << (k * width);
+  return v;
 }
 
 // Word w of this rank's contribution. Each output word is a pure function of
@@ -119,37 +154,31 @@ EG_HD int64_t pack_word(
   if (w == kWordPresence) return 1;
   if (w == kWordRankSum) return rank + 1;
   if (w == kWordPoisonRank) return poisoned ? rank + 1 : 0;
-  uint64_t v = 0;
   if (w < L.root_offset) {
     const int64_t first = (w - L.counts_offset) * L.counters_per_word;
-    for (int64_t k = 0; k < L.counters_per_word; ++k) {
-      const int64_t i = first + k;
-      if (i >= L.record_bits) break;
-      v |= record_bit(h, slot_records, num_slots, i) << (k * L.counter_width);
-    }
-    return static_cast<int64_t>(v);
+    const int64_t left = L.record_bits - first;
+    const int64_t n = left < L.counters_per_word ? left : L.counters_per_word;
+    return static_cast<int64_t>(
+        spread_to_counters(record_bits(h, slot_records, num_slots, L.slot_bits, first, n), n, L.counter_width));
   }
   if (w < L.lanes_offset) {
     if (rank != 0) return 0;
     const int64_t first = (w - L.root_offset) * kBitsPerWord;
-    for (int64_t k = 0; k < kBitsPerWord; ++k) {
-      const int64_t i = first + k;
-      if (i >= L.record_bits) break;
-      v |= record_bit(h, slot_records, num_slots, i) << k;
-    }
-    return static_cast<int64_t>(v);
+    const int64_t left = L.record_bits - first;
+    return static_cast<int64_t>(
+        record_bits(h, slot_records, num_slots, L.slot_bits, first, left < kBitsPerWord ? left : kBitsPerWord));
   }
   if (w < L.reasons_offset) {
+    // The part of this rank's lane [rank * R, rank * R + R) in the word's bits.
     const int64_t lo = (w - L.lanes_offset) * kBitsPerWord;
     const int64_t hi = lo + kBitsPerWord;
     const int64_t mine_lo = rank * L.record_bits;
     const int64_t mine_hi = mine_lo + L.record_bits;
     const int64_t a = lo > mine_lo ? lo : mine_lo;
     const int64_t b = hi < mine_hi ? hi : mine_hi;
-    for (int64_t g = a; g < b; ++g) {
-      v |= record_bit(h, slot_records, num_slots, g - mine_lo) << (g - lo);
-    }
-    return static_cast<int64_t>(v);
+    if (a >= b) return 0;
+    return static_cast<int64_t>(record_bits(h, slot_records, num_slots, L.slot_bits, a - mine_lo, b - a)
+                                << (a - lo));
   }
   if (w < L.total_words) {
     // The reason as the header carries it, so REASONS and the reason field
@@ -184,9 +213,11 @@ struct PackShared {
 
 // The whole pack of one rank: encode the slots (finding the first bad one),
 // settle the header, then write every buffer word. policies and digests may
-// be null: every slot then has the header's policy, and digest 0. records
-// has room for num_slots entries; out for L.total_words. Loop is a policy
-// from loops.h.
+// be null: every slot then has the header's policy, and digest 0. Their
+// values are checked (a bad one poisons) whatever the layout, but only a
+// layout with the slot state sends them; the ops build that layout exactly
+// when either is given (esper_gate.h, pack_call). records has room for
+// num_slots entries; out for L.total_words. Loop is a policy from loops.h.
 template <typename Loop, typename VoteT>
 EG_HD void pack_buffer(
     const Loop& loop, const VoteT* votes, const int64_t* stages, const int64_t* targets,

@@ -54,6 +54,9 @@ constexpr int64_t kFlagPoisoned = 1 << 5;
 constexpr int64_t kFlagCorrupt = 1 << 6;
 constexpr int64_t kFlagExact = 1 << 7;
 constexpr int64_t kFlagHeaderOk = 1 << 8;
+// The buffer carried the slot state (per-slot policies and digests); without
+// it every slot's policy is its rank's call policy and every digest 0.
+constexpr int64_t kFlagSlotState = 1 << 9;
 
 // SLOT word indices.
 constexpr int64_t kSStatus = 0;

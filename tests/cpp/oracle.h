@@ -29,8 +29,9 @@ constexpr int kWidth[kFields] = {32, 32, 2, 11, 17, 1, 5};
 constexpr int kWorldField = 4;
 constexpr int kHeaderBits = 100;
 constexpr int kReasonCodes = 31;  // codes 1..31 of the 5-bit reason field
-// vote, then 6 bits of stage, 6 of target, 2 of the slot's policy and 32 of
-// its state digest
+// vote, then 6 bits of stage, 6 of target (13 bits), and in a call that
+// carries the slot state 2 of the slot's policy and 32 of its state digest
+constexpr int kSlotCoreBits = 13;
 constexpr int kSlotBits = 47;
 constexpr int kDigestBits = 32;
 constexpr int64_t kNoGate = 63;  // the target id of a slot with no gate this call
@@ -75,7 +76,9 @@ inline int64_t slot_reason(int64_t vote, int64_t stage, int64_t target, int64_t 
   return 0;
 }
 
-inline Record record(const RankInput& in, int64_t cap) {
+// Without the slot state a slot's policy is the rank's call policy, padding
+// included (the decoder reads it from the header), and its digest 0.
+inline Record record(const RankInput& in, int64_t cap, bool slot_state) {
   const int64_t n = static_cast<int64_t>(in.votes.size());
   uint64_t reason = in.header.reason, poison = in.header.poison;
   if (reason == 0) {
@@ -89,8 +92,14 @@ inline Record record(const RankInput& in, int64_t cap) {
                                  in.header.world, poison, reason};
   Record r;
   for (int f = 0; f < kFields; ++f) r.header[f] = raw[f] & ((uint64_t{1} << kWidth[f]) - 1);
+  const int64_t call_policy = static_cast<int64_t>(r.header[2]);
   for (int64_t s = 0; s < cap; ++s) {
     // Two's complement low bits: -1 as a stage reads as 63, as a vote as 1.
+    if (!slot_state) {
+      r.slots.push_back(s < n ? Slot{in.votes[s] & 1, in.stages[s] & 63, in.targets[s] & 63, call_policy, 0}
+                              : Slot{0, 0, 0, call_policy, 0});
+      continue;
+    }
     r.slots.push_back(s < n ? Slot{in.votes[s] & 1, in.stages[s] & 63, in.targets[s] & 63, in.policy(s) & 3,
                                    in.digest(s) & 0xFFFFFFFFll}
                             : Slot{0, 0, 0, 0, 0});
@@ -99,8 +108,8 @@ inline Record record(const RankInput& in, int64_t cap) {
 }
 
 // The record as a bit string: the header fields one after the other, least
-// significant bit first, then 47 bits per slot.
-inline std::vector<int> record_bits(const Record& r) {
+// significant bit first, then 13 bits per slot, or 47 with the slot state.
+inline std::vector<int> record_bits(const Record& r, bool slot_state) {
   std::vector<int> bits;
   for (int f = 0; f < kFields; ++f) {
     for (int b = 0; b < kWidth[f]; ++b) bits.push_back(static_cast<int>((r.header[f] >> b) & 1));
@@ -109,10 +118,20 @@ inline std::vector<int> record_bits(const Record& r) {
     bits.push_back(static_cast<int>(s.vote));
     for (int b = 0; b < 6; ++b) bits.push_back(static_cast<int>((s.stage >> b) & 1));
     for (int b = 0; b < 6; ++b) bits.push_back(static_cast<int>((s.target >> b) & 1));
+    if (!slot_state) continue;
     for (int b = 0; b < 2; ++b) bits.push_back(static_cast<int>((s.policy >> b) & 1));
     for (int b = 0; b < kDigestBits; ++b) bits.push_back(static_cast<int>((s.digest >> b) & 1));
   }
   return bits;
+}
+
+// A call carries the slot state when some rank sends policies or digests
+// (the others then send the defaults, as a GateSync with the slot state does).
+inline bool call_slot_state(const std::vector<RankInput>& inputs) {
+  for (const RankInput& in : inputs) {
+    if (!in.policies.empty() || !in.digests.empty()) return true;
+  }
+  return false;
 }
 
 // Rank `rank`'s contribution to the all_reduce: presence, rank id + 1,
@@ -121,9 +140,9 @@ inline std::vector<int> record_bits(const Record& r) {
 // per word), up to 64 ranks LANES (rank r's record at bit r * R), and REASONS
 // (a counter like COUNTS' for each reason code 1..31, where a rank whose
 // poison bit is set adds 1 under its reason).
-inline std::vector<int64_t> buffer(const RankInput& in, int64_t rank, int64_t world) {
-  const Record rec = record(in, capacity(static_cast<int64_t>(in.votes.size())));
-  const std::vector<int> bits = record_bits(rec);
+inline std::vector<int64_t> buffer(const RankInput& in, int64_t rank, int64_t world, bool slot_state) {
+  const Record rec = record(in, capacity(static_cast<int64_t>(in.votes.size())), slot_state);
+  const std::vector<int> bits = record_bits(rec, slot_state);
   const int64_t R = static_cast<int64_t>(bits.size());
   const int64_t cw = bits_for(world), per_word = 63 / cw;
   const int64_t counts = (R + per_word - 1) / per_word, root = (R + 62) / 63;
@@ -184,9 +203,10 @@ struct Expected {
 inline Expected decode(const std::vector<RankInput>& inputs, int64_t num_slots, int64_t policy) {
   const int64_t W = static_cast<int64_t>(inputs.size());
   const bool exact = W <= 64;
+  const bool slot_state = call_slot_state(inputs);
   const int64_t cap = capacity(num_slots);
   std::vector<Record> recs;
-  for (const RankInput& in : inputs) recs.push_back(record(in, cap));
+  for (const RankInput& in : inputs) recs.push_back(record(in, cap, slot_state));
 
   const int64_t slot_words = 20, rank_words = 8;
   Expected e;
@@ -226,6 +246,7 @@ inline Expected decode(const std::vector<RankInput>& inputs, int64_t num_slots, 
   const bool is_poisoned = !poisoned.empty() || any_reason;
   if (is_poisoned) flags |= wire::kFlagPoisoned;
   if (exact) flags |= wire::kFlagExact;
+  if (slot_state) flags |= wire::kFlagSlotState;
   const bool header_ok = !is_poisoned && all_equal;
   if (header_ok) flags |= wire::kFlagHeaderOk;
 

@@ -109,7 +109,7 @@ TEST_CASE(cpu_kernels_match_the_oracle) {
           long_tensor(in.stages), long_tensor(in.targets));
       CONTEXT("rank " << r);
       EXPECT_EQ(packed.scalar_type(), at::kLong);
-      const std::vector<int64_t> want = oracle::buffer(in, r, sc.world);
+      const std::vector<int64_t> want = oracle::buffer(in, r, sc.world, sc.slot_state);
       const std::vector<int64_t> got = to_vector(packed);
       if (!EXPECT_EQ(got.size(), want.size())) continue;
       for (size_t w = 0; w < want.size(); ++w) {
@@ -120,7 +120,9 @@ TEST_CASE(cpu_kernels_match_the_oracle) {
     const oracle::Expected want = oracle::decode(inputs, sc.num_slots, sc.policy);
     at::Tensor decision, report;
     std::tie(decision, report) = esper_gate::decode_cpu(
-        esper_gate::decode_call(sc.num_slots, sc.world, sc.policy, sum.options()), sum);
+        esper_gate::decode_call(esper_gate::decode_layout("esper_gate.decode", sum, sc.num_slots, sc.world),
+                                sc.num_slots, sc.world, sc.policy, sum.options()),
+        sum);
     EXPECT_EQ(decision.scalar_type(), at::kBool);
     EXPECT_EQ(report.scalar_type(), at::kLong);
     const std::vector<int64_t> got_report = to_vector(report);
@@ -165,7 +167,7 @@ TEST_CASE(registered_ops_match_the_oracle) {
     const at::Tensor b = pack.call(bool_tensor(in.votes), long_tensor(in.stages), long_tensor(in.targets),
                                    static_cast<int64_t>(in.header.seq), static_cast<int64_t>(in.header.site),
                                    "majority", r, world, 0, long_tensor(in.policies), long_tensor(in.digests));
-    EXPECT(to_vector(b) == oracle::buffer(in, r, world));
+    EXPECT(to_vector(b) == oracle::buffer(in, r, world, true));
     sum = r == 0 ? b : sum + b;
   }
   at::Tensor decision, report;
@@ -187,17 +189,22 @@ TEST_CASE(make_header_names_a_bad_site_unless_the_caller_did) {
 
 TEST_CASE(decode_checks_name_the_offending_values) {
   bool threw = false;
+  const int64_t core = wire::make_layout(4, 4, false).total_words;
+  const int64_t with_state = wire::make_layout(4, 4, true).total_words;
   try {
-    esper_gate::check_decode_inputs("esper_gate.decode", at::zeros({5}, at::kLong), 3, 4);
+    esper_gate::decode_layout("esper_gate.decode", at::zeros({5}, at::kLong), 3, 4);
   } catch (const c10::ValueError& e) {
     threw = true;
     const std::string msg = e.what_without_backtrace();
-    const int64_t words = wire::make_layout(4, 4).total_words;
     CONTEXT("message: " << msg);
-    EXPECT(msg.find("expected a reduced buffer of " + std::to_string(words) + " words") != std::string::npos);
+    EXPECT(msg.find("expected a reduced buffer of " + std::to_string(core) + " words (no per-slot policies or "
+                    "digests) or " + std::to_string(with_state) + " words (with them)") != std::string::npos);
     EXPECT(msg.find("got 5") != std::string::npos);
   }
   EXPECT(threw);
+  // Each size picks its layout.
+  EXPECT(!esper_gate::decode_layout("esper_gate.decode", at::zeros({core}, at::kLong), 3, 4).slot_state);
+  EXPECT(esper_gate::decode_layout("esper_gate.decode", at::zeros({with_state}, at::kLong), 3, 4).slot_state);
 }
 
 int main(int argc, char** argv) { return run_all(argc, argv); }

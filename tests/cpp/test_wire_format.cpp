@@ -77,6 +77,10 @@ TEST_CASE(header_fields_tile_the_header) {
   EXPECT_EQ(wire::kSlotDigestBit, wire::kSlotPolicyBit + wire::field_width(wire::kFieldPolicy));
   EXPECT_EQ(wire::kSlotBits, wire::kSlotDigestBit + wire::kDigestBits);
   EXPECT_EQ(wire::kSlotBits, 47);
+  EXPECT_EQ(wire::kSlotCoreBits, wire::kSlotPolicyBit);
+  EXPECT_EQ(wire::kSlotCoreBits, oracle::kSlotCoreBits);
+  EXPECT_EQ(wire::slot_bits_for(false), oracle::kSlotCoreBits);
+  EXPECT_EQ(wire::slot_bits_for(true), oracle::kSlotBits);
   EXPECT_EQ(wire::kNoGate, wire::kMaxId);
 }
 
@@ -104,13 +108,13 @@ TEST_CASE(counter_width_holds_the_world_size) {
                               {65535, 16, 3}, {65536, 17, 3}};
   for (const auto& c : cases) {
     CONTEXT("world " << c[0]);
-    const wire::Layout L = wire::make_layout(1, c[0]);
+    const wire::Layout L = wire::make_layout(1, c[0], false);
     EXPECT_EQ(L.counter_width, c[1]);
     EXPECT_EQ(L.counters_per_word, c[2]);
   }
   for (int64_t w = 1; w <= wire::kMaxWorld; ++w) {
     CONTEXT("world " << w);
-    const wire::Layout L = wire::make_layout(1, w);
+    const wire::Layout L = wire::make_layout(1, w, w % 2 == 0);
     EXPECT_GT(int64_t{1} << L.counter_width, w);          // a counter can reach W
     EXPECT_LE(int64_t{1} << (L.counter_width - 1), w);    // and is no wider than needed
     EXPECT_LE(L.counters_per_word * L.counter_width, wire::kBitsPerWord);  // sign bit unused
@@ -120,37 +124,54 @@ TEST_CASE(counter_width_holds_the_world_size) {
 
 TEST_CASE(layout_sections_follow_each_other) {
   // Worked by hand: {capacity, world, counts words, root words, lanes words,
-  // reasons words (31 counters, as many per word as COUNTS has), total}.
-  const int64_t known[][7] = {
+  // reasons words (31 counters, as many per word as COUNTS has), total}, for
+  // 47-bit slots (with the slot state) and for 13-bit slots (without).
+  const int64_t with_state[][7] = {
       {1, 1, 3, 3, 3, 1, 13},          {4, 4, 14, 5, 19, 2, 43},       {1, 65, 17, 3, 0, 4, 27},
       {8, 3, 16, 8, 23, 1, 51},        {2, 100, 22, 4, 0, 4, 33},      {1024, 64, 5359, 766, 48994, 4, 55126},
       {1024, 1024, 9646, 766, 0, 7, 10422}, {1, 65536, 49, 3, 0, 11, 66}, {1024, 65536, 16076, 766, 0, 11, 16856}};
-  for (const auto& k : known) {
-    CONTEXT("capacity " << k[0] << ", world " << k[1]);
-    const wire::Layout L = wire::make_layout(k[0], k[1]);
-    EXPECT_EQ(L.counts_words, k[2]);
-    EXPECT_EQ(L.root_words, k[3]);
-    EXPECT_EQ(L.lanes_words, k[4]);
-    EXPECT_EQ(L.reasons_words, k[5]);
-    EXPECT_EQ(L.total_words, k[6]);
+  const int64_t without[][7] = {
+      {1, 1, 2, 2, 2, 1, 10},          {4, 4, 8, 3, 10, 2, 26},        {1, 65, 13, 2, 0, 4, 22},
+      {8, 3, 7, 4, 10, 1, 25},         {2, 100, 14, 2, 0, 4, 23},      {1024, 64, 1491, 213, 13625, 4, 15336},
+      {1024, 1024, 2683, 213, 0, 7, 2906}, {1, 65536, 38, 2, 0, 11, 54}, {1024, 65536, 4471, 213, 0, 11, 4698}};
+  for (bool slot_state : {true, false}) {
+    for (const auto& k : slot_state ? with_state : without) {
+      CONTEXT("capacity " << k[0] << ", world " << k[1] << ", slot state " << slot_state);
+      const wire::Layout L = wire::make_layout(k[0], k[1], slot_state);
+      EXPECT_EQ(L.counts_words, k[2]);
+      EXPECT_EQ(L.root_words, k[3]);
+      EXPECT_EQ(L.lanes_words, k[4]);
+      EXPECT_EQ(L.reasons_words, k[5]);
+      EXPECT_EQ(L.total_words, k[6]);
+    }
   }
   for (int64_t cap = 1; cap <= wire::kMaxSlots; cap *= 2) {
     for (int64_t w : kWorlds) {
-      CONTEXT("capacity " << cap << ", world " << w);
-      const wire::Layout L = wire::make_layout(cap, w);
-      EXPECT_EQ(L.capacity, cap);
-      EXPECT_EQ(L.world, w);
-      EXPECT_EQ(L.record_bits, wire::kHeaderBits + wire::kSlotBits * cap);
-      EXPECT_EQ(L.counts_offset, wire::kFixedWords);
-      EXPECT_EQ(L.counts_words, ceil_div(L.record_bits, L.counters_per_word));
-      EXPECT_EQ(L.root_offset, L.counts_offset + L.counts_words);
-      EXPECT_EQ(L.root_words, ceil_div(L.record_bits, 63));
-      EXPECT_EQ(L.lanes_offset, L.root_offset + L.root_words);
-      EXPECT_EQ(L.exact, w <= 64);
-      EXPECT_EQ(L.lanes_words, w <= 64 ? ceil_div(w * L.record_bits, 63) : 0);
-      EXPECT_EQ(L.reasons_offset, L.lanes_offset + L.lanes_words);
-      EXPECT_EQ(L.reasons_words, ceil_div(int64_t{wire::kReasonMax}, L.counters_per_word));
-      EXPECT_EQ(L.total_words, 3 + L.counts_words + L.root_words + L.lanes_words + L.reasons_words);
+      // decode picks the layout by the buffer's size: the two must differ.
+      EXPECT_LT(wire::make_layout(cap, w, false).total_words, wire::make_layout(cap, w, true).total_words);
+    }
+  }
+  for (int64_t cap = 1; cap <= wire::kMaxSlots; cap *= 2) {
+    for (int64_t w : kWorlds) {
+      for (bool slot_state : {false, true}) {
+        CONTEXT("capacity " << cap << ", world " << w << ", slot state " << slot_state);
+        const wire::Layout L = wire::make_layout(cap, w, slot_state);
+        EXPECT_EQ(L.capacity, cap);
+        EXPECT_EQ(L.world, w);
+        EXPECT_EQ(L.slot_state, slot_state);
+        EXPECT_EQ(L.slot_bits, slot_state ? 47 : 13);
+        EXPECT_EQ(L.record_bits, wire::kHeaderBits + L.slot_bits * cap);
+        EXPECT_EQ(L.counts_offset, wire::kFixedWords);
+        EXPECT_EQ(L.counts_words, ceil_div(L.record_bits, L.counters_per_word));
+        EXPECT_EQ(L.root_offset, L.counts_offset + L.counts_words);
+        EXPECT_EQ(L.root_words, ceil_div(L.record_bits, 63));
+        EXPECT_EQ(L.lanes_offset, L.root_offset + L.root_words);
+        EXPECT_EQ(L.exact, w <= 64);
+        EXPECT_EQ(L.lanes_words, w <= 64 ? ceil_div(w * L.record_bits, 63) : 0);
+        EXPECT_EQ(L.reasons_offset, L.lanes_offset + L.lanes_words);
+        EXPECT_EQ(L.reasons_words, ceil_div(int64_t{wire::kReasonMax}, L.counters_per_word));
+        EXPECT_EQ(L.total_words, 3 + L.counts_words + L.root_words + L.lanes_words + L.reasons_words);
+      }
     }
   }
 }
@@ -187,7 +208,7 @@ TEST_CASE(encode_header_round_trips_through_record_bit) {
     for (int f = 0; f < wire::kNumHeaderFields; ++f) {
       uint64_t v = 0;
       for (int64_t b = 0; b < wire::field_width(f); ++b) {
-        v |= wire::record_bit(bits, nullptr, 0, wire::field_offset(f) + b) << b;
+        v |= wire::record_bit(bits, nullptr, 0, wire::kSlotBits, wire::field_offset(f) + b) << b;
       }
       CONTEXT("field " << f);
       EXPECT_EQ(v, *fields[f]);
@@ -208,7 +229,7 @@ TEST_CASE(encode_header_masks_each_field_to_its_width) {
   auto read = [&](int f) {
     uint64_t v = 0;
     for (int64_t b = 0; b < wire::field_width(f); ++b) {
-      v |= wire::record_bit(bits, nullptr, 0, wire::field_offset(f) + b) << b;
+      v |= wire::record_bit(bits, nullptr, 0, wire::kSlotCoreBits, wire::field_offset(f) + b) << b;
     }
     return v;
   };
@@ -286,22 +307,60 @@ TEST_CASE(encode_slot_masks_and_names_bad_values) {
 }
 
 TEST_CASE(record_bit_reads_slots_and_pads_with_zeros) {
+  // With the slot state a slot is its whole 47-bit record; without, its low
+  // 13 bits (vote, stage, target) and nothing of the policy and digest above.
   const uint64_t full = (uint64_t{1} << wire::kSlotBits) - 1;
   const uint64_t records[3] = {full, 0x5a5a5a5a5a5aull & full, 0x123456789abcull & full};
   const wire::HeaderBits h{0, 0};
-  for (int64_t i = wire::kHeaderBits; i < wire::kHeaderBits + 4 * wire::kSlotBits; ++i) {
-    const int64_t s = (i - wire::kHeaderBits) / wire::kSlotBits;
-    const int64_t b = (i - wire::kHeaderBits) % wire::kSlotBits;
-    const uint64_t want = s < 3 ? (records[s] >> b) & 1u : 0;
-    CONTEXT("bit " << i);
-    EXPECT_EQ(wire::record_bit(h, records, 3, i), want);
+  for (int64_t slot_bits : {int64_t{47}, int64_t{13}}) {
+    for (int64_t i = wire::kHeaderBits; i < wire::kHeaderBits + 4 * slot_bits; ++i) {
+      const int64_t s = (i - wire::kHeaderBits) / slot_bits;
+      const int64_t b = (i - wire::kHeaderBits) % slot_bits;
+      const uint64_t want = s < 3 ? (records[s] >> b) & 1u : 0;
+      CONTEXT("slot bits " << slot_bits << ", bit " << i);
+      EXPECT_EQ(wire::record_bit(h, records, 3, slot_bits, i), want);
+    }
+  }
+}
+
+TEST_CASE(runs_of_bits_read_what_single_bits_read) {
+  // record_bits and section_bits read up to 63 bits at once; bit k of a run
+  // must be bit i + k, whatever word and slot boundaries the run crosses.
+  Rng rng(11);
+  std::vector<uint64_t> records(5);
+  for (auto& r : records) r = rng.next() & ((uint64_t{1} << wire::kSlotBits) - 1);
+  const wire::HeaderBits h{rng.next(), rng.next() & ((uint64_t{1} << (wire::kHeaderBits - 64)) - 1)};
+  std::vector<int64_t> section(12);
+  for (auto& w : section) w = rng.word();  // bit 63 set in some: never read
+  for (int iter = 0; iter < 20000; ++iter) {
+    const int64_t slot_bits = iter % 2 ? wire::kSlotBits : wire::kSlotCoreBits;
+    auto bit = [&](int64_t i) -> uint64_t {  // written out from the layout, not from record_bits
+      if (i < 64) return (h.lo >> i) & 1u;
+      if (i < wire::kHeaderBits) return (h.hi >> (i - 64)) & 1u;
+      const int64_t s = (i - wire::kHeaderBits) / slot_bits;
+      return s < 4 ? (records[s] >> ((i - wire::kHeaderBits) % slot_bits)) & 1u : 0;  // 4 of 5 sent
+    };
+    const int64_t record_len = wire::kHeaderBits + 8 * slot_bits;
+    const int64_t n = rng.below(64);
+    const int64_t i = rng.below(record_len - n + 1);
+    uint64_t want = 0;
+    for (int64_t k = 0; k < n; ++k) want |= bit(i + k) << k;
+    CONTEXT("slot bits " << slot_bits << ", record bits " << i << " + " << n);
+    if (!EXPECT_EQ(wire::record_bits(h, records.data(), 4, slot_bits, i, n), want)) break;
+    const int64_t g = rng.below(11 * 63 - n + 1);
+    uint64_t section_want = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      section_want |= ((static_cast<uint64_t>(section[1 + (g + k) / 63]) >> ((g + k) % 63)) & 1u) << k;
+    }
+    CONTEXT("section bits " << g << " + " << n);
+    if (!EXPECT_EQ(wire::section_bits(section.data(), 1, g, n), section_want)) break;
   }
 }
 
 TEST_CASE(pack_word_puts_each_section_in_place) {
   const int64_t n = 3;
   for (int64_t world : {1, 3, 64, 65}) {
-    const wire::Layout L = wire::make_layout(wire::capacity_for(n), world);
+    const wire::Layout L = wire::make_layout(wire::capacity_for(n), world, false);
     RankInput in = agreeing_input(n, world, wire::kMajority);
     in.votes = {1, 0, 1};
     std::vector<uint64_t> records;
@@ -317,7 +376,7 @@ TEST_CASE(pack_word_puts_each_section_in_place) {
       EXPECT_EQ(wire::pack_word(L, h, records.data(), n, rank, false, L.total_words), 0);
       for (int64_t w = 0; w < L.total_words; ++w) EXPECT_GE(buf[w], 0);
       for (int64_t i = 0; i < L.record_bits; ++i) {
-        const uint64_t bit = wire::record_bit(h, records.data(), n, i);
+        const uint64_t bit = wire::record_bit(h, records.data(), n, L.slot_bits, i);
         EXPECT_EQ(wire::counter_at(buf.data(), L, i), bit);
         EXPECT_EQ(wire::root_bit(buf.data(), L, i), rank == 0 ? bit : 0);
       }
@@ -337,7 +396,7 @@ TEST_CASE(pack_word_puts_each_section_in_place) {
         // Only this rank's lane is non-zero, and it holds the record.
         for (int64_t r = 0; r < world; ++r) {
           for (int64_t i = 0; i < L.record_bits; ++i) {
-            const uint64_t want = r == rank ? wire::record_bit(h, records.data(), n, i) : 0;
+            const uint64_t want = r == rank ? wire::record_bit(h, records.data(), n, L.slot_bits, i) : 0;
             if (!EXPECT_EQ(wire::lane_bit(buf.data(), L, r, i), want)) break;
           }
         }
@@ -361,7 +420,8 @@ TEST_CASE(all_ones_records_sum_without_overflow) {
       in.header = wire::HeaderValues{~0ull, ~0ull, 3, ~0ull, ~0ull, 1, wire::kReasonMax};
       const std::vector<RankInput> inputs(static_cast<size_t>(world), in);
       const std::vector<int64_t> sum = reduce_ranks(inputs, world);
-      const wire::Layout L = wire::make_layout(wire::capacity_for(n), world);
+      const wire::Layout L = wire::make_layout(wire::capacity_for(n), world, true);
+      EXPECT_EQ(static_cast<int64_t>(sum.size()), L.total_words);
       for (int64_t w = 0; w < L.total_words; ++w) EXPECT_GE(sum[w], 0);
       const int64_t used_bits = wire::kHeaderBits + wire::kSlotBits * n;
       for (int64_t i = 0; i < L.record_bits; ++i) {
@@ -820,7 +880,7 @@ TEST_CASE(reason_counts_that_honest_ranks_cannot_send_are_corrupt) {
     std::vector<RankInput> inputs = agreeing_ranks(2, world, wire::kAny);
     inputs[1].stages[0] = 99;
     const std::vector<int64_t> good = reduce_ranks(inputs, world);
-    const wire::Layout L = wire::make_layout(2, world);
+    const wire::Layout L = wire::make_layout(2, world, false);
     EXPECT(!decode_all(good, 2, world, wire::kAny).flag(wire::kFlagCorrupt));
     auto add = [&](std::vector<int64_t>* buf, int64_t code, int64_t n) {
       (*buf)[wire::reason_counter_word(L, code)] += n * (int64_t{1} << wire::reason_counter_shift(L, code));
@@ -894,7 +954,7 @@ TEST_CASE(inconsistent_sections_are_corrupt) {
     CONTEXT("world " << world);
     const std::vector<RankInput> inputs = agreeing_ranks(2, world, wire::kAny);
     const std::vector<int64_t> good = reduce_ranks(inputs, world);
-    const wire::Layout L = wire::make_layout(2, world);
+    const wire::Layout L = wire::make_layout(2, world, false);
     const int64_t vote0 = wire::kHeaderBits + wire::kSlotVoteBit;
     const int64_t stage0 = wire::kHeaderBits + wire::kSlotStageBit;
 
@@ -912,7 +972,7 @@ TEST_CASE(inconsistent_sections_are_corrupt) {
 
     // ROOT lacks a bit that every counter saw: in a slot (slot 1's stage
     // is 1) and in the header (the site is 0xC0FFEE on every rank).
-    const int64_t set_bits[] = {wire::kHeaderBits + wire::kSlotBits + wire::kSlotStageBit,
+    const int64_t set_bits[] = {wire::kHeaderBits + L.slot_bits + wire::kSlotStageBit,
                                 wire::field_offset(wire::kFieldSite) + 1};
     for (int64_t i : set_bits) {
       CONTEXT("record bit " << i << " cleared in ROOT");
@@ -1082,6 +1142,46 @@ std::vector<RankInput> variant_inputs(int v, int64_t world, int64_t policy, Rng&
 
 }  // namespace
 
+TEST_CASE(the_slot_state_changes_the_size_and_nothing_it_decides) {
+  // Inputs without per-slot policies or digests, sent once without the slot
+  // state and once with it (the defaults: the call's policy, digest 0): the
+  // same decisions and report, but for FLAG_SLOT_STATE. Ranks with fewer
+  // slots are left out of the report comparison: their padding slots carry
+  // policy 0 with the slot state and their call policy without (both views
+  // are mismatched then, and decide nothing either way).
+  Rng rng(0x51075);
+  for (int64_t world : {1, 2, 3, 64, 65, 1024}) {
+    for (int v = 0; v < kNumVariants; ++v) {
+      if (v == kSlotPolicies || v == kSlotPolicyDiverges || v == kDigestDiverges || v == kBadPolicy ||
+          v == kBadDigest) {
+        continue;  // these send policies or digests: only the slot state carries them
+      }
+      const int64_t policy = v % wire::kNumPolicies;
+      const std::vector<RankInput> inputs = variant_inputs(v, world, policy, rng);
+      std::vector<int64_t> core, with_state;
+      for (int64_t r = 0; r < world; ++r) {
+        add_into(&core, pack_rank(inputs[r], r, world, false));
+        add_into(&with_state, pack_rank(inputs[r], r, world, true));
+      }
+      EXPECT_LT(core.size(), with_state.size());
+      CONTEXT("world " << world << ", " << kVariantNames[v]);
+      const int64_t n = static_cast<int64_t>(inputs[0].votes.size());
+      const Decoded a = decode_all(core, n, world, policy);
+      const Decoded b = decode_all(with_state, n, world, policy);
+      EXPECT(!a.slot_state && b.slot_state);
+      EXPECT(!a.flag(wire::kFlagSlotState) && b.flag(wire::kFlagSlotState));
+      EXPECT(a.decision == b.decision);
+      if (v == kSlotsMismatch) continue;
+      std::vector<int64_t> b_report = b.report;
+      b_report[wire::kGFlags] &= ~wire::kFlagSlotState;
+      for (size_t i = 0; i < a.report.size(); ++i) {
+        CONTEXT("report word " << i);
+        if (!EXPECT_EQ(a.report[i], b_report[i])) break;
+      }
+    }
+  }
+}
+
 TEST_CASE(pack_matches_the_oracle) {
   Rng rng(0x0AC1E);
   for (int64_t world : {1, 2, 3, 4, 63, 64, 65, 127, 128, 1023, 1024, 1025, 4096, 65536}) {
@@ -1089,7 +1189,8 @@ TEST_CASE(pack_matches_the_oracle) {
       const std::vector<RankInput> inputs = variant_inputs(v, world, v % wire::kNumPolicies, rng);
       for (int64_t r : {int64_t{0}, world / 2, world - 1}) {
         CONTEXT("world " << world << ", " << kVariantNames[v] << ", rank " << r);
-        EXPECT(pack_rank(inputs[r], r, world) == oracle::buffer(inputs[r], r, world));
+        const bool slot_state = carries_slot_state(inputs);
+        EXPECT(pack_rank(inputs[r], r, world, slot_state) == oracle::buffer(inputs[r], r, world, slot_state));
       }
     }
   }

@@ -25,7 +25,7 @@ const Shape kShapes[] = {
     {3, 63}, {8, 64}, {1, 64}, {2, 65},  {8, 100}, {3, 1024}, {1024, 1}, {1024, 64},
     {1024, 1024}};
 
-constexpr int64_t kKnownFlags = (wire::kFlagHeaderOk << 1) - 1;
+constexpr int64_t kKnownFlags = (wire::kFlagSlotState << 1) - 1;
 constexpr int64_t kKnownStatus = (wire::kStatusNoGate << 1) - 1;
 
 // What must hold for any buffer, garbage or not.
@@ -33,6 +33,7 @@ void check_report_invariants(const Decoded& d) {
   const int64_t W = d.world;
   EXPECT_EQ(d.flags() & ~kKnownFlags, 0);
   EXPECT_EQ(d.flag(wire::kFlagExact), W <= wire::kMaxExactWorld);
+  EXPECT_EQ(d.flag(wire::kFlagSlotState), d.slot_state);
   EXPECT(!(d.flag(wire::kFlagHeaderOk) && d.flag(wire::kFlagCorrupt)));
   EXPECT(d.global(wire::kGPoisonedRank) >= -1 && d.global(wire::kGPoisonedRank) < W);
   int64_t decided = 0, diverged = 0;
@@ -135,10 +136,12 @@ int64_t iterations_for(const Shape& sh, int64_t base) {
 TEST_CASE(random_words_are_flagged_corrupt) {
   Rng rng(0xE5BE2);
   for (const Shape& sh : kShapes) {
-    const wire::Layout L = wire::make_layout(wire::capacity_for(sh.num_slots), sh.world);
     const int64_t iters = iterations_for(sh, 1000);
     for (int64_t it = 0; it < iters; ++it) {
-      CONTEXT("slots " << sh.num_slots << ", world " << sh.world << ", iteration " << it);
+      // Either layout: the buffer's size picks it.
+      const wire::Layout L = wire::make_layout(wire::capacity_for(sh.num_slots), sh.world, it % 2 == 0);
+      CONTEXT("slots " << sh.num_slots << ", world " << sh.world << ", slot state " << L.slot_state
+                       << ", iteration " << it);
       std::vector<int64_t> buf(static_cast<size_t>(L.total_words));
       for (auto& w : buf) w = rng.word();
       // Small values as well as huge ones: the fixed words of a near miss.
@@ -156,10 +159,11 @@ TEST_CASE(random_words_are_flagged_corrupt) {
 TEST_CASE(random_words_behind_valid_fixed_words_are_not_trusted) {
   Rng rng(0xFACADE);
   for (const Shape& sh : kShapes) {
-    const wire::Layout L = wire::make_layout(wire::capacity_for(sh.num_slots), sh.world);
     const int64_t iters = iterations_for(sh, 1000);
     for (int64_t it = 0; it < iters; ++it) {
-      CONTEXT("slots " << sh.num_slots << ", world " << sh.world << ", iteration " << it);
+      const wire::Layout L = wire::make_layout(wire::capacity_for(sh.num_slots), sh.world, it % 4 < 2);
+      CONTEXT("slots " << sh.num_slots << ", world " << sh.world << ", slot state " << L.slot_state
+                       << ", iteration " << it);
       std::vector<int64_t> buf(static_cast<size_t>(L.total_words));
       for (auto& w : buf) w = it % 2 ? rng.word() : static_cast<int64_t>(rng.next() >> 1);
       buf[wire::kWordPresence] = sh.world;
@@ -203,11 +207,12 @@ TEST_CASE(mutated_buffers_never_decide_silently_with_lanes) {
   Rng rng(0xB17F11B);
   for (const Shape& sh : kShapes) {
     if (sh.num_slots * sh.world > 20000) continue;
-    const wire::Layout L = wire::make_layout(wire::capacity_for(sh.num_slots), sh.world);
     const int64_t bases = iterations_for(sh, 16);
     for (int64_t b = 0; b < bases; ++b) {
       const int64_t policy = rng.below(wire::kNumPolicies);
       const std::vector<RankInput> inputs = random_inputs(rng, sh, policy);
+      const wire::Layout L =
+          wire::make_layout(wire::capacity_for(sh.num_slots), sh.world, carries_slot_state(inputs));
       const std::vector<int64_t> good = reduce_ranks(inputs, sh.world);
       const Decoded clean = decode_all(good, sh.num_slots, sh.world, policy);
       for (int64_t m = 0; m < 40; ++m) {

@@ -86,11 +86,23 @@ inline wire::HeaderValues effective_header(const RankInput& in, std::vector<uint
   return h;
 }
 
-// One rank's contribution; the layout comes from its own slot count and the
-// world size (not from its header, so tests can lie in the header).
-inline std::vector<int64_t> pack_rank(const RankInput& in, int64_t rank, int64_t world) {
+// Whether a call carries the slot state: some rank sends per-slot policies or
+// digests. The ranks of a call agree on it (GateSync fixes it per gate), so
+// the simulated ranks that send neither send the defaults, as a GateSync
+// built with the slot state does.
+inline bool carries_slot_state(const std::vector<RankInput>& inputs) {
+  for (const RankInput& in : inputs) {
+    if (!in.policies.empty() || !in.digests.empty()) return true;
+  }
+  return false;
+}
+
+// One rank's contribution; the layout comes from its own slot count, the
+// world size and the call's slot state (not from its header, so tests can lie
+// in the header).
+inline std::vector<int64_t> pack_rank(const RankInput& in, int64_t rank, int64_t world, bool slot_state) {
   const int64_t n = static_cast<int64_t>(in.votes.size());
-  const wire::Layout L = wire::make_layout(wire::capacity_for(n), world);
+  const wire::Layout L = wire::make_layout(wire::capacity_for(n), world, slot_state);
   std::vector<uint64_t> records(static_cast<size_t>(n));
   wire::PackShared shared;
   std::vector<int64_t> out(static_cast<size_t>(L.total_words));
@@ -98,6 +110,12 @@ inline std::vector<int64_t> pack_rank(const RankInput& in, int64_t rank, int64_t
                     in.policies_or_null(), in.digests_or_null(), n, in.header, L, rank, records.data(), &shared,
                     out.data());
   return out;
+}
+
+// The same, carrying the slot state exactly when this rank sends policies or
+// digests, as the op decides.
+inline std::vector<int64_t> pack_rank(const RankInput& in, int64_t rank, int64_t world) {
+  return pack_rank(in, rank, world, !in.policies.empty() || !in.digests.empty());
 }
 
 // Wrapping add, as NCCL/Gloo would (never reached by valid buffers, whose
@@ -118,12 +136,13 @@ inline void add_into(std::vector<int64_t>* sum, const std::vector<int64_t>& buf)
 inline std::vector<int64_t> reduce_ranks(
     const std::vector<RankInput>& inputs, int64_t world, const std::vector<int64_t>& rank_ids = {}) {
   std::vector<int64_t> sum;
+  const bool slot_state = carries_slot_state(inputs);
   if (rank_ids.empty()) {
     for (int64_t r = 0; r < static_cast<int64_t>(inputs.size()); ++r) {
-      add_into(&sum, pack_rank(inputs[r], r, world));
+      add_into(&sum, pack_rank(inputs[r], r, world, slot_state));
     }
   } else {
-    for (int64_t r : rank_ids) add_into(&sum, pack_rank(inputs[r], r, world));
+    for (int64_t r : rank_ids) add_into(&sum, pack_rank(inputs[r], r, world, slot_state));
   }
   return sum;
 }
@@ -131,6 +150,7 @@ inline std::vector<int64_t> reduce_ranks(
 struct Decoded {
   int64_t num_slots = 0;
   int64_t world = 0;
+  bool slot_state = false;         // the layout the buffer's size picked
   bool header_ok = false;          // decode_global's verdict, before slots
   std::vector<int64_t> report;
   std::vector<uint8_t> decision;
@@ -157,18 +177,23 @@ struct Decoded {
   }
 };
 
-// The reduced buffer must hold exactly the layout's words: the fuzz test runs
-// under AddressSanitizer and relies on any read past them being caught.
+// The reduced buffer must hold exactly the words of one of the two layouts
+// (its size picks which, as in the op): the fuzz test runs under
+// AddressSanitizer and relies on any read past them being caught.
 inline Decoded decode_all(const std::vector<int64_t>& buf, int64_t num_slots, int64_t world, int64_t policy) {
-  const wire::Layout L = wire::make_layout(wire::capacity_for(num_slots), world);
-  if (static_cast<int64_t>(buf.size()) != L.total_words) {
-    std::fprintf(stderr, "wire_sim: decode of %zu words, layout has %lld\n", buf.size(),
-                 static_cast<long long>(L.total_words));
+  const wire::Layout core = wire::make_layout(wire::capacity_for(num_slots), world, false);
+  const wire::Layout with_state = wire::make_layout(wire::capacity_for(num_slots), world, true);
+  const int64_t words = static_cast<int64_t>(buf.size());
+  if (words != core.total_words && words != with_state.total_words) {
+    std::fprintf(stderr, "wire_sim: decode of %zu words, the layouts have %lld and %lld\n", buf.size(),
+                 static_cast<long long>(core.total_words), static_cast<long long>(with_state.total_words));
     std::abort();
   }
+  const wire::Layout& L = words == with_state.total_words ? with_state : core;
   Decoded d;
   d.num_slots = num_slots;
   d.world = world;
+  d.slot_state = L.slot_state;
   d.report.assign(static_cast<size_t>(wire::report_words(num_slots, world)), 0);
   d.decision.assign(static_cast<size_t>(num_slots), 0);
   wire::DecodeShared shared;

@@ -7,7 +7,9 @@
     raw_op                    esper_gate.sync(...) on GateSync's group + the same host read
 
 The first two are the designs Esper uses today; the floor is what any fused
-design must pay. All five run in the same ranks, on the same process group
+design must pay. No design sends per-slot policies or digests, so the gate is
+built with ``slot_state=False``: GateSync, the raw op and the floor then move
+the same buffer (``wire.buffer_words(S, W)``). All five run in the same ranks, on the same process group
 (the dedicated group GateSync builds), interleaved round-robin inside every
 repetition so machine drift hits all of them alike.
 
@@ -137,7 +139,7 @@ def _bench_rank(rank: int, world: int, cfg: dict) -> dict | None:
     cells = []
     for num_slots in cfg["slots"]:
         gs = esper_gate.GateSync(num_slots, timeout=datetime.timedelta(seconds=cfg["pg_timeout_s"]),
-                                 device=device)
+                                 device=device, slot_state=False)
         # In a world of one GateSync decides locally and builds no group; the
         # collective designs then use the world group.
         group = compared if gs.distributed else dist.group.WORLD
@@ -231,7 +233,11 @@ def _bench_rank(rank: int, world: int, cfg: dict) -> dict | None:
 # ---- one process, no collective ----------------------------------------------
 
 def local_costs(slots: list[int], device: str = "cpu", min_run_time: float = 0.2) -> list[dict]:
-    """pack, decode and a GateSync call outside any process group, per S (torch.utils.benchmark)."""
+    """pack, decode and a GateSync call outside any process group, per S (torch.utils.benchmark).
+
+    The calls send no per-slot policies or digests (and the GateSync is built without the
+    slot state), except ``pack_decode_read_slot_state``: the same call with a policy and a
+    digest per slot, the 47-bit slots an Esper round with digests sends."""
     from torch.utils import benchmark
 
     import esper_gate
@@ -242,10 +248,12 @@ def local_costs(slots: list[int], device: str = "cpu", min_run_time: float = 0.2
         votes = torch.tensor([i % 3 != 0 for i in range(num_slots)], device=device)
         stages = torch.full((num_slots,), 3, dtype=torch.int64, device=device)
         targets = torch.full((num_slots,), 4, dtype=torch.int64, device=device)
+        policies = torch.zeros(num_slots, dtype=torch.int64, device=device)
+        digests = torch.arange(num_slots, dtype=torch.int64, device=device) * 0x9E3779B1 % 2**32
         buf = esper_gate.pack(votes, stages, targets, 1, 7, "unanimous", 0, world)
-        gs = esper_gate.GateSync(num_slots, device=device)
+        gs = esper_gate.GateSync(num_slots, device=device, slot_state=False)
         env = {"esper_gate": esper_gate, "votes": votes, "stages": stages, "targets": targets, "buf": buf,
-               "S": num_slots, "W": world, "gs": gs, "torch": torch}
+               "S": num_slots, "W": world, "gs": gs, "torch": torch, "policies": policies, "digests": digests}
         sync = "torch.cuda.synchronize()" if device == "cuda" else ""
         stmts = {
             "pack": f"esper_gate.pack(votes, stages, targets, 1, 7, 'unanimous', 0, W); {sync}",
@@ -253,6 +261,8 @@ def local_costs(slots: list[int], device: str = "cpu", min_run_time: float = 0.2
             "pack_decode_read": "esper_gate.decode(esper_gate.pack(votes, stages, targets, 1, 7, 'unanimous', 0, W),"
                                 " S, W, 'unanimous')[0].tolist()",
             "gate_sync_local": "gs(votes, stages, targets).host_decisions()",
+            "pack_decode_read_slot_state": "esper_gate.decode(esper_gate.pack(votes, stages, targets, 1, 7, "
+                                           "'unanimous', 0, W, 0, policies, digests), S, W, 'unanimous')[0].tolist()",
         }
         for name, stmt in stmts.items():
             m = benchmark.Timer(stmt=stmt, globals=env, num_threads=1).blocked_autorange(min_run_time=min_run_time)

@@ -90,13 +90,16 @@ def render_markdown(result: dict) -> str:
                 "Where esper_gate's own time goes, W=2 buffer layout, µs per call (median)"
                 + (", each kernel followed by a device synchronize:" if dev == "cuda" else ":"), "",
                 "| S | pack | decode | pack + decode + host read | GateSync call + host read, local path "
-                "| GateSync's Python around the kernels |",
-                "|---:|---:|---:|---:|---:|---:|"]
+                "| GateSync's Python around the kernels | pack + decode + host read, with per-slot policies "
+                "and digests |",
+                "|---:|---:|---:|---:|---:|---:|---:|"]
         by = {(r["slots"], r["what"]): r["median_us"] for r in local}
         for s in sorted({r["slots"] for r in local}):
+            state = by.get((s, "pack_decode_read_slot_state"))  # absent from results of older versions
             out.append(f"| {s} | {by[(s, 'pack')]:.1f} | {by[(s, 'decode')]:.1f} | "
                        f"{by[(s, 'pack_decode_read')]:.1f} | {by[(s, 'gate_sync_local')]:.1f} | "
-                       f"{by[(s, 'gate_sync_local')] - by[(s, 'pack_decode_read')]:.1f} |")
+                       f"{by[(s, 'gate_sync_local')] - by[(s, 'pack_decode_read')]:.1f} | "
+                       + ("n/a" if state is None else f"{state:.1f}") + " |")
         out.append("")
     out += ["## Targets", "", "```"] + target_lines(result["targets"]) + ["```", ""]
     if result.get("notes"):
