@@ -210,19 +210,14 @@ class GateSync:
             raise GateError("this GateSync was closed, and close() freed its process group")
         return getattr(self._transport, "group", None)
 
-    @property
-    def group_name(self) -> str | None:
-        return self._transport.name
+    group_name = property(lambda self: self._transport.name, doc="The gate's group's name (None when local).")
 
     @property
     def index(self) -> int:
         """This gate's place among the gates built on its group, as errors name it ("gate #3")."""
         return self._diagnosis.gate_index if self.distributed else 0
 
-    @property
-    def calls(self) -> int:
-        """Number of calls made so far (the seq of the last call)."""
-        return self._seq
+    calls = property(lambda self: self._seq, doc="Number of calls made so far (the seq of the last call).")
 
     @property
     def config_error(self) -> GateConfigError | None:
@@ -230,10 +225,7 @@ class GateSync:
         settings (the same on every rank: each saw every rank's settings), or None."""
         return self._config_error
 
-    @property
-    def failure(self) -> GateError | None:
-        """The error that made this GateSync unusable, or None."""
-        return self.latch.error
+    failure = property(lambda self: self.latch.error, doc="The error that made this GateSync unusable, or None.")
 
     def close(self) -> None:
         """Stop the watcher thread and free the dedicated group (its threads and sockets).
