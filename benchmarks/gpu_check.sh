@@ -456,10 +456,10 @@ skip esper "optional, not run: integrations/esper/check.sh clones esper-lite (th
 if [ "$GPU" = 1 ] && [ "$(left)" -lt 40 ]; then
   skip cpu_tests "optional, and only $(left)s of the budget is left"
 else
-  # Not the scripts' dry runs on the double: world2_double and owned_nccl_double ran them above
-  # (or the GPU ran the real thing).
+  # Not the spawned ones (the scripts' dry runs on the double: world2_double and owned_nccl_double
+  # ran them above, or the GPU ran the real thing); CI runs every one.
   step cpu_tests 60 "$PY" -m pytest tests/test_wire.py tests/test_gpu_scripts.py -q \
-    -p no:cacheprovider -k "not dry_run_on_the_double"
+    -p no:cacheprovider -m "not multiprocess and not slow"
 fi
 
 # ---- summary ---------------------------------------------------------------------

@@ -216,3 +216,35 @@ def test_world2_dry_run_on_the_double_runs_every_case_that_needs_no_cuda():
     assert lines["all_reduce"].startswith("PASS") and "ncclInProgress 50/50 calls" in lines["all_reduce"]
     assert lines["silent_peer"].startswith("PASS") and "rank 1 named" in lines["silent_peer"]
     assert all(lines[n].startswith("FIGURE") for n in ("enqueue", "figures_s1", "figures_s16"))
+
+
+UNBUILDABLE_WORLD = """
+import sys
+sys.path.insert(0, {benchmarks!r})
+import esper_gate
+import gpu_world2_check as m
+
+
+def gate(self, slots=4, timeout=30.0):
+    raise esper_gate.GateError("GateSync construction: rank 1 did not initialize the gate's communicator (test)")
+
+
+m.World.gate = gate  # the spawned ranks run this file first too (their __mp_main__)
+if __name__ == "__main__":
+    sys.exit(m.main(["--double"]))
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_a_world_of_two_that_cannot_build_a_gate_stops_at_once_and_every_case_says_why(tmp_path):
+    """On the GPU each later case would wait out a construction timeout for the same reason."""
+    script = tmp_path / "unbuildable.py"
+    script.write_text(UNBUILDABLE_WORLD.format(benchmarks=os.path.join(ROOT, "benchmarks")))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=110, cwd=ROOT)
+    lines = {ln.split()[1].split(":")[1]: ln for ln in gpu_summary.case_lines(out.stdout, "w")}
+    assert out.returncode == 1, out
+    assert set(lines) == set(gpu_world2_check.CASES), out.stdout
+    assert lines["all_reduce"].startswith("FAIL") and "GateSync construction" in lines["all_reduce"]
+    assert lines["silent_peer"].startswith("FAIL") and "could not build a gate" in lines["silent_peer"]
+    assert lines["figures"].startswith("SKIPPED") and "could not build a gate" in lines["figures"]
