@@ -288,10 +288,10 @@ fi
 # Which NCCL: "NCCL ..." lines, the first of summary.txt. On a GPU, FAIL when the gate could
 # not use it (every owned step would fail for that one reason).
 nccl_info() {
-  local pip_nccl
-  pip_nccl=$("$PY" -m pip show nvidia-nccl-cu13 2>&1 | \
-    awk -F': ' '/^(Version|Location): / {printf "%s%s %s", sep, $1, $2; sep="; "}')
-  PIP_NCCL=${pip_nccl:-"not installed (pip show nvidia-nccl-cu13 found nothing)"} "$PY" - <<'EOF'
+  local pip_out pip_nccl
+  pip_out=$("$PY" -m pip show nvidia-nccl-cu13 2>&1)
+  pip_nccl=$(awk -F': ' '/^(Version|Location): / {printf "%s%s %s", sep, $1, $2; sep="; "}' <<< "$pip_out")
+  PIP_NCCL=${pip_nccl:-"no version (not installed, or no pip): $(head -n 1 <<< "$pip_out")"} "$PY" - <<'EOF'
 import os, sys
 import torch
 from esper_gate import _nccl
