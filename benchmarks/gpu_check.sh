@@ -438,7 +438,7 @@ fi
 if [ "$GPU_OK" = 1 ] && [ "$(left)" -lt 60 ]; then
   skip bench "optional (world2 has the world-of-two figures), and only $(left)s of the budget is left (60 s needed)"
 elif [ "$GPU_OK" = 1 ]; then
-  # NCCL with one rank (NCCL cannot put two ranks on one GPU): per-slot unanimous with .item(),
+  # NCCL with one rank (the harness puts one rank per GPU; world2 has the world of two): per-slot unanimous with .item(),
   # rank-0 broadcast, bare floor, GateSync, raw op, for S in {1, 4, 16, 64, 256}.
   step bench 60 "$PY" benchmarks/bench_sync.py --backend nccl --preset quick \
     --slots 1 4 16 64 256 --budget 1 --out "$OUT/bench"
