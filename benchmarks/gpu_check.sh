@@ -11,6 +11,10 @@
 #   2. the build, in place, for the local GPU's arch only                build.log
 #      (ESPER_GATE_FORCE_CUDA=1, ESPER_GATE_CUDA_ARCHS=<capability>, MAX_JOBS=nproc)
 #   3. the build info says "cuda"                                        info.log
+#      which NCCL: the loaded libnccl's path and version,                nccl.log
+#        torch.cuda.nccl.version(), `pip show nvidia-nccl-cu13`, and
+#        whether the gate would use it (_nccl.library_info(): usable,
+#        why, differs); the first lines of summary.txt
 #   4. in the background while step 5 runs (other processes, one GPU):
 #      c10d_fallback: TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=10, the gate's    c10d_fallback.log
 #        c10d NCCL group aborted: no exception_dump key in the job's
@@ -25,34 +29,60 @@
 #      nccl_lib: tests/test_nccl_lib.py, tests/test_graph_safety.py      nccl_lib.log
 #      test_cuda_ranks: the CUDA tests that spawn 2-4 ranks              test_cuda_ranks.{log,xml}
 #   5. every other CUDA test (tests/test_cuda.py; a skipped test FAILS) test_cuda.log, test_cuda.xml
-#   6. owned_nccl: the gate's NCCL communicator alone, with the GPU     owned_nccl.log
+#   6. world2: a world of two on the one GPU, the GPU to itself          world2.log
+#      (gpu_world2_check.py: two processes, each its own NCCL_HOSTID, so
+#      NCCL connects them over its socket transport): the owned gate's
+#      all_reduce (ncclInProgress seen, host us per call, the sum);
+#      no host sync under set_sync_debug_mode("error"); enqueue time
+#      (target <= 30 us); a silent peer with 10 s of torch.cuda._sleep
+#      on the caller's stream: named within the timeout + 5 s, the
+#      abort's duration, then a new gate works; per S in
+#      {1,16,64,256} per-slot MIN+.item(), the bare NCCL floor, the
+#      raw op and GateSync with its host read (targets <= 1.3x the
+#      floor, >= S/2 x per-slot); a global-mode capture while NCCL's
+#      launch thread runs
+#   7. owned_nccl: the gate's NCCL communicator alone, with the GPU     owned_nccl.log
 #      to itself (gpu_owned_check.py): init that times out then aborts;
 #      a stuck all_reduce aborted within 2 s and a new communicator
-#      after it; one CUDA context per process; 100 init/abort cycles
-#      without growth; a user's global-mode capture while a gate call
-#      is in flight; capture refused with the clear error (no replay
-#      of a stale call number); set_sync_debug_mode("error")
-#   7. figures, GPU to itself: host enqueue time of one sync (target    gate_figures.log
-#      <= 30 us); pack/decode kernel times up to S=1024, W=64; what
+#      after it; one CUDA context, on the gate's device (two GPUs or
+#      more; SKIPPED on one); 100 init/abort cycles: at most one
+#      thread and one fd per pending unique id (NCCL's bootstrap
+#      root) plus a constant, healthy cycles the constant alone; a
+#      user's global-mode capture while a gate call is in flight;
+#      capture refused with the clear error (no replay of a stale
+#      call number); set_sync_debug_mode("error")
+#   8. figures, GPU to itself: host enqueue time of one sync at world  gate_figures.log
+#      1 (NCCL launches nothing there; world2 has the real one);
+#      pack/decode kernel times up to S=1024, W=64 (goal <= 50 us); what
 #      per-slot policies and digests cost (bytes, kernel times, with
 #      and without them)
-#   8. the benchmark's NCCL rows with one rank, S in {1,4,16,64,256}:    bench.log, bench/bench.{md,json,png}
-#      per-slot all_reduce(MIN)+.item(), bare floor, GateSync, raw op
-#      (skipped when too little of the budget is left)
-#   9. the scripts' own CPU tests and tests/test_wire.py (optional)      cpu_tests.log
+#   9. the benchmark's NCCL rows with one rank, S in {1,4,16,64,256}     bench.log, bench/bench.{md,json,png}
+#      (optional: world2 has the world-of-two figures; run when 60 s
+#      of the budget are left)
+#  10. Esper's run on CUDA tensors: SKIPPED (integrations/esper/check.sh
+#      clones esper-lite, which the lent machine cannot reach, and its
+#      runner trains on the CPU)
+#  11. the scripts' own CPU tests and tests/test_wire.py (optional)      cpu_tests.log
 # and prints one PASS/FAIL/SKIPPED/FIGURE line per step and per case (also
 # in summary.txt; FIGURE lines are measurements, never a failure).
 #
 # Every step has a timeout and the whole run a budget (GPU_CHECK_BUDGET_S,
-# default 285 s). Estimated on an H200 with 16 cores (nothing measured yet):
-# env + GPU probe ~10 s, build ~60-90 s, info ~5 s; test_cuda ~50 s while the
+# default 450 s: with the 15 s a timed-out step gets to die, the run ends
+# within 8 minutes, so that a rerun fits in 15 minutes of device time).
+# Estimated on an H100/H200 with 16 cores (nothing measured yet): env + GPU
+# probe ~10 s, build ~60-90 s, info + nccl ~8 s; test_cuda ~50 s while the
 # background steps run (c10d_fallback ~50 s, test_cuda_ranks ~50 s,
-# compile ~30 s, gate_owned ~30 s, nccl_lib ~20 s); owned_nccl ~70 s;
-# gate_figures ~20 s; bench ~30 s: ~260-290 s. Steps that find less than their need left are skipped (FAIL
-# for the checks, SKIPPED for the benchmark). Exit status: 0 every step
-# passed; 1 a step failed or timed out; 3 no GPU is visible to torch: the GPU
-# steps are SKIPPED (the scripts' no-GPU paths, a CPU test subset and a quick
-# gloo benchmark still run, so the script itself can be tried anywhere).
+# compile ~30 s, gate_owned ~30 s, nccl_lib ~20 s): ~60 s; world2 ~70-100 s
+# (start ~10, all_reduce ~5, no_host_sync ~3, enqueue ~3, silent_peer ~20,
+# figures ~30-50: two processes time-slice the GPU, graph_capture ~5);
+# owned_nccl ~60 s; gate_figures ~20 s: ~310-360 s, then bench ~30 s and
+# cpu_tests ~20 s when the budget allows. Steps that find less than their
+# need left are skipped (FAIL for the checks, SKIPPED for the optional
+# ones). Exit status: 0 every step passed; 1 a step failed or timed out; 3
+# no GPU is visible to torch: the GPU steps are SKIPPED (the scripts' no-GPU
+# paths, their dry runs on the CPU double of NCCL (tests/owned_double.py),
+# a CPU test subset and a quick gloo benchmark still run, so the script
+# itself can be tried anywhere).
 #
 # Knobs: PYTHON (default python3), CUDA_HOME (default: the toolkit of the nvcc
 # on PATH, else /usr/local/cuda), MAX_JOBS (default nproc), GPU_CHECK_BUDGET_S,
@@ -69,7 +99,7 @@ mkdir -p "$1" || exit 2
 OUT=$(cd "$1" && pwd)
 cd "$ROOT" || exit 2
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-285}
+BUDGET=${GPU_CHECK_BUDGET_S:-450}
 START=$SECONDS
 # The in-place build lives in the source tree; spawned ranks inherit this.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -257,6 +287,35 @@ else
   step info 60 "$PY" -m esper_gate info || BUILD_OK=0
 fi
 
+# Which NCCL: "NCCL ..." lines, the first of summary.txt. On a GPU, FAIL when the gate could
+# not use it (every owned step would fail for that one reason).
+nccl_info() {
+  local pip_out pip_nccl
+  pip_out=$("$PY" -m pip show nvidia-nccl-cu13 2>&1)
+  pip_nccl=$(awk -F': ' '/^(Version|Location): / {printf "%s%s %s", sep, $1, $2; sep="; "}' <<< "$pip_out")
+  PIP_NCCL=${pip_nccl:-"no version (not installed, or no pip): $(head -n 1 <<< "$pip_out")"} "$PY" - <<'EOF'
+import os, sys
+import torch
+from esper_gate import _nccl
+info = _nccl.library_info()
+v = lambda t: ".".join(map(str, t)) if t else "none"
+try:
+    torch_v = torch.cuda.nccl.version()
+except Exception as e:  # noqa: BLE001 - a CPU torch
+    torch_v = f"failed: {e}"
+copies = f"; {len(info['copies'])} copies mapped: {info['copies']}" if len(info["copies"]) > 1 else ""
+print(f"NCCL loaded libnccl: {info['path'] or 'none'} (version {v(info['version'])}{copies})")
+print(f"NCCL torch.cuda.nccl.version(): {torch_v} (torch's build-time nccl.h)")
+print(f"NCCL pip show nvidia-nccl-cu13: {os.environ['PIP_NCCL']}")
+print(f"NCCL the gate would use it: usable {info['usable']}; why: {info['why'] or '-'}; "
+      f"differs: {info['differs'] or '-'}")
+sys.exit(0 if info["usable"] or os.environ.get("GPU") != "1" else 1)
+EOF
+}
+export GPU
+export -f nccl_info
+step nccl 60 nccl_info
+
 # ---- 4. in the background: the c10d fallback, compile, the gate end to end, the NCCL library ---------
 # cuda_tests NAME -k EXPR: the CUDA tests EXPR selects, with $OUT/NAME.xml.
 cuda_tests() {
@@ -348,17 +407,28 @@ else
   not_run test_cuda
 fi
 
-# ---- 6. the gate's own NCCL communicator, the GPU to itself --------------------------------
+# ---- 6. a world of two on the one GPU: NCCL's real path, the GPU to itself ------------------
+# Without a GPU, its dry run: the same cases on the CPU double of NCCL (those that need CUDA SKIPPED).
+if [ "$GPU_OK" = 1 ]; then
+  step world2 180 "$PY" benchmarks/gpu_world2_check.py --timeout 160
+  cases "cases:world2:$OUT/world2.log"
+else
+  not_run world2
+  step world2_double 120 "$PY" benchmarks/gpu_world2_check.py --double --figure-budget 1 --timeout 100
+  cases "cases:world2:$OUT/world2_double.log"
+fi
+
+# ---- 7. the gate's own NCCL communicator, the GPU to itself --------------------------------
 if [ "$GPU_OK" = 1 ]; then
   step owned_nccl 150 "$PY" benchmarks/gpu_owned_check.py --cycles "${GPU_CHECK_NCCL_CYCLES:-100}"
   cases "cases:owned:$OUT/owned_nccl.log"
 else
   not_run owned_nccl
-  step owned_nccl_dry 60 dry benchmarks/gpu_owned_check.py
-  cases "cases:owned:$OUT/owned_nccl_dry.log"
+  step owned_nccl_double 90 "$PY" benchmarks/gpu_owned_check.py --double --cycles "${GPU_CHECK_NCCL_CYCLES:-100}"
+  cases "cases:owned:$OUT/owned_nccl_double.log"
 fi
 
-# ---- 7. figures, the GPU to itself: enqueue time, pack/decode kernel times ----------------
+# ---- 8. figures, the GPU to itself: enqueue time, pack/decode kernel times ----------------
 if [ "$GPU_OK" = 1 ]; then
   step gate_figures 90 "$PY" benchmarks/gpu_gate_check.py --only enqueue kernels wire_growth
   cases "cases:gate:$OUT/gate_figures.log"
@@ -366,11 +436,11 @@ else
   not_run gate_figures
 fi
 
-# ---- 8. benchmark (optional: skipped when less than 40 s is left) --------------------------
-if [ "$GPU_OK" = 1 ] && [ "$(left)" -lt 40 ]; then
-  skip bench "optional, and only $(left)s of the budget is left (40 s needed)"
+# ---- 9. benchmark (optional: skipped when less than 60 s is left) --------------------------
+if [ "$GPU_OK" = 1 ] && [ "$(left)" -lt 60 ]; then
+  skip bench "optional (world2 has the world-of-two figures), and only $(left)s of the budget is left (60 s needed)"
 elif [ "$GPU_OK" = 1 ]; then
-  # NCCL with one rank (NCCL cannot put two ranks on one GPU): per-slot unanimous with .item(),
+  # NCCL with one rank (the harness puts one rank per GPU; world2 has the world of two): per-slot unanimous with .item(),
   # rank-0 broadcast, bare floor, GateSync, raw op, for S in {1, 4, 16, 64, 256}.
   step bench 60 "$PY" benchmarks/bench_sync.py --backend nccl --preset quick \
     --slots 1 4 16 64 256 --budget 1 --out "$OUT/bench"
@@ -381,21 +451,29 @@ else
   cases "bench:$OUT/bench_cpu_quick.log"
 fi
 
-# ---- 9. CPU subset (optional on a GPU machine: CI runs it) -----------------------------------
+# ---- 10. Esper on CUDA tensors (optional) ----------------------------------------------------
+skip esper "optional, not run: integrations/esper/check.sh clones esper-lite (the lent machine has no network), and its runner trains on the CPU (run_heuristic_2rank.py passes device=cpu)"
+
+# ---- 11. CPU subset (optional on a GPU machine: CI runs it) -----------------------------------
 if [ "$GPU" = 1 ] && [ "$(left)" -lt 40 ]; then
   skip cpu_tests "optional, and only $(left)s of the budget is left"
 else
+  # Not the spawned ones (the scripts' dry runs on the double: world2_double and owned_nccl_double
+  # ran them above, or the GPU ran the real thing); CI runs every one.
   step cpu_tests 60 "$PY" -m pytest tests/test_wire.py tests/test_gpu_scripts.py -q \
-    -p no:cacheprovider
+    -p no:cacheprovider -m "not multiprocess and not slow"
 fi
 
 # ---- summary ---------------------------------------------------------------------
+NCCL_LINES=$(grep -E '^NCCL ' "$OUT/nccl.log" 2>/dev/null || echo "NCCL: no information (the nccl step printed none: $OUT/nccl.log)")
 {
+  echo "$NCCL_LINES"
   echo "esper_gate GPU check, $(date -Is), ${GPU_NAME:-no GPU}, $((SECONDS - START))s"
   printf '%s\n' "${RESULTS[@]}"
 } > "$OUT/summary.txt"
 echo
 echo "==== summary ($((SECONDS - START))s, logs in $OUT) ===="
+echo "$NCCL_LINES"
 printf '%s\n' "${RESULTS[@]}"
 for md in "$OUT/bench/bench.md" "$OUT/bench_cpu/bench.md"; do
   [ -f "$md" ] || continue

@@ -253,6 +253,7 @@ class NcclComm:
         self.rank, self.world = rank, world
         self._handle = None
         self.enqueue_sleeps = 0  # sleeps taken while NCCL enqueued this communicator's calls
+        self.in_progress_calls = 0  # calls whose ncclAllReduce returned ncclInProgress (the GPU check reads it)
         self._lock = threading.Lock()  # close() and destroy() from several threads release once
         index = _cuda_index(device, "NcclComm")
         self.device = torch.device("cuda", index)
@@ -286,6 +287,7 @@ class NcclComm:
         ops = torch.ops.esper_gate
         handle = self.handle
         if ops.nccl_all_reduce_start_(buf, handle):
+            self.in_progress_calls += 1
             self.enqueue_sleeps += wait_enqueued(lambda: ops.nccl_all_reduce_poll(buf, handle),
                                                  timeout_s=enqueue_timeout_s,
                                                  what=f"the all_reduce (rank {self.rank} of {self.world})")

@@ -55,6 +55,7 @@ import it by name (tests/ is on their path).
 """
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import threading
@@ -123,13 +124,26 @@ class _BootstrapRoot:
         self._first.wait()  # blocked in accept until the first rank connects: no timeout
         keys = [f"init/{r}" for r in range(self._world)]
         try:
-            while not self._store.check(keys):
+            while not _exiting.is_set() and not self._store.check(keys):
                 time.sleep(0.01)
         except Exception:  # noqa: BLE001 - the store is gone; NCCL's root keeps waiting in accept
-            threading.Event().wait()
+            _exiting.wait()
 
 
 _roots: dict[bytes, _BootstrapRoot] = {}
+# NCCL's root waits in accept, in C, through the process's exit. This one polls a c10d store, and a
+# store request that returns while the interpreter finalizes ends the process in SIGABRT (see
+# esper_gate/gate_sync.py, _stop_watchers_at_exit): the roots stop polling at exit instead.
+_exiting = threading.Event()
+
+
+def _stop_roots_at_exit() -> None:
+    _exiting.set()
+    for root in list(_roots.values()):
+        root.thread.join(timeout=1.0)
+
+
+atexit.register(_stop_roots_at_exit)
 
 
 def unique_id() -> bytes:
@@ -192,9 +206,11 @@ class NcclComm:
         self._work: queue.Queue = queue.Queue()
         self._idle = threading.Event()
         self._idle.set()
+        self._closed = False
         self._done: dict[int, threading.Event] = {}
         self.calls: list[str] = []  # what was called, in order (tests look at it)
         self.enqueue_sleeps = 0
+        self.in_progress_calls = 0
         self.abort_seconds: float | None = None
         self._device = threading.Thread(target=self._device_loop, name=f"owned_double-device-{rank}", daemon=True)
         self._device.start()
@@ -238,6 +254,7 @@ class NcclComm:
                 self._exchange(op, buf)
             return buf
         if self._start(buf):
+            self.in_progress_calls += 1
             self.enqueue_sleeps += wait_enqueued(lambda: self._poll(), timeout_s=enqueue_timeout_s,
                                                  what=f"the all_reduce (rank {self.rank} of {self.world})")
         # The host sees the buffer once the device work ran, or exited on an abort.
@@ -282,7 +299,11 @@ class NcclComm:
 
     def _device_loop(self) -> None:
         while True:
-            op, buf = self._work.get()
+            item = self._work.get()
+            if item is None:  # close(): NCCL's destroy and abort join their threads too
+                self._idle.set()  # the work queued before it has run
+                return
+            op, buf = item
             caller_stream.wait_idle()   # caller_done: the gate stream waits for the caller's stream
             if not self._aborted.is_set():
                 try:
@@ -345,3 +366,6 @@ class NcclComm:
 
     def close(self) -> None:
         self.calls.append("close")
+        if not self._closed:
+            self._closed = True
+            self._work.put(None)  # after any queued device work, which still runs
