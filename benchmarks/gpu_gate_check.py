@@ -57,7 +57,7 @@ sys.path.insert(0, ROOT)
 
 CASES = ("owned_transport", "gate_sync_owned", "no_host_sync", "enqueue", "kernels", "wire_growth", "c10d_fallback")
 FIGURES = ("enqueue", "kernels", "wire_growth")
-# TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC for the c10d case, and the watch after the abort (issue 16 item 8).
+# TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC for the c10d case, and the watch after the abort (no SIGABRT and no dump once the gate aborted its group).
 HEARTBEAT_S, WATCH_EXTRA_S = 10, 20
 KERNEL_GOAL_US = 50.0  # pack and decode each, at S=1024, W=64
 

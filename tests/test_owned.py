@@ -1,4 +1,4 @@
-"""The gate's own communicator (issue 16) on its CPU double (tests/owned_double.py).
+"""The gate's own NCCL communicator on its CPU double (tests/owned_double.py).
 
 In-process: the failure path's order (invalidate, publish, abort, diagnose)
 with recording fakes; a watcher that never calls CUDA; a construction that
