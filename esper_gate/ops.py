@@ -60,13 +60,8 @@ def sync(votes: torch.Tensor, stages: torch.Tensor, targets: torch.Tensor, seq: 
                                              group_name, poison, policies, digests)
 
 
-# ---- the fake kernel of sync ------------------------------------------------
-#
-# pack and decode have Meta kernels in C++ (csrc/ops.cpp), which run the real
-# kernels' argument checks and size their outputs from the wire layout, so
-# FakeTensorMode, torch.compile and meta tensors refuse exactly what the real
-# kernels refuse. sync's fake is here only because it needs the process
-# group's rank and world size; for everything else it calls those Meta kernels.
+# ---- the fake kernel of sync: here only because it needs the group's rank and world
+# size; the checks and sizes are pack's and decode's Meta kernels (csrc/ops.cpp).
 
 def _as_sync_error(e: Exception) -> Exception:
     # sync's checks are pack's; the message names the op the caller called,
@@ -88,12 +83,9 @@ def _sync_fake(votes, stages, targets, seq, site, policy, group_name, poison=0, 
                                                    group.rank(), world, poison, policies, digests)
     except (TypeError, ValueError) as e:
         raise _as_sync_error(e) from None
-    # Plain meta tensors (not FakeTensors) reach this kernel outside any
-    # tracing: that is a real call, and every peer is waiting for its
-    # collective. Meta tensors hold no data to reduce, so no decision can be
-    # computed; returning empty tensors would hand the caller decisions no
-    # rank made. Pack and decode keep meta's usual meaning (shapes only),
-    # since neither involves another rank.
+    # Plain meta tensors (not FakeTensors) here are a real call outside tracing, with
+    # peers waiting: no data to reduce, so no decision (empty tensors would be decisions
+    # no rank made). Pack and decode keep meta's meaning (shapes), involving no peer.
     torch._check_value(is_fake(votes), lambda: (
         f"esper_gate.sync: got votes, stages and targets on {votes.device} outside tracing; a meta "
         f"tensor has no data to all_reduce, so the gate cannot be decided (pass tensors on the "
@@ -101,22 +93,16 @@ def _sync_fake(votes, stages, targets, seq, site, policy, group_name, poison=0, 
     return torch.ops.esper_gate.decode.default(buffer, votes.shape[0], world, policy)
 
 
-# ---- side effects -------------------------------------------------------------
-#
-# A sync is a collective: every peer waits for this rank's contribution, so a
-# traced graph must keep the call even when nothing reads its outputs. The
-# schema is functional (no mutated argument), which FX's dead-code
-# elimination (torch.fx.Node.is_impure, Graph.eliminate_dead_code, run by
-# Dynamo, AOTAutograd and Inductor) would treat as removable;
-# torch.fx.node.has_side_effect marks it impure. The NCCL all_reduce
-# ops mutate their buffer, which already keeps them, and are marked too.
+# ---- side effects: a sync is a collective (every peer waits for this rank), so a traced
+# graph keeps it even when nothing reads its outputs. Its functional schema is what FX's
+# dead-code elimination (Graph.eliminate_dead_code: Dynamo, AOTAutograd, Inductor) would
+# drop; has_side_effect marks it impure, and the NCCL all_reduce ops (mutating) too.
 def _mark_side_effects() -> None:
     import torch.fx.node
 
-    ops = torch.ops.esper_gate
     for name in ("sync", "nccl_all_reduce_start_", "nccl_all_reduce_poll"):
-        if hasattr(ops, name):
-            packet = getattr(ops, name)
+        if hasattr(torch.ops.esper_gate, name):
+            packet = getattr(torch.ops.esper_gate, name)
             torch.fx.node.has_side_effect(packet)
             torch.fx.node.has_side_effect(packet.default)
 
