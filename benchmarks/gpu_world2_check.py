@@ -15,7 +15,7 @@ its socket transport on lo instead of refusing a duplicate GPU (init.cc: same
 hostHash and busId). GateSync refuses two ranks on one GPU of one host
 (_group.shared_devices, from the hostname and GPU UUID each rank reports at
 the rendezvous); this check, and only this check, appends the rank's
-NCCL_HOSTID to the host it reports (GateSync._where), which is what NCCL sees.
+NCCL_HOSTID to the host it reports (esper_gate._build._where), which is what NCCL sees.
 Two processes on one GPU time-slice it: a collective waits for the other
 process's slice, so the latencies are upper bounds of two GPUs', and the
 designs are compared on the same footing.
@@ -102,16 +102,16 @@ def host_id(rank: int) -> str:
 def report_host_id(hostid: str) -> None:
     """Check-only: the host this rank reports at GateSync's rendezvous names its NCCL_HOSTID, so that
     _group.shared_devices sees what NCCL sees (two hosts) and lets two ranks share GPU 0."""
-    from esper_gate import gate_sync
+    from esper_gate import _build
 
-    original = gate_sync.GateSync._where
+    original = _build._where
 
-    def where(self):
-        w = original(self)
+    def where(gate):
+        w = original(gate)
         w["host"] = f"{w['host']} (NCCL_HOSTID {hostid})"
         return w
 
-    gate_sync.GateSync._where = where
+    _build._where = where
 
 
 class World:

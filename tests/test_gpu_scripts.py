@@ -173,17 +173,17 @@ def test_the_silent_peer_must_be_named_in_time_the_abort_return_and_a_new_gate_w
 def test_the_check_reports_each_rank_on_its_nccl_host_so_two_ranks_may_share_a_gpu(monkeypatch):
     """Check-only: GateSync refuses two ranks on one GPU of one host; with an NCCL_HOSTID each,
     NCCL sees two hosts, and so does the rendezvous."""
-    from esper_gate import gate_sync
+    from esper_gate import _build
     from esper_gate._group import shared_devices
 
-    monkeypatch.setattr(gate_sync.GateSync, "_where", lambda self: {"host": "n1", "device": "cuda:0 (GPU u)"})
-    plain = gate_sync.GateSync._where
+    monkeypatch.setattr(_build, "_where", lambda gate: {"host": "n1", "device": "cuda:0 (GPU u)"})
+    plain = _build._where
     assert shared_devices({r: plain(None) for r in (0, 1)}) is not None
     seen = {}
     for r in (0, 1):
-        gate_sync.GateSync._where = plain   # each rank patches its own process once
+        _build._where = plain   # each rank patches its own process once
         gpu_world2_check.report_host_id(gpu_world2_check.host_id(r))
-        seen[r] = gate_sync.GateSync._where(None)
+        seen[r] = _build._where(None)
     assert shared_devices(seen) is None
     assert seen[1]["host"] == "n1 (NCCL_HOSTID esper-gate-world2-rank1)"
 
