@@ -21,7 +21,7 @@ from esper_gate._inputs import MAX_TIMEOUT_S, as_timedelta, prepare, site_finger
 from esper_gate._latch import FailureLatch
 from esper_gate._watcher import WATCH_POLL_S, Watcher
 from esper_gate.consensus import GateConsensus, GateView
-from esper_gate.report import MAX_TEXT_CHARS, MAX_TEXT_GROUPS, MAX_TEXT_SLOTS
+from esper_gate.report import MAX_TEXT_CHARS, MAX_TEXT_GROUPS, MAX_TEXT_SLOTS, parse_report
 from reference import RankInput
 from simulate import simulate
 
@@ -118,6 +118,21 @@ def test_numpy_arrays_are_checked_as_tensors_are(which, make, code, words):
     args[which] = make(np)
     p = _prepare(**args)
     assert p.poison == code and words in p.problem, p.problem
+
+
+def test_a_digest_of_2_32_minus_1_is_taken_and_one_more_is_bad_input():
+    top = 2**32 - 1
+    assert wire.MAX_DIGEST == top
+    p = prepare(*GOOD, None, num_slots=N, device=CPU, default_site=77, call="c", digests=[top, 0, None, 5])
+    assert p.problem is None and p.poison == 0 and p.digests.tolist() == [top, 0, 0, 5]
+    # the kernels carry it too: every rank sends it, nobody is poisoned, and it is rank 0's digest
+    decision, report, _ = simulate([RankInput([1] * N, [3] * N, [2] * N, seq=1, site=9, digests=[top] * N)
+                                    for _ in range(3)])
+    rep = parse_report(report)
+    assert rep.ok and rep.poisoned_count == 0 and decision == [True] * N
+    assert [s.digest for s in rep.slots] == [top] * N and rep.slots[0].digests == [top] * 3
+    p = prepare(*GOOD, None, num_slots=N, device=CPU, default_site=77, call="c", digests=[top + 1, 0, 0, 0])
+    assert p.poison == wire.REASON_DIGEST and "digests[0] is 4294967296, expected an int in 0..2**32-1" in p.problem
 
 
 def test_the_layout_fingerprint_tells_apart_names_that_a_separator_would_join_alike():
@@ -316,6 +331,79 @@ def test_a_deadline_fires_once_and_again_after_a_near_miss():
         assert lock.wait(2) and fired == [1, 2]
     finally:
         watcher.close()
+
+
+class _TimedStore(DictStore):
+    """A DictStore that remembers when each heartbeat was written."""
+
+    def __init__(self):
+        super().__init__()
+        self.beats = []  # (monotonic time, value)
+
+    def set(self, key, value):
+        super().set(key, value)
+        if key.startswith("hb/"):
+            self.beats.append((time.monotonic(), self.data[key]))
+
+
+def _beats_until(store, count, limit_s):
+    deadline = time.monotonic() + limit_s
+    while len(store.beats) < count and time.monotonic() < deadline:
+        time.sleep(WATCH_POLL_S / 2)
+    return list(store.beats)
+
+
+def test_heartbeats_come_every_poll_while_a_call_is_stuck_and_once_an_interval_while_idle(monkeypatch):
+    """Peers tell when a rank entered a stuck call from its heartbeat, so a call that waits
+    longer than LONG_CALL_S is republished every LONG_CALL_POLL_S; an idle rank, or one in
+    a call that has not waited long, beats once per HEARTBEAT_INTERVAL_S (the store's load)."""
+    from esper_gate import _watcher
+
+    monkeypatch.setattr(_watcher, "HEARTBEAT_INTERVAL_S", 0.8)
+    monkeypatch.setattr(_watcher, "LONG_CALL_S", 0.3)
+    monkeypatch.setattr(_watcher, "LONG_CALL_POLL_S", 0.1)
+    store = _TimedStore()
+    watcher = Watcher(store, 0, lambda call: None)
+    try:
+        # idle: the construction's beat, then one an interval later, not sooner
+        t0 = store.beats[0][0]
+        beats = _beats_until(store, 2, 5)
+        assert len(beats) >= 2 and beats[1][0] - t0 >= 0.75, [round(t - t0, 2) for t, _ in beats]
+        # stuck: announced at once, then nothing new until it has waited LONG_CALL_S, then every poll
+        tb = time.monotonic()
+        watcher.begin(1, tb + 60)
+        n = len(store.beats)
+        beats = _beats_until(store, n + 6, 5)[n:]
+        times = [t - tb for t, _ in beats]
+        assert len(beats) >= 6 and beats[0][1].startswith(b"1,-1,"), times
+        assert times[1] >= 0.3 - WATCH_POLL_S, f"republished before the call waited long: {times}"
+        gaps = [b - a for a, b in zip(times[1:], times[2:])]
+        assert max(gaps) < 0.5, f"a stuck call beats every 0.1 s, not every 0.8 s: {times}"
+        waited = [int(v.split(b",")[3]) for _, v in beats]
+        assert waited[-1] >= 300 and waited == sorted(waited), waited
+        # completed: said at once with no wait (-1), then idle again
+        watcher.end_host(1)
+        te = time.monotonic()
+        n = len(store.beats)
+        beats = _beats_until(store, n + 2, 5)[n:]
+        assert beats[0][1].startswith(b"1,1,") and beats[0][1].endswith(b",-1"), beats
+        assert len(beats) >= 2 and beats[1][0] - beats[0][0] >= 0.75, [round(t - te, 2) for t, _ in beats]
+    finally:
+        watcher.close()
+
+
+def test_the_c10d_fallbacks_group_outlives_the_gates_deadline_by_a_minute_or_by_the_timeout_above_it():
+    """NCCL's watchdog ends the process at the group's timeout: it must come well after the
+    gate's own deadline and diagnosis, also for gate timeouts longer than the minute's margin.
+    gloo raises in the caller at its own timeout, so its group has the gate's."""
+    from esper_gate._group import gate_group_timeout
+
+    s = datetime.timedelta(seconds=1)
+    assert gate_group_timeout(5 * s, self_timing=True) == 5 * s
+    assert gate_group_timeout(5 * s, self_timing=False) == 65 * s
+    assert gate_group_timeout(60 * s, self_timing=False) == 120 * s
+    assert gate_group_timeout(90 * s, self_timing=False) == 180 * s
+    assert gate_group_timeout(MAX_TIMEOUT_S * s, self_timing=False) == 2 * MAX_TIMEOUT_S * s
 
 
 # ---- the rendezvous ----------------------------------------------------------------
@@ -523,6 +611,23 @@ def test_a_rank_that_entered_after_the_deadline_is_named_late():
     assert type(err) is esper_gate.GateError
 
 
+def test_a_rank_whose_heartbeat_says_it_waited_0_ms_entered_just_now_and_is_named_late():
+    """0 ms is the latest a rank can have entered, not "no wait reported" (-1: its call completed)."""
+    beats = _Beats({0: (5, 4, 9, 3600), 1: (5, 4, 9, 3550), 2: (5, 4, 9, 0)})
+    diagnosis = Diagnosis(beats.read, 0, 3, 0, datetime.timedelta(seconds=3), sleep=beats.sleep,
+                          clock=lambda: 103.6)
+    err = diagnosis.diagnose(5, RuntimeError("gloo timeout"), completed_here=4, started=100.0)
+    assert isinstance(err, esper_gate.GateTimeoutError) and err.missing_ranks == [2], str(err)
+    assert "rank 2 arrived too late" in str(err) and beats.slept == []
+    # -1: rank 2's call completed (it reports no wait): not late, so the dead-rank check follows
+    beats = _Beats({0: (5, 4, 9, 3600), 1: (5, 4, 9, 3550), 2: (5, 5, 9, -1)},
+                   {0: (5, 4, 12, 6100), 1: (5, 4, 12, 6050), 2: (5, 5, 12, -1)})
+    diagnosis = Diagnosis(beats.read, 0, 3, 0, datetime.timedelta(seconds=3), sleep=beats.sleep,
+                          clock=lambda: 103.6)
+    err = diagnosis.diagnose(5, RuntimeError("gloo timeout"), completed_here=4, started=100.0)
+    assert type(err) is esper_gate.GateError and beats.slept == [DEAD_RANK_GRACE_S]
+
+
 @pytest.mark.parametrize("exc", [ValueError("esper_gate.sync: unknown process group name 'x'"),
                                  torch.OutOfMemoryError("CUDA out of memory")], ids=["no group", "no memory"])
 def test_an_op_that_failed_before_its_collective_names_its_own_rank_at_once(exc):
@@ -559,6 +664,57 @@ def test_verdicts_go_around_a_ring_of_keys_without_mixing_calls():
     on_tcp, _ = _verdict(dist.PrefixStore("g/", tcp))
     assert on_tcp.completed(7) is None and on_tcp.completed(7 + RING) is None
     assert on_tcp.peek(7 + RING) == (True, None)
+
+
+def test_acknowledgements_go_around_the_ring_with_the_verdicts():
+    """The store's host waits for the others' acknowledgements of a failure (wait_read): one
+    lap later the same keys serve, and an acknowledgement of the call a lap earlier does not count."""
+    from esper_gate._verdict import RING, Verdict
+
+    store = dist.HashStore()
+    host = Verdict(lambda request: request(store), rank=0, sleep=lambda s: None)
+    peer = Verdict(lambda request: request(store), rank=1)
+    host.failed(3, esper_gate.GateError("lap 0"))
+    assert host.wait_read(3, [1], 0.05) == [1], "not read yet"
+    assert peer.peek(3)[0] and host.wait_read(3, [1], 0.05) == []
+    late = 3 + RING
+    host.failed(late, esper_gate.GateError("lap 1"))
+    assert host.wait_read(late, [1], 0.05) == [1], "rank 1 acknowledged call 3, not this one"
+    assert str(peer.state(late)[1]) == "lap 1"
+    assert host.wait_read(late, [1], 0.05) == []
+    # the ring bounds the keys: one per rank and slot of the ring, whatever the call number
+    assert store.check(["ack/3/1"]) and not store.check([f"ack/{late}/1"])
+    assert store.get("ack/3/1") == str(late).encode()
+    # a rank that acknowledges nothing (no rank given) writes no key
+    keys = store.num_keys()
+    assert Verdict(lambda request: request(store)).state(late)[0] == "failed" and store.num_keys() == keys
+
+
+def test_waiting_for_a_final_verdict_returns_at_once_when_nothing_was_claimed_or_the_store_is_gone():
+    from esper_gate._verdict import Verdict
+
+    store, slept = dist.HashStore(), []
+    mine = Verdict(lambda request: request(store), rank=0, sleep=slept.append)
+    t0 = time.monotonic()
+    assert mine.wait_final(4, bound_s=2) is None and slept == [], "undecided: nothing to wait for"
+
+    def dead(request):
+        raise ConnectionError("Connection reset by peer")
+
+    assert Verdict(dead, rank=0, sleep=slept.append).wait_final(4, bound_s=2) is None and slept == []
+    assert time.monotonic() - t0 < 5
+    # claimed by a peer: waits for its diagnosis and returns it
+    peer = Verdict(lambda request: request(store), rank=1)
+    assert peer.claim(6)[0] == "failing"
+    waiting = Verdict(lambda request: request(store), rank=2)
+    threading.Timer(0.2, lambda: peer.failed(6, esper_gate.GateError("rank 3 did not arrive"))).start()
+    t0 = time.monotonic()
+    assert str(waiting.wait_final(6, bound_s=30)) == "rank 3 did not arrive"
+    assert 0.15 < time.monotonic() - t0 < 10
+    # claimed and never diagnosed: None once the bound passed
+    peer.claim(7)
+    t0 = time.monotonic()
+    assert waiting.wait_final(7, bound_s=0.3) is None and 0.3 <= time.monotonic() - t0 < 10
 
 
 def test_the_exit_hook_cuts_a_diagnosis_short_and_waits_for_its_last_store_requests():
