@@ -342,6 +342,31 @@ def test_a_slot_without_an_active_seed_votes_no_whatever_its_gate_result_says(th
 
 # ---- real ranks (gloo) ----------------------------------------------------------------------
 
+def test_a_gate_result_that_is_no_dataclass_is_copied_with_the_outcome_and_left_untouched(threads):
+    """Esper's GateResult is a dataclass; any object with its fields works, copied, not edited."""
+    from esper_gate import kasmina
+
+    class PlainResult:
+        def __init__(self, passed):
+            self.gate, self.passed, self.score = GateLevel.G2, passed, 0.5
+            self.checks_passed, self.checks_failed, self.message = [], [] if passed else ["loss_flat"], ""
+
+    def main(rank):
+        original = PlainResult(rank != 1)
+        out = kasmina.sync_gate_decision(slot_at("r0c0", SeedStage.TRAINING), original)
+        return original, out
+
+    for rank, (original, out) in enumerate(threads.run(main)):
+        assert type(out) is PlainResult and out is not original and not out.passed
+        assert (original.passed, original.message) == (rank != 1, "")
+        if rank == 1:
+            assert out.checks_failed == ["loss_flat"] and out.message == ""
+        else:
+            assert out.checks_failed == ["ddp_veto"] and original.checks_failed == []
+            assert out.message == ("ddp_veto: rank 1 voted no (2 of 3 passed, unanimous policy); no rank "
+                                   "transitions this slot")
+
+
 def _scenarios_main(rank, world, spawned=True):
     """Every scenario on one rank. ``spawned``: a real rank of a gloo world, which also counts
     the collectives and the cached GateSyncs; else a thread of ``_ThreadWorld``."""
