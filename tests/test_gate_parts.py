@@ -104,6 +104,9 @@ def test_numpy_arrays_and_scalars_are_read_like_lists():
     # numpy's bool has no __index__, unlike Python's
     p = _prepare([np.bool_(True), np.bool_(False), np.int64(1), 1], [np.int64(3)] * N, GOOD[2])
     assert p.problem is None and p.votes.tolist() == [1, 0, 1, 1] and p.stages.tolist() == [3] * N
+    # ... but its floats are no ints, even whole ones
+    p = _prepare([np.float64(1.0), 1, 1, 1], *GOOD[1:])
+    assert p.poison == wire.REASON_DTYPE and "votes must be a tensor or a sequence of ints, got list" in p.problem
 
 
 @pytest.mark.parametrize("which, make, code, words", [
@@ -162,6 +165,22 @@ def test_tensors_the_fast_path_would_take_are_checked_like_any_other_input():
     assert p.problem is None and p.votes.tolist() == [1, 0, 1, 1] and p.stages is s
     p = _prepare(v, s, [4, 4, 4, 4])
     assert p.problem is None and p.targets.tolist() == [4] * N
+
+
+def test_tensors_the_op_takes_skip_every_check_in_python(monkeypatch):
+    """The hot path: no copy and no per-argument check, whatever the (valid) site."""
+    from esper_gate import _inputs
+
+    def no_check(*args):
+        raise AssertionError("the fast path checked an argument in Python")
+
+    monkeypatch.setattr(_inputs, "_coerce", no_check)
+    v, s, t = torch.ones(N, dtype=torch.bool), torch.full((N,), 3), torch.full((N,), 4)
+    for site in (0, 77, 2**32 - 1, None):
+        p = _prepare(v, s, t, site=site)
+        assert p.problem is None and p.votes is v and p.stages is s and p.targets is t
+        assert p.site == (77 if site is None else site)
+    assert _prepare(v.long(), s, t).problem is None
 
 
 def test_ids_beyond_int64_reach_the_kernel_as_out_of_range_ids():
