@@ -163,6 +163,24 @@ def test_one_cached_gate_sync_per_group_slot_count_and_policy_and_a_new_one_for_
     assert b.closed and c.closed and d.closed and kasmina._cache == {}
 
 
+def test_the_cached_gate_sync_defaults_to_the_world(one_rank_group, monkeypatch):
+    import torch.distributed as dist
+
+    from esper_gate import kasmina
+
+    class FakeGateSync:
+        def __init__(self, num_slots, *, policy, group, timeout, vocabulary):
+            self.group = group
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(kasmina, "GateSync", FakeGateSync)
+    monkeypatch.setattr(kasmina, "_cache", {})
+    gs = kasmina.cached_gate_sync(2, timeout=5)
+    assert gs.group is dist.group.WORLD and kasmina.cached_gate_sync(2, group=dist.group.WORLD, timeout=5) is gs
+
+
 def test_esper_names_are_its_stage_and_gate_ids():
     from esper_gate.esper import GATE_NAMES, STAGE_NAMES, VOCABULARY
 
@@ -261,6 +279,7 @@ class _ThreadWorld:
         self._bufs = [None] * size
         self._local = threading.local()
         self._gates = {}
+        self.groups, self.timeouts = [], []   # what the adapters passed on
 
     def all_reduce(self, rank, buf):
         self._bufs[rank] = buf
@@ -269,8 +288,13 @@ class _ThreadWorld:
         self._barrier.wait()  # every rank has summed before any rank's next call overwrites its buffer
         return total
 
+    def parent_group(self, group=None):
+        self.groups.append(group)
+        return self
+
     def cached_gate_sync(self, num_slots, *, policy="unanimous", group=None, timeout=None):
         assert group is self, "the adapter passes the parent group it resolved"
+        self.timeouts.append(timeout)
         rank = self._local.rank
         key = (rank, num_slots, policy)
         if key not in self._gates:
@@ -305,7 +329,7 @@ def threads(monkeypatch):
     from esper_gate import kasmina
 
     world = _ThreadWorld(3)
-    monkeypatch.setattr(kasmina, "parent_group", lambda group=None: world)
+    monkeypatch.setattr(kasmina, "parent_group", world.parent_group)
     monkeypatch.setattr(kasmina, "cached_gate_sync", world.cached_gate_sync)
     return world
 
@@ -328,7 +352,7 @@ def test_a_slot_without_an_active_seed_votes_no_whatever_its_gate_result_says(th
 
     out = threads.run(main)
     for rank, (unanimous, majority) in enumerate(out):
-        assert not unanimous.passed and not unanimous.diverged and unanimous.gate == 2
+        assert not unanimous.passed and not unanimous.diverged and unanimous.gate == 2 and unanimous.name == "r0c0"
         assert majority.passed, "2 of 3 is a majority"
         if rank == 2:
             assert unanimous.note == "this rank voted no: the slot has no active seed here"
@@ -365,6 +389,125 @@ def test_a_gate_result_that_is_no_dataclass_is_copied_with_the_outcome_and_left_
             assert out.checks_failed == ["ddp_veto"] and original.checks_failed == []
             assert out.message == ("ddp_veto: rank 1 voted no (2 of 3 passed, unanimous policy); no rank "
                                    "transitions this slot")
+
+
+def test_the_adapters_pass_the_group_timeout_and_per_slot_arguments_on(threads):
+    from esper_gate import kasmina
+
+    def main(rank):
+        slots = [slot_at("r0c0", SeedStage.TRAINING), slot_at("r0c1", SeedStage.HOLDING)]
+        results = [gate(GateLevel.G2, rank != 1), gate(GateLevel.G5, True)]   # rank 1 fails e/a: "any" passes it
+        one = kasmina.sync_gate_decision(slots[1], results[1], group=threads, timeout=2.5)
+        both = kasmina.sync_gate_decisions(slots, results, group=threads, timeout=2.5, names=["e/a", "e/b"],
+                                           policies=["any", None], digests=[0, 7 if rank else 8])
+        rounds = kasmina.gate_round(slots, results, group=threads, timeout=2.5, names=["e/a", "e/b"],
+                                    policies=["any", None], digests=[0, 7 if rank else 8])
+        return one, both, rounds
+
+    for one, both, rounds in threads.run(main):
+        assert one.passed and both[0].passed and rounds[0].passed
+        # the digests reached the wire: rank 0's differs in e/b, which diverges under its own policy
+        assert not both[1].passed and both[1].checks_failed == ["ddp_divergence"]
+        assert "ranks do not hold the same state in slot e/b" in both[1].message
+        assert "rank 0 holds HOLDING -> G5 with digest 0x00000008" in both[1].message
+        assert rounds[1].diverged and rounds[1].name == "e/b" and "slot e/b" in rounds[1].note
+    assert set(threads.groups) == {threads} and set(threads.timeouts) == {2.5}
+
+
+def test_names_are_compared_as_text_and_a_round_of_other_names_is_another_call(threads):
+    """1 and "1" name the same slot; a rank whose round names other slots is at another call,
+    and every rank learns the outcome for its own slots."""
+    from esper_gate import kasmina
+    from esper_gate._inputs import site_fingerprint
+
+    def main(rank):
+        slots = [slot_at("a", SeedStage.TRAINING), slot_at("b", SeedStage.TRAINING)]
+        results = [gate(GateLevel.G2, True), gate(GateLevel.G2, rank != 0)]
+        same = kasmina.gate_round(slots, results, names=[1, 2] if rank == 1 else ["1", "2"])
+        other = kasmina.gate_round(slots, results, names=["e/x", "e/y"] if rank == 2 else ["e/a", "e/b"])
+        return same, other
+
+    theirs = site_fingerprint(2, ["e/x", "e/y"])
+    mine = site_fingerprint(2, ["e/a", "e/b"])
+    for rank, (same, other) in enumerate(threads.run(main)):
+        assert [(o.name, o.passed, o.diverged) for o in same] == [("1", True, False), ("2", False, False)]
+        for o in other:
+            assert (o.passed, o.diverged, o.gate) == (False, True, 2) and o.passed is False
+            assert o.gate_result.checks_failed == (["loss_flat", "ddp_divergence"] if rank == 0 and o.name.endswith(
+                ("b", "y")) else ["ddp_divergence"])
+        if rank == 2:
+            assert other[0].note == (
+                f"ddp_divergence: ranks are at different gate calls: ranks 0-1 at another slot or slot layout (gate "
+                f"call 2, site {mine:#010x}); rank 2 at this layout of 2 slots (gate call 2); no rank transitions "
+                f"this layout of 2 slots")
+        else:
+            assert other[0].note == (
+                f"ddp_divergence: ranks are at different gate calls: ranks 0-1 at this layout of 2 slots (gate call "
+                f"2); rank 2 at another slot or slot layout (gate call 2, site {theirs:#010x}); no rank transitions "
+                f"this layout of 2 slots")
+
+
+def test_round_arguments_are_named_after_the_function_that_took_them():
+    from esper_gate import GateInputError, kasmina
+
+    with pytest.raises(GateInputError, match="^sync_gate_decisions got 1 slots but 2 gate results$"):
+        kasmina.sync_gate_decisions([slot_at("a", SeedStage.TRAINING)], [None, None])
+
+
+def test_a_frozen_gate_result_is_replaced_not_edited(threads):
+    from esper_gate import kasmina
+
+    @dataclass(frozen=True)
+    class Frozen:
+        gate: int
+        passed: bool
+        checks_failed: tuple = ()
+        message: str = ""
+
+    def main(rank):
+        return kasmina.sync_gate_decision(slot_at("a", SeedStage.TRAINING), Frozen(2, rank != 2))
+
+    for rank, out in enumerate(threads.run(main)):
+        assert type(out) is Frozen and not out.passed
+        assert list(out.checks_failed) == ([] if rank == 2 else ["ddp_veto"])
+
+
+def test_a_slots_stage_is_dormant_without_a_state_or_a_stage():
+    from esper_gate import kasmina
+
+    class NoStage:
+        pass
+
+    class Holder:
+        state = NoStage()
+
+    assert kasmina._slot_stage(object()) == kasmina._slot_stage(Holder()) == int(SeedStage.DORMANT)
+    assert kasmina._slot_stage(slot_at("a", SeedStage.BLENDING)) == int(SeedStage.BLENDING)
+
+
+def test_above_64_ranks_a_veto_counts_the_ranks_that_voted_no():
+    from esper_gate import kasmina
+    from esper_gate.report import SlotVotes
+
+    counted = SlotVotes(slot=0, name="a", status=0, yes=60, votes=[], stages=[], targets=[])
+    assert kasmina._vote_note(counted, 70, True, "unanimous") == (
+        "ddp_veto: 10 of 70 ranks voted no (60 of 70 passed, unanimous policy); no rank transitions this slot")
+    assert kasmina._vote_note(counted, 70, False, "majority") == (
+        "passed by majority consensus although this rank's gate failed: 10 of 70 ranks voted no (60 of 70 passed)")
+
+
+def test_above_64_ranks_a_call_mismatch_note_describes_eight_diverged_slots_without_a_rest():
+    from esper_gate import kasmina
+    from esper_gate.report import MAX_TEXT_SLOTS, parse_report
+    from reference import RankInput
+    from simulate import simulate
+
+    n = MAX_TEXT_SLOTS
+    inputs = [RankInput([1] * n, [3] * n, [2] * n, seq=5, site=9) for _ in range(69)]
+    inputs.append(RankInput([1] * n, [4] * n, [3] * n, seq=4, site=9))
+    ids = [str(s) for s in range(n)]
+    note = kasmina._call_mismatch_note(parse_report(simulate(inputs)[1], ids), 9, ids)
+    assert note.count("; slot ") == n and "more diverged slot" not in note
 
 
 def _scenarios_main(rank, world, spawned=True):
