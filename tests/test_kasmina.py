@@ -447,6 +447,24 @@ def test_names_are_compared_as_text_and_a_round_of_other_names_is_another_call(t
                 f"this layout of 2 slots")
 
 
+def test_above_64_ranks_a_call_mismatch_note_names_the_diverged_slot_by_its_id(monkeypatch):
+    from esper_gate import kasmina
+
+    world = _ThreadWorld(70)
+    monkeypatch.setattr(kasmina, "parent_group", world.parent_group)
+    monkeypatch.setattr(kasmina, "cached_gate_sync", world.cached_gate_sync)
+
+    def main(rank):
+        slot = slot_at("r0c1", SeedStage.BLENDING) if rank == 69 else slot_at("r0c0", SeedStage.TRAINING)
+        return kasmina.sync_gate_decision(slot, gate(GateLevel.G3 if rank == 69 else GateLevel.G2, True))
+
+    out = world.run(main)
+    assert all(not r.passed and r.checks_failed == ["ddp_divergence"] for r in out)
+    assert "ranks are at different gate calls: " in out[0].message
+    assert "slot r0c0 (#0): rank 0 holds TRAINING -> G2; at least 1 rank(s) differ" in out[0].message
+    assert "slot r0c1 (#0): rank 0 holds TRAINING -> G2" in out[69].message
+
+
 def test_round_arguments_are_named_after_the_function_that_took_them():
     from esper_gate import GateInputError, kasmina
 

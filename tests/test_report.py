@@ -533,17 +533,23 @@ def test_words_no_honest_ranks_send_still_parse():
     inputs = [RankInput([1, 1], [3, 3], [2, 2], seq=5, site=9) for _ in range(70)]
     inputs[7].stages = [3, 64]
     words = simulate(inputs, view=0)[1]
-    words[wire.GLOBAL_WORDS + wire.S_ROOT_POLICY] = 7
+    words[wire.GLOBAL_WORDS + wire.S_ROOT_POLICY] = len(wire.POLICIES)
     reason_or = wire.G_FIELD_BASE + wire.G_FIELD_STRIDE * [f[0] for f in wire.HEADER_FIELDS].index("reason") + 2
     words[reason_or] = 0
     rep = parse_report(words, ["only"])
-    assert [s.name for s in rep.slots] == ["only", "1"] and rep.slots[0].policy == "7"
+    assert [s.name for s in rep.slots] == ["only", "1"] and rep.slots[0].policy == "4"
     assert rep.poisoned_ranks == [7] and rep.poison_reasons == {7: NO_REASON_TEXT}
     assert dataclasses.replace(rep, poison_reasons={}).poison_groups() == [("unknown reason", [7])]
     three = [RankInput([1], [3], [2], seq=5, site=9) for _ in range(3)]
     words = simulate(three, view=0)[1]
-    words[wire.ranks_offset(1) + wire.RANK_WORDS + 2] = 9   # rank 1's header says policy code 9
-    assert [rc.policy for rc in parse_report(words).rank_calls] == ["unanimous", "9", "unanimous"]
+    words[wire.ranks_offset(1) + wire.RANK_WORDS + 2] = len(wire.POLICIES)   # rank 1's header: policy code 4
+    assert [rc.policy for rc in parse_report(words).rank_calls] == ["unanimous", "4", "unanimous"]
+    # a world mismatch with rank calls: no two world sizes up to 64 share a buffer, so only by hand
+    words = simulate(three, view=0)[1]
+    words[wire.ranks_offset(1) + wire.RANK_WORDS + 4] = 4
+    words[wire.G_FLAGS] = (words[wire.G_FLAGS] | wire.FLAG_WORLD_MISMATCH) & ~wire.FLAG_HEADER_OK
+    assert parse_report(words).mismatch_lines() == ["world size mismatch: ranks 0,2 at world size 3; rank 1 at "
+                                                    "world size 4"]
 
 
 def test_every_reason_code_is_counted_up_to_the_largest():
@@ -617,8 +623,8 @@ def test_a_text_is_cut_at_the_last_line_end_in_the_second_half_of_its_room():
 
 
 def test_a_vocabulary_keeps_its_own_copy_of_the_names_as_ints_and_strings():
-    stages, targets = {"3": 4}, {2.0: "G2"}
+    stages, targets = {"3": 4}, {"2": 7}
     voc = Vocabulary(stages, targets)
     stages[5] = "late"
-    assert voc.stages == {3: "4"} and voc.targets == {2: "G2"} and voc.stage(5) == "stage 5"
-    assert voc.to_dict() == {"stages": {3: "4"}, "targets": {2: "G2"}}
+    assert voc.stages == {3: "4"} and voc.targets == {2: "7"} and voc.stage(5) == "stage 5"
+    assert voc.to_dict() == {"stages": {3: "4"}, "targets": {2: "7"}}
