@@ -5,6 +5,8 @@ from scripts/mutation-equivalent.txt, one a line:
 
     <mutant name> | <its mutated line, as `mutmut show` prints it after "+"> | <why it is equivalent>
 
+(several changed lines are joined with " / ").
+
 An entry counts only while ``mutmut show`` still prints that line for that
 name: an edit that renumbers a function's mutants makes the entry stale (said,
 not applied) instead of hiding another mutant.
@@ -46,10 +48,12 @@ def load_equivalent() -> dict[str, tuple[str, str]]:
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
-            parts = [p.strip() for p in line.split(" | ")]
-            if len(parts) != 3 or not all(parts):
+            # the mutated line may hold " | " itself (a bitwise or): the name is first, the reason last
+            name, _, rest = line.partition(" | ")
+            mutated, _, reason = rest.rpartition(" | ")
+            if not (name.strip() and mutated.strip() and reason.strip()):
                 raise SystemExit(f"{EQUIVALENT}:{n}: expected '<name> | <mutated line> | <reason>', got {line!r}")
-            out[parts[0]] = (parts[1], parts[2])
+            out[name.strip()] = (mutated.strip(), reason.strip())
     return out
 
 
