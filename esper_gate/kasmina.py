@@ -442,10 +442,12 @@ def _round_inputs(slots: list, gate_results, what: str) -> _RoundInputs:
 def _check_alone(inputs: _RoundInputs, n: int, *, policy, policies, names, digests, what: str) -> None:
     """Without peers nothing waits on this rank: bad input raises here, found by the same
     rules as with peers (``prepare``, which a GateSync runs on every call)."""
+    if inputs.problem is not None:  # what prepare would send first (named already)
+        raise GateInputError(inputs.problem)
     cpu = torch.device("cpu")
     p = prepare(inputs.votes, inputs.stages, inputs.targets, None, num_slots=n, device=cpu, default_site=0,
                 call=what, policies=policies, digests=digests, default_policy=policy, names=names,
-                bad_input=inputs.problem,  # the adapters' gates carry the slot state (cached_gate_sync)
+                # the adapters' gates carry the slot state (cached_gate_sync)
                 slot_state=slot_state_defaults(n, policy, cpu) if policy in wire.POLICY_CODES and n else None)
     if p.problem is not None:
         raise GateInputError(p.problem)

@@ -20,9 +20,9 @@ from esper_gate._group import Rendezvous
 from esper_gate._inputs import (MAX_TIMEOUT_S, as_timedelta, prepare, site_fingerprint, slot_state_defaults,
                                 timeout_text)
 from esper_gate._latch import FailureLatch
-from esper_gate._watcher import WATCH_POLL_S, Watcher
+from esper_gate._watcher import WATCH_POLL_S, Call, Watcher, read_heartbeats
 from esper_gate.consensus import GateConsensus, GateView
-from esper_gate.report import MAX_TEXT_CHARS, MAX_TEXT_GROUPS, MAX_TEXT_SLOTS
+from esper_gate.report import MAX_TEXT_CHARS, MAX_TEXT_GROUPS, MAX_TEXT_SLOTS, parse_report
 from reference import RankInput
 from simulate import simulate
 
@@ -54,7 +54,9 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("which, value, code, words", BAD_INPUTS, ids=lambda x: str(x)[:24])
+# ids from the messages: a tensor's repr can change within a process (print options), and
+# mutmut names the tests it reruns by id
+@pytest.mark.parametrize("which, value, code, words", BAD_INPUTS, ids=[words for *_, words in BAD_INPUTS])
 def test_bad_input_becomes_a_poison_code_and_a_message(which, value, code, words):
     args = dict(zip(("votes", "stages", "targets"), GOOD))
     args[which] = value
@@ -103,6 +105,9 @@ def test_numpy_arrays_and_scalars_are_read_like_lists():
     # numpy's bool has no __index__, unlike Python's
     p = _prepare([np.bool_(True), np.bool_(False), np.int64(1), 1], [np.int64(3)] * N, GOOD[2])
     assert p.problem is None and p.votes.tolist() == [1, 0, 1, 1] and p.stages.tolist() == [3] * N
+    # ... but its floats are no ints, even whole ones
+    p = _prepare([np.float64(1.0), 1, 1, 1], *GOOD[1:])
+    assert p.poison == wire.REASON_DTYPE and "votes must be a tensor or a sequence of ints, got list" in p.problem
 
 
 @pytest.mark.parametrize("which, make, code, words", [
@@ -161,6 +166,178 @@ def test_the_slot_state_is_part_of_the_layout_fingerprint():
         GateSync(3, slot_state=1)
 
 
+def test_a_digest_of_2_32_minus_1_is_taken_and_one_more_is_bad_input():
+    top = 2**32 - 1
+    assert wire.MAX_DIGEST == top
+    state = slot_state_defaults(N, "unanimous", CPU)   # a gate that carries digests
+    p = prepare(*GOOD, None, num_slots=N, device=CPU, default_site=77, call="c", digests=[top, 0, None, 5],
+                slot_state=state)
+    assert p.problem is None and p.poison == 0 and p.digests.tolist() == [top, 0, 0, 5]
+    # the kernels carry it too: every rank sends it, nobody is poisoned, and it is rank 0's digest
+    decision, report, _ = simulate([RankInput([1] * N, [3] * N, [2] * N, seq=1, site=9, digests=[top] * N)
+                                    for _ in range(3)])
+    rep = parse_report(report)
+    assert rep.ok and rep.poisoned_count == 0 and decision == [True] * N
+    assert [s.digest for s in rep.slots] == [top] * N and rep.slots[0].digests == [top] * 3
+    p = prepare(*GOOD, None, num_slots=N, device=CPU, default_site=77, call="c", digests=[top + 1, 0, 0, 0],
+                slot_state=state)
+    assert p.poison == wire.REASON_DIGEST and "digests[0] is 4294967296, expected an int in 0..2**32-1" in p.problem
+
+
+def test_tensors_the_fast_path_would_take_are_checked_like_any_other_input():
+    """All three arguments tensors (the fast path's case), one of them not as the op takes it."""
+    v, s, t = torch.ones(N, dtype=torch.bool), torch.full((N,), 3), torch.full((N,), 4)
+    cases = [
+        ((v.float(), s, t), wire.REASON_DTYPE, "votes must be bool or an integer dtype, got torch.float32"),
+        ((v, s.float(), t), wire.REASON_DTYPE, "stages must be an integer dtype, got torch.float32"),
+        ((torch.ones(N + 1, dtype=torch.bool), s, t), wire.REASON_SHAPE, "votes must have shape [4], got [5]"),
+        ((v, torch.full((N, 2), 3), t), wire.REASON_SHAPE, "stages must have shape [4], got [4, 2]"),
+        ((v, s, torch.full((N + 1,), 4)), wire.REASON_SHAPE, "targets must have shape [4], got [5]"),
+        ((v.to("meta"), s, t), wire.REASON_DEVICE, "votes is on meta, expected cpu"),
+        ((v, s.to("meta"), t), wire.REASON_DEVICE, "stages is on meta, expected cpu"),
+        ((v, s, t.to("meta")), wire.REASON_DEVICE, "targets is on meta, expected cpu"),
+    ]
+    for args, code, text in cases:
+        p = _prepare(*args)
+        assert (p.poison, p.problem) == (code, f"esper_gate call 3 on rank 1: {text}"), text
+    # taken, converted where the op needs int64
+    p = _prepare(v.long(), s.int(), t.int())
+    assert p.problem is None and (p.votes.dtype, p.stages.dtype, p.targets.dtype) == (torch.int64,) * 3
+    p = _prepare(v, s, t.int())
+    assert p.problem is None and p.stages is s and p.targets.dtype == torch.int64
+    p = _prepare(v, [3, 3, 3, 3], t)   # bool votes on the path that copies lists
+    assert p.problem is None and p.votes is v and p.stages.tolist() == [3] * N
+    p = _prepare([1, 0, 1, 1], s, t)
+    assert p.problem is None and p.votes.tolist() == [1, 0, 1, 1] and p.stages is s
+    p = _prepare(v, s, [4, 4, 4, 4])
+    assert p.problem is None and p.targets.tolist() == [4] * N
+
+
+def test_tensors_the_op_takes_skip_every_check_in_python(monkeypatch):
+    """The hot path: no copy and no per-argument check, whatever the (valid) site."""
+    from esper_gate import _inputs
+
+    def no_check(*args):
+        raise AssertionError("the fast path checked an argument in Python")
+
+    monkeypatch.setattr(_inputs, "_coerce", no_check)
+    v, s, t = torch.ones(N, dtype=torch.bool), torch.full((N,), 3), torch.full((N,), 4)
+    for site in (0, 77, 2**32 - 1, None):
+        p = _prepare(v, s, t, site=site)
+        assert p.problem is None and p.votes is v and p.stages is s and p.targets is t
+        assert p.site == (77 if site is None else site)
+    assert _prepare(v.long(), s, t).problem is None
+
+
+def test_ids_beyond_int64_reach_the_kernel_as_out_of_range_ids():
+    p = _prepare([1, 1, 1, 1], [2**70, 3, 3, -(2**70)], [4, 4, 4, 4])
+    assert p.problem is None and p.stages.tolist() == [wire.MAX_ID + 1, 3, 3, -1]
+    p = _prepare([2**70, 1, 1, 1], [3] * N, [4] * N)
+    assert p.problem is None and p.votes.tolist() == [wire.MAX_ID + 1, 1, 1, 1]
+
+
+def test_a_sequence_that_is_not_a_list_is_read_like_one():
+    import array
+
+    p = _prepare(array.array("q", [1, 0, 1, 1]), (3, 3, 3, 3), range(4, 8))
+    assert p.problem is None and p.votes.tolist() == [1, 0, 1, 1] and p.targets.tolist() == [4, 5, 6, 7]
+
+
+def test_a_site_of_0_or_2_32_minus_1_or_a_numpy_int_is_a_site():
+    import numpy as np
+
+    for site in (0, 2**32 - 1, np.int64(5), np.uint32(2**32 - 1)):
+        p = _prepare(*GOOD, site=site)
+        assert p.problem is None and p.site == int(site) and type(p.site) is int
+        p = _prepare(*(torch.tensor(x) for x in GOOD), site=site)
+        assert p.problem is None and p.site == int(site)
+
+
+def test_names_make_the_calls_fingerprint_unless_a_site_is_given():
+    p = prepare(*GOOD, None, num_slots=N, device=CPU, default_site=77, call="c", names=["a", "b", "c", "d"])
+    assert p.problem is None and p.site == site_fingerprint(N, ["a", "b", "c", "d"]) != 77
+    p = prepare(*GOOD, 9, num_slots=N, device=CPU, default_site=77, call="c", names=["a", "b", "c", "d"])
+    assert p.site == 9
+    # the fingerprint is the documented one: crc32 of the JSON [tag, count, names]
+    assert site_fingerprint(2, ["a", "b"]) == 734542726 and site_fingerprint(3, None) == 3927444472
+    assert site_fingerprint(1, ["r0c0"], tag="t") == 4239888785
+    # names a rank cannot use, with all-tensor inputs too: bad input, and every problem is said
+    args = [torch.tensor(x) for x in GOOD]
+    p = prepare(*args, None, num_slots=N, device=CPU, default_site=77, call="c", names=["a"])
+    assert (p.poison, p.problem) == (wire.REASON_SHAPE, "c: names must be a sequence of 4 slot names, got 1 names")
+    p = prepare([1, 1, 1], *GOOD[1:], None, num_slots=N, device=CPU, default_site=77, call="c", names="abcd")
+    assert p.problem == ("c: names must be a sequence of 4 slot names, got the string 'abcd'; votes must have "
+                         "shape [4], got [3]")
+
+
+def test_per_slot_policies_and_digests_travel_as_codes_or_not_at_all():
+    args = [torch.tensor(x) for x in GOOD]
+    codes = wire.POLICY_CODES
+    state = {pol: slot_state_defaults(N, pol, CPU) for pol in codes}   # a gate that carries them
+    p = prepare(*args, None, num_slots=N, device=CPU, default_site=77, call="c", policies=[None, "any", None, None],
+                slot_state=state["unanimous"])
+    assert p.problem is None and p.policies.tolist() == [codes["unanimous"], codes["any"]] + [codes["unanimous"]] * 2
+    p = prepare(*args, None, num_slots=N, device=CPU, default_site=77, call="c", policies=["any"] * 4,
+                default_policy="rank0", slot_state=state["rank0"])
+    assert p.policies.tolist() == [codes["any"]] * 4
+    for same in ([None] * 4, ["majority", None, "majority", None]):
+        p = prepare(*args, None, num_slots=N, device=CPU, default_site=77, call="c", policies=same,
+                    default_policy="majority")
+        assert p.problem is None and p.policies is None, "the gate's own policy everywhere, no slot state: none"
+    p = prepare(*args, None, num_slots=N, device=CPU, default_site=77, call="c", digests=[1, None, 2**32 - 1, 0],
+                slot_state=state["unanimous"])
+    assert p.problem is None and p.digests.tolist() == [1, 0, 2**32 - 1, 0]
+    p = prepare(*args, None, num_slots=N, device=CPU, default_site=77, call="c",
+                digests=torch.tensor([1, 2, 3, 4], dtype=torch.int32), slot_state=state["unanimous"])
+    assert p.problem is None and p.digests.dtype == torch.int64 and p.digests.tolist() == [1, 2, 3, 4]
+    bad = [
+        (dict(policies=5), wire.REASON_POLICY, "policies must be a sequence of policy names, got int"),
+        (dict(policies=[None, "most", None, None]), wire.REASON_POLICY,
+         "policies[1] is 'most', expected one of unanimous, rank0, majority, any or None"),
+        (dict(digests=torch.zeros(N, dtype=torch.int64, device="meta")), wire.REASON_DEVICE,
+         "digests is on meta, expected cpu"),
+        (dict(digests=torch.zeros(N, 2, dtype=torch.int64)), wire.REASON_SHAPE,
+         "digests must have shape [4], got [4, 2]"),
+        (dict(digests=torch.zeros(N)), wire.REASON_DTYPE, "digests must be an integer dtype, got torch.float32"),
+        (dict(digests=torch.zeros(N, dtype=torch.bool)), wire.REASON_DTYPE,
+         "digests must be an integer dtype, got torch.bool"),
+        (dict(digests=[1, 2]), wire.REASON_SHAPE, "digests must have 4 entries, got 2"),
+        (dict(digests=[1.5, 2, 3, 4]), wire.REASON_DIGEST, "digests must be ints in 0..2**32-1 "
+         "(esper_gate.state_digest makes one) or None, got list ('float' object cannot be interpreted as an integer)"),
+    ]
+    for kw, code, text in bad:
+        p = prepare(*args, None, num_slots=N, device=CPU, default_site=77, call="c", slot_state=state["unanimous"],
+                    **kw)
+        assert (p.poison, p.problem) == (code, f"c: {text}"), kw
+
+
+def test_gate_settings_are_checked_and_slot_names_default_to_the_slot_numbers():
+    from esper_gate._inputs import bad_values_text, check_names, check_settings
+
+    assert check_settings(2, "any", None) == ["0", "1"]
+    assert check_settings(1, "unanimous", ["r0c0"]) == ["r0c0"]
+    assert len(check_settings(wire.MAX_SLOTS, "majority", None)) == wire.MAX_SLOTS
+    for n in (0, wire.MAX_SLOTS + 1, True, 2.0):
+        with pytest.raises(esper_gate.GateInputError) as info:
+            check_settings(n, "any", None)
+        assert str(info.value) == f"num_slots must be an int in 1..{wire.MAX_SLOTS}, got {n!r}"
+    with pytest.raises(esper_gate.GateInputError) as info:
+        check_settings(2, "most", None)
+    assert str(info.value) == "unknown policy 'most', expected one of unanimous, rank0, majority, any"
+    with pytest.raises(esper_gate.GateInputError) as info:
+        check_settings(2, "any", ["a"])
+    assert str(info.value) == "slot_names has 1 names for num_slots=2"
+    with pytest.raises(esper_gate.GateInputError) as info:
+        check_settings(2, "any", "ab")
+    assert str(info.value) == "slot_names must be a sequence of 2 names, got the string 'ab'"
+    assert check_settings(2, "any", (1, 2)) == ["1", "2"]
+    with pytest.raises(esper_gate.GateInputError) as info:
+        check_names("ab", 2)
+    assert str(info.value) == "names must be a sequence of 2 names, got the string 'ab'"
+    assert bad_values_text("esper_gate call 2 on rank 1", None) == (
+        "esper_gate call 2 on rank 1: bad input: unknown reason (votes must be 0/1, stage and target ids 0..63)")
+
+
 def test_the_layout_fingerprint_tells_apart_names_that_a_separator_would_join_alike():
     layouts = [["a\x1fb", "c"], ["a", "b\x1fc"], ["a|b", "c"], ["a", "b|c"], ['a", "b', "c"], ["a", 'b", "c']]
     assert len({site_fingerprint(2, names) for names in layouts}) == len(layouts)
@@ -205,7 +382,7 @@ def test_a_timeout_that_is_no_duration_is_bad_input(timeout):
 @pytest.mark.parametrize("timeout, text", [
     (datetime.timedelta(seconds=3), "3 s"), (0.5, "0.5 s"), (as_timedelta(1e-9), "1e-06 s"), (1e-9, "1e-09 s"),
     (datetime.timedelta(minutes=1), "60 s"), (2 / 3, "0.667 s"), (999.4, "999 s"),
-    (datetime.timedelta(weeks=1), "604800 s")], ids=repr)
+    (datetime.timedelta(weeks=1), "604800 s"), (1000, "1000 s"), (1000.4, "1000 s"), (999.6, "1e+03 s")], ids=repr)
 def test_a_timeout_prints_in_seconds_with_three_significant_digits(timeout, text):
     assert timeout_text(timeout) == text
 
@@ -232,6 +409,34 @@ def test_a_failure_nobody_read_is_raised_by_the_next_call():
         latch.check_usable()
     with pytest.raises(esper_gate.GateError, match="unusable"):
         latch.check_usable()
+
+
+def test_before_its_first_delivery_the_latch_calls_its_hook_once_whatever_the_hook_does():
+    calls = []
+
+    def hook(seq, error):
+        calls.append((seq, str(error)))
+        raise RuntimeError("the store's host could not wait")   # a courtesy: the failure is raised regardless
+
+    latch = FailureLatch(before_delivery=hook)
+    latch.raise_for(4)
+    assert calls == [] and not latch.wait(0.01), "nothing latched: no hook, no wait"
+    latch.record(4, esper_gate.GateError("rank 2 did not arrive"))
+    assert latch.wait(0.01)
+    with pytest.raises(esper_gate.GateError, match="rank 2 did not arrive"):
+        latch.raise_for(5)
+    assert str(latch.deliver()) == "rank 2 did not arrive"
+    with pytest.raises(esper_gate.GateError, match="unusable after call 4 failed"):
+        latch.check_usable()
+    assert calls == [(4, "rank 2 did not arrive")]
+
+
+def test_a_latch_waits_for_a_failure_until_one_is_recorded():
+    latch = FailureLatch()
+    t0 = time.monotonic()
+    assert latch.wait(0.2) is False and 0.15 < time.monotonic() - t0 < 5
+    threading.Timer(0.1, lambda: latch.record(3, esper_gate.GateError("late"))).start()
+    assert latch.wait(10) is True and latch.seq == 3
 
 
 # ---- the diagnosis ---------------------------------------------------------------
@@ -299,6 +504,120 @@ def test_a_missing_rank_is_waiting_in_another_gate_only_while_its_call_there_has
     assert err.missing_ranks == [1, 2]
     assert "rank 1 did not arrive" in str(err) and "rank 1 is waiting" not in str(err)
     assert "rank 2 is waiting in gate #2 of this group (its call 4 there)" in str(err)
+
+
+def _fields(err):
+    return type(err).__name__, str(err), err.missing_ranks, err.last_completed, err.call
+
+
+def test_short_is_the_type_and_first_line_of_an_error_in_at_most_300_characters():
+    from esper_gate._diagnosis import short
+
+    assert short(RuntimeError("gloo timeout\n  at frame 1\n  at frame 2")) == "RuntimeError: gloo timeout"
+    assert short(ValueError("")) == "ValueError: " and short(ValueError("  \n ")) == "ValueError: "
+    assert short(RuntimeError("x" * 1000)) == ("RuntimeError: " + "x" * 1000)[:300]
+
+
+def test_every_diagnosis_names_its_ranks_their_last_calls_and_the_call_in_its_error():
+    """The error's text and fields for each kind of diagnosis: they are what every rank raises."""
+    # an op that failed before its collective: this rank is the one missing
+    err = _diagnosis(_Beats({0: (5, 4, 9)}), rank=1).diagnose(5, ValueError("bad group"), completed_here=4)
+    assert _fields(err) == ("GateTimeoutError", "esper_gate call 5: rank 1 did not arrive at the collective: its op "
+                            "failed before it (ValueError: bad group). No rank applied a transition for this call.",
+                            [1], {1: 4}, 5)
+    # ranks absent from the call, one that never beat and one behind; their last calls ("none": never)
+    beats = _Beats({0: (1, 0, 9), 1: None, 2: (0, 0, 9)})
+    err = _diagnosis(beats).diagnose(1, TimeoutError("stuck"), completed_here=0)
+    assert _fields(err) == ("GateTimeoutError", "esper_gate call 1: ranks 1-2 did not arrive (waited up to 3 s). "
+                            "Last call completed: rank 1: 0, rank 2: 0. No rank applied a transition for this call. "
+                            "Collective error: TimeoutError: stuck", [1, 2], {0: 0, 1: 0, 2: 0}, 1)
+    # a peer's heartbeat can be ahead of this rank's watcher: its own last call counts
+    err = _diagnosis(_Beats({0: (5, 4, 9), 1: (5, 4, 9), 2: (4, 3, 9)})).diagnose(5, TimeoutError("t"), 2)
+    assert err.last_completed == {0: 4, 1: 4, 2: 3} and "Last call completed: rank 2: 3." in str(err)
+    err = _diagnosis(_Beats({0: (0, -1, 9), 1: None, 2: (0, -1, 9)})).diagnose(0, TimeoutError("t"), -1)
+    assert _fields(err) == ("GateTimeoutError", "GateSync construction: rank 1 did not arrive (waited up to 3 s). "
+                            "Last call completed: rank 1: none. No rank applied a transition for this call. "
+                            "Collective error: TimeoutError: t", [1], {0: -1, 1: -1, 2: -1}, 0)
+    # absent, then done with the call within the settling time: it came after the deadline
+    beats = _Beats({0: (5, 4, 9), 1: (5, 4, 9), 2: (4, 4, 2)}, {0: (5, 4, 10), 1: (5, 4, 10), 2: (5, 5, 3)})
+    err = _diagnosis(beats).diagnose(5, TimeoutError("stuck"), completed_here=4)
+    assert _fields(err) == ("GateTimeoutError", "esper_gate call 5: rank 2 arrived too late: after this rank had "
+                            "waited 3 s. No rank applied a transition for this call. Collective error: TimeoutError: "
+                            "stuck", [2], {0: 4, 1: 4, 2: 5}, 5)
+    assert beats.slept == [SETTLE_S]
+    # the store's host is gone: it is named, with no last call known
+    err = _diagnosis(_Beats(ConnectionError("reset")), rank=2, store_host=1).diagnose(7, TimeoutError("t"), 6)
+    assert _fields(err) == ("GateTimeoutError", "esper_gate call 7: rank 1 did not arrive: it hosts the job's store, "
+                            "which stopped answering (ConnectionError: reset), so that process has most likely died. "
+                            "No rank applied a transition for this call. Collective error: TimeoutError: t",
+                            [1], {1: None}, 7)
+    err = _diagnosis(_Beats(ConnectionError("reset")), store_host=None).diagnose(7, TimeoutError("t"), 6)
+    assert _fields(err)[1:] == ("esper_gate call 7: global rank 0 (outside this group) did not arrive: it hosts the "
+                                "job's store, which stopped answering (ConnectionError: reset), so that process has "
+                                "most likely died. No rank applied a transition for this call. Collective error: "
+                                "TimeoutError: t", [], {}, 7)
+
+
+def test_a_missing_rank_is_named_before_a_late_one():
+    # rank 1 never came; rank 2 says it has just entered (late): the absent rank is the cause
+    beats = _Beats({0: (5, 4, 9, 3600), 1: (4, 4, 9, -1), 2: (5, 4, 9, 0)})
+    diagnosis = Diagnosis(beats.read, 0, 3, 0, datetime.timedelta(seconds=3), sleep=beats.sleep, clock=lambda: 103.6)
+    err = diagnosis.diagnose(5, RuntimeError("gloo timeout"), completed_here=4, started=100.0)
+    assert err.missing_ranks == [1] and "rank 1 did not arrive" in str(err)
+
+
+def test_lateness_counts_only_peers_in_this_call_that_report_a_wait_and_more_than_the_slack(monkeypatch):
+    from esper_gate import _diagnosis
+
+    monkeypatch.setattr(_diagnosis, "LATE_SLACK_S", 0.25)  # exact in binary, like the waits below
+
+    def late(beats, waited_s=3.75):
+        d = Diagnosis(None, 0, len(beats), 0, datetime.timedelta(seconds=3))
+        return d._late(beats, 5, waited_s)
+
+    # 3.75 s waited, 3 s timeout: a peer that waited 0.5 s entered 0.25 s after the deadline, not more
+    assert late({0: (5, 4, 9, 3750), 1: (5, 4, 9, 500)}) == {}
+    assert late({0: (5, 4, 9, 3750), 1: (5, 4, 9, 499)}) == {1: pytest.approx(0.251)}
+    assert late({0: (5, 4, 9, 3750), 1: (5, 4, 9, 0)}) == {1: 0.75}
+    assert late({0: (5, 4, 9, 3750), 1: (5, 4, 9, 0)}, waited_s=None) == {}
+    # not this call's wait: this rank itself (a stale beat), a peer already past the call, a completed
+    # call (-1), and a heartbeat from before waits were reported (three fields)
+    assert late({0: (5, 4, 9, 0), 1: (6, 5, 9, 0), 2: (5, 5, 9, -1), 3: (5, 4, 9)}) == {}
+
+
+def test_a_rank_waiting_in_another_gate_of_the_group_is_named_as_such():
+    """Gates built in different orders on different ranks: the missing rank waits in another gate."""
+    where = {1: (2, 7, False), 2: (0, 4, False), 3: None, 4: (1, 1, False), 5: (3, 2, False), 6: (4, 9, False)}
+    beats = _Beats({r: (5, 4, 9) if r == 0 else (4, 4, 9) for r in range(7)})
+    asked = []
+
+    def read_where(ranks):
+        asked.append(list(ranks))
+        return {r: where[r] for r in ranks}
+
+    d = Diagnosis(beats.read, 0, 7, 0, datetime.timedelta(seconds=3), sleep=beats.sleep, read_whereabouts=read_where)
+    err = d.diagnose(5, TimeoutError("t"), completed_here=4)
+    assert asked == [[1, 2, 3, 4, 5, 6]] and err.missing_ranks == [1, 2, 3, 4, 5, 6]
+    assert str(err) == (
+        "esper_gate call 5: ranks 2-3 did not arrive (waited up to 3 s); rank 1 is waiting in gate #2 of this group "
+        "(its call 7 there), not in this gate (#0; were the gates built in a different order on different ranks?); "
+        "rank 4 is waiting in gate #1 of this group (its call 1 there), not in this gate (#0; were the gates built "
+        "in a different order on different ranks?); rank 5 is waiting in gate #3 of this group (its call 2 there), "
+        "not in this gate (#0; were the gates built in a different order on different ranks?). Last call completed: "
+        "rank 1: 4, rank 2: 4, rank 3: 4, rank 4: 4, rank 5: 4, rank 6: 4. No rank applied a transition for this "
+        "call. Collective error: TimeoutError: t")
+    # this gate's own index: a rank whose last call was in gate #2 is here when this is gate #2
+    d = Diagnosis(_Beats({0: (5, 4, 9), 1: (4, 4, 9)}).read, 0, 2, 0, datetime.timedelta(seconds=3),
+                  sleep=lambda s: None, read_whereabouts=lambda ranks: {1: (2, 4)}, gate_index=2)
+    assert str(d.diagnose(5, TimeoutError("t"), 4)).startswith("esper_gate call 5: rank 1 did not arrive")
+    # a hint only: whereabouts that cannot be read leave the plain "did not arrive"
+
+    def gone(ranks):
+        raise ConnectionError("reset")
+
+    d = Diagnosis(_Beats({0: (5, 4, 9), 1: (4, 4, 9)}).read, 0, 2, 0, datetime.timedelta(seconds=3),
+                  sleep=lambda s: None, read_whereabouts=gone)
+    assert str(d.diagnose(5, TimeoutError("t"), 4)).startswith("esper_gate call 5: rank 1 did not arrive")
 
 
 # ---- the watcher ------------------------------------------------------------------
@@ -413,6 +732,293 @@ def test_two_gates_publish_where_the_rank_is_and_whether_its_call_there_complete
     finally:
         first.close()
         second.close()
+
+
+class _TimedStore(DictStore):
+    """A DictStore that remembers when each heartbeat was written."""
+
+    def __init__(self):
+        super().__init__()
+        self.beats = []  # (monotonic time, value)
+
+    def set(self, key, value):
+        super().set(key, value)
+        if key.startswith("hb/"):
+            self.beats.append((time.monotonic(), self.data[key]))
+
+
+def _beats_until(store, count, limit_s):
+    deadline = time.monotonic() + limit_s
+    while len(store.beats) < count and time.monotonic() < deadline:
+        time.sleep(WATCH_POLL_S / 2)
+    return list(store.beats)
+
+
+def test_heartbeats_come_every_poll_while_a_call_is_stuck_and_once_an_interval_while_idle(monkeypatch):
+    """Peers tell when a rank entered a stuck call from its heartbeat, so a call that waits
+    longer than LONG_CALL_S is published every LONG_CALL_POLL_S; an idle rank, or one in
+    a call that has not waited long, beats once per HEARTBEAT_INTERVAL_S (the store's load)."""
+    from esper_gate import _watcher
+
+    monkeypatch.setattr(_watcher, "HEARTBEAT_INTERVAL_S", 0.8)
+    monkeypatch.setattr(_watcher, "LONG_CALL_S", 0.3)
+    monkeypatch.setattr(_watcher, "LONG_CALL_POLL_S", 0.1)
+    store = _TimedStore()
+    watcher = Watcher(store, 0, lambda call: None)
+    try:
+        # idle: the construction's beat, then one an interval later, not sooner
+        t0 = _beats_until(store, 1, 5)[0][0]
+        beats = _beats_until(store, 2, 5)
+        assert len(beats) >= 2 and beats[1][0] - t0 >= 0.75, [round(t - t0, 2) for t, _ in beats]
+        # stuck: nothing new until it has waited LONG_CALL_S (the store's budget), then every poll
+        tb = time.monotonic()
+        watcher.begin(1, tb + 60)
+        n = len(store.beats)
+        beats = _beats_until(store, n + 6, 5)[n:]
+        beats = [b for b in beats if b[1].startswith(b"1,-1,")]
+        times = [t - tb for t, _ in beats]
+        assert len(beats) >= 5, times
+        assert times[0] >= 0.3 - WATCH_POLL_S, f"announced before the call waited long: {times}"
+        gaps = [b - a for a, b in zip(times[1:], times[2:])]
+        assert max(gaps) < 0.5, f"a stuck call beats every 0.1 s, not every 0.8 s: {times}"
+        waited = [int(v.split(b",")[3]) for _, v in beats]
+        assert waited[-1] >= 300 and waited == sorted(waited), waited
+        assert waited[-1] <= (beats[-1][0] - tb) * 1000 + 50, (waited, times)
+        # completed: said at once with no wait (-1), then idle again
+        watcher.end_host(1)
+        te = time.monotonic()
+        n = len(store.beats)
+        beats = _beats_until(store, n + 2, 5)[n:]
+        assert beats[0][1].startswith(b"1,1,") and beats[0][1].endswith(b",-1"), beats
+        assert beats[0][0] - te <= 0.8 + 2 * WATCH_POLL_S, "completion goes out within an interval"
+        assert len(beats) >= 2 and beats[1][0] - beats[0][0] >= 0.75, [round(t - te, 2) for t, _ in beats]
+    finally:
+        watcher.close()
+
+
+def test_the_c10d_fallbacks_group_outlives_the_gates_deadline_by_a_minute_or_by_the_timeout_above_it():
+    """NCCL's watchdog ends the process at the group's timeout: it must come well after the
+    gate's own deadline and diagnosis, also for gate timeouts longer than the minute's margin.
+    gloo raises in the caller at its own timeout, so its group has the gate's."""
+    from esper_gate._group import gate_group_timeout
+
+    s = datetime.timedelta(seconds=1)
+    assert gate_group_timeout(5 * s, self_timing=True) == 5 * s
+    assert gate_group_timeout(5 * s, self_timing=False) == 65 * s
+    assert gate_group_timeout(60 * s, self_timing=False) == 120 * s
+    assert gate_group_timeout(90 * s, self_timing=False) == 180 * s
+    assert gate_group_timeout(MAX_TIMEOUT_S * s, self_timing=False) == 2 * MAX_TIMEOUT_S * s
+
+
+def test_a_heartbeat_says_entered_completed_its_count_and_the_wait_and_where_the_rank_is():
+    from esper_gate._watcher import HEARTBEAT_INTERVAL_S, Whereabouts
+
+    store, where = DictStore(), DictStore()
+    polls = HEARTBEAT_INTERVAL_S / WATCH_POLL_S + 6
+    watcher = Watcher(store, 3, lambda call: None, whereabouts=(where, 2, Whereabouts(3)))
+    try:
+        # construction: no call entered or completed, first beat, no wait; in gate #2 at its warm-up
+        assert _wait_for(lambda: store.check(["hb/3"]) and where.check(["where/3"]), polls)
+        assert store.get("hb/3") == b"-1,-1,1,-1" and where.get("where/3") == b"2,0,0"
+        watcher.begin(1, time.monotonic() + 60)   # a call that waits: announced fast, with where it waits
+        assert _wait_for(lambda: store.get("hb/3").startswith(b"1,-1,"), polls), store.get("hb/3")
+        assert _wait_for(lambda: where.get("where/3") == b"2,1,0", polls), where.get("where/3")
+        assert watcher.read_whereabouts([3, 4]) == {3: (2, 1, False), 4: None}
+        watcher.end_host(1)
+        assert _wait_for(lambda: store.get("hb/3").startswith(b"1,1,") and store.get("hb/3").endswith(b",-1"),
+                         polls), store.get("hb/3")
+        beats = watcher.read_heartbeats(5)
+        assert beats[3][:2] == (1, 1) and [beats[r] for r in (0, 1, 2, 4)] == [None] * 4, "None: never beat"
+        assert read_heartbeats(store, 5)[4] is None and len(read_heartbeats(store, 5)) == 5
+    finally:
+        watcher.close()
+    lone = Watcher(DictStore(), 0, lambda call: None)
+    try:
+        assert lone.read_whereabouts([0, 1]) == {0: None, 1: None}, "no whereabouts store: nothing known"
+    finally:
+        lone.close()
+
+
+def test_an_asynchronous_communicator_error_expires_the_oldest_call_in_flight_at_once():
+    done, failed, expired = [-1], [False], []
+    watcher = Watcher(DictStore(), 0, expired.append, progress=lambda: done[0], group_failed=lambda: failed[0])
+    try:
+        done[0] = 3
+        assert not watcher.is_completed(Call(2, 0.0)), "a call with no event completes on the host, not the device"
+        done[0] = -1
+        first = watcher.begin(1, time.monotonic() + 60)
+        second = watcher.begin(2, time.monotonic() + 60)
+        first.event = second.event = object()
+        done[0] = 1
+        assert _wait_for(lambda: watcher.completed == 1, polls=20) and list(watcher.inflight) == [second]
+        assert watcher.is_completed(first) and not watcher.is_completed(second)
+        time.sleep(3 * WATCH_POLL_S)
+        assert not expired
+        failed[0] = True
+        assert not watcher.is_completed(first), "a failed group completes nothing"
+        assert _wait_for(lambda: expired, polls=20) and expired == [second]
+    finally:
+        watcher.close()
+
+
+def test_news_of_a_call_is_asked_once_per_poll_interval_once_it_waited_long(monkeypatch):
+    from esper_gate import _watcher
+
+    monkeypatch.setattr(_watcher, "LONG_CALL_S", 0.1)
+    monkeypatch.setattr(_watcher, "LONG_CALL_POLL_S", 0.3)
+    asked = []
+
+    def news(call):
+        asked.append((time.monotonic(), call.seq))
+        return False
+
+    watcher = Watcher(DictStore(), 0, lambda call: None, news=news)
+    try:
+        t0 = time.monotonic()
+        watcher.begin(7, t0 + 60)
+        time.sleep(1.2)
+    finally:
+        watcher.close()
+    times = [t - t0 for t, _ in asked]
+    assert {seq for _, seq in asked} == {7} and 3 <= len(asked) <= 5, times
+    assert times[0] >= 0.1 and all(b - a >= 0.3 - WATCH_POLL_S for a, b in zip(times, times[1:])), times
+
+
+class _DyingStore(DictStore):
+    """A store whose host dies after ``alive`` writes: every request fails from then on."""
+
+    def __init__(self, alive):
+        super().__init__()
+        self.alive, self.failed = alive, 0
+
+    def set(self, key, value):
+        if self.alive <= 0:
+            self.failed += 1
+            raise ConnectionError("Connection reset by peer")
+        self.alive -= 1
+        super().set(key, value)
+
+
+def test_a_dead_store_costs_one_failed_request_and_deadlines_still_fire():
+    store, expired = _DyingStore(alive=1), []
+    watcher = Watcher(store, 0, expired.append)
+    try:
+        watcher.begin(1, time.monotonic() + 0.5)   # announcing it is the first request to fail
+        assert _wait_for(lambda: watcher.store_error is not None, polls=20)
+        assert _wait_for(lambda: expired, polls=40) and [c.seq for c in expired] == [1]
+        time.sleep(5 * WATCH_POLL_S)
+        assert store.failed == 1
+        asked = []
+        with pytest.raises(ConnectionError) as info:
+            watcher.store_request(asked.append)
+        assert info.value is watcher.store_error and asked == []
+    finally:
+        watcher.close()
+    # a request that fails through store_request is the store's error from then on
+    watcher = Watcher(DictStore(), 0, lambda call: None)
+    try:
+        def boom(store):
+            raise TimeoutError("store timeout")
+
+        with pytest.raises(TimeoutError):
+            watcher.store_request(boom)
+        assert isinstance(watcher.store_error, TimeoutError)
+        with pytest.raises(TimeoutError):
+            watcher.read_heartbeats(1)
+    finally:
+        watcher.close()
+
+
+def test_the_watchers_threads_are_daemons_named_for_stack_dumps_and_close_joins_them():
+    seen = []
+    watcher = Watcher(DictStore(), 4, lambda call: seen.append((threading.current_thread().name,
+                                                                  threading.current_thread().daemon)))
+    assert watcher._thread.name == "esper_gate-watch-4" and watcher._thread.daemon
+    watcher.begin(1, time.monotonic() - 1)
+    assert _wait_for(lambda: seen, polls=20) and seen == [("esper_gate-diagnose", True)]
+    watcher.close()
+    assert not watcher._thread.is_alive() and not any(t.is_alive() for t in watcher.failure_threads)
+    t0 = time.monotonic()
+    watcher.pause(0.2)
+    assert time.monotonic() - t0 < 0.15, "a closed watcher's diagnosis does not wait"
+    other = Watcher(DictStore(), 0, lambda call: None)
+    try:
+        t0 = time.monotonic()
+        other.pause(0.2)
+        assert 0.15 < time.monotonic() - t0 < 5
+    finally:
+        other.close()
+
+
+class _StuckStore(DictStore):
+    """A store whose host stopped answering: a write after the first blocks until released."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+        self.writes = 0
+
+    def set(self, key, value):
+        self.writes += 1
+        if self.writes > 1:
+            self.release.wait(30)
+        super().set(key, value)
+
+
+def test_close_returns_at_once_while_the_store_does_not_answer_a_heartbeat():
+    # The watcher's thread never waits in a store request (its store worker does), so a
+    # store that does not answer holds neither its deadlines nor close().
+    store = _StuckStore()
+    watcher = Watcher(store, 0, lambda call: None)
+    try:
+        watcher.begin(1, time.monotonic() + 60)
+        assert _wait_for(lambda: store.writes >= 1, polls=40)
+        t0 = time.monotonic()
+        watcher.close()
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        store.release.set()
+
+
+def test_calls_completed_out_of_order_or_forgotten_leave_the_others_watched():
+    watcher = Watcher(DictStore(), 0, lambda call: None)
+    try:
+        calls = [watcher.begin(seq, time.monotonic() + 60) for seq in (1, 2, 3)]
+        watcher.end_host(2)
+        assert [c.seq for c in watcher.inflight] == [1, 3] and watcher.completed == 2
+        assert watcher.is_completed(calls[0]) and watcher.is_completed(calls[1]), "host calls: by number"
+        assert not watcher.is_completed(calls[2])
+        watcher.forget(3)
+        assert [c.seq for c in watcher.inflight] == [1]
+        watcher.end_host(1)
+        assert not watcher.inflight and watcher.completed == 2
+        watcher.end_host(4)   # nothing in flight: still counted
+        assert watcher.completed == 4 and watcher.entered == 3
+        call = Call(5, 0.0)
+        assert call.event is None and abs(call.started - time.monotonic()) < 1
+    finally:
+        watcher.close()
+
+
+def test_a_call_another_rank_completed_settles_a_host_call_and_extends_a_gpu_call():
+    watcher = Watcher(DictStore(), 0, lambda call: None)
+    try:
+        host = watcher.begin(1, time.monotonic() - 1)
+        watcher.expired = True
+        watcher.settle(host, 30.0)
+        assert not watcher.expired and not watcher.inflight and watcher.completed == 1
+        gpu = watcher.begin(2, time.monotonic() - 1)
+        gpu.event = object()
+        watcher.expired = True
+        t0 = time.monotonic()
+        watcher.settle(gpu, 30.0)
+        assert not watcher.expired and list(watcher.inflight) == [gpu] and watcher.completed == 1
+        assert t0 + 29 < gpu.deadline < time.monotonic() + 31
+        other = Call(3, 0.0)
+        watcher.settle(other, 30.0)   # not the oldest in flight: nothing to end
+        assert list(watcher.inflight) == [gpu] and watcher.completed == 1
+    finally:
+        watcher.close()
 
 
 # ---- the rendezvous ----------------------------------------------------------------
@@ -552,6 +1158,180 @@ def test_the_peers_error_groups_bad_input_by_reason_and_bounds_it():
     assert info.value.ranks == list(range(1, 10)) and len(info.value.reasons) == 9
 
 
+class _Ready:
+    """A CUDA event's stand-in: ``query()`` is true from the ``after``-th query on."""
+
+    def __init__(self, after=None, at=None):
+        self.after, self.at, self.queries = after, at, 0
+
+    def query(self):
+        self.queries += 1
+        if self.at is not None:
+            return time.monotonic() >= self.at
+        return self.after is not None and self.queries >= self.after
+
+
+def _agreed(view=0, world=3, seq=1, **kw):
+    inputs = [RankInput([1, 0, 1, 1], [3] * N, [2] * N, seq=seq, site=9) for _ in range(world)]
+    decision, report, _ = simulate(inputs, view=view)
+    return GateConsensus(seq, torch.tensor(decision), torch.tensor(report),
+                         gate=GateView(view, "unanimous", [str(i) for i in range(N)]), **kw)
+
+
+def test_a_gpu_result_waits_for_its_event_and_then_confirms_the_shared_verdict_once():
+    from esper_gate._verdict import Verdict
+
+    ready, store = _Ready(after=3), dist.HashStore()
+    confirmed = []
+
+    class Recording(Verdict):
+        def confirm(self, seq, latch, void=None):
+            confirmed.append(seq)
+            return super().confirm(seq, latch)
+
+    res = _agreed(ready=ready, verdict=Recording(lambda request: request(store), rank=0))
+    assert res.host_decisions() == [True, False, True, True] and ready.queries == 3 and confirmed == [1]
+    assert res.host_decisions() == [True, False, True, True] and confirmed == [1], "confirmed once"
+    assert res.report().ok and res.diverged.tolist() == [False] * N
+    # a slow event: spin, then short sleeps (not seconds)
+    t0 = time.monotonic()
+    assert _agreed(ready=_Ready(at=t0 + 0.05)).host_decisions() == [True, False, True, True]
+    assert time.monotonic() - t0 < 0.6
+
+
+def test_a_gpu_result_whose_call_a_peer_failed_raises_that_failure_at_every_host_read():
+    from esper_gate._verdict import Verdict
+
+    store = dist.HashStore()
+    Verdict(lambda request: request(store), rank=1).failed(1, esper_gate.GateError("rank 2 did not arrive"))
+    latch = FailureLatch()
+    res = _agreed(ready=_Ready(after=1), latch=latch, verdict=Verdict(lambda request: request(store), rank=0))
+    for read in (res.host_decisions, res.host_decisions, res.report, lambda: res.diverged):
+        with pytest.raises(esper_gate.GateError, match="rank 2 did not arrive"):
+            read()
+    assert latch.seq == 1
+
+
+def test_a_gpu_result_stops_waiting_for_its_event_once_its_call_failed():
+    latch = FailureLatch()
+    res = _agreed(ready=_Ready(), latch=latch)   # the event never fires: the collective is stuck
+    threading.Timer(0.1, lambda: latch.record(1, esper_gate.GateTimeoutError("rank 2 did not arrive", [2]))).start()
+    with pytest.raises(esper_gate.GateTimeoutError, match="rank 2 did not arrive"):
+        res.host_decisions()
+    with pytest.raises(esper_gate.GateError, match="rank 2 did not arrive"):
+        res.raise_if_call_failed()
+
+
+def test_host_reads_take_decodes_decisions_and_the_device_tensor_stays_as_masked():
+    res = _agreed()
+    masked = torch.zeros(N, dtype=torch.bool)   # invalidated on the device, then the call stood
+    res = GateConsensus(1, masked, res._report_tensor, gate=res._gate, decoded=res.decisions)
+    assert res.host_decisions() == [True, False, True, True] and res.decisions.tolist() == [False] * N
+
+
+def test_a_good_call_on_the_host_is_checked_from_its_flags_without_parsing_the_report(monkeypatch):
+    from esper_gate import consensus
+
+    parsed = []
+    real = consensus.parse_report
+    monkeypatch.setattr(consensus, "parse_report", lambda *a, **k: parsed.append(1) or real(*a, **k))
+    res = _agreed()
+    assert res.raise_if_call_failed() is res and parsed == []
+    assert res.raise_if_diverged() is res and parsed == [1]
+    assert res.raise_if_call_failed() is res and parsed == [1], "parsed once"
+
+
+def test_a_result_reports_its_own_call_number_and_the_gates_names():
+    from esper_gate.report import Vocabulary
+
+    inputs = [RankInput([1] * N, [3] * N, [2] * N, seq=5, site=9) for _ in range(3)]
+    inputs[1].seq = 4
+    decision, report, _ = simulate(inputs, view=1)
+    res = GateConsensus(4, torch.tensor(decision), torch.tensor(report),
+                        gate=GateView(1, "unanimous", list("abcd"), Vocabulary({3: "TRAINING"}, {2: "G2"})))
+    rep = res.report()
+    assert rep.call == 4 and rep.slots[0].name == "a" and rep.vocabulary.stage(3) == "TRAINING"
+    with pytest.raises(esper_gate.GateDivergenceError) as info:
+        res.raise_if_call_failed()
+    assert info.value.report is rep and str(info.value) == str(rep)
+    assert str(rep).startswith("esper_gate call 4 on 3 ranks: not in agreement\n  call mismatch: ranks 0,2 at call 5")
+    # slots held differently: not a failure of the call, but a divergence
+    inputs = [RankInput([1] * N, [3] * N, [2] * N, seq=5, site=9) for _ in range(3)]
+    inputs[2].stages = [3, 4, 3, 3]
+    decision, report, _ = simulate(inputs, view=0)
+    res = GateConsensus(5, torch.tensor(decision), torch.tensor(report),
+                        gate=GateView(0, "unanimous", list("abcd"), Vocabulary({3: "TRAINING", 4: "BLENDING"})))
+    assert res.raise_if_call_failed() is res
+    with pytest.raises(esper_gate.GateDivergenceError) as info:
+        res.raise_if_diverged()
+    assert info.value.report is res.report() and str(info.value) == str(res.report())
+    assert "rank 2 holds BLENDING -> target 2" in str(info.value)
+    assert res.diverged.tolist() == [False, True, False, False] and res.diverged is res.diverged
+    assert repr(res).startswith("GateConsensus(seq=5, decisions=tensor([")
+
+
+def test_bad_input_is_raised_with_this_ranks_own_text_or_the_kernels_reason_in_full():
+    inputs = [RankInput([1] * N, [3] * N, [2] * N, seq=1, site=9) for _ in range(3)]
+    inputs[0].stages = [3, 64, 3, 3]
+    with pytest.raises(esper_gate.GateInputError) as info:
+        _result(inputs, view=0).raise_if_call_failed()
+    assert str(info.value) == ("esper_gate call 1 on rank 0: bad input: a stage id outside 0..63 (votes must be 0/1, "
+                               "stage and target ids 0..63)")
+    # a problem found before the collective is raised in this rank's own words
+    decision, report, _ = simulate(inputs, view=0)
+    mine = prepare([1] * N, [3] * N, [2] * N, 9, num_slots=N, device=CPU, default_site=77, call="esper_gate call 1",
+                   names=["a"])
+    assert mine.problem is not None
+    res = GateConsensus(1, torch.tensor(decision), torch.tensor(report),
+                        gate=GateView(0, "unanimous", list("abcd")), prepared=mine)
+    with pytest.raises(esper_gate.GateInputError) as info:
+        res.raise_if_call_failed()
+    assert str(info.value) == mine.problem
+
+
+def test_above_64_ranks_a_rank_learns_that_its_own_digest_tensor_was_out_of_range():
+    """The buffer counts the poisoned ranks but names none: the rank packs its own input alone."""
+    world = 70
+    inputs = [RankInput([1] * N, [3] * N, [2] * N, seq=1, site=9, digests=[7] * N) for _ in range(world)]
+    inputs[5].digests = [7, 2**32, 7, 7]
+    inputs[9].stages = [3, 64, 3, 3]
+    decision, report, _ = simulate(inputs, view=5)
+    mine = prepare(torch.ones(N, dtype=torch.bool), torch.full((N,), 3), torch.full((N,), 2), 9, num_slots=N,
+                   device=CPU, default_site=77, call="c", digests=torch.tensor([7, 2**32, 7, 7]),
+                   slot_state=slot_state_defaults(N, "unanimous", CPU))
+    assert mine.problem is None, "a tensor's range is the kernel's to check"
+    res = GateConsensus(1, torch.tensor(decision), torch.tensor(report), gate=GateView(5, "unanimous", list("abcd")),
+                        prepared=mine)
+    with pytest.raises(esper_gate.GateInputError) as info:
+        res.raise_if_call_failed()
+    assert str(info.value) == ("esper_gate call 1 on rank 5: bad input: a state digest outside 0..2**32-1 (votes must "
+                               "be 0/1, stage and target ids 0..63)")
+
+
+def test_the_peers_error_names_three_reasons_and_counts_only_more():
+    inputs = [RankInput([1] * N, [3] * N, [2] * N, seq=1, site=9) for _ in range(4)]
+    for r in (1, 2, 3):
+        inputs[r].poison = 20 + r
+    with pytest.raises(esper_gate.GatePeerInputError) as info:
+        _result(inputs, view=0).raise_if_call_failed()
+    assert str(info.value) == ("esper_gate call 1: ranks 1-3 passed bad input (rank 1: reason code 21; rank 2: reason "
+                               "code 22; rank 3: reason code 23); no slot was transitioned on any rank")
+
+
+def test_poisoned_ranks_whose_reasons_did_not_arrive_are_still_counted():
+    # a buffer no honest ranks send: 2 poisoned ranks above 64, their reason counts lost
+    world = 70
+    inputs = [RankInput([1] * N, [3] * N, [2] * N, seq=1, site=9) for _ in range(world)]
+    inputs[3].stages = inputs[4].stages = [3, 64, 3, 3]
+    decision, report, _ = simulate(inputs, view=0)
+    off = wire.reason_counts_offset(N, world)
+    report[off: off + wire.REPORT_REASON_WORDS] = [0] * wire.REPORT_REASON_WORDS
+    res = GateConsensus(1, torch.tensor(decision), torch.tensor(report), gate=GateView(0, "unanimous", list("abcd")))
+    with pytest.raises(esper_gate.GatePeerInputError) as info:
+        res.raise_if_call_failed()
+    assert str(info.value) == "esper_gate call 1: 2 rank(s) passed bad input; no slot was transitioned on any rank"
+
+
 # ---- the verdict -------------------------------------------------------------------
 
 def _verdict(store=None):
@@ -620,6 +1400,23 @@ def test_a_rank_that_entered_after_the_deadline_is_named_late():
     assert type(err) is esper_gate.GateError
 
 
+def test_a_rank_whose_heartbeat_says_it_waited_0_ms_entered_just_now_and_is_named_late():
+    """0 ms is the latest a rank can have entered, not "no wait reported" (-1: its call completed)."""
+    beats = _Beats({0: (5, 4, 9, 3600), 1: (5, 4, 9, 3550), 2: (5, 4, 9, 0)})
+    diagnosis = Diagnosis(beats.read, 0, 3, 0, datetime.timedelta(seconds=3), sleep=beats.sleep,
+                          clock=lambda: 103.6)
+    err = diagnosis.diagnose(5, RuntimeError("gloo timeout"), completed_here=4, started=100.0)
+    assert isinstance(err, esper_gate.GateTimeoutError) and err.missing_ranks == [2], str(err)
+    assert "rank 2 arrived too late" in str(err) and beats.slept == []
+    # -1: rank 2's call completed (it reports no wait): not late, so the dead-rank check follows
+    beats = _Beats({0: (5, 4, 9, 3600), 1: (5, 4, 9, 3550), 2: (5, 5, 9, -1)},
+                   {0: (5, 4, 12, 6100), 1: (5, 4, 12, 6050), 2: (5, 5, 12, -1)})
+    diagnosis = Diagnosis(beats.read, 0, 3, 0, datetime.timedelta(seconds=3), sleep=beats.sleep,
+                          clock=lambda: 103.6)
+    err = diagnosis.diagnose(5, RuntimeError("gloo timeout"), completed_here=4, started=100.0)
+    assert type(err) is esper_gate.GateError and beats.slept == [DEAD_RANK_GRACE_S]
+
+
 @pytest.mark.parametrize("exc", [ValueError("esper_gate.sync: unknown process group name 'x'"),
                                  torch.OutOfMemoryError("CUDA out of memory")], ids=["no group", "no memory"])
 def test_an_op_that_failed_before_its_collective_names_its_own_rank_at_once(exc):
@@ -656,6 +1453,143 @@ def test_verdicts_go_around_a_ring_of_keys_without_mixing_calls():
     on_tcp, _ = _verdict(dist.PrefixStore("g/", tcp))
     assert on_tcp.completed(7) is None and on_tcp.completed(7 + RING) is None
     assert on_tcp.peek(7 + RING) == (True, None)
+
+
+def test_acknowledgements_go_around_the_ring_with_the_verdicts():
+    """The store's host waits for the others' acknowledgements of a failure (wait_read): one
+    lap later the same keys serve, and an acknowledgement of the call a lap earlier does not count."""
+    from esper_gate._verdict import RING, Verdict
+
+    store = dist.HashStore()
+    host = Verdict(lambda request: request(store), rank=0, sleep=lambda s: None)
+    peer = Verdict(lambda request: request(store), rank=1)
+    host.failed(3, esper_gate.GateError("lap 0"))
+    assert host.wait_read(3, [1], 0.05) == [1], "not read yet"
+    assert peer.peek(3)[0] and host.wait_read(3, [1], 0.05) == []
+    late = 3 + RING
+    host.failed(late, esper_gate.GateError("lap 1"))
+    assert host.wait_read(late, [1], 0.05) == [1], "rank 1 acknowledged call 3, not this one"
+    assert str(peer.state(late)[1]) == "lap 1"
+    assert host.wait_read(late, [1], 0.05) == []
+    # the ring bounds the keys: one per rank and slot of the ring, whatever the call number
+    assert store.check(["ack/3/1"]) and not store.check([f"ack/{late}/1"])
+    assert store.get("ack/3/1") == str(late).encode()
+    # a rank that acknowledges nothing (no rank given) writes no key
+    keys = store.num_keys()
+    assert Verdict(lambda request: request(store)).state(late)[0] == "failed" and store.num_keys() == keys
+
+
+def test_waiting_for_a_final_verdict_returns_at_once_when_nothing_was_claimed_or_the_store_is_gone():
+    from esper_gate._verdict import Verdict
+
+    store, slept = dist.HashStore(), []
+    mine = Verdict(lambda request: request(store), rank=0, sleep=slept.append)
+    t0 = time.monotonic()
+    assert mine.wait_final(4, bound_s=2) is None and slept == [], "undecided: nothing to wait for"
+
+    def dead(request):
+        raise ConnectionError("Connection reset by peer")
+
+    assert Verdict(dead, rank=0, sleep=slept.append).wait_final(4, bound_s=2) is None and slept == []
+    assert time.monotonic() - t0 < 5
+    # claimed by a peer: waits for its diagnosis and returns it
+    peer = Verdict(lambda request: request(store), rank=1)
+    assert peer.claim(6)[0] == "failing"
+    waiting = Verdict(lambda request: request(store), rank=2)
+    threading.Timer(0.2, lambda: peer.failed(6, esper_gate.GateError("rank 3 did not arrive"))).start()
+    t0 = time.monotonic()
+    assert str(waiting.wait_final(6, bound_s=30)) == "rank 3 did not arrive"
+    assert 0.15 < time.monotonic() - t0 < 10
+    # claimed and never diagnosed: None once the bound passed
+    peer.claim(7)
+    t0 = time.monotonic()
+    assert waiting.wait_final(7, bound_s=0.3) is None and 0.3 <= time.monotonic() - t0 < 10
+
+
+class _CountingStore:
+    """The gate's store, counting the requests made to it."""
+
+    def __init__(self):
+        self.store, self.requests = dist.HashStore(), []
+
+    def __getattr__(self, name):
+        method = getattr(self.store, name)
+
+        def counted(*args):
+            self.requests.append(name)
+            return method(*args)
+        return counted
+
+
+def test_a_fresh_call_is_decided_in_one_request_and_its_verdict_read_in_two():
+    from esper_gate._verdict import Verdict
+
+    counting = _CountingStore()
+    mine = Verdict(lambda request: request(counting), rank=0)
+    assert mine.completed(1) is None and counting.requests == ["compare_set"]
+    counting.requests.clear()
+    assert mine.state(1) == ("ok", None) and counting.requests == ["check", "get"]
+
+
+def test_a_rank_that_learns_a_failure_by_deciding_acknowledges_it_and_an_ok_is_not_acknowledged():
+    from esper_gate._verdict import Verdict
+
+    store = dist.HashStore()
+    mine = Verdict(lambda request: request(store), rank=0)
+    peer = Verdict(lambda request: request(store), rank=1)
+    third = Verdict(lambda request: request(store), rank=2)
+    assert mine.completed(1) is None and peer.completed(1) is None
+    assert not store.check(["ack/1/0"]) and not store.check(["ack/1/1"])
+    mine.failed(2, esper_gate.GateError("rank 3 did not arrive"))
+    assert str(peer.completed(2)) == "rank 3 did not arrive"             # its collective completed: adopts
+    assert str(third.failed(2, esper_gate.GateError("another story"))) == "rank 3 did not arrive"
+    assert [store.get(f"ack/2/{r}") for r in range(3)] == [b"2"] * 3
+    # a claim (FAILING) is not a failure to acknowledge yet
+    assert peer.claim(3) == ("failing", None) and not store.check(["ack/3/1"])
+    kind, failure = mine.claim(2)   # a claim after the diagnosis adopts it
+    assert kind == "failed" and str(failure) == "rank 3 did not arrive"
+
+
+def test_a_confirmed_call_that_this_rank_already_failed_raises_without_asking_the_store():
+    from esper_gate._verdict import Verdict
+
+    counting = _CountingStore()
+    verdict = Verdict(lambda request: request(counting), rank=0)
+    latch = FailureLatch()
+    latch.record(5, esper_gate.GateError("the watcher's verdict"))
+    for seq in (5, 6):
+        with pytest.raises(esper_gate.GateError, match="the watcher's verdict"):
+            verdict.confirm(seq, latch)
+    assert counting.requests == []
+    verdict.confirm(4, latch)   # an earlier call stands
+    assert counting.requests == ["compare_set"]
+
+
+def test_a_completed_call_that_a_peer_claimed_but_never_diagnosed_fails_with_a_text_of_its_own(monkeypatch):
+    from esper_gate import _verdict
+    from esper_gate._verdict import FINAL_WAIT_S, Verdict
+
+    class Clock:   # a clock that moves only when the verdict sleeps
+        now = 1000.0
+
+        @classmethod
+        def monotonic(cls):
+            return cls.now
+
+    slept = []
+
+    def sleep(s):
+        slept.append(s)
+        Clock.now += s
+
+    monkeypatch.setattr(_verdict, "time", Clock)
+    store = dist.HashStore()
+    Verdict(lambda request: request(store), rank=1).claim(9)
+    err = Verdict(lambda request: request(store), rank=0, sleep=sleep).completed(9)
+    assert type(err) is esper_gate.GateError and str(err) == (
+        "esper_gate call 9 was failed by a rank whose deadline passed, and its diagnosis did not arrive; no rank "
+        "applied a transition for this call")
+    assert set(slept) == {_verdict._POLL_S} and FINAL_WAIT_S <= sum(slept) < FINAL_WAIT_S + 0.1
 
 
 def test_the_exit_hook_cuts_a_diagnosis_short_and_waits_for_its_last_store_requests():

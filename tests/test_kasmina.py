@@ -128,6 +128,63 @@ def test_timeout_comes_from_the_argument_then_the_environment(monkeypatch):
         kasmina._resolve_timeout(None)
 
 
+def test_one_cached_gate_sync_per_group_slot_count_and_policy_and_a_new_one_for_a_new_world(monkeypatch):
+    from esper_gate import kasmina
+    from esper_gate.esper import VOCABULARY
+
+    class FakeGateSync:
+        config_error = None
+
+        def __init__(self, num_slots, *, policy, group, timeout, vocabulary):
+            self.args = (num_slots, policy, group, timeout, vocabulary)
+            self.closed = False
+
+        def close(self):
+            self.closed = True
+
+    class Group:  # what the cache reads of a c10d group: its name, which a re-initialized world reuses
+        def __init__(self, name):
+            self.group_name = name
+
+    monkeypatch.setattr(kasmina, "GateSync", FakeGateSync)
+    monkeypatch.setattr(kasmina, "_cache", {})
+    monkeypatch.delenv(kasmina.TIMEOUT_ENV, raising=False)
+    world = Group("0")
+    a = kasmina.cached_gate_sync(4, group=world)
+    assert a.args == (4, "unanimous", world, datetime.timedelta(seconds=60), VOCABULARY)
+    assert kasmina.cached_gate_sync(4, group=world) is a
+    b = kasmina.cached_gate_sync(4, policy="majority", group=world, timeout=5)
+    c = kasmina.cached_gate_sync(2, group=world)
+    assert b is not a and c is not a and b is not c
+    assert b.args[1:4] == ("majority", world, datetime.timedelta(seconds=5)) and c.args[0] == 2
+    again = Group("0")
+    d = kasmina.cached_gate_sync(4, group=again)
+    assert d is not a and d.args[2] is again and a.closed and not (b.closed or c.closed)
+    assert kasmina.cached_gate_sync(4, group=again) is d
+    kasmina.clear_cache()
+    assert b.closed and c.closed and d.closed and kasmina._cache == {}
+
+
+def test_the_cached_gate_sync_defaults_to_the_world(one_rank_group, monkeypatch):
+    import torch.distributed as dist
+
+    from esper_gate import kasmina
+
+    class FakeGateSync:
+        config_error = None
+
+        def __init__(self, num_slots, *, policy, group, timeout, vocabulary):
+            self.group = group
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(kasmina, "GateSync", FakeGateSync)
+    monkeypatch.setattr(kasmina, "_cache", {})
+    gs = kasmina.cached_gate_sync(2, timeout=5)
+    assert gs.group is dist.group.WORLD and kasmina.cached_gate_sync(2, group=dist.group.WORLD, timeout=5) is gs
+
+
 def test_esper_names_are_its_stage_and_gate_ids():
     from esper_gate.esper import GATE_NAMES, STAGE_NAMES, VOCABULARY
 
@@ -170,12 +227,325 @@ def test_above_64_ranks_a_call_mismatch_note_names_the_first_diverged_slots_and_
     assert f"… and {slots - MAX_TEXT_SLOTS} more diverged slot(s); no rank transitions this layout" in note
 
 
+# ---- ranks as threads of this process ---------------------------------------------------------
+#
+# The adapters' logic (votes from slots, notes, outcomes) on W ranks without spawning them:
+# each rank is a thread whose GateSync is a stand-in that prepares its inputs as GateSync
+# does, packs them with the real op, meets the other threads, and decodes the sum of every
+# rank's buffer (what the all_reduce leaves) into a real GateConsensus. Construction, the
+# transport and the failure path are GateSync's, tested elsewhere.
+
+class _ThreadGate:
+    def __init__(self, world, rank, num_slots, policy):
+        self.world, self.rank, self.num_slots, self.policy = world, rank, num_slots, policy
+        self.world_size = world.size
+        self.slot_names = [str(i) for i in range(num_slots)]
+        self.seq = 0
+
+    def __call__(self, votes, stages, targets, *, site=None, names=None, policies=None, digests=None,
+                 bad_input=None):
+        import torch
+
+        import esper_gate
+        from esper_gate import GateInputError
+        from esper_gate._inputs import prepare, site_fingerprint, slot_state_defaults
+        from esper_gate.consensus import GateConsensus, GateView
+        from esper_gate.esper import VOCABULARY
+
+        if names is not None and not isinstance(names, (str, bytes)):
+            names = [str(n) for n in names]
+        p = prepare(votes, stages, targets, site, num_slots=self.num_slots, device=torch.device("cpu"),
+                    default_site=site_fingerprint(self.num_slots, None),
+                    call=f"esper_gate call {self.seq + 1} on rank {self.rank}", policies=policies, digests=digests,
+                    default_policy=self.policy, names=names, bad_input=bad_input,
+                    slot_state=slot_state_defaults(self.num_slots, self.policy, torch.device("cpu")))
+        self.seq += 1
+        buf = esper_gate.pack(p.votes, p.stages, p.targets, self.seq, p.site, self.policy, self.rank,
+                              self.world_size, p.poison, policies=p.policies, digests=p.digests)
+        decision, report = esper_gate.decode(self.world.all_reduce(self.rank, buf), self.num_slots,
+                                             self.world_size, self.policy)
+        view = GateView(self.rank, self.policy, names if names is not None and p.problem is None
+                        else self.slot_names, VOCABULARY)
+        result = GateConsensus(self.seq, decision, report, gate=view, prepared=p)
+        if p.problem is not None:
+            raise GateInputError(p.problem)
+        return result.raise_if_call_failed()
+
+
+class _ThreadWorld:
+    """``size`` ranks as threads; ``run(fn)`` calls ``fn(rank)`` on each and returns the results."""
+
+    group_name = "threads"
+
+    def __init__(self, size):
+        import threading
+
+        self.size = size
+        self._barrier = threading.Barrier(size, timeout=30)
+        self._bufs = [None] * size
+        self._local = threading.local()
+        self._gates = {}
+        self.groups, self.timeouts = [], []   # what the adapters passed on
+
+    def all_reduce(self, rank, buf):
+        self._bufs[rank] = buf
+        self._barrier.wait()
+        total = sum(b.clone() for b in self._bufs)
+        self._barrier.wait()  # every rank has summed before any rank's next call overwrites its buffer
+        return total
+
+    def parent_group(self, group=None):
+        self.groups.append(group)
+        return self
+
+    def cached_gate_sync(self, num_slots, *, policy="unanimous", group=None, timeout=None):
+        assert group is self, "the adapter passes the parent group it resolved"
+        self.timeouts.append(timeout)
+        rank = self._local.rank
+        key = (rank, num_slots, policy)
+        if key not in self._gates:
+            self._gates[key] = _ThreadGate(self, rank, num_slots, policy)
+        return self._gates[key]
+
+    def run(self, fn):
+        import threading
+
+        out, errors = [None] * self.size, []
+
+        def main(rank):
+            self._local.rank = rank
+            try:
+                out[rank] = fn(rank)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+                errors.append(e)
+                self._barrier.abort()
+
+        threads = [threading.Thread(target=main, args=(r,)) for r in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        if errors:
+            raise errors[0]
+        return out
+
+
+@pytest.fixture
+def threads(monkeypatch):
+    from esper_gate import kasmina
+
+    world = _ThreadWorld(3)
+    monkeypatch.setattr(kasmina, "parent_group", world.parent_group)
+    monkeypatch.setattr(kasmina, "cached_gate_sync", world.cached_gate_sync)
+    return world
+
+
+def test_a_slot_without_an_active_seed_votes_no_whatever_its_gate_result_says(threads):
+    """Rank 2's slot still holds TRAINING but its seed is no longer active (Esper's
+    ``is_active``): its gate result passed, yet it must vote no, so no rank transitions."""
+    from esper_gate import kasmina
+
+    class Inactive(SeedSlot):
+        @property
+        def is_active(self) -> bool:
+            return False
+
+    def main(rank):
+        slot = (Inactive if rank == 2 else SeedSlot)("r0c0", SeedState(SeedStage.TRAINING))
+        results = [gate(GateLevel.G2, True)]
+        return (kasmina.gate_round([slot], results)[0],
+                kasmina.sync_gate_decisions([slot], results, policy="majority")[0])
+
+    out = threads.run(main)
+    for rank, (unanimous, majority) in enumerate(out):
+        assert not unanimous.passed and not unanimous.diverged and unanimous.gate == 2 and unanimous.name == "r0c0"
+        assert majority.passed, "2 of 3 is a majority"
+        if rank == 2:
+            assert unanimous.note == "this rank voted no: the slot has no active seed here"
+            assert unanimous.gate_result.checks_failed == []
+            assert majority.checks_failed == [] and "rank 2 voted no (2 of 3 passed)" in majority.message
+        else:
+            assert unanimous.note.startswith("ddp_veto: rank 2 voted no (2 of 3 passed, unanimous policy)")
+            assert unanimous.gate_result.checks_failed == ["ddp_veto"]
+            assert majority.checks_failed == [] and majority.message == "local checks"
+
+
 # ---- real ranks (gloo) ----------------------------------------------------------------------
 
-def _scenarios_main(rank, world):
+def test_a_gate_result_that_is_no_dataclass_is_copied_with_the_outcome_and_left_untouched(threads):
+    """Esper's GateResult is a dataclass; any object with its fields works, copied, not edited."""
+    from esper_gate import kasmina
+
+    class PlainResult:
+        def __init__(self, passed):
+            self.gate, self.passed, self.score = GateLevel.G2, passed, 0.5
+            self.checks_passed, self.checks_failed, self.message = [], [] if passed else ["loss_flat"], ""
+
+    def main(rank):
+        original = PlainResult(rank != 1)
+        out = kasmina.sync_gate_decision(slot_at("r0c0", SeedStage.TRAINING), original)
+        return original, out
+
+    for rank, (original, out) in enumerate(threads.run(main)):
+        assert type(out) is PlainResult and out is not original and not out.passed
+        assert (original.passed, original.message) == (rank != 1, "")
+        if rank == 1:
+            assert out.checks_failed == ["loss_flat"] and out.message == ""
+        else:
+            assert out.checks_failed == ["ddp_veto"] and original.checks_failed == []
+            assert out.message == ("ddp_veto: rank 1 voted no (2 of 3 passed, unanimous policy); no rank "
+                                   "transitions this slot")
+
+
+def test_the_adapters_pass_the_group_timeout_and_per_slot_arguments_on(threads):
+    from esper_gate import kasmina
+
+    def main(rank):
+        slots = [slot_at("r0c0", SeedStage.TRAINING), slot_at("r0c1", SeedStage.HOLDING)]
+        results = [gate(GateLevel.G2, rank != 1), gate(GateLevel.G5, True)]   # rank 1 fails e/a: "any" passes it
+        one = kasmina.sync_gate_decision(slots[1], results[1], group=threads, timeout=2.5)
+        both = kasmina.sync_gate_decisions(slots, results, group=threads, timeout=2.5, names=["e/a", "e/b"],
+                                           policies=["any", None], digests=[0, 7 if rank else 8])
+        rounds = kasmina.gate_round(slots, results, group=threads, timeout=2.5, names=["e/a", "e/b"],
+                                    policies=["any", None], digests=[0, 7 if rank else 8])
+        return one, both, rounds
+
+    for one, both, rounds in threads.run(main):
+        assert one.passed and both[0].passed and rounds[0].passed
+        # the digests reached the wire: rank 0's differs in e/b, which diverges under its own policy
+        assert not both[1].passed and both[1].checks_failed == ["ddp_divergence"]
+        assert "ranks do not hold the same state in slot e/b" in both[1].message
+        assert "rank 0 holds HOLDING -> G5 with digest 0x00000008" in both[1].message
+        assert rounds[1].diverged and rounds[1].name == "e/b" and "slot e/b" in rounds[1].note
+    assert set(threads.groups) == {threads} and set(threads.timeouts) == {2.5}
+
+
+def test_names_are_compared_as_text_and_a_round_of_other_names_is_another_call(threads):
+    """1 and "1" name the same slot; a rank whose round names other slots is at another call,
+    and every rank learns the outcome for its own slots."""
+    from esper_gate import kasmina
+    from esper_gate._inputs import site_fingerprint
+
+    def main(rank):
+        slots = [slot_at("a", SeedStage.TRAINING), slot_at("b", SeedStage.TRAINING)]
+        results = [gate(GateLevel.G2, True), gate(GateLevel.G2, rank != 0)]
+        same = kasmina.gate_round(slots, results, names=[1, 2] if rank == 1 else ["1", "2"])
+        other = kasmina.gate_round(slots, results, names=["e/x", "e/y"] if rank == 2 else ["e/a", "e/b"])
+        return same, other
+
+    theirs = site_fingerprint(2, ["e/x", "e/y"])
+    mine = site_fingerprint(2, ["e/a", "e/b"])
+    for rank, (same, other) in enumerate(threads.run(main)):
+        assert [(o.name, o.passed, o.diverged) for o in same] == [("1", True, False), ("2", False, False)]
+        for o in other:
+            assert (o.passed, o.diverged, o.gate) == (False, True, 2) and o.passed is False
+            assert o.gate_result.checks_failed == (["loss_flat", "ddp_divergence"] if rank == 0 and o.name.endswith(
+                ("b", "y")) else ["ddp_divergence"])
+        if rank == 2:
+            assert other[0].note == (
+                f"ddp_divergence: ranks are at different gate calls: ranks 0-1 at another slot or slot layout (gate "
+                f"call 2, site {mine:#010x}); rank 2 at this layout of 2 slots (gate call 2); no rank transitions "
+                f"this layout of 2 slots")
+        else:
+            assert other[0].note == (
+                f"ddp_divergence: ranks are at different gate calls: ranks 0-1 at this layout of 2 slots (gate call "
+                f"2); rank 2 at another slot or slot layout (gate call 2, site {theirs:#010x}); no rank transitions "
+                f"this layout of 2 slots")
+
+
+def test_above_64_ranks_a_call_mismatch_note_names_the_diverged_slot_by_its_id(monkeypatch):
+    from esper_gate import kasmina
+
+    world = _ThreadWorld(70)
+    monkeypatch.setattr(kasmina, "parent_group", world.parent_group)
+    monkeypatch.setattr(kasmina, "cached_gate_sync", world.cached_gate_sync)
+
+    def main(rank):
+        slot = slot_at("r0c1", SeedStage.BLENDING) if rank == 69 else slot_at("r0c0", SeedStage.TRAINING)
+        return kasmina.sync_gate_decision(slot, gate(GateLevel.G3 if rank == 69 else GateLevel.G2, True))
+
+    out = world.run(main)
+    assert all(not r.passed and r.checks_failed == ["ddp_divergence"] for r in out)
+    assert "ranks are at different gate calls: " in out[0].message
+    assert "slot r0c0 (#0): rank 0 holds TRAINING -> G2; at least 1 rank(s) differ" in out[0].message
+    assert "slot r0c1 (#0): rank 0 holds TRAINING -> G2" in out[69].message
+
+
+def test_round_arguments_are_named_after_the_function_that_took_them():
+    from esper_gate import GateInputError, kasmina
+
+    with pytest.raises(GateInputError, match="^sync_gate_decisions: got 1 slots but 2 gate results$"):
+        kasmina.sync_gate_decisions([slot_at("a", SeedStage.TRAINING)], [None, None])
+
+
+def test_a_frozen_gate_result_is_replaced_not_edited(threads):
+    from esper_gate import kasmina
+
+    @dataclass(frozen=True)
+    class Frozen:
+        gate: int
+        passed: bool
+        checks_failed: tuple = ()
+        message: str = ""
+
+    def main(rank):
+        return kasmina.sync_gate_decision(slot_at("a", SeedStage.TRAINING), Frozen(2, rank != 2))
+
+    for rank, out in enumerate(threads.run(main)):
+        assert type(out) is Frozen and not out.passed
+        assert list(out.checks_failed) == ([] if rank == 2 else ["ddp_veto"])
+
+
+def test_a_slots_stage_is_dormant_without_a_state_or_a_stage():
+    from esper_gate import kasmina
+
+    class NoStage:
+        pass
+
+    class Holder:
+        state = NoStage()
+
+    assert kasmina._slot_stage(object(), "slot", []) == kasmina._slot_stage(Holder(), "slot", []) \
+        == int(SeedStage.DORMANT)
+    assert kasmina._slot_stage(slot_at("a", SeedStage.BLENDING), "slot", []) == int(SeedStage.BLENDING)
+
+
+def test_above_64_ranks_a_veto_counts_the_ranks_that_voted_no():
+    from esper_gate import kasmina
+    from esper_gate.report import SlotVotes
+
+    counted = SlotVotes(slot=0, name="a", status=0, yes=60, votes=[], stages=[], targets=[])
+    assert kasmina._vote_note(counted, 70, True, "unanimous") == (
+        "ddp_veto: 10 of 70 ranks voted no (60 of 70 passed, unanimous policy); no rank transitions this slot")
+    assert kasmina._vote_note(counted, 70, False, "majority") == (
+        "passed by majority consensus although this rank's gate failed: 10 of 70 ranks voted no (60 of 70 passed)")
+
+
+def test_above_64_ranks_a_call_mismatch_note_describes_eight_diverged_slots_without_a_rest():
+    from esper_gate import kasmina
+    from esper_gate.report import MAX_TEXT_SLOTS, parse_report
+    from reference import RankInput
+    from simulate import simulate
+
+    n = MAX_TEXT_SLOTS
+    inputs = [RankInput([1] * n, [3] * n, [2] * n, seq=5, site=9) for _ in range(69)]
+    inputs.append(RankInput([1] * n, [4] * n, [3] * n, seq=4, site=9))
+    ids = [str(s) for s in range(n)]
+    note = kasmina._call_mismatch_note(parse_report(simulate(inputs)[1], ids), 9, ids)
+    assert note.count("; slot ") == n and "more diverged slot" not in note
+
+
+def _scenarios_main(rank, world, spawned=True):
+    """Every scenario on one rank. ``spawned``: a real rank of a gloo world, which also counts
+    the collectives and the cached GateSyncs; else a thread of ``_ThreadWorld``."""
+    import contextlib
+
     from torch.profiler import profile
 
     from esper_gate import kasmina
+
+    if not spawned:
+        profile = contextlib.nullcontext  # noqa: F811 - no collective to count among threads
 
     out: dict = {}
     one = dict(timeout=TIMEOUT_S)
@@ -222,13 +592,14 @@ def _scenarios_main(rank, world):
         slots[1], results[1] = slot_at("r1c1", None), None
     # Building the cached GateSync is collective (a rendezvous and one warm-up
     # sync); count only what the gate round itself issues.
-    kasmina.cached_gate_sync(len(slots), group=None, timeout=TIMEOUT_S)
+    if spawned:
+        kasmina.cached_gate_sync(len(slots), group=None, timeout=TIMEOUT_S)
     with profile() as prof:
         batched = kasmina.sync_gate_decisions(slots, results, **one)
     out["batched"] = [as_dict(r) for r in batched]
-    out["batched_collectives"] = [e.name for e in prof.events() if e.name.startswith("gloo:")]
-
-    out["cache"] = sorted((k[1], k[2], gs.calls) for k, (_parent, gs) in kasmina._cache.items())
+    if spawned:
+        out["batched_collectives"] = [e.name for e in prof.events() if e.name.startswith("gloo:")]
+        out["cache"] = sorted((k[1], k[2], gs.calls) for k, (_parent, gs) in kasmina._cache.items())
 
     # one round for the model (env 1's, whose slot ids other models share):
     #   r0c0: rank0 policy in the slot (the round's is unanimous), rank 1 fails: passed everywhere;
@@ -243,11 +614,13 @@ def _scenarios_main(rank, world):
     if rank == last:
         slots[1], results[1] = slot_at("r0c1", None), None
     digests = [None, None, state_digest(7, "blend", 0.5 if rank != last else 0.25), None]
-    kasmina.cached_gate_sync(len(slots), group=None, timeout=TIMEOUT_S)
+    if spawned:
+        kasmina.cached_gate_sync(len(slots), group=None, timeout=TIMEOUT_S)
     with profile() as prof:
         rounds = kasmina.gate_round(slots, results, policies=["rank0", None, None, None],
                                     names=[f"env1/{s.slot_id}" for s in slots], digests=digests, **one)
-    out["round_collectives"] = [e.name for e in prof.events() if e.name.startswith("gloo:")]
+    if spawned:
+        out["round_collectives"] = [e.name for e in prof.events() if e.name.startswith("gloo:")]
     out["round"] = [dict(name=o.name, gate=o.gate, passed=o.passed, diverged=o.diverged, note=o.note,
                          result=as_dict(o.gate_result)) for o in rounds]
     out["digests"] = [state_digest(7, "blend", 0.5), state_digest(7, "blend", 0.25)]
@@ -268,9 +641,10 @@ def _scenarios_main(rank, world):
         results = [gate(GateLevel.G2, rank != 1), gate(GateLevel.G2, False)]
         decided = kasmina.sync_gate_decisions(slots, results, policy=policy, **one)
         out[f"batched_{policy}"] = [as_dict(r) for r in decided]
-    out["policy_cache"] = sorted((k[1], k[2], gs.policy) for k, (_parent, gs) in kasmina._cache.items()
-                                 if k[1] == 2)
-    kasmina.clear_cache()
+    if spawned:
+        out["policy_cache"] = sorted((k[1], k[2], gs.policy) for k, (_parent, gs) in kasmina._cache.items()
+                                     if k[1] == 2)
+        kasmina.clear_cache()
     return out
 
 
@@ -278,7 +652,16 @@ def _scenarios_main(rank, world):
 @pytest.mark.timeout(150)
 def test_adapter_on_real_ranks():
     world = 3
-    results = values(spawn_ranks(_scenarios_main, world, timeout=120))
+    check_scenarios(values(spawn_ranks(_scenarios_main, world, timeout=120)), world, spawned=True)
+
+
+def test_adapter_on_ranks_in_threads(threads):
+    """The same scenarios, in milliseconds, where mutation testing runs them."""
+    check_scenarios(threads.run(lambda rank: _scenarios_main(rank, threads.size, spawned=False)), threads.size,
+                    spawned=False)
+
+
+def check_scenarios(results, world, spawned):
     for rank, out in enumerate(results):
         agreed = out["agreed"]
         assert agreed["type"] == "GateResult" and out["agreed_is_new_object"]
@@ -322,7 +705,8 @@ def test_adapter_on_real_ranks():
             assert "passed by majority consensus although this rank's gate failed" in majority["message"]
 
         b = out["batched"]
-        assert out["batched_collectives"] == ["gloo:all_reduce"], "one collective for all slots"
+        if spawned:
+            assert out["batched_collectives"] == ["gloo:all_reduce"], "one collective for all slots"
         assert b[0]["passed"] and b[0]["checks_failed"] == []
         assert b[2] is None
         assert not b[3]["passed"]
@@ -335,11 +719,12 @@ def test_adapter_on_real_ranks():
             assert "ranks 0-1 hold BLENDING -> G3" in b[1]["message"]
             assert "rank 2 holds DORMANT -> no gate" in b[1]["message"]
 
-        # one GateSync per (group, slot count, policy), reused by every call
-        assert out["cache"] == [(1, "majority", 1), (1, "unanimous", 6), (4, "unanimous", 1)]
-
-        # the round: one collective, every slot's outcome on every rank
-        assert out["round_collectives"] == ["gloo:all_reduce"]
+        if spawned:
+            # one GateSync per (group, slot count, policy), reused by every call
+            assert out["cache"] == [(1, "majority", 1), (1, "unanimous", 6), (4, "unanimous", 1)]
+            # the round: one collective
+            assert out["round_collectives"] == ["gloo:all_reduce"]
+        # every slot's outcome on every rank
         r0, r1, r2, r3 = out["round"]
         assert [o["name"] for o in out["round"]] == ["env1/r0c0", "env1/r0c1", "env1/r0c2", "env1/r0c3"]
         assert (r0["gate"], r0["passed"], r0["diverged"]) == (2, True, False)
@@ -375,7 +760,8 @@ def test_adapter_on_real_ranks():
         vetoed, failed = out["batched_unanimous"]
         assert not vetoed["passed"] and vetoed["checks_failed"] == (["loss_flat"] if rank == 1 else ["ddp_veto"])
         assert not failed["passed"] and failed_any["checks_failed"] == failed["checks_failed"] == ["loss_flat"]
-        assert out["policy_cache"] == [(2, "any", "any"), (2, "unanimous", "unanimous")]
+        if spawned:
+            assert out["policy_cache"] == [(2, "any", "any"), (2, "unanimous", "unanimous")]
 
 
 def _skips_main(rank, world):

@@ -180,6 +180,68 @@ def test_the_store_host_raises_after_the_present_ranks_read_the_verdict_or_two_s
     assert 1.9 < time.monotonic() - t0 < 5.0
 
 
+def test_a_peers_failing_claim_is_news_before_its_diagnosis_and_the_watcher_expires_the_call_on_it():
+    """A peer past its deadline publishes FAILING before it aborts, and diagnoses afterwards
+    (seconds later). NCCL needs every rank to abort: the claim alone must make a waiting
+    rank's watcher expire the call, long before this rank's own deadline."""
+    from esper_gate._watcher import LONG_CALL_S
+
+    store = dist.HashStore()
+    path, _rec, latch, _ = _path(store, rank=0)
+    peer = Verdict(lambda request: request(store), rank=1)
+    assert not path.news(Call(6, 0.0)), "nothing claimed yet"
+    assert peer.claim(6) == (FAILING, None)
+    assert path.news(Call(6, 0.0)) and latch.error is None, "claimed: news, though no verdict to latch yet"
+    expired = []
+    watcher = Watcher(_DictStore(), 0, expired.append, news=path.news)
+    try:
+        t0 = time.monotonic()
+        watcher.begin(6, t0 + 60)
+        while not expired and time.monotonic() - t0 < 10:
+            time.sleep(WATCH_POLL_S)
+        assert [c.seq for c in expired] == [6]
+        assert LONG_CALL_S <= time.monotonic() - t0 < 10, "news is read only for a call that waited long"
+    finally:
+        watcher.close()
+
+
+def test_the_communicators_error_state_reads_as_broken():
+    """ncclCommGetAsyncError's "error: <NCCL's text>": construction stops at once naming it,
+    and a ready communicator that reports it has failed (the watcher expires the call)."""
+    from esper_gate._transport import _broken
+
+    text = "error: unhandled system error (run with NCCL_DEBUG=INFO for details)"
+    assert _broken(text) and _broken("aborted") and _broken("destroyed")
+    assert not _broken("ready") and not _broken("pending")
+
+    class Comm:
+        states = [text]
+
+        def __init__(self, uid, rank, world, device):
+            self.calls = []
+
+        def state(self):
+            return Comm.states[0]
+
+        def abort(self):
+            self.calls.append("abort")
+
+    class Double:
+        unique_id = staticmethod(owned_double.unique_id)
+        MappedWords = owned_double.MappedWords
+        NcclComm = Comm
+
+    t0 = time.monotonic()
+    with pytest.raises(esper_gate.GateError, match=r"failed to initialize on rank 0 \(error: unhandled system"):
+        OwnedTransport(dist.HashStore(), 0, 1, torch.device("cpu"), t0 + 30, "g", nccl=Double)
+    assert time.monotonic() - t0 < 10, "an error state is final: no wait for the deadline"
+    Comm.states = ["ready"]
+    transport = OwnedTransport(dist.HashStore(), 0, 1, torch.device("cpu"), time.monotonic() + 30, "g", nccl=Double)
+    assert not transport.failed()
+    Comm.states = [text]
+    assert transport.failed()
+
+
 from test_gate_parts import DictStore as _DictStore  # noqa: E402 - the watcher's dict store, shared
 
 

@@ -435,3 +435,196 @@ def test_state_digest_is_stable_and_type_exact():
     assert state_digest(SeedStage.BLENDING) == state_digest(4)
     with pytest.raises(GateInputError, match="state_digest takes ints, floats, strs"):
         state_digest(object())
+
+
+def test_state_digest_encodes_bytes_tuples_and_int_or_float_likes_as_documented():
+    import enum
+    import hashlib
+
+    import numpy as np
+
+    from esper_gate import GateInputError, state_digest
+
+    class Level(enum.IntEnum):
+        G2 = 2
+
+    class Index:  # anything with __index__ is an int
+        def __index__(self):
+            return 7
+
+    text = ('[["y","01ff"],["t",[["i","1"],["s","a"],["t",[["b",null],["b",true]]]]],["i","2"],["i","5"],'
+            '["f","0x1.0000000000000p-1"],["i","7"]]')
+    want = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "little")
+    assert state_digest(b"\x01\xff", (1, "a", (None, True)), Level.G2, np.int64(5), np.float32(0.5), Index()) == want
+    assert state_digest(Index()) == state_digest(7)
+
+    class Opaque:
+        def item(self):   # not numpy's: no value of the state
+            return 1
+
+        def __repr__(self):
+            return "Opaque()"
+
+    with pytest.raises(GateInputError) as info:
+        state_digest(3, Opaque())
+    assert str(info.value) == ("state_digest takes ints, floats, strs, bytes, bools, None and tuples of them, "
+                               "got Opaque Opaque()")
+
+
+# ---- every field a report parses, and every line its text can have ---------------------------
+
+def test_policy_and_slot_count_mismatches_name_the_ranks_and_what_each_sent():
+    inputs = [RankInput([1, 1, 1], [3, 3, 3], [2, 2, 2], seq=5, site=9) for _ in range(3)]
+    inputs[1].policy = "any"
+    inputs[2] = RankInput([1, 1, 1, 1], [3, 3, 3, 3], [2, 2, 2, 2], seq=5, site=9)
+    rep = parse_report(simulate(inputs, view=0)[1])
+    assert rep.mismatches == ["policy", "slots"] and not rep.header_ok and not rep.corrupt
+    assert [(rc.rank, rc.seq, rc.site, rc.policy, rc.num_slots, rc.world, rc.poisoned, rc.reason)
+            for rc in rep.rank_calls] == [(0, 5, 9, "unanimous", 3, 3, False, 0), (1, 5, 9, "any", 3, 3, False, 0),
+                                          (2, 5, 9, "unanimous", 4, 3, False, 0)]
+    assert {k: v["equal"] for k, v in rep.field_summaries.items()} == {
+        "seq": True, "site": True, "policy": False, "slots": False, "world": True, "poison": True, "reason": True}
+    holding = "ranks 0,2 hold stage 3 -> target 2 under unanimous; rank 1 holds stage 3 -> target 2 under any"
+    assert str(rep) == "\n".join([
+        "esper_gate call 5 on 3 ranks: not in agreement",
+        "  policy mismatch: ranks 0,2 at policy unanimous; rank 1 at policy any",
+        "  slot count mismatch: ranks 0-1 at slot count 3; rank 2 at slot count 4",
+        f"  slot 0 (#0): {holding}", f"  slot 1 (#1): {holding}", f"  slot 2 (#2): {holding}",
+        "  no slot was transitioned"])
+
+
+def test_above_64_ranks_policy_slot_count_and_world_mismatches_are_told_from_the_summaries():
+    inputs = [RankInput([1, 1, 1], [3, 3, 3], [2, 2, 2], seq=5, site=9) for _ in range(70)]
+    inputs[1].policy = "any"
+    inputs[2].world = 71
+    inputs[3] = RankInput([1, 1, 1, 1], [3, 3, 3, 3], [2, 2, 2, 2], seq=5, site=9)
+    rep = parse_report(simulate(inputs, view=0)[1])
+    assert rep.mismatch_lines() == [
+        "policy mismatch: rank 0 has 0, at least 1 rank(s) differ (values share bits 0b00 and use no bits outside "
+        "0b11)",
+        "slot count mismatch: rank 0 has 3, at least 1 rank(s) differ (values share bits 0b000 and use no bits "
+        "outside 0b111)",
+        "world size mismatch: rank 0 has 70, at least 1 rank(s) differ (values share bits 0b1000110 and use no bits "
+        "outside 0b1000111)"]
+    assert rep.rank_calls == [] and [s.votes for s in rep.slots] == [[], [], []], "only summaries above 64"
+    assert [(s.slot, s.name, s.target) for s in rep.slots] == [(0, "0", 2), (1, "1", 2), (2, "2", 2)]
+
+
+def test_above_64_ranks_a_slot_whose_policy_or_digest_differs_is_told_in_bits_with_rank_0s_state():
+    inputs = [RankInput([1, 1], [3, 3], [2, 2], seq=5, site=9, policies=["any", "any"], digests=[7, 7])
+              for _ in range(70)]
+    inputs[3].policies = ["rank0", "any"]
+    inputs[4].digests = [15, 7]
+    rep = parse_report(simulate(inputs, view=0)[1])
+    [sd] = rep.diverged_slots
+    assert (sd.policy_range, sd.digest_range, sd.rank0_policy, sd.rank0_digest) == ((1, 3), (7, 15), "any", 7)
+    assert sd.holdings_text() == (
+        "rank 0 holds stage 3 -> target 2 under any with digest 0x00000007; at least 1 rank(s) differ; stages share "
+        "bits 0b11 and use no bits outside 0b11, targets share bits 0b10 and use no bits outside 0b10, policy codes "
+        "share bits 0b01 and use no bits outside 0b11, digests share bits 0x00000007 and use no bits outside "
+        "0x0000000f")
+    assert str(rep) == ("esper_gate call 5 on 70 ranks: not in agreement\n  " + sd.describe() +
+                        "\n  1 slot(s) diverged and were not transitioned; 1 passed")
+
+
+def test_words_no_honest_ranks_send_still_parse():
+    """A foreign or hand-made report: policy codes out of range print as numbers, names run
+    short, and a lone poisoned rank's reason that did not arrive says so."""
+    inputs = [RankInput([1, 1], [3, 3], [2, 2], seq=5, site=9) for _ in range(70)]
+    inputs[7].stages = [3, 64]
+    words = simulate(inputs, view=0)[1]
+    words[wire.GLOBAL_WORDS + wire.S_ROOT_POLICY] = len(wire.POLICIES)
+    reason_or = wire.G_FIELD_BASE + wire.G_FIELD_STRIDE * [f[0] for f in wire.HEADER_FIELDS].index("reason") + 2
+    words[reason_or] = 0
+    rep = parse_report(words, ["only"])
+    assert [s.name for s in rep.slots] == ["only", "1"] and rep.slots[0].policy == "4"
+    assert rep.poisoned_ranks == [7] and rep.poison_reasons == {7: NO_REASON_TEXT}
+    assert dataclasses.replace(rep, poison_reasons={}).poison_groups() == [("unknown reason", [7])]
+    three = [RankInput([1], [3], [2], seq=5, site=9) for _ in range(3)]
+    words = simulate(three, view=0)[1]
+    words[wire.ranks_offset(1) + wire.RANK_WORDS + 2] = len(wire.POLICIES)   # rank 1's header: policy code 4
+    assert [rc.policy for rc in parse_report(words).rank_calls] == ["unanimous", "4", "unanimous"]
+    # a world mismatch with rank calls: no two world sizes up to 64 share a buffer, so only by hand
+    words = simulate(three, view=0)[1]
+    words[wire.ranks_offset(1) + wire.RANK_WORDS + 4] = 4
+    words[wire.G_FLAGS] = (words[wire.G_FLAGS] | wire.FLAG_WORLD_MISMATCH) & ~wire.FLAG_HEADER_OK
+    assert parse_report(words).mismatch_lines() == ["world size mismatch: ranks 0,2 at world size 3; rank 1 at "
+                                                    "world size 4"]
+
+
+def test_every_reason_code_is_counted_up_to_the_largest():
+    inputs = [RankInput([1], [3], [2], seq=1, site=9) for _ in range(70)]
+    inputs[1].poison = wire.REASON_MAX
+    inputs[2].poison = wire.REASON_MAX - 1
+    rep = parse_report(simulate(inputs, view=0)[1])
+    assert rep.reason_counts == {f"reason code {wire.REASON_MAX}": 1, f"reason code {wire.REASON_MAX - 1}": 1}
+
+
+def test_a_limit_of_none_names_everything_and_a_limit_names_that_many():
+    world = 6
+    inputs = [RankInput([1], [r % 4], [2], seq=r % 4 + 1, site=9) for r in range(world)]
+    rep = parse_report(simulate(inputs, view=0)[1])
+    assert rep.mismatch_lines(limit=None)[0] == (
+        "call mismatch: ranks 0,4 at call 1; ranks 1,5 at call 2; rank 2 at call 3; rank 3 at call 4")
+    assert rep.mismatch_lines(limit=1)[0] == "call mismatch: ranks 0,4 at call 1; … and 3 more value(s) on 4 rank(s)"
+    inputs = [RankInput([1], [r % 4], [2], seq=1, site=9) for r in range(world)]
+    [sd] = parse_report(simulate(inputs, view=0)[1]).diverged_slots
+    assert sd.holdings_text(None) == ("ranks 0,4 hold stage 0 -> target 2; ranks 1,5 hold stage 1 -> target 2; "
+                                      "rank 2 holds stage 2 -> target 2; rank 3 holds stage 3 -> target 2")
+    assert sd.describe(1) == "slot 0 (#0): ranks 0,4 hold stage 0 -> target 2; … and 3 more holding(s) on 4 rank(s)"
+    inputs = [RankInput([1], [3], [2], seq=1, site=9, poison=20 + r) for r in range(4)] + \
+        [RankInput([1], [3], [2], seq=1, site=9) for _ in range(66)]
+    rep = parse_report(simulate(inputs, view=5)[1])
+    assert rep.reason_counts_text(None) == ("1 with reason code 20, 1 with reason code 21, 1 with reason code 22, "
+                                            "1 with reason code 23")
+    assert rep.reason_counts_text(2) == ("1 with reason code 20, 1 with reason code 21, … and 2 more reason(s) on "
+                                         "2 rank(s)")
+
+
+def test_the_text_of_a_report_with_bad_input_a_corrupt_buffer_and_eight_diverged_slots():
+    inputs = [RankInput([1], [3], [2], seq=1, site=9) for _ in range(3)]
+    inputs[1].stages = [64]
+    rep = parse_report(simulate(inputs, view=0)[1])
+    assert str(rep) == ("esper_gate call 1 on 3 ranks: not in agreement\n  bad input from rank 1: a stage id outside "
+                        "0..63\n  slot 0 (#0): ranks 0,2 hold stage 3 -> target 2; rank 1 holds stage 0 -> target 2\n"
+                        "  no slot was transitioned")
+    inputs = [RankInput([1], [3], [2], seq=1, site=9) for _ in range(3)]
+    words = simulate(inputs, view=0)[1]
+    words[wire.G_FLAGS] = (words[wire.G_FLAGS] | wire.FLAG_CORRUPT) & ~wire.FLAG_HEADER_OK
+    assert str(parse_report(words)) == (
+        "esper_gate call 1 on 3 ranks: not in agreement\n  the reduced buffer is inconsistent (a rank sent a corrupt "
+        "or foreign buffer)\n  no slot was transitioned")
+    n = MAX_TEXT_SLOTS
+    inputs = [RankInput([1] * n, [3] * n, [2] * n, seq=1, site=9), RankInput([1] * n, [4] * n, [2] * n, seq=1, site=9)]
+    text = str(parse_report(simulate(inputs, view=0)[1]))
+    assert "more diverged slot" not in text and text.endswith(f"\n  {n} slot(s) diverged and were not transitioned; "
+                                                              f"0 passed")
+
+
+def test_bits_are_padded_to_the_wider_of_the_two_values():
+    from esper_gate.report import bits_text
+
+    assert bits_text("x", 0, 0) == "x share bits 0b0 and use no bits outside 0b0"
+    assert bits_text("x", 0b100, 0b1) == "x share bits 0b100 and use no bits outside 0b001"
+    assert bits_text("x", 0b1, 0b100) == "x share bits 0b001 and use no bits outside 0b100"
+
+
+def test_a_text_is_cut_at_the_last_line_end_in_the_second_half_of_its_room():
+    assert bounded_text("x" * 100, 100) == "x" * 100
+    note = "\n… and {} more characters (the report's to_dict() has it all)"
+    assert bounded_text("x" * 200, 100) == "x" * 20 + note.format(180)
+    # room = 20: a line end at 12 and at 15 (the last in 10..19) -> cut at 15; one at 5 only -> at 20
+    text = "x" * 12 + "\n" + "x" * 2 + "\n" + "x" * 185
+    assert bounded_text(text, 100) == text[:15] + note.format(len(text) - 15)
+    text = "x" * 5 + "\n" + "x" * 194
+    assert bounded_text(text, 100) == text[:20] + note.format(len(text) - 20)
+    text = "x" * 8 + "\n" + "x" * 191   # before the room's second half (10): not a cut
+    assert bounded_text(text, 100) == text[:20] + note.format(len(text) - 20)
+
+
+def test_a_vocabulary_keeps_its_own_copy_of_the_names_as_ints_and_strings():
+    stages, targets = {"3": 4}, {"2": 7}
+    voc = Vocabulary(stages, targets)
+    stages[5] = "late"
+    assert voc.stages == {3: "4"} and voc.targets == {2: "7"} and voc.stage(5) == "stage 5"
+    assert voc.to_dict() == {"stages": {3: "4"}, "targets": {2: "7"}}

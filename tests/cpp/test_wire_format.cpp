@@ -995,12 +995,17 @@ TEST_CASE(inconsistent_sections_are_corrupt) {
       check_nothing_decided(d);
     }
 
-    // With lanes, ROOT losing rank 0's vote contradicts rank 0's lane.
-    if (L.exact) {
+    // ROOT says rank 0 voted no, but all W ranks counted yes: W yes votes include
+    // rank 0's. With lanes rank 0's lane contradicts it too; without them (above
+    // 64 ranks) the count is the only witness, and the slot's own check must see it.
+    {
       buf = good;
       flip_root(&buf, vote0);
       d = decode_all(buf, 2, world, wire::kAny);
+      EXPECT_EQ(d.slot(0)[wire::kSVotes], world);
+      EXPECT_EQ(d.slot(0)[wire::kSRootVote], 0);
       EXPECT(d.flag(wire::kFlagCorrupt));
+      EXPECT((d.status(0) & wire::kStatusCorrupt) != 0);
       check_nothing_decided(d);
     }
 
