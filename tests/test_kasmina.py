@@ -286,13 +286,14 @@ class _ThreadWorld:
         self._local = threading.local()
         self._gates = {}
         self.groups, self.timeouts = [], []   # what the adapters passed on
+        self.tamper = None   # a function of the reduced buffer: a corrupt or foreign sum
 
     def all_reduce(self, rank, buf):
         self._bufs[rank] = buf
         self._barrier.wait()
         total = sum(b.clone() for b in self._bufs)
         self._barrier.wait()  # every rank has summed before any rank's next call overwrites its buffer
-        return total
+        return total if self.tamper is None else self.tamper(total)
 
     def parent_group(self, group=None):
         self.groups.append(group)
@@ -469,6 +470,27 @@ def test_above_64_ranks_a_call_mismatch_note_names_the_diverged_slot_by_its_id(m
     assert "ranks are at different gate calls: " in out[0].message
     assert "slot r0c0 (#0): rank 0 holds TRAINING -> G2; at least 1 rank(s) differ" in out[0].message
     assert "slot r0c1 (#0): rank 0 holds TRAINING -> G2" in out[69].message
+
+
+def test_a_corrupt_buffer_is_raised_on_every_rank_not_reported_per_slot(threads):
+    """Ranks at other calls are an outcome to report per slot; a sum no honest ranks make is not."""
+    from esper_gate import GateDivergenceError, kasmina, wire
+
+    def corrupt(total):
+        total = total.clone()
+        total[wire.WORD_PRESENCE] += 1   # one rank too many
+        return total
+
+    threads.tamper = corrupt
+
+    def main(rank):
+        try:
+            kasmina.gate_round([slot_at("a", SeedStage.TRAINING)], [gate(GateLevel.G2, True)])
+        except GateDivergenceError as e:
+            return e.report.corrupt
+        return None
+
+    assert threads.run(main) == [True] * threads.size
 
 
 def test_round_arguments_are_named_after_the_function_that_took_them():
