@@ -2,7 +2,7 @@
 
 Before esper_gate stopped its watcher threads at exit (gate_sync._stop_watchers_at_exit),
 such a process was sometimes killed by SIGABRT ("terminate called without an active
-exception"): the watcher, a daemon thread, came back from a c10d Store request after the
+exception"): the watcher (now its store thread), a daemon thread, came back from a c10d Store request after the
 interpreter had begun to finalize, and CPython ended it with pthread_exit() inside pybind11's
 noexcept ``~gil_scoped_release``. Here each heartbeat first blocks 20 ms in a Store request
 (with the GIL released), so the watcher is nearly always inside one when the rank exits: before
@@ -37,19 +37,23 @@ RANK = textwrap.dedent('''
     import esper_gate._watcher as watcher
     from esper_gate import kasmina
 
-    # Every heartbeat: a store request that blocks 20 ms with the GIL released, then the write.
+    # Every heartbeat: a store request that blocks 20 ms with the GIL released, then the write,
+    # both on the gate's store thread (the watcher's thread makes no store request itself).
     watcher.HEARTBEAT_INTERVAL_S = 0.0
     watcher.WATCH_POLL_S = 0.0005
-    write = watcher.Watcher._write
+    publish = watcher.Watcher._publish
 
-    def slow_write(self):
+    def slow(store):
         try:
-            self._store.wait(["esper_gate-test-never"], timedelta(seconds=0.02))
+            store.wait(["esper_gate-test-never"], timedelta(seconds=0.02))
         except Exception:
             pass
-        return write(self)
 
-    watcher.Watcher._write = slow_write
+    def slow_publish(self):
+        self._worker.submit(slow)
+        return publish(self)
+
+    watcher.Watcher._publish = slow_publish
 
     @dataclass
     class Result:
