@@ -106,6 +106,38 @@ def _spin(torch, dev, seconds):
     torch.cuda._sleep(int(seconds * khz * 1000))
 
 
+def _kernel_us(torch, dev, fn) -> float:
+    """Median GPU time of ``fn`` in us: CUDA events around each of 50 calls, all queued behind
+    a spin before the GPU reaches them, so the events time the kernels, not the host's launch
+    gaps (50 x ~4 launches: within CUDA's queue)."""
+    for _ in range(5):
+        fn()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(50)]
+    torch.cuda.synchronize()
+    _spin(torch, dev, 0.05)
+    for a, b in ev:
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in ev) * 1000
+
+
+def sync_debug_said(torch, cases) -> dict:
+    """{what: "ok" | "SYNC: <error>"} for each (what, fn) run under set_sync_debug_mode("error")."""
+    said = {}
+    for what, fn in cases:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn()
+            said[what] = "ok"
+        except RuntimeError as e:
+            said[what] = f"SYNC: {str(e)[:120]}"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return said
+
+
 def _owned(dev, name="gpu_check"):
     import torch.distributed as dist
 
@@ -230,18 +262,10 @@ def case_no_host_sync(args):
     local(v, s, tg).decisions.tolist()
     p = _prepared(dev)
     torch.cuda.synchronize()
-    said = {}
-    for what, fn in (("raw op", lambda: torch.ops.esper_gate.sync(v, s, tg, 2, 77, "unanimous", name)),
-                     ("OwnedTransport.sync", lambda: t.sync(p, 2, "unanimous")),
-                     ("GateSync (local) call + decisions", lambda: local(v, s, tg).decisions)):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            fn()
-            said[what] = "ok"
-        except RuntimeError as e:
-            said[what] = f"SYNC: {str(e)[:120]}"
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    said = sync_debug_said(torch, (
+        ("raw op", lambda: torch.ops.esper_gate.sync(v, s, tg, 2, 77, "unanimous", name)),
+        ("OwnedTransport.sync", lambda: t.sync(p, 2, "unanimous")),
+        ("GateSync (local) call + decisions", lambda: local(v, s, tg).decisions)))
     # the owned GateSync (forced parent, as in gate_sync_owned), its call and decisions
     try:
         gs = forced_gate(dev)
@@ -319,19 +343,7 @@ def case_kernels(args):
             cost = {}
             for what, fn in (("pack", lambda: esper_gate.pack(v, st, tg, 1, 7, "unanimous", 0, world)),
                              ("decode", lambda: esper_gate.decode(buf, slots, world, "unanimous"))):
-                for _ in range(5):
-                    fn()
-                ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(50)]
-                torch.cuda.synchronize()
-                # Everything is queued behind a spin before the GPU reaches it, so the events time
-                # the kernels, not the host's launch gaps (50 x ~4 launches: within CUDA's queue).
-                _spin(torch, dev, 0.05)
-                for a, b in ev:
-                    a.record()
-                    fn()
-                    b.record()
-                torch.cuda.synchronize()
-                cost[what] = statistics.median(a.elapsed_time(b) for a, b in ev) * 1000
+                cost[what] = _kernel_us(torch, dev, fn)
             rows.append(f"S={slots} W={world} ({buf.numel()} words): pack {cost['pack']:.1f} us, "
                         f"decode {cost['decode']:.1f} us")
             big = cost  # the last: S=1024, W=64
@@ -348,18 +360,8 @@ def case_wire_growth(args):
 
     dev = _device()
 
-    def gpu_us(fn):  # CUDA events around each call, all queued behind a spin (as case_kernels)
-        for _ in range(5):
-            fn()
-        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(50)]
-        torch.cuda.synchronize()
-        _spin(torch, dev, 0.05)
-        for a, b in ev:
-            a.record()
-            fn()
-            b.record()
-        torch.cuda.synchronize()
-        return statistics.median(a.elapsed_time(b) for a, b in ev) * 1000
+    def gpu_us(fn):
+        return _kernel_us(torch, dev, fn)
 
     rows = []
     for slots, world in ((64, 2), (16, 8), (1024, 64)):

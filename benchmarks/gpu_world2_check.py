@@ -72,7 +72,8 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import gpu_owned_check  # noqa: E402  (beside this file)
+import gpu_gate_check  # noqa: E402  (beside this file)
+import gpu_owned_check  # noqa: E402
 from esper_gate._spawn import spawn_ranks  # noqa: E402
 
 CASES = ("all_reduce", "no_host_sync", "enqueue", "silent_peer", "figures", "graph_capture")
@@ -238,17 +239,8 @@ def case_no_host_sync(w: World) -> dict:
     comm.all_reduce_(buf)
     gs(v, s, t).host_decisions()  # warm every path
     torch.cuda.synchronize()
-    said = {}
-    for what, fn in (("NcclComm.all_reduce_", lambda: comm.all_reduce_(buf)),
-                     ("GateSync call + decisions", lambda: gs(v, s, t).decisions)):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            fn()
-            said[what] = "ok"
-        except RuntimeError as e:
-            said[what] = f"SYNC: {str(e)[:120]}"
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    said = gpu_gate_check.sync_debug_said(torch, (("NcclComm.all_reduce_", lambda: comm.all_reduce_(buf)),
+                                                  ("GateSync call + decisions", lambda: gs(v, s, t).decisions)))
     torch.cuda.synchronize()
     gs.close()
     return {"said": said}

@@ -73,13 +73,15 @@ def _round_kind(kind: str, kw: dict) -> dict | None:
     if kind == "no_slot_id":
         slots[1] = NoSlotId()
         return dict(kw, slots=slots)
-    if kind == "names_int":
-        return dict(kw, names=5)
-    if kind == "policies_int":
-        return dict(kw, policies=5)
-    if kind == "digests_name":
-        return dict(kw, digests="ab")
-    return None
+    return _argument_kind(kind, kw)
+
+
+# Bad per-call arguments, the same at GateSync and the round adapters.
+_ARGUMENTS = {"names_int": {"names": 5}, "policies_int": {"policies": 5}, "digests_name": {"digests": "ab"}}
+
+
+def _argument_kind(kind: str, kw: dict) -> dict | None:
+    return dict(kw, **_ARGUMENTS[kind]) if kind in _ARGUMENTS else None
 
 
 def _bad(kind: str, entry: str, kw: dict) -> dict | None:
@@ -113,13 +115,7 @@ def _bad(kind: str, entry: str, kw: dict) -> dict | None:
     if kind == "no_passed":
         votes[1] = None
         return dict(kw, votes=votes)
-    if kind == "names_int":
-        return dict(kw, names=5)
-    if kind == "policies_int":
-        return dict(kw, policies=5)
-    if kind == "digests_name":
-        return dict(kw, digests="ab")
-    return None  # NO_GATE is GateSync's own "no gate here"; it has no slot objects
+    return _argument_kind(kind, kw)  # NO_GATE is GateSync's own "no gate here"; it has no slot objects
 
 
 # kind -> the bad rank's message says (per entry point where the wording differs)
