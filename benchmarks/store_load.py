@@ -8,9 +8,13 @@ figures by W (a model: the ranks are not run as threads beyond one).
 
     python benchmarks/store_load.py [--rate 100] [--seconds 4] [--watcher PATH]
 
-``--watcher PATH`` loads another watcher module (e.g. the one of an earlier
-commit, ``git show bdec0fc:esper_gate/_watcher.py > /tmp/old_watcher.py``) to
-measure that design side by side; its heartbeats are counted the same way.
+Each call is confirmed as GateSync confirms it (``Verdict.confirm``), twice
+over: with the fast path (a call completed within the window of the previous
+one is applied with no store request) and without it (the design before: one
+compare-and-set per call on every rank). ``--watcher PATH`` loads another
+watcher module (e.g. the one of an earlier commit,
+``git show bdec0fc:esper_gate/_watcher.py > /tmp/old_watcher.py``) to measure
+its heartbeats the same way.
 """
 from __future__ import annotations
 
@@ -20,7 +24,11 @@ import sys
 import threading
 import time
 
-from esper_gate._verdict import Verdict
+import datetime
+
+from esper_gate._failure import FailurePath
+from esper_gate._latch import FailureLatch
+from esper_gate._verdict import Verdict, fast_window
 
 WORLDS = (2, 64, 1024, 65536)
 
@@ -66,12 +74,17 @@ def load_watcher(path: str | None):
     return mod
 
 
-def measure(watcher_mod, rate: float, seconds: float) -> dict:
+def measure(watcher_mod, rate: float, seconds: float, fast: bool = True) -> dict:
     store = CountingStore()
     where = (store, 0, watcher_mod.Whereabouts(0)) if hasattr(watcher_mod, "Whereabouts") else (store, 0)
     w = watcher_mod.Watcher(store, 0, lambda call: None, whereabouts=where)
     request = getattr(w, "store_request")
     verdict = Verdict(lambda fn, *bound: request(fn), rank=0)
+    latch = FailureLatch()
+    if fast and hasattr(w, "applied_alone"):
+        path = FailurePath(lambda: None, w, None, verdict, latch, datetime.timedelta(seconds=60), 0, 2, None)
+        path.fast_s = fast_window(60.0)
+        verdict._fast = path.applies_alone
     time.sleep(0.3)
     idle0 = store.count
     time.sleep(seconds)
@@ -84,7 +97,7 @@ def measure(watcher_mod, rate: float, seconds: float) -> dict:
         w.begin(calls, time.monotonic() + 60)
         w.end_host(calls)
         before = store.count
-        verdict.completed(calls)          # the call's verdict on the caller's path
+        verdict.confirm(calls, latch)     # the call's verdict on the caller's path
         cas += store.count - before
         time.sleep(max(period - (time.monotonic() - t0 - (calls - 1) * period), 0))
     elapsed = time.monotonic() - t0
@@ -100,15 +113,22 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--watcher", default=None, help="path of another _watcher.py to measure")
     args = p.parse_args(argv)
-    m = measure(load_watcher(args.watcher), args.rate, args.seconds)
-    per_call = m["verdict_per_call"] + m["heartbeat_per_s"] / m["calls_per_s"]
-    print(f"one rank, {m['calls']} calls at {m['calls_per_s']:.0f}/s: verdict {m['verdict_per_call']:.2f} "
-          f"requests/call, heartbeats {m['heartbeat_per_s']:.2f}/s busy, {m['idle_per_s']:.2f}/s idle")
-    print("| W | requests per call at the host | of which heartbeats | host requests/s idle |")
-    print("|---|---|---|---|")
+    mod = load_watcher(args.watcher)
+    rows = {}
+    for design, fast in (("compare-and-set per call", False), ("fast path", True)):
+        m = rows[design] = measure(mod, args.rate, args.seconds, fast)
+        print(f"{design}: one rank, {m['calls']} calls at {m['calls_per_s']:.0f}/s: verdict "
+              f"{m['verdict_per_call']:.2f} requests/call, heartbeats {m['heartbeat_per_s']:.2f}/s busy, "
+              f"{m['idle_per_s']:.2f}/s idle")
+    print(f"\n| W | design | verdict requests per call at the host | heartbeat requests per call at the host "
+          f"({args.rate:.0f} calls/s) | host requests/s busy | host requests/s idle |")
+    print("|---|---|---|---|---|---|")
     for world in WORLDS:
-        print(f"| {world:,} | {world * per_call:,.1f} | {world * m['heartbeat_per_s'] / m['calls_per_s']:,.1f} | "
-              f"{world * m['idle_per_s']:,.1f} |")
+        for design, m in rows.items():
+            beats = m["heartbeat_per_s"] / m["calls_per_s"]
+            busy = m["verdict_per_call"] * m["calls_per_s"] + m["heartbeat_per_s"]
+            print(f"| {world:,} | {design} | {world * m['verdict_per_call']:,.1f} | {world * beats:,.2f} | "
+                  f"{world * busy:,.0f} | {world * m['idle_per_s']:,.0f} |")
     return 0
 
 

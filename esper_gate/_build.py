@@ -17,10 +17,10 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from . import wire
+from . import _verdict, wire
 from ._diagnosis import Diagnosis
 from ._failure import ABORT_WAIT_S, BackgroundAbort, FailurePath
-from ._group import (Rendezvous, check_group_backend, config_error, gate_group_timeout, new_gate_group,
+from ._group import (Rendezvous, check_group_backend, config_error, fast_window, gate_group_timeout, new_gate_group,
                      not_started_error, self_timing, set_group_timeout, shared_devices, supports_set_timeout)
 from ._inputs import prepare, slot_state_defaults, timeout_text
 from ._transport import C10dTransport, OwnedTransport
@@ -117,7 +117,7 @@ def assemble(gate, parent, start: float) -> None:
     rendezvous = Rendezvous(parent.group_name, gate.rank, gate.world_size, gate.timeout,
                             store_host=gate.ranks.index(0) if 0 in gate.ranks else None)
     mine = {"num_slots": gate.num_slots, "policy": gate.policy, "site": gate.site, "world": gate.world_size,
-            "slot_state": gate.slot_state}
+            "slot_state": gate.slot_state, "fast_window": _verdict.fast_window(gate.timeout.total_seconds())}
     configs = rendezvous.meet({**mine, **_where(gate)})
     # Construction as a whole returns or raises within the timeout and a few
     # seconds of this rank's start (invariant 4 of the failure path): the steps
@@ -150,6 +150,9 @@ def assemble(gate, parent, start: float) -> None:
                             unresponsive=lambda seq, e: gate._diagnosis.store_gone(seq, e, e))
     gate._failure = FailurePath(lambda: gate._transport, watcher, gate._diagnosis, gate._verdict, gate.latch,
                                 gate.timeout, gate.rank, gate.world_size, store_host)
+    gate._failure.fast_s = fast_window(configs)
+    gate._verdict._fast = gate._failure.applies_alone
+    watcher.on_late_publish = gate._failure.late_publish
     try:
         if gate.transport == "owned":
             gate._transport = OwnedTransport(rendezvous.store, gate.rank, gate.world_size, gate.device,

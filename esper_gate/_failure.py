@@ -43,9 +43,9 @@ import logging
 import threading
 import time
 
-from ._diagnosis import BOUND_S, short
+from ._diagnosis import BOUND_S, LOCAL_FAILURES, short
 from ._inputs import timeout_text
-from ._verdict import FAILING, OK
+from ._verdict import FAILING, OK, PUBLISH_S
 from .errors import GateError
 
 __all__ = ["FailurePath", "BackgroundAbort", "ACK_WAIT_S", "ABORT_WAIT_S"]
@@ -123,7 +123,70 @@ class FailurePath:
         self.timeout = timeout
         self.rank, self.world, self.store_host = rank, world, store_host
         self.abort: BackgroundAbort | None = None  # this gate's abort, once a failure asked for it
+        # The verdict's fast window F (_verdict.fast_window; the smallest of every rank's,
+        # set once the ranks met): 0 turns the fast path off.
+        self.fast_s = 0.0
         latch.before_delivery = self._before_delivery
+
+    # ---- the verdict's fast path (_verdict's docstring has the proof) ---------------
+    def applies_alone(self, seq: int) -> bool:
+        """Whether call ``seq``, completed here, is applied with no store request: it completed
+        within F of this rank's entry into call ``seq - 1``, nothing failed it here, and this
+        rank's completion will be in the store within PUBLISH_S (the watcher's publishing is
+        healthy). The caller's thread asks; it reads only this process's memory."""
+        if self.fast_s <= 0 or seq < 1:
+            return False
+        w = self.watcher
+        entered = w.entered_at(seq - 1)
+        now = time.monotonic()
+        if entered is None or now - entered > self.fast_s or w.expired or self.latch.error is not None:
+            return False
+        if not w.has_completed(seq) or not w.publish_healthy(now):
+            return False
+        w.applied_alone(seq, now)
+        return True
+
+    def _hold(self, seq: int) -> None:
+        """Before this rank fails call ``seq``: wait until F + PUBLISH_S after it saw call
+        ``seq - 1`` complete, so that any rank that applied ``seq`` alone has published it."""
+        if self.fast_s <= 0 or seq < 1:
+            return
+        seen = self.watcher.completed_at(seq - 1)
+        now = time.monotonic()
+        wait = (now if seen is None else seen) + self.fast_s + PUBLISH_S - now
+        if wait > 0:
+            self.watcher.pause(wait)
+
+    def _completed_elsewhere(self, seq: int) -> bool:
+        """Whether a peer's heartbeat says call ``seq`` completed there (read after _hold)."""
+        if self.fast_s <= 0:
+            return False
+        try:
+            beats = self.watcher.read_heartbeats(self.world)
+        except Exception:  # noqa: BLE001 - no store: the claim names it
+            return False
+        return any(b is not None and len(b) > 1 and b[1] >= seq for r, b in beats.items() if r != self.rank)
+
+    def late_publish(self, seq: int, late_s: float) -> None:
+        """Call ``seq`` was applied here alone, but the heartbeat carrying it reached the store
+        ``late_s`` after (or not yet): the fast path's one assumption broke (this process was
+        stopped or starved, or the store slowed, right after the call). The store decides now:
+        if a peer failed the call meanwhile, the ranks disagree about it; that is latched, so
+        every later call and read raises it."""
+        failure = self.verdict.completed(seq)
+        if failure is None:
+            log.warning("esper_gate: call %d's completion reached the store %.1f s after rank %d applied it "
+                        "(the gate assumes %.1f s); no rank had failed it", seq, late_s, self.rank, PUBLISH_S)
+            return
+        err = GateError(
+            f"esper_gate call {seq} was applied on rank {self.rank} with no store request (its collective completed "
+            f"within the fast window), but this rank's heartbeat carrying that completion reached the store "
+            f"{late_s:.1f} s later, past the {PUBLISH_S:.1f} s the gate assumes (this process was stopped or "
+            f"starved, or the store slowed, right after the call), and a peer failed the call meanwhile: "
+            f"{failure}. The ranks disagree about call {seq}; restore every rank from a checkpoint taken "
+            f"before it")
+        self.latch.record(seq, err)
+        log.error("%s", err)
 
     # ---- the watcher's side ---------------------------------------------------
     def news(self, call) -> bool:
@@ -145,7 +208,12 @@ class FailurePath:
         seq = call.seq
         transport = self._transport()
         transport.invalidate()                      # 1. no CUDA call
-        kind, failure = self.verdict.claim(seq)     # 2. every rank's watcher polls this key
+        self._hold(seq)                             # a rank that applied it alone has published it
+        if self._completed_elsewhere(seq):
+            failure = self.verdict.completed(seq)   # ok, unless a peer's failure was decided first
+            kind = OK if failure is None else "failed"
+        else:
+            kind, failure = self.verdict.claim(seq)  # 2. every rank's watcher polls this key
         if kind == OK:
             # A peer's collective completed the call before anyone claimed it failed.
             transport.revalidate()
@@ -179,8 +247,18 @@ class FailurePath:
         seq = call.seq
         if self.watcher.expired:
             self.latch.wait(BOUND_S + 1.0)
+        # An op that failed before its collective sent nothing: no rank can complete the call.
+        contributed = not isinstance(exc, LOCAL_FAILURES)
+        if self.latch.error is None and contributed:
+            self._hold(seq)  # as the watcher's claim does: a rank that applied it alone has published it
+            if self.watcher.expired:
+                self.latch.wait(BOUND_S + 1.0)
         if self.latch.error is None:
-            kind, shared = self.verdict.state(seq)
+            if contributed and self._completed_elsewhere(seq):
+                shared = self.verdict.completed(seq)
+                kind = OK if shared is None else "failed"
+            else:
+                kind, shared = self.verdict.state(seq)
             if kind == FAILING:
                 shared = self.verdict.wait_final(seq)
             elif kind == OK:

@@ -282,9 +282,10 @@ def shared_devices(configs: dict[int, dict]) -> GateConfigError | None:
 def config_error(configs: dict[int, dict], mine: dict, rank: int) -> GateConfigError | None:
     """The error every call of a gate raises when ranks built it with other settings
     (no collective is issued then: ranks with other slot counts would all_reduce other sizes)."""
-    # where each rank runs differs by design; shared_devices() checks it
+    # where each rank runs differs by design; shared_devices() checks it; the fast window
+    # follows each rank's timeout, and the gate takes the smallest (fast_window())
     def settings(c):
-        return {k: v for k, v in c.items() if k not in ("host", "device")}
+        return {k: v for k, v in c.items() if k not in ("host", "device", "fast_window")}
     if all(settings(c) == settings(mine) for c in configs.values()):
         return None
     lines = [f"rank {r}: num_slots={c['num_slots']}, policy={c['policy']}, slot layout "
@@ -292,6 +293,12 @@ def config_error(configs: dict[int, dict], mine: dict, rank: int) -> GateConfigE
     return GateConfigError(
         f"GateSync was built with different settings on different ranks (this is rank {rank}):\n  "
         + "\n  ".join(lines) + "\nEvery rank must pass the same num_slots, policy and slot_names.", configs)
+
+
+def fast_window(configs: dict[int, dict]) -> float:
+    """The verdict's fast window every rank uses: the smallest any rank offered (0 if one
+    offered none), so that no rank applies a call alone in a window a peer's claim ignores."""
+    return min((float(c.get("fast_window", 0.0)) for c in configs.values()), default=0.0)
 
 
 class Rendezvous:

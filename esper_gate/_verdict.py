@@ -8,6 +8,30 @@ gate's store that the first rank to decide writes with compare-and-set:
 text and the ranks it names) from a rank that failed it. Every rank reads
 the same value: a rank that completed adopts a failure written before it,
 and a rank past its deadline that finds ``ok`` does not fail the call.
+
+**The fast path: a call that succeeds makes no store request.** A rank whose
+collective completed applies the call without the compare-and-set when it
+completed within F (``fast_window``) of its own entry into its previous call,
+and its watcher's publishing is healthy. It is safe because of two rules and
+the collectives' causality, with no clock compared across hosts:
+
+* causality: a rank j sees call n-1 complete only after every rank i
+  entered it (j's result needs i's contribution, sent after i's entry);
+* a rank i applies call n alone only if it completed it within F of its own
+  entry into call n-1, so before F after any rank j saw call n-1 complete;
+* no rank j fails call n (claims it, on its deadline or on an early error)
+  before F + PUBLISH_S after it saw call n-1 complete, and before it claims
+  it reads every rank's heartbeat: a rank that applied the call alone has
+  published its completion by then, so the claimer finds it, and the call
+  completes (``ok`` is written) instead of failing.
+
+The one assumption is that publishing: a completion reaches the store within
+PUBLISH_S. It is checked before each fast path (the store answered the last
+heartbeat quickly, none is stuck, the watcher runs); when it fails, the call
+confirms through the store as before. A rank stopped in the moment between its
+completion and its heartbeat breaks it: that is detected when the heartbeat
+lands late (``FailurePath.late_publish``), and named.
+docs/integrating-esper.md §5 states it with the proof.
 """
 from __future__ import annotations
 
@@ -50,6 +74,20 @@ FAILING = "failing"
 # (the claimer diagnoses in at most _diagnosis.BOUND_S).
 FINAL_WAIT_S = 6.0
 _POLL_S = 0.02
+# A rank's completion is in the store within this long: its watcher's next heartbeat
+# (HEARTBEAT_INTERVAL_S = 1 s at most, plus a 0.05 s poll and a round trip under
+# HEALTHY_RTT_S = 0.25 s, which the fast path checks before it is taken).
+PUBLISH_S = 1.5
+# The fast path's window: a call applied alone completed within this long of the
+# rank's entry into its previous call (shorter when the timeout is, see fast_window).
+FAST_WINDOW_S = 1.0
+
+
+def fast_window(timeout_s: float) -> float:
+    """F for a gate with this timeout: FAST_WINDOW_S, or less so that F + PUBLISH_S never
+    exceeds the timeout (a claim on the deadline then never waits for the window); 0 turns
+    the fast path off. Ranks take the smallest of theirs (the rendezvous shares them)."""
+    return max(0.0, min(FAST_WINDOW_S, timeout_s - PUBLISH_S))
 
 
 class Verdict:
@@ -64,8 +102,10 @@ class Verdict:
             raises (and, usually, exits: ``wait_read``).
     """
 
-    def __init__(self, request, rank: int | None = None, sleep=time.sleep, unresponsive=None):
+    def __init__(self, request, rank: int | None = None, sleep=time.sleep, unresponsive=None, fast=None):
         self._request = request
+        # fast(seq) -> whether call seq may be applied with no store request (FailurePath.applies_alone)
+        self._fast = fast
         self._rank = rank
         self._sleep = sleep
         # (seq, StoreUnresponsive) -> the GateError naming the store's host
@@ -173,6 +213,8 @@ class Verdict:
         ran on: with no store to say that a peer completed the call, it raises
         (the verdict its watcher latches, or a GateError) instead of standing."""
         latch.raise_for(seq)
+        if self._fast is not None and (void is None or not void()) and self._fast(seq):
+            return  # no rank can fail it now without reading this rank's published completion
         try:
             got = self._decide(seq, OK)
         except StoreUnresponsive as e:

@@ -9,7 +9,10 @@ deadlines fire whatever the store does.
 Store load, per rank (the formula docs/integrating-esper.md §5 states):
 
 * idle, or calls completing normally: one heartbeat per HEARTBEAT_INTERVAL_S
-  (1 per second), whatever the call rate;
+  (1 per second), whatever the call rate, and a whereabouts write when the
+  rank moved; each heartbeat carries the last call completed here, so a
+  completion is in the store within PUBLISH_S (the verdict's fast path
+  relies on it: ``_verdict``);
 * while a call has waited longer than LONG_CALL_S (a peer is missing: the
   rare case the store is for): a heartbeat and a whereabouts write every
   LONG_CALL_POLL_S, and a read of the call's verdict key every
@@ -24,6 +27,9 @@ import time
 from ._store import StoreWorker
 
 HEARTBEAT_INTERVAL_S = 1.0
+# A store round trip longer than this (or a heartbeat left unanswered this long)
+# makes the watcher's publishing unhealthy: calls then confirm through the store.
+HEALTHY_RTT_S = 0.25
 # How often the watcher looks at deadlines, GPU completion and its heartbeat.
 WATCH_POLL_S = 0.05
 # A call that waits longer than this is republished every LONG_CALL_POLL_S
@@ -166,6 +172,16 @@ class Watcher:
         self.entered = -1
         self._entered_at = time.monotonic()
         self.completed = -1
+        # call -> when this rank entered it / saw it complete (its monotonic clock; the last few)
+        self._entries: dict[int, float] = {}
+        self._completed_at: dict[int, float] = {}
+        # The newest call applied on the verdict's fast path and when, until a heartbeat
+        # that carries it lands (then checked against PUBLISH_S: on_late_publish).
+        self._fast: tuple[int, float] | None = None
+        self.on_late_publish = None
+        # (completed carried, when it was queued, when it landed) of the last heartbeat that landed
+        self._landed: tuple[int, float, float] | None = None
+        self._queued_at = 0.0
         self.inflight: collections.deque[Call] = collections.deque()
         self.expired = False
         self._on_expired = on_expired
@@ -198,12 +214,16 @@ class Watcher:
         call = Call(seq, deadline)
         self.inflight.append(call)
         self.entered = seq
-        self._entered_at = time.monotonic()
+        self._entered_at = call.started
+        self._entries[seq] = call.started
+        self._entries.pop(seq - 3, None)
         if self._where is not None:
             self._where[2].enter(self._where[1], seq)
         return call
 
     def _done(self, seq: int) -> None:
+        self._completed_at.setdefault(seq, time.monotonic())
+        self._completed_at.pop(seq - 3, None)
         if self._where is not None:
             self._where[2].completed(self._where[1], seq)
 
@@ -263,10 +283,14 @@ class Watcher:
         waited_ms = int((time.monotonic() - self._entered_at) * 1000) if state[0] > state[1] else -1
         beat = f"{state[0]},{state[1]},{self._beat},{waited_ms}"
 
+        queued = time.monotonic()
+
         def write(store, key=self._key):
             if where is not None:
                 where[2].publish(where[0])
             store.set(key, beat)
+            self._landed = (state[1], queued, time.monotonic())
+        self._queued_at = queued
         self._pending_beat = self._worker.submit(write)
         return state
 
@@ -329,6 +353,7 @@ class Watcher:
             self._check_deadline()
             now = time.monotonic()
             self._check_news(now)
+            self._check_fast(now)
             if self.store_error is not None:
                 continue
             due = LONG_CALL_POLL_S if self._waiting_long(now) else HEARTBEAT_INTERVAL_S
@@ -338,6 +363,58 @@ class Watcher:
                 continue  # the store has not answered the last one: no pile-up behind it
             self._written = self._publish()
             self._last_write = now
+
+    # ---- the verdict's fast path (_verdict: a call applied with no store request) --------
+    def entered_at(self, seq: int) -> float | None:
+        """When this rank entered call ``seq`` (its monotonic clock), if it is among the last few."""
+        return self._entries.get(seq)
+
+    def completed_at(self, seq: int) -> float | None:
+        """When this rank saw call ``seq`` complete, if it is among the last few."""
+        return self._completed_at.get(seq)
+
+    def has_completed(self, seq: int) -> bool:
+        """Whether call ``seq`` completed here (CUDA: its DONE word, read on the host)."""
+        if self.completed >= seq:
+            return True
+        return self._progress is not None and self._progress() >= seq
+
+    def publish_healthy(self, now: float) -> bool:
+        """Whether a completion made now will be in the store within PUBLISH_S: the store
+        answers (no error, the last heartbeat's round trip and any heartbeat in flight under
+        HEALTHY_RTT_S) and this thread is running (it polled within STALL_S)."""
+        if self.store_error is not None or self._stop.is_set() or now - self._last_loop > STALL_S:
+            return False
+        pending = self._pending_beat
+        if pending is not None and not pending.done() and now - self._queued_at > HEALTHY_RTT_S:
+            return False
+        landed = self._landed
+        return landed is not None and landed[2] - landed[1] <= HEALTHY_RTT_S
+
+    def applied_alone(self, seq: int, at: float) -> None:
+        """Call ``seq`` was applied at ``at`` with no store request: watch that a heartbeat
+        carrying it lands within PUBLISH_S."""
+        self._fast = (seq, at)
+
+    def _check_fast(self, now: float) -> None:
+        fast = self._fast
+        if fast is None:
+            return
+        from ._verdict import PUBLISH_S
+        landed = self._landed
+        if landed is not None and landed[0] >= fast[0] and landed[2] >= fast[1]:
+            self._fast = None
+            if landed[2] - fast[1] <= PUBLISH_S:
+                return
+            late = landed[2] - fast[1]
+        elif now - fast[1] > PUBLISH_S:
+            self._fast = None
+            late = now - fast[1]
+        else:
+            return
+        if self.on_late_publish is not None:
+            threading.Thread(target=self.on_late_publish, args=(fast[0], late), daemon=True,
+                             name="esper_gate-late-publish").start()
 
     def stalled_s(self, since: float) -> float:
         """The longest stop of this process (a gap between two polls) that ended after ``since``."""

@@ -762,7 +762,6 @@ def test_the_unique_id_is_made_only_after_every_rank_met():
 
 def _late_deadline_main(rank, world):
     import owned_double
-    from esper_gate._verdict import OK
 
     gs = esper_gate.GateSync(4, timeout=T, _owned=owned_double)
     votes, out = [1, 0, 1, 1], {}
@@ -773,9 +772,10 @@ def _late_deadline_main(rank, world):
 
         def reduce_then_deadline(buf):
             reduce(buf)
-            # Rank 0's collective completed and it confirmed the call; this rank's deadline
-            # passes now, before its decode: the watcher's first step clears VALID.
-            while gs._verdict.state(1)[0] != OK:
+            # Rank 0's collective completed and it applied the call (alone, with no store
+            # request: its heartbeat publishes it); this rank's deadline passes now, before
+            # its decode: the watcher's first step clears VALID.
+            while (gs._watcher.read_heartbeats(2)[0] or (0, -1))[1] < 1:
                 time.sleep(0.005)
             gs._transport.invalidate()
 
