@@ -50,6 +50,8 @@ Cases:
                  all_reduce of the packed size, the raw op (esper_gate.sync on the NCCL group + host
                  read), GateSync + host read (targets: GateSync <= 1.3x the bare floor; >= S/2 x
                  per-slot for S >= 4)
+  store_free     200 gate calls with a host read each: the store requests the caller's thread waited
+                 for and the verdict keys written (both 0 on the fast path), decisions right
   graph_capture  rank 0: a user's global-mode torch.cuda.graph capture while another thread issues a
                  world-2 all_reduce on the gate's communicator (NCCL's launch thread runs during the
                  capture) and a third polls state(); rank 1 issues its half: the capture succeeds,
@@ -76,12 +78,13 @@ import gpu_gate_check  # noqa: E402  (beside this file)
 import gpu_owned_check  # noqa: E402
 from esper_gate._spawn import spawn_ranks  # noqa: E402
 
-CASES = ("all_reduce", "no_host_sync", "enqueue", "silent_peer", "figures", "graph_capture")
+CASES = ("all_reduce", "no_host_sync", "enqueue", "silent_peer", "figures", "store_free", "graph_capture")
 FIGURES = ("enqueue", "figures")
 CUDA_ONLY = {"no_host_sync": "CUDA's sync debug mode has nothing to catch on the CPU",
              "graph_capture": "CUDA graphs need a GPU"}
 # Per case, in each rank (faulthandler); the figures' own comes from their budget.
-LIMITS = {"all_reduce": 45, "no_host_sync": 30, "enqueue": 30, "silent_peer": 75, "graph_capture": 40}
+LIMITS = {"all_reduce": 45, "no_host_sync": 30, "enqueue": 30, "silent_peer": 75, "store_free": 40,
+          "graph_capture": 40}
 SLOTS = (1, 16, 64, 256)
 DESIGNS = ("per_slot_unanimous", "bare_floor", "raw_op", "esper_gate")
 ENQUEUE_TARGET_US = 30.0
@@ -420,6 +423,43 @@ def figure_lines(rows: dict, double: bool) -> list[tuple[str, str]]:
                      f"{'met' if per / gate >= need else 'MISSED'})")
         out.append((f"figures_s{slots}", text))
     return out
+
+
+def case_store_free(w: World) -> dict:
+    """Calls that succeed, each read on the host at once: no store request on the caller's
+    path (the verdict's fast path), counted at the gate's store worker."""
+    import threading as _threading
+
+    gs = w.gate(4)
+    worker = gs._watcher._worker
+    waited, keys = [], []
+    request, store = worker.request, worker.store
+
+    class Counting:
+        def __getattr__(self, name):
+            fn = getattr(store, name)
+            return lambda *a, **k: keys.append(str(a[0]) if a else "") or fn(*a, **k)
+    worker.store = Counting()
+    worker.request = lambda fn, bound_s: waited.append(_threading.current_thread().name) or request(fn, bound_s)
+    v, s, t = w.inputs()
+    n, outs = 200, []
+    t0 = time.monotonic()
+    for _ in range(n):
+        outs.append(gs(v, s, t).host_decisions())
+    took = time.monotonic() - t0
+    worker.request, worker.store = request, store
+    gs.close()
+    return {"n": n, "waited": len(waited), "verdict": sum(k.startswith(("v/", "ack/")) for k in keys),
+            "all": len(keys), "us": took / n * 1e6, "right": all(o == VOTES for o in outs)}
+
+
+def judge_store_free(res):
+    ok = all(r["right"] and r["waited"] == 0 and r["verdict"] == 0 for r in res)
+    r = res[0]
+    return ok, (f"{r['n']} calls with a host read each: the caller waited for {r['waited']} store requests, "
+                f"{r['verdict']} verdict keys written, {r['all']} requests in all (heartbeats), "
+                f"{r['us']:.0f} us a call; rank 1: {res[1]['waited']} / {res[1]['verdict']} / {res[1]['all']}"
+                + ("" if all(x["right"] for x in res) else "; decisions WRONG"))
 
 
 def case_graph_capture(w: World) -> dict:

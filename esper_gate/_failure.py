@@ -211,10 +211,11 @@ class FailurePath:
         self._hold(seq)                             # a rank that applied it alone has published it
         if self._completed_elsewhere(seq):
             failure = self.verdict.completed(seq)   # ok, unless a peer's failure was decided first
-            kind = OK if failure is None else "failed"
+            completed = failure is None
         else:
             kind, failure = self.verdict.claim(seq)  # 2. every rank's watcher polls this key
-        if kind == OK:
+            completed = kind == OK
+        if completed:
             # A peer's collective completed the call before anyone claimed it failed.
             transport.revalidate()
             self.watcher.settle(call, self.timeout.total_seconds())
@@ -255,17 +256,14 @@ class FailurePath:
                 self.latch.wait(BOUND_S + 1.0)
         if self.latch.error is None:
             if contributed and self._completed_elsewhere(seq):
-                shared = self.verdict.completed(seq)
-                kind = OK if shared is None else "failed"
+                shared = self.verdict.completed(seq)  # None: completed; else the failure decided first
             else:
                 kind, shared = self.verdict.state(seq)
-            if kind == FAILING:
-                shared = self.verdict.wait_final(seq)
-            elif kind == OK:
-                shared = None
-            if shared is None and kind != OK:
-                err = self.diagnosis.diagnose(seq, exc, self.watcher.completed, call.started)
-                shared = self.verdict.failed(seq, err)
+                if kind == FAILING:
+                    shared = self.verdict.wait_final(seq)
+                if shared is None and kind != OK:
+                    err = self.diagnosis.diagnose(seq, exc, self.watcher.completed, call.started)
+                    shared = self.verdict.failed(seq, err)
             self.latch.record(seq, shared if shared is not None else GateError(
                 f"esper_gate call {seq} completed on the other ranks, which apply its decisions, but failed on "
                 f"rank {self.rank} ({short(exc)}); this rank has none to apply"))

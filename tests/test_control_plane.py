@@ -224,12 +224,14 @@ def test_a_late_rank_learns_the_hosts_verdict_before_the_host_exits(kind):
 
 # ---- spawned: a rank killed during construction while the host exits ---------------------------
 
-def _killed_builder_main(rank, world):
+def _killed_builder_main(rank, world, kind):
+    import owned_double
+
     if rank == 2:
         os.kill(os.getpid(), signal.SIGKILL)   # never reaches the rendezvous
     t0 = time.monotonic()
     try:
-        esper_gate.GateSync(4, timeout=T)
+        esper_gate.GateSync(4, timeout=T, **({"_owned": owned_double} if kind == "owned" else {}))
         out = ("built",)
     except esper_gate.GateError as e:
         out = ("raised", type(e).__name__, getattr(e, "missing_ranks", None), str(e)[:300])
@@ -240,8 +242,9 @@ def _killed_builder_main(rank, world):
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(120)
-def test_a_rank_killed_during_construction_is_named_on_every_rank_when_the_host_exits():
-    results = spawn_ranks(_killed_builder_main, 3, timeout=90, expect_dead=(0, 2))
+@pytest.mark.parametrize("kind", ["gloo", "owned"])
+def test_a_rank_killed_during_construction_is_named_on_every_rank_when_the_host_exits(kind):
+    results = spawn_ranks(_killed_builder_main, 3, kind, timeout=90, expect_dead=(0, 2))
     r1 = values([results[1]])[0]
     assert r1["outcome"][:3] == ("raised", "GateTimeoutError", [2]), r1   # before: "store stopped answering", rank 0
     assert r1["elapsed"] < BOUND_S

@@ -47,13 +47,16 @@ class FakeWatcher:
         return self._completed_at.get(seq)
 
     def has_completed(self, seq):
+        self.asked_done = seq
         return self.done
 
     def publish_healthy(self, now):
+        self.asked_healthy = now
         return self.healthy
 
     def applied_alone(self, seq, at):
         self.fast.append(seq)
+        self.fast_at = at
 
     def pause(self, seconds):
         self.paused.append(seconds)
@@ -116,9 +119,12 @@ def _path(watcher, verdict=None, fast_s=1.0, latch=None, world=2):
 
 def test_a_call_completed_within_the_window_of_the_previous_entry_is_applied_alone():
     now = time.monotonic()
-    w = FakeWatcher(entered={4: now - 0.2})
+    w = FakeWatcher(entered={4: now - 0.2, 0: now - 0.1})
     path, _ = _path(w)
     assert path.applies_alone(5) and w.fast == [5]
+    after = time.monotonic()
+    assert w.asked_done == 5 and now <= w.asked_healthy <= after and w.fast_at == w.asked_healthy
+    assert path.applies_alone(1) and w.fast == [5, 1]   # call 1: the warm-up (call 0) is the previous call
 
 
 @pytest.mark.parametrize("why", ["outside", "no_entry", "first_call", "off", "unhealthy", "not_done",
@@ -129,6 +135,8 @@ def test_the_fast_path_is_refused_whenever_a_condition_fails(why):
                     healthy=why != "unhealthy")
     if why == "no_entry":
         w.entries = {}
+    if why == "off":
+        w.entries = {4: now + 10}   # no window can be too short for it: only F = 0 refuses it
     w.expired = why == "expired"
     latch = FailureLatch()
     if why == "latched":
@@ -167,6 +175,13 @@ def test_a_claim_waits_for_the_window_and_the_publish_after_the_previous_complet
     w._completed_at = {}
     path._hold(7)          # not known: wait the whole window from now
     assert w.paused and w.paused[0] == pytest.approx(1.0 + PUBLISH_S, abs=0.05)
+    w.paused.clear()
+    w._completed_at = {0: time.monotonic() - (1.0 + PUBLISH_S - 0.5)}
+    path._hold(1)          # call 1 waits on the warm-up (call 0), half a second here
+    assert len(w.paused) == 1 and w.paused[0] == pytest.approx(0.5, abs=0.05)
+    w.paused.clear()
+    path._hold(0)          # the warm-up itself has no previous call
+    assert w.paused == []
 
 
 def test_a_deadline_that_finds_a_peers_published_completion_completes_the_call_instead_of_claiming_it():
@@ -202,9 +217,18 @@ def test_without_a_published_completion_the_deadline_claims_the_call(beats):
 
 def test_this_ranks_own_heartbeat_is_not_a_peers_completion():
     w = FakeWatcher(beats={0: (7, 7, 1, -1), 1: (7, 6, 3, 900)})
-    path, _ = _path(w)
+    path, _ = _path(w, world=2)
     assert not path._completed_elsewhere(7)
-    w.beats = {0: (7, 6, 1, -1), 1: (8, 8, 3, -1)}
+    asked = []
+    w.read_heartbeats = lambda world: asked.append(world) or {1: (7, 7)}
+    assert path._completed_elsewhere(7) and asked == [2]   # two fields are enough
+    w.read_heartbeats = lambda world: {1: (7,)}
+    assert not path._completed_elsewhere(7)                # a beat too short to say
+    path.fast_s = 0.0
+    w.read_heartbeats = lambda world: asked.append(world) or {1: (7, 7)}
+    assert not path._completed_elsewhere(7) and asked == [2]   # no fast path: nothing to look for
+    path.fast_s = 1.0
+    w.read_heartbeats = lambda world: {0: (7, 6, 1, -1), 1: (8, 8, 3, -1)}
     assert path._completed_elsewhere(7)  # a later call completed there: so did this one
 
 
@@ -217,19 +241,28 @@ def test_a_caller_whose_op_fails_finds_the_peers_completion_and_says_so():
     assert "completed on the other ranks" in str(err) and ("state", 7) not in verdict.calls
 
 
-def test_a_late_publish_that_finds_the_call_failed_latches_the_disagreement():
+def test_a_late_publish_that_finds_the_call_failed_latches_the_disagreement(caplog):
     w = FakeWatcher()
     latch = FailureLatch()
-    path, _ = _path(w, FakeVerdict(completed=GateError("rank 0 named rank 1")), latch=latch)
-    path.late_publish(9, 4.2)
+    verdict = FakeVerdict(completed=GateError("rank 0 named rank 1"))
+    path, _ = _path(w, verdict, latch=latch)
+    with caplog.at_level("WARNING", logger="esper_gate"):
+        path.late_publish(9, 4.2)
+    assert verdict.calls == [("completed", 9)]
     err = latch.error
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [str(err)]
     assert err is not None and latch.failed_at(9)
     text = str(err)
     assert "call 9" in text and "4.2 s" in text and "rank 0 named rank 1" in text and "disagree" in text
     latch2 = FailureLatch()
     path2, _ = _path(FakeWatcher(), FakeVerdict(completed=None), latch=latch2)
-    path2.late_publish(9, 4.2)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="esper_gate"):
+        path2.late_publish(9, 4.2)
     assert latch2.error is None  # nobody failed it: the call stands everywhere
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned and warned[0].startswith("esper_gate: call 9's completion reached the store 4.2 s after rank 0")
+    assert warned[0].endswith(f"(the gate assumes {PUBLISH_S:.1f} s); no rank had failed it")
 
 
 def test_confirm_on_the_fast_path_sends_nothing_to_the_store():
