@@ -173,7 +173,14 @@ class FailurePath:
         stopped or starved, or the store slowed, right after the call). The store decides now:
         if a peer failed the call meanwhile, the ranks disagree about it; that is latched, so
         every later call and read raises it."""
-        failure = self.verdict.completed(seq)
+        try:
+            failure = self.verdict.completed(seq, quiet=False)
+        except Exception as e:  # noqa: BLE001 - its peers cannot claim through it either
+            log.warning("esper_gate: call %d was applied on rank %d with no store request, and %.1f s later the "
+                        "store still has not taken its completion (the gate assumes %.1f s) and does not answer "
+                        "(%s); whether a peer failed the call cannot be read", seq, self.rank, late_s, PUBLISH_S,
+                        short(e))
+            return
         if failure is None:
             log.warning("esper_gate: call %d's completion reached the store %.1f s after rank %d applied it "
                         "(the gate assumes %.1f s); no rank had failed it", seq, late_s, self.rank, PUBLISH_S)

@@ -183,13 +183,16 @@ class Verdict:
                 return failure
             self._sleep(_POLL_S)
 
-    def completed(self, seq: int) -> GateError | None:
+    def completed(self, seq: int, quiet: bool = True) -> GateError | None:
         """This rank's collective completed: None if the call stands, else the failure a
         peer decided first (which this rank must raise instead of its decisions).
-        Without a store no peer can have decided, so the call stands."""
+        Without a store no peer can have decided, so the call stands (``quiet=False``:
+        the store's error is raised instead)."""
         try:
             got = self._decide(seq, OK)
         except Exception:  # noqa: BLE001 - the store's host is gone; its death is named elsewhere
+            if not quiet:
+                raise
             return None
         return self._after_completion(seq, got)
 

@@ -78,8 +78,12 @@ class FakeVerdict:
         self._completed, self._claim = completed, claim
         self.calls = []
 
-    def completed(self, seq):
+    def completed(self, seq, quiet=True):
         self.calls.append(("completed", seq))
+        if isinstance(self._completed, Exception) and not isinstance(self._completed, GateError):
+            if quiet:
+                return None
+            raise self._completed
         return self._completed
 
     def claim(self, seq):
@@ -263,6 +267,16 @@ def test_a_late_publish_that_finds_the_call_failed_latches_the_disagreement(capl
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warned and warned[0].startswith("esper_gate: call 9's completion reached the store 4.2 s after rank 0")
     assert warned[0].endswith(f"(the gate assumes {PUBLISH_S:.1f} s); no rank had failed it")
+    # a store that does not answer cannot say: warned as unknown, nothing latched
+    latch3 = FailureLatch()
+    path3, _ = _path(FakeWatcher(), FakeVerdict(completed=TimeoutError("has not answered for 2.0 s")), latch=latch3)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="esper_gate"):
+        path3.late_publish(9, 4.2)
+    assert latch3.error is None
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "does not answer (TimeoutError: has not answered for 2.0 s)" in warned[0]
+    assert warned[0].endswith("whether a peer failed the call cannot be read")
 
 
 def test_confirm_on_the_fast_path_sends_nothing_to_the_store():
