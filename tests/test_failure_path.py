@@ -416,3 +416,98 @@ def test_the_store_host_reads_no_heartbeat_and_no_ack_when_nobody_is_left_to_wai
     assert verdict.asked == []   # its only peer is named absent and never came: no ack to wait for
     assert watcher.reads >= 1 and watcher.world_read == 2
     assert time.monotonic() - t0 < ACK_WAIT_S + LATE_ENTRY_S + 1.0
+
+
+# ---- the verdict's store side, in-process -------------------------------------------------------
+
+class DictStore:
+    def __init__(self):
+        self.data = {}
+
+    def set(self, key, value):
+        self.data[key] = value.encode() if isinstance(value, str) else value
+
+    def get(self, key):
+        return self.data[key]
+
+    def check(self, keys):
+        return all(k in self.data for k in keys)
+
+    def compare_set(self, key, expected, desired):
+        have = self.data.get(key)
+        exp = expected.encode() if isinstance(expected, str) else expected
+        if (have is None and exp == b"") or have == exp:
+            self.data[key] = desired.encode() if isinstance(desired, str) else desired
+        return self.data.get(key, exp)
+
+
+def test_a_failure_crosses_the_store_with_its_late_ranks_and_a_plain_error_as_a_gate_error():
+    from esper_gate import _verdict
+
+    err = GateTimeoutError("rank 2 arrived too late", [2], {2: 6}, call=7)
+    err.late_ranks = [2]
+    back = _verdict._decode(_verdict._encode(err))
+    assert isinstance(back, GateTimeoutError) and back.late_ranks == [2] and back.missing_ranks == [2]
+    assert back.last_completed == {2: 6} and back.call == 7 and str(back) == str(err)
+    plain = _verdict._decode(_verdict._encode(GateError("the op failed")))
+    assert type(plain) is GateError and str(plain) == "the op failed"
+    # a diagnosis written without late ranks (an earlier writer) reads as none
+    old = '{"kind": "timeout", "text": "t", "missing": [1], "last": {"1": 3}, "call": 4}'
+    assert _verdict._decode(old).late_ranks == []
+
+
+def test_a_confirm_the_store_does_not_answer_raises_the_store_hosts_error_or_says_why():
+    from esper_gate._store import StoreUnresponsive
+    from esper_gate._verdict import Verdict as RealVerdict
+
+    def stuck(fn, bound_s=None):
+        raise StoreUnresponsive("the job's store has not answered for 2.0 s", 2.0)
+    named = GateTimeoutError("rank 0, which hosts the job's store, has not answered", [0], {0: 4}, call=5)
+    asked = []
+    latch = FailureLatch()
+    v = RealVerdict(stuck, rank=1, unresponsive=lambda seq, e: asked.append((seq, str(e))) or named)
+    with pytest.raises(GateTimeoutError) as info:
+        v.confirm(5, latch)
+    assert info.value is named and latch.seq == 5
+    assert asked == [(5, "the job's store has not answered for 2.0 s")]
+    latch = FailureLatch()
+    with pytest.raises(GateError) as info:
+        RealVerdict(stuck, rank=1).confirm(6, latch)
+    assert str(info.value) == ("esper_gate call 6: the job's store has not answered for 2.0 s; this rank applies "
+                               "no transition for it") and latch.seq == 6
+
+
+def test_the_fast_path_is_asked_about_this_call():
+    from esper_gate._verdict import Verdict as RealVerdict
+
+    asked = []
+    RealVerdict(lambda fn, bound_s=None: None, rank=0, fast=lambda seq: asked.append(seq) or True).confirm(
+        11, FailureLatch())
+    assert asked == [11]
+
+
+def test_a_state_read_passes_its_bound_only_when_given():
+    from esper_gate._verdict import Verdict as RealVerdict
+
+    store, calls = DictStore(), []
+
+    def request(fn, *bound):
+        calls.append(bound)
+        return fn(store)
+    v = RealVerdict(request, rank=0)
+    assert v.state(3) == (None, None) and v.state(3, 0.2) == (None, None)
+    assert calls == [(), (0.2,)]
+
+
+def test_wait_read_waits_its_bound_for_acks_and_returns_as_soon_as_all_came():
+    from esper_gate._verdict import RING, Verdict as RealVerdict
+
+    store = DictStore()
+    v = RealVerdict(lambda fn, *bound: fn(store), rank=0)
+    t0 = time.monotonic()
+    assert v.wait_read(4, [1, 2], 0.3) == [1, 2]
+    assert 0.28 < time.monotonic() - t0 < 2.0
+    threading.Timer(0.1, lambda: [store.set(f"ack/{4 % RING}/{r}", "4") for r in (1, 2)]).start()
+    t0 = time.monotonic()
+    assert v.wait_read(4, [1, 2], 5.0) == []
+    assert time.monotonic() - t0 < 2.0
