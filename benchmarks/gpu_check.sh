@@ -74,7 +74,8 @@
 # background steps run (c10d_fallback ~50 s, test_cuda_ranks ~50 s,
 # compile ~30 s, gate_owned ~30 s, nccl_lib ~20 s): ~60 s; world2 ~70-100 s
 # (start ~10, all_reduce ~5, no_host_sync ~3, enqueue ~3, silent_peer ~20,
-# figures ~30-50: two processes time-slice the GPU, graph_capture ~5);
+# figures ~30-50: two processes time-slice the GPU, store_free ~3,
+# graph_capture ~5);
 # owned_nccl ~60 s; gate_figures ~20 s: ~310-360 s, then bench ~30 s and
 # cpu_tests ~20 s when the budget allows. Steps that find less than their
 # need left are skipped (FAIL for the checks, SKIPPED for the optional

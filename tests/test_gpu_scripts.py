@@ -210,10 +210,11 @@ def test_world2_dry_run_on_the_double_runs_every_case_that_needs_no_cuda():
     lines = {ln.split()[1].split(":")[1]: ln for ln in gpu_summary.case_lines(out.stdout, "world2")}
     assert out.returncode == 0, out
     assert set(lines) == {"all_reduce", "no_host_sync", "enqueue", "silent_peer", "figures_s1", "figures_s16",
-                          "graph_capture"}, out.stdout
+                          "store_free", "graph_capture"}, out.stdout
     for name in gpu_world2_check.CUDA_ONLY:
         assert lines[name].startswith("SKIPPED"), lines[name]
     assert lines["all_reduce"].startswith("PASS") and "ncclInProgress 50/50 calls" in lines["all_reduce"]
+    assert lines["store_free"].startswith("PASS") and "the caller waited for 0 store requests" in lines["store_free"]
     assert lines["silent_peer"].startswith("PASS") and "rank 1 named" in lines["silent_peer"]
     assert all(lines[n].startswith("FIGURE") for n in ("enqueue", "figures_s1", "figures_s16"))
 
