@@ -15,6 +15,8 @@ import types
 
 import pytest
 
+from test_gate_parts import DictStore
+
 from esper_gate._failure import ACK_WAIT_S, LATE_ENTRY_S, BackgroundAbort, FailurePath
 from esper_gate._latch import FailureLatch
 from esper_gate._verdict import FAILING, OK
@@ -419,27 +421,6 @@ def test_the_store_host_reads_no_heartbeat_and_no_ack_when_nobody_is_left_to_wai
 
 
 # ---- the verdict's store side, in-process -------------------------------------------------------
-
-class DictStore:
-    def __init__(self):
-        self.data = {}
-
-    def set(self, key, value):
-        self.data[key] = value.encode() if isinstance(value, str) else value
-
-    def get(self, key):
-        return self.data[key]
-
-    def check(self, keys):
-        return all(k in self.data for k in keys)
-
-    def compare_set(self, key, expected, desired):
-        have = self.data.get(key)
-        exp = expected.encode() if isinstance(expected, str) else expected
-        if (have is None and exp == b"") or have == exp:
-            self.data[key] = desired.encode() if isinstance(desired, str) else desired
-        return self.data.get(key, exp)
-
 
 def test_a_failure_crosses_the_store_with_its_late_ranks_and_a_plain_error_as_a_gate_error():
     from esper_gate import _verdict

@@ -15,6 +15,8 @@ import types
 
 import pytest
 
+from test_failure_path import Transport
+
 import esper_gate
 from esper_gate import _verdict
 from esper_gate._failure import FailurePath
@@ -99,17 +101,8 @@ class FakeVerdict:
         return err
 
 
-class FakeTransport:
+class FakeTransport(Transport):
     self_timing = True
-
-    def __init__(self):
-        self.events = []
-
-    def invalidate(self):
-        self.events.append("invalidate")
-
-    def revalidate(self):
-        self.events.append("revalidate")
 
 
 def _path(watcher, verdict=None, fast_s=1.0, latch=None, world=2):

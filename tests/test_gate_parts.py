@@ -623,7 +623,7 @@ def test_a_rank_waiting_in_another_gate_of_the_group_is_named_as_such():
 # ---- the watcher ------------------------------------------------------------------
 
 class DictStore:
-    """The three store requests the watcher makes, on a dict."""
+    """The store requests the watcher and the verdict make, on a dict."""
 
     def __init__(self):
         self.data = {}
@@ -636,6 +636,13 @@ class DictStore:
 
     def check(self, keys):
         return all(k in self.data for k in keys)
+
+    def compare_set(self, key, expected, desired):
+        have = self.data.get(key)
+        exp = expected.encode() if isinstance(expected, str) else expected
+        if (have is None and exp == b"") or have == exp:
+            self.data[key] = desired.encode() if isinstance(desired, str) else desired
+        return self.data.get(key, exp)
 
 
 def _wait_for(cond, polls):
