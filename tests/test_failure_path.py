@@ -492,3 +492,28 @@ def test_wait_read_waits_its_bound_for_acks_and_returns_as_soon_as_all_came():
     t0 = time.monotonic()
     assert v.wait_read(4, [1, 2], 5.0) == []
     assert time.monotonic() - t0 < 2.0
+
+
+def test_a_void_call_whose_store_is_gone_raises_naming_why():
+    from esper_gate._verdict import Verdict as RealVerdict
+
+    def gone(fn, bound_s=None):
+        raise ConnectionResetError("Connection reset by peer")
+    latch = RecordingLatch()
+    with pytest.raises(GateError) as info:
+        RealVerdict(gone, rank=1).confirm(5, latch, void=lambda: True)
+    assert "stopped answering (ConnectionResetError); this rank applies no transition" in str(info.value)
+    assert latch.waits and latch.seq == 5
+
+
+def test_a_completion_that_finds_the_call_claimed_waits_for_that_calls_diagnosis():
+    from esper_gate._verdict import RING, Verdict as RealVerdict, _encode
+
+    store = DictStore()
+    store.set(f"v/{5 % RING}", "5:failing")
+    theirs = GateTimeoutError("call 5: rank 2 did not arrive", [2], {2: 4}, call=5)
+    threading.Timer(0.1, lambda: store.set(f"v/{5 % RING}", "5:" + _encode(theirs))).start()
+    latch = FailureLatch()
+    with pytest.raises(GateTimeoutError) as info:
+        RealVerdict(lambda fn, *bound: fn(store), rank=1).confirm(5, latch)
+    assert str(info.value) == str(theirs) and info.value.missing_ranks == [2]

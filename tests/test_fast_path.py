@@ -494,3 +494,99 @@ def test_a_rank_that_fails_early_finds_the_peer_that_applied_alone(kind):
     r0, r1 = values(spawn_ranks(_early_failure_main, 2, kind, timeout=100))
     assert r1[0] == "applied", (r0, r1)
     assert r0[0] == "raised" and "completed on the other ranks" in r0[1], (r0, r1)
+
+
+# ---- the watcher's bookkeeping for the fast path, on a bare watcher (no thread) -----------------
+
+def _bare_watcher(now):
+    import concurrent.futures
+
+    w = Watcher.__new__(Watcher)
+    w._worker = types.SimpleNamespace(error=None)
+    w._stop = threading.Event()
+    w._last_loop = now
+    w._pending_beat = None
+    w._queued_at = now
+    w._landed = (0, now - 0.1, now - 0.05)
+    w._fast = None
+    w.on_late_publish = None
+    w.stalls = []
+    w._future = concurrent.futures.Future
+    return w
+
+
+def test_publishing_is_healthy_only_when_every_sign_says_so():
+    now = time.monotonic()
+    w = _bare_watcher(now)
+    assert w.publish_healthy(now)
+    w._stop.set()
+    assert not w.publish_healthy(now)                      # closed
+    w = _bare_watcher(now)
+    w._worker.error = ConnectionError("store gone")
+    assert not w.publish_healthy(now)                      # a dead store
+    w = _bare_watcher(now)
+    w._last_loop = now - 2.0
+    assert not w.publish_healthy(now)                      # the watcher has not run
+    w = _bare_watcher(now)
+    w._pending_beat = w._future()
+    w._queued_at = now - (HEALTHY_RTT_S + 0.05)
+    assert not w.publish_healthy(now)                      # a heartbeat stuck in flight
+    w._queued_at = now - 0.01
+    assert w.publish_healthy(now)                          # one in flight, not for long
+    w._pending_beat.set_result(None)
+    w._queued_at = now - 5
+    assert w.publish_healthy(now)                          # answered
+    w = _bare_watcher(now)
+    w._landed = (0, now - 1.0, now - 1.0 + HEALTHY_RTT_S + 0.05)
+    assert not w.publish_healthy(now)                      # the last round trip was slow
+    w._landed = (0, now - 1.0, now - 1.0 + HEALTHY_RTT_S)
+    assert w.publish_healthy(now)                          # at the bound
+    w._landed = None
+    assert not w.publish_healthy(now)                      # nothing has landed yet
+
+
+def test_a_fast_call_is_on_time_only_once_a_heartbeat_carrying_it_landed_after_it():
+    late = []
+    w = _bare_watcher(100.0)
+    w.on_late_publish = lambda seq, s: late.append((seq, s))
+    w._fast = (5, 100.0)
+    w._landed = (4, 99.0, 100.5)       # landed after, but carries call 4
+    w._check_fast(100.2)
+    assert w._fast == (5, 100.0) and late == []
+    w._landed = (5, 99.5, 100.0)       # carries it, landed at the same instant: on time
+    w._check_fast(100.2)
+    assert w._fast is None and late == []
+    w._fast = (6, 200.0)
+    w._landed = (5, 199.0, 200.0)
+    w._check_fast(200.0 + PUBLISH_S + 0.1)   # nothing carrying it within PUBLISH_S: late
+    assert w._fast is None and _until(lambda: late) and late[0][0] == 6 and late[0][1] > PUBLISH_S
+
+
+def test_the_watcher_remembers_the_last_few_entries_and_completions():
+    w = Watcher(SlowStore(), 0, lambda call: None)
+    try:
+        calls = {}
+        for seq in range(1, 6):
+            calls[seq] = w.begin(seq, time.monotonic() + 60)
+            before = time.monotonic()
+            w.end_host(seq)
+            assert before <= w.completed_at(seq) <= time.monotonic()
+        assert w.entered_at(5) == calls[5].started and w.entered_at(3) == calls[3].started
+        assert w.entered_at(2) is None and w.completed_at(2) is None   # only the last three kept
+        assert w.completed_at(3) is not None
+        first = w.completed_at(5)
+        w._done(5)
+        assert w.completed_at(5) == first                              # the first sighting counts
+        assert w.has_completed(5) and not w.has_completed(6)
+        w._progress = lambda: 7
+        assert w.has_completed(7) and not w.has_completed(8)           # CUDA: the DONE word
+    finally:
+        w.close()
+
+
+def test_stalls_count_from_when_they_ended():
+    w = _bare_watcher(0.0)
+    w.stalls = [(10.0, 3.0), (20.0, 1.0)]
+    assert w.stalled_s(13.0) == 3.0      # ended at 13.0: counts
+    assert w.stalled_s(13.5) == 1.0
+    assert w.stalled_s(21.5) == 0.0      # none since
