@@ -559,7 +559,24 @@ def test_a_fast_call_is_on_time_only_once_a_heartbeat_carrying_it_landed_after_i
     w._fast = (6, 200.0)
     w._landed = (5, 199.0, 200.0)
     w._check_fast(200.0 + PUBLISH_S + 0.1)   # nothing carrying it within PUBLISH_S: late
-    assert w._fast is None and _until(lambda: late) and late[0][0] == 6 and late[0][1] > PUBLISH_S
+    assert w._fast is None and _until(lambda: late) and late[0][0] == 6
+    assert late[0][1] == pytest.approx(PUBLISH_S + 0.1)
+    seen = []
+    w.on_late_publish = lambda seq, s: seen.append((seq, s, threading.current_thread().name,
+                                                    threading.current_thread().daemon))
+    w._fast = (7, 300.0)
+    w._landed = (7, 299.0, 302.0)              # carried it, but landed 2 s after: late by that
+    w._check_fast(302.1)
+    assert _until(lambda: seen) and seen[0] == (7, pytest.approx(2.0), "esper_gate-late-publish", True)
+
+
+def test_whereabouts_are_one_per_parent_group_and_rank_and_start_nowhere():
+    from esper_gate._watcher import Whereabouts
+
+    a = Whereabouts.of("test-parent", 3)
+    assert Whereabouts.of("test-parent", 3) is a and Whereabouts.of("test-parent", 4) is not a
+    assert a.key == "where/3" and Whereabouts.of("test-parent", 4).key == "where/4"
+    assert Whereabouts(0).state() == (-1, -1, True)
 
 
 def test_the_watcher_remembers_the_last_few_entries_and_completions():
