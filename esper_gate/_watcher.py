@@ -25,6 +25,7 @@ import threading
 import time
 
 from ._store import StoreWorker
+from ._verdict import PUBLISH_S
 
 HEARTBEAT_INTERVAL_S = 1.0
 # A store round trip longer than this (or a heartbeat left unanswered this long)
@@ -400,7 +401,6 @@ class Watcher:
         fast = self._fast
         if fast is None:
             return
-        from ._verdict import PUBLISH_S
         landed = self._landed
         if landed is not None and landed[0] >= fast[0] and landed[2] >= fast[1]:
             self._fast = None
